@@ -1,0 +1,131 @@
+//! Address-range dispatch for port I/O and MMIO exits.
+//!
+//! vCPU threads look up the device covering an address and call it with the offset into its
+//! range. Ranges never overlap; insertion checks that.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// A device on a [`Bus`]. `offset` is relative to the start of the device's range.
+pub trait BusDevice: Send {
+    /// A guest read of `data.len()` bytes at `offset`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// A guest write of `data` at `offset`.
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+/// Errors from building a bus.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    /// The new range overlaps a device already on the bus, or is empty.
+    #[error("Bus range {base:#x}+{len:#x} is empty or overlaps another device")]
+    Overlap {
+        /// Start of the rejected range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+}
+
+type Entry = (u64, Arc<Mutex<dyn BusDevice>>);
+
+/// A set of non-overlapping device ranges.
+#[derive(Default)]
+pub struct Bus {
+    devices: RwLock<BTreeMap<u64, Entry>>,
+}
+
+impl Bus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Places `device` at `[base, base + len)`.
+    pub fn insert(
+        &self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        let overlap = BusError::Overlap { base, len };
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(overlap.clone())?;
+        let mut devices = self.devices.write().expect("bus lock poisoned");
+        let before = devices.range(..end).next_back();
+        if let Some((&b, &(l, _))) = before {
+            if b + l > base {
+                return Err(overlap);
+            }
+        }
+        devices.insert(base, (len, device));
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
+        let devices = self.devices.read().expect("bus lock poisoned");
+        let (&base, (len, dev)) = devices.range(..=addr).next_back()?;
+        (addr - base < *len).then(|| (addr - base, dev.clone()))
+    }
+
+    /// Dispatches a read; returns false when no device covers `addr`.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
+            Some((offset, dev)) => {
+                dev.lock().expect("device lock poisoned").read(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches a write; returns false when no device covers `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((offset, dev)) => {
+                dev.lock()
+                    .expect("device lock poisoned")
+                    .write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo(Vec<(u64, u8)>);
+
+    impl BusDevice for Echo {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push((offset, data[0]));
+        }
+    }
+
+    #[test]
+    fn dispatch_and_overlap() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Echo(Vec::new())));
+        bus.insert(dev.clone(), 0x10, 8).unwrap();
+        assert!(bus.insert(dev.clone(), 0x17, 2).is_err());
+        assert!(bus.insert(dev.clone(), 0x08, 9).is_err());
+        assert!(bus.insert(dev.clone(), 0x20, 0).is_err());
+        assert!(bus.insert(dev.clone(), u64::MAX, 2).is_err());
+        bus.insert(dev.clone(), 0x18, 1).unwrap();
+        let mut b = [0u8; 1];
+        assert!(bus.read(0x13, &mut b));
+        assert_eq!(b[0], 3);
+        assert!(!bus.read(0x19, &mut b));
+        assert!(!bus.read(0x0f, &mut b));
+        assert!(bus.write(0x18, &[7]));
+        assert_eq!(dev.lock().unwrap().0, vec![(0, 7)]);
+    }
+}

@@ -1,0 +1,34 @@
+//! Emulated devices: the port-I/O and MMIO buses, the legacy platform devices (8250 serial,
+//! i8042 reset, CMOS clock), the ACPI power/reset registers and the PCI host bridge.
+//!
+//! Devices know nothing of KVM or the VMM: they raise interrupts through [`Trigger`]s
+//! (eventfds that the VMM wires to irqfds) and report guest-requested power events on
+//! eventfds the VMM watches.
+#![warn(missing_docs)]
+
+pub mod acpi;
+pub mod bus;
+pub mod legacy;
+pub mod pci;
+
+pub use bus::{Bus, BusDevice, BusError};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// An interrupt line backed by an eventfd (the VMM registers it as a KVM irqfd).
+pub struct Trigger(EventFd);
+
+impl Trigger {
+    /// Wraps `evt`.
+    pub fn new(evt: EventFd) -> Self {
+        Trigger(evt)
+    }
+}
+
+impl vm_superio::Trigger for Trigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}

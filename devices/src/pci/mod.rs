@@ -1,0 +1,209 @@
+//! PCI segment 0: configuration space through ports 0xCF8/0xCFC and the ECAM window that MCFG
+//! announces, with the host bridge at 00:00.0.
+//!
+//! Functions that do not exist read as all ones, as on real hardware, so guests enumerate
+//! nothing there. The devices issue adds virtio-pci functions behind [`PciDevice`].
+
+mod host_bridge;
+
+use std::sync::{Arc, Mutex};
+
+pub use host_bridge::HostBridge;
+
+use crate::BusDevice;
+
+/// Devices per bus.
+pub const DEVICES_PER_BUS: usize = 32;
+/// Bytes of configuration space per function through ECAM.
+pub const CONFIG_SPACE_SIZE: u64 = 4096;
+/// Bytes of ECAM window per bus.
+pub const ECAM_BUS_SIZE: u64 = CONFIG_SPACE_SIZE * 8 * DEVICES_PER_BUS as u64;
+
+/// A PCI function's configuration space.
+pub trait PciDevice: Send {
+    /// Reads the 32-bit register at dword index `reg`.
+    fn read_config(&self, reg: usize) -> u32;
+    /// Writes `data` at byte `offset` within dword `reg`.
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]);
+}
+
+/// Bus 0 of segment 0.
+#[derive(Default)]
+pub struct PciBus {
+    devices: Vec<Option<Box<dyn PciDevice>>>,
+}
+
+impl PciBus {
+    /// Bus 0 holding only the host bridge.
+    pub fn new() -> Self {
+        let mut devices: Vec<Option<Box<dyn PciDevice>>> =
+            (0..DEVICES_PER_BUS).map(|_| None).collect();
+        devices[0] = Some(Box::new(HostBridge::new()));
+        PciBus { devices }
+    }
+
+    fn device(&mut self, bus: u8, dev: u8, func: u8) -> Option<&mut Box<dyn PciDevice>> {
+        // Only bus 0, function 0 of each slot exists so far.
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        self.devices.get_mut(usize::from(dev))?.as_mut()
+    }
+
+    fn read(&mut self, bus: u8, dev: u8, func: u8, offset: u64, data: &mut [u8]) {
+        let value = self
+            .device(bus, dev, func)
+            .map_or(u32::MAX, |d| d.read_config((offset / 4) as usize));
+        copy_from_dword(value, offset, data);
+    }
+
+    fn write(&mut self, bus: u8, dev: u8, func: u8, offset: u64, data: &[u8]) {
+        if let Some(d) = self.device(bus, dev, func) {
+            if (offset % 4) as usize + data.len() <= 4 {
+                d.write_config((offset / 4) as usize, offset % 4, data);
+            }
+        }
+    }
+}
+
+/// Copies the bytes of `value` at `offset % 4` into `data`, all ones past the dword.
+fn copy_from_dword(value: u32, offset: u64, data: &mut [u8]) {
+    let bytes = value.to_le_bytes();
+    let start = (offset % 4) as usize;
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = bytes.get(start + i).copied().unwrap_or(0xff);
+    }
+}
+
+/// Configuration access through ports 0xCF8 (address) and 0xCFC-0xCFF (data).
+pub struct PciConfigIo {
+    bus: Arc<Mutex<PciBus>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    /// Port access to `bus`.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        PciConfigIo { bus, address: 0 }
+    }
+
+    /// (bus, device, function, register offset) of the current address, if enabled.
+    fn target(&self, data_offset: u64) -> Option<(u8, u8, u8, u64)> {
+        if self.address & 0x8000_0000 == 0 {
+            return None;
+        }
+        let bus = (self.address >> 16) as u8;
+        let dev = ((self.address >> 11) & 0x1f) as u8;
+        let func = ((self.address >> 8) & 0x7) as u8;
+        let reg = u64::from(self.address & 0xfc) + data_offset;
+        Some((bus, dev, func, reg))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0..=3 => copy_from_dword(self.address, offset, data),
+            _ => match self.target(offset - 4) {
+                Some((b, d, f, reg)) => self
+                    .bus
+                    .lock()
+                    .expect("PCI lock poisoned")
+                    .read(b, d, f, reg, data),
+                None => data.fill(0xff),
+            },
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                self.address = u32::from_le_bytes(data.try_into().expect("length checked"))
+            }
+            0..=3 => {}
+            _ => {
+                if let Some((b, d, f, reg)) = self.target(offset - 4) {
+                    self.bus
+                        .lock()
+                        .expect("PCI lock poisoned")
+                        .write(b, d, f, reg, data);
+                }
+            }
+        }
+    }
+}
+
+/// Configuration access through the memory-mapped ECAM window.
+pub struct PciEcam {
+    bus: Arc<Mutex<PciBus>>,
+}
+
+impl PciEcam {
+    /// ECAM access to `bus`.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        PciEcam { bus }
+    }
+
+    fn target(offset: u64) -> (u8, u8, u8, u64) {
+        let bus = (offset / ECAM_BUS_SIZE) as u8;
+        let dev = ((offset >> 15) & 0x1f) as u8;
+        let func = ((offset >> 12) & 0x7) as u8;
+        (bus, dev, func, offset & 0xfff)
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (b, d, f, reg) = Self::target(offset);
+        self.bus
+            .lock()
+            .expect("PCI lock poisoned")
+            .read(b, d, f, reg, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (b, d, f, reg) = Self::target(offset);
+        self.bus
+            .lock()
+            .expect("PCI lock poisoned")
+            .write(b, d, f, reg, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_bridge_visible_through_ports_and_ecam() {
+        let bus = Arc::new(Mutex::new(PciBus::new()));
+        let mut io = PciConfigIo::new(bus.clone());
+        let mut ecam = PciEcam::new(bus);
+        let mut d = [0u8; 4];
+
+        io.write(0, &0x8000_0000u32.to_le_bytes());
+        io.read(4, &mut d);
+        assert_eq!(u32::from_le_bytes(d), host_bridge::ID);
+        ecam.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), host_bridge::ID);
+
+        // Class code: host bridge (06/00/00), read as the upper three bytes of dword 2.
+        ecam.read(8, &mut d);
+        assert_eq!(u32::from_le_bytes(d) >> 8, 0x06_0000);
+
+        // An empty slot reads as all ones, by port and by ECAM, at any width.
+        io.write(0, &(0x8000_0000u32 | (3 << 11)).to_le_bytes());
+        io.read(4, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        let mut w = [0u8; 2];
+        ecam.read((5 << 15) + 2, &mut w);
+        assert_eq!(w, [0xff; 2]);
+
+        // Address register reads back; disabled address reads all ones.
+        io.write(0, &0x0000_0000u32.to_le_bytes());
+        io.read(0, &mut d);
+        assert_eq!(d, [0; 4]);
+        io.read(4, &mut d);
+        assert_eq!(d, [0xff; 4]);
+    }
+}
