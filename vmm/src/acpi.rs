@@ -1,0 +1,343 @@
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), DSDT, MADT and MCFG.
+//!
+//! The tables are built as byte blobs at fixed guest addresses ([`build`] is pure, so the
+//! contents and checksums are unit-tested) and then copied into guest memory.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout::*;
+use crate::memory::GuestMemory;
+
+const OEM_ID: [u8; 6] = *b"BATON ";
+const OEM_TABLE_ID: [u8; 8] = *b"BATONVMM";
+const OEM_REVISION: u32 = 1;
+
+/// MADT flag: the platform also has dual 8259 PICs (KVM's in-kernel PIC).
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IOAPIC: u8 = 1;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+
+/// Errors writing the tables.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The tables do not fit the space reserved for them.
+    #[error("ACPI tables need {0} bytes, more than the {ACPI_SIZE} reserved")]
+    TooLarge(u64),
+    /// Guest memory write failed.
+    #[error("Cannot write ACPI tables to guest memory")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+/// The tables and where each goes.
+pub struct Tables {
+    /// (guest address, bytes) of every table, RSDP first.
+    pub blobs: Vec<(u64, Vec<u8>)>,
+}
+
+impl Tables {
+    /// Guest address of the RSDP.
+    pub fn rsdp_addr(&self) -> u64 {
+        self.blobs[0].0
+    }
+
+    /// Copies the tables into guest memory.
+    pub fn write(&self, mem: &GuestMemory) -> Result<(), Error> {
+        for (addr, bytes) in &self.blobs {
+            mem.write_slice(bytes, GuestAddress(*addr))
+                .map_err(Error::Write)?;
+        }
+        Ok(())
+    }
+}
+
+fn aml_bytes(item: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    item.to_aml_bytes(&mut v);
+    v
+}
+
+fn dsdt() -> Sdt {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // Each object is serialised within one statement: the AML builders borrow temporaries.
+    dsdt.append_slice(&aml_bytes(&aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&devices::acpi::S5_SLEEP_TYPE]),
+    )));
+
+    dsdt.append_slice(&aml_bytes(&aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                    &aml::IO::new(PCI_CONFIG_PORT as u16, PCI_CONFIG_PORT as u16, 1, 8),
+                    &aml::AddressSpace::new_io(0u16, (PCI_CONFIG_PORT - 1) as u16, None),
+                    &aml::AddressSpace::new_io((PCI_CONFIG_PORT + 8) as u16, 0xffffu16, None),
+                    &aml::AddressSpace::new_memory(
+                        aml::AddressSpaceCacheable::NotCacheable,
+                        true,
+                        MEM_32BIT_DEVICES_START as u32,
+                        (MEM_32BIT_DEVICES_START + MEM_32BIT_DEVICES_SIZE - 1) as u32,
+                        None,
+                    ),
+                ]),
+            ),
+        ],
+    )));
+
+    // Motherboard resources: the ECAM window, so Linux trusts MCFG.
+    dsdt.append_slice(&aml_bytes(&aml::Device::new(
+        "_SB_.MBRD".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    false,
+                    PCI_MMCONFIG_START as u32,
+                    PCI_MMCONFIG_SIZE as u32,
+                )]),
+            ),
+        ],
+    )));
+
+    dsdt.append_slice(&aml_bytes(&aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
+                    &aml::IO::new(COM1_PORT as u16, COM1_PORT as u16, 1, 8),
+                ]),
+            ),
+        ],
+    )));
+    dsdt
+}
+
+fn io_register(port: u64) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        // No fixed-feature buttons: a later issue adds a control-method power button.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.sci_int = SCI_IRQ.into();
+    fadt.sleep_control_reg = io_register(ACPI_PM_PORT + devices::acpi::SLEEP_CONTROL_OFFSET);
+    fadt.sleep_status_reg = io_register(ACPI_PM_PORT + devices::acpi::SLEEP_STATUS_OFFSET);
+    fadt.reset_reg = io_register(ACPI_PM_PORT + devices::acpi::RESET_OFFSET);
+    fadt.reset_value = devices::acpi::RESET_VALUE;
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"BATONVMM").into();
+    aml_bytes(&fadt.finalize())
+}
+
+fn madt(cpus: u8) -> Sdt {
+    let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, APIC_START as u32);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
+    for id in 0..cpus {
+        // Processor Local APIC: uid, APIC id, flags (enabled).
+        madt.append_slice(&[MADT_LOCAL_APIC, 8, id, id, 1, 0, 0, 0]);
+    }
+    let mut ioapic = vec![MADT_IOAPIC, 12, 0, 0];
+    ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes());
+    madt.append_slice(&ioapic);
+    // LINT1 of every processor (uid 0xff) is the NMI line.
+    madt.append_slice(&[MADT_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1]);
+    madt
+}
+
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_MMCONFIG_START, 0, 0, 0);
+    aml_bytes(&mcfg)
+}
+
+/// Builds every table for a VM with `cpus` vCPUs, laid out from [`ACPI_START`].
+pub fn build(cpus: u8) -> Result<Tables, Error> {
+    let align = |a: u64| (a + 15) & !15;
+    let rsdp_addr = ACPI_START;
+    let mut next = align(rsdp_addr + Rsdp::len() as u64);
+    let mut blobs = Vec::new();
+    let mut place = |bytes: Vec<u8>| {
+        let addr = next;
+        next = align(addr + bytes.len() as u64);
+        blobs.push((addr, bytes));
+        addr
+    };
+    let dsdt_addr = place(dsdt().as_slice().to_vec());
+    let fadt_addr = place(fadt(dsdt_addr));
+    let madt_addr = place(madt(cpus).as_slice().to_vec());
+    let mcfg_addr = place(mcfg());
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for addr in [fadt_addr, madt_addr, mcfg_addr] {
+        xsdt.add_entry(addr);
+    }
+    let xsdt_addr = place(aml_bytes(&xsdt));
+    if next - ACPI_START > ACPI_SIZE {
+        return Err(Error::TooLarge(next - ACPI_START));
+    }
+    blobs.insert(0, (rsdp_addr, aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr))));
+    Ok(Tables { blobs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn table<'a>(t: &'a Tables, sig: &[u8; 4]) -> (u64, &'a [u8]) {
+        t.blobs
+            .iter()
+            .find(|(_, b)| &b[0..4] == sig)
+            .map(|(a, b)| (*a, b.as_slice()))
+            .unwrap_or_else(|| panic!("no {}", String::from_utf8_lossy(sig)))
+    }
+
+    #[test]
+    fn rsdp_points_to_xsdt_listing_tables() {
+        let t = build(4).unwrap();
+        let (rsdp_addr, rsdp) = (t.blobs[0].0, &t.blobs[0].1);
+        assert_eq!(rsdp_addr, ACPI_START);
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[0..20]));
+        assert!(checksum_ok(rsdp));
+        let (xsdt_addr, xsdt) = table(&t, b"XSDT");
+        assert_eq!(u64_at(rsdp, 24), xsdt_addr);
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
+        let mut sigs: Vec<&[u8]> = entries
+            .iter()
+            .map(|a| &t.blobs.iter().find(|(addr, _)| addr == a).unwrap().1[0..4])
+            .collect();
+        sigs.sort();
+        assert_eq!(sigs, vec![b"APIC", b"FACP", b"MCFG"]);
+    }
+
+    #[test]
+    fn every_table_has_valid_length_and_checksum() {
+        let t = build(16).unwrap();
+        for (addr, b) in t.blobs.iter().skip(1) {
+            assert_eq!(
+                u32_at(b, 4) as usize,
+                b.len(),
+                "length of table at {addr:#x}"
+            );
+            assert!(
+                checksum_ok(b),
+                "checksum of {}",
+                String::from_utf8_lossy(&b[0..4])
+            );
+            assert!(*addr + b.len() as u64 <= ACPI_START + ACPI_SIZE);
+        }
+        // No two tables overlap.
+        let mut spans: Vec<(u64, u64)> = t
+            .blobs
+            .iter()
+            .map(|(a, b)| (*a, *a + b.len() as u64))
+            .collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0);
+        }
+    }
+
+    #[test]
+    fn madt_lists_each_cpu_and_the_ioapic() {
+        let t = build(5).unwrap();
+        let (_, madt) = table(&t, b"APIC");
+        assert_eq!(u32_at(madt, 36), APIC_START as u32);
+        let mut off = 44;
+        let mut apic_ids = Vec::new();
+        let mut ioapics = 0;
+        while off < madt.len() {
+            let (kind, len) = (madt[off], madt[off + 1] as usize);
+            match kind {
+                MADT_LOCAL_APIC => {
+                    assert_eq!(madt[off + 4] & 1, 1, "enabled");
+                    apic_ids.push(madt[off + 3]);
+                }
+                MADT_IOAPIC => {
+                    ioapics += 1;
+                    assert_eq!(u32_at(madt, off + 4), IOAPIC_START as u32);
+                }
+                _ => {}
+            }
+            off += len;
+        }
+        assert_eq!(off, madt.len());
+        assert_eq!(apic_ids, vec![0, 1, 2, 3, 4]);
+        assert_eq!(ioapics, 1);
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_our_registers() {
+        let t = build(1).unwrap();
+        let (_, fadt) = table(&t, b"FACP");
+        let (dsdt_addr, dsdt) = table(&t, b"DSDT");
+        let flags = u32_at(fadt, 112);
+        assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
+        assert_ne!(flags & Flags::ResetRegSup as u32, 0);
+        assert_eq!(u64_at(fadt, 140), dsdt_addr, "X_DSDT");
+        // RESET_REG (GAS at 116): system I/O at our reset port; RESET_VALUE at 128.
+        assert_eq!(fadt[116], 1);
+        assert_eq!(
+            u64_at(fadt, 120),
+            ACPI_PM_PORT + devices::acpi::RESET_OFFSET
+        );
+        assert_eq!(fadt[128], devices::acpi::RESET_VALUE);
+        // SLEEP_CONTROL_REG (GAS at 244).
+        assert_eq!(fadt[244], 1);
+        assert_eq!(u64_at(fadt, 248), ACPI_PM_PORT);
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
+    }
+
+    #[test]
+    fn mcfg_covers_bus_zero_ecam() {
+        let t = build(1).unwrap();
+        let (_, mcfg) = table(&t, b"MCFG");
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(mcfg, 44), PCI_MMCONFIG_START);
+        assert_eq!(&mcfg[54..56], &[0, 0], "buses 0..=0");
+    }
+}

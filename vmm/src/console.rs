@@ -1,0 +1,254 @@
+//! Plumbing between the serial port and the outside: stdout/stdin, a file, or a UNIX socket.
+//!
+//! The plumbing outlives any one VM (a guest reboot builds a new serial device), so the
+//! device gets a [`ConsoleOutput`] handle for its output and the console keeps a reference to
+//! the current device to push input into.
+//!
+//! In socket mode, the last [`BACKLOG`] bytes of output are replayed to each client that
+//! connects, so a client that connects after boot still sees the boot messages. A new client
+//! replaces the previous one.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api::{ConsoleConfig, ConsoleMode};
+use devices::legacy::Serial;
+
+/// Output bytes kept for replay to a new socket client.
+pub const BACKLOG: usize = 256 * 1024;
+/// How long a stalled socket client may block the guest's output before it is dropped.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors setting up the console.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The output file could not be opened.
+    #[error("Cannot open serial output file {0}")]
+    File(PathBuf, #[source] io::Error),
+    /// Another process serves the socket path.
+    #[error("Serial socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+    /// The socket could not be created.
+    #[error("Cannot listen on serial socket {0}")]
+    Socket(PathBuf, #[source] io::Error),
+    /// The input thread could not be started.
+    #[error("Cannot start the serial input thread")]
+    Thread(#[source] io::Error),
+}
+
+enum Sink {
+    Discard,
+    Stdout,
+    File(File),
+    Socket {
+        backlog: VecDeque<u8>,
+        client: Option<UnixStream>,
+    },
+}
+
+/// Where the serial device writes; cheap to clone.
+#[derive(Clone)]
+pub struct ConsoleOutput(Arc<Mutex<Sink>>);
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut sink = self.0.lock().expect("console lock poisoned");
+        match &mut *sink {
+            Sink::Discard => {}
+            Sink::Stdout => {
+                let mut out = io::stdout().lock();
+                // The guest must not stall or fail because our stdout went away.
+                let _ = out.write_all(buf).and_then(|_| out.flush());
+            }
+            Sink::File(f) => {
+                if let Err(e) = f.write_all(buf) {
+                    log::warn!("serial output file: {e}");
+                }
+            }
+            Sink::Socket { backlog, client } => {
+                backlog.extend(buf);
+                let excess = backlog.len().saturating_sub(BACKLOG);
+                backlog.drain(..excess);
+                if let Some(c) = client {
+                    if c.write_all(buf).is_err() {
+                        *client = None;
+                    }
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+type InputTarget = Arc<Mutex<Option<Arc<Mutex<Serial>>>>>;
+
+/// The console: output handle plus the input source feeding the current serial device.
+pub struct Console {
+    output: ConsoleOutput,
+    target: InputTarget,
+}
+
+impl Console {
+    /// Sets up the console described by `config`.
+    pub fn new(config: &ConsoleConfig) -> Result<Self, Error> {
+        let target: InputTarget = Arc::new(Mutex::new(None));
+        let sink = match config.mode {
+            ConsoleMode::Off => Sink::Discard,
+            ConsoleMode::Tty => {
+                spawn_input("serial-stdin", target.clone(), move |t| {
+                    pump(io::stdin().lock(), t)
+                })?;
+                Sink::Stdout
+            }
+            ConsoleMode::File => {
+                let path = config
+                    .file
+                    .as_deref()
+                    .expect("validated: file mode has a path");
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| Error::File(path.to_owned(), e))?;
+                Sink::File(file)
+            }
+            ConsoleMode::Socket => Sink::Socket {
+                backlog: VecDeque::new(),
+                client: None,
+            },
+        };
+        let output = ConsoleOutput(Arc::new(Mutex::new(sink)));
+        if config.mode == ConsoleMode::Socket {
+            let path = config
+                .socket
+                .as_deref()
+                .expect("validated: socket mode has a path");
+            let listener = bind(path)?;
+            let out = output.clone();
+            spawn_input("serial-socket", target.clone(), move |t| {
+                serve(listener, out, t)
+            })?;
+        }
+        Ok(Console { output, target })
+    }
+
+    /// The output handle for a new serial device.
+    pub fn output(&self) -> Box<dyn Write + Send> {
+        Box::new(self.output.clone())
+    }
+
+    /// Makes `serial` the device that receives input.
+    pub fn attach(&self, serial: Arc<Mutex<Serial>>) {
+        *self.target.lock().expect("console lock poisoned") = Some(serial);
+    }
+}
+
+/// Binds `path`, replacing a stale socket file left by a dead process.
+fn bind(path: &Path) -> Result<UnixListener, Error> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::SocketInUse(path.to_owned()));
+        }
+        // Nobody answers: a leftover from a process that died.
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| Error::Socket(path.to_owned(), e))
+}
+
+fn spawn_input(
+    name: &str,
+    target: InputTarget,
+    body: impl FnOnce(InputTarget) + Send + 'static,
+) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || body(target))
+        .map(|_| ())
+        .map_err(Error::Thread)
+}
+
+/// Feeds `bytes` to the current serial device, waiting while its FIFO is full.
+fn deliver(target: &InputTarget, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let sent = {
+            let current = target.lock().expect("console lock poisoned").clone();
+            match current {
+                Some(serial) => serial
+                    .lock()
+                    .expect("serial lock poisoned")
+                    .enqueue_input(bytes),
+                None => 0,
+            }
+        };
+        bytes = &bytes[sent..];
+        if sent == 0 {
+            // The guest has not drained the FIFO yet (or no device exists during a reboot).
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Copies everything from `input` into the serial device until end of file.
+fn pump(mut input: impl Read, target: InputTarget) {
+    let mut buf = [0u8; 512];
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => deliver(&target, &buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::warn!("serial input: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Accepts socket clients one after another; each gets the backlog, then live output.
+fn serve(listener: UnixListener, output: ConsoleOutput, target: InputTarget) {
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("serial socket accept: {e}");
+                continue;
+            }
+        };
+        let reader = match stream.try_clone() {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("serial socket: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT)) {
+            log::warn!("serial socket: {e}");
+        }
+        {
+            let mut sink = output.0.lock().expect("console lock poisoned");
+            if let Sink::Socket { backlog, client } = &mut *sink {
+                let (a, b) = backlog.as_slices();
+                let mut s = &stream;
+                if s.write_all(a).and_then(|_| s.write_all(b)).is_ok() {
+                    *client = Some(stream);
+                }
+            }
+        }
+        let t = target.clone();
+        let spawned = std::thread::Builder::new()
+            .name("serial-client".into())
+            .spawn(move || pump(reader, t));
+        if let Err(e) = spawned {
+            log::warn!("serial socket: cannot read from client: {e}");
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! baton, the VMM: builds a VM from a [`api::VmConfig`] on KVM and runs its control loop.
+//!
+//! The control loop ([`run`]) waits on eventfds: the guest powering off (baton exits 0), the
+//! guest resetting (the VM is rebuilt in the same process), a vCPU failing (baton exits with
+//! an error), and SIGTERM/SIGINT (the VM is shut down and baton exits 0).
+#![warn(missing_docs)]
+
+pub mod acpi;
+pub mod boot;
+pub mod console;
+pub mod cpuid;
+pub mod layout;
+pub mod logger;
+pub mod memory;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use api::VmConfig;
+use kvm_ioctls::{Cap, Kvm};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::Console;
+use crate::vm::{Vm, VmEvents};
+
+/// Errors that end baton.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("Invalid VM configuration")]
+    Config(#[source] api::ConfigError),
+    /// /dev/kvm is missing or unusable.
+    #[error("Cannot open /dev/kvm: is KVM available and do you have access to it?")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks a capability baton needs.
+    #[error("KVM lacks a capability baton needs: {0}")]
+    KvmCapability(&'static str),
+    /// Console setup.
+    #[error("Cannot set up the serial console")]
+    Console(#[source] console::Error),
+    /// Building or starting the VM.
+    #[error("Cannot start the VM")]
+    Vm(#[source] vm::Error),
+    /// Control loop plumbing.
+    #[error("Control loop failure")]
+    Loop(#[source] std::io::Error),
+    /// A vCPU failed; the guest cannot continue.
+    #[error("The guest stopped on a vCPU error (see the log above)")]
+    VcpuFailed,
+}
+
+/// How a VM run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    PoweredOff,
+    /// baton was asked to stop by a signal.
+    Signalled,
+}
+
+/// Eventfd written by the SIGTERM/SIGINT handler (-1 until installed).
+static TERMINATE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    let fd = TERMINATE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is an
+        // eventfd that stays open for the life of the process.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn install_terminate_handler(evt: &EventFd) -> std::io::Result<()> {
+    TERMINATE_FD.store(evt.as_raw_fd(), Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: an all-zero sigaction is valid; we set the handler and an empty mask.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_terminate as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        // SAFETY: `action` is fully initialised and the handler only calls write(2).
+        if unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Waits until one of `fds` is readable; returns its index and drains it.
+fn wait_any(evts: &[&EventFd]) -> std::io::Result<usize> {
+    let mut pfds: Vec<libc::pollfd> = evts
+        .iter()
+        .map(|e| libc::pollfd {
+            fd: e.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if let Some(i) = pfds.iter().position(|p| p.revents & libc::POLLIN != 0) {
+            // Non-blocking eventfd; the value only says "it happened".
+            let _ = evts[i].read();
+            return Ok(i);
+        }
+    }
+}
+
+/// Checks that KVM has what baton relies on.
+fn check_kvm(kvm: &Kvm) -> Result<(), Error> {
+    let needed = [
+        (Cap::Irqchip, "in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (Cap::Pit2, "in-kernel PIT (KVM_CAP_PIT2)"),
+        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (Cap::UserMemory, "user memory (KVM_CAP_USER_MEMORY)"),
+        (
+            Cap::ImmediateExit,
+            "immediate exit (KVM_CAP_IMMEDIATE_EXIT)",
+        ),
+    ];
+    for (cap, name) in needed {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCapability(name));
+        }
+    }
+    Ok(())
+}
+
+/// Boots `config` and runs it until the guest powers off, a signal arrives, or a vCPU fails.
+/// Guest resets rebuild the VM in place.
+pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    config
+        .validate(&cpuid::feature_names())
+        .map_err(Error::Config)?;
+    let kvm = Kvm::new().map_err(Error::Kvm)?;
+    check_kvm(&kvm)?;
+    vcpu::install_kick_handler().map_err(|e| Error::Vm(vm::Error::Vcpu(e)))?;
+    let terminate = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Loop)?;
+    install_terminate_handler(&terminate).map_err(Error::Loop)?;
+    let console = Console::new(&config.serial).map_err(Error::Console)?;
+    let events = VmEvents::new().map_err(Error::Vm)?;
+
+    loop {
+        let started = std::time::Instant::now();
+        let mut vm = Vm::start(&kvm, config, &console, &events).map_err(Error::Vm)?;
+        log::info!(
+            "VM started with {} vCPUs: built in {} us",
+            config.cpus.boot_vcpus,
+            started.elapsed().as_micros()
+        );
+        let which = wait_any(&[&events.exit, &events.reset, &events.fail, &terminate])
+            .map_err(Error::Loop)?;
+        vm.stop();
+        match which {
+            0 => {
+                log::info!("guest powered off");
+                return Ok(Outcome::PoweredOff);
+            }
+            1 => {
+                log::info!("guest reset: rebooting");
+                drop(vm);
+                // A reset raced by several vCPUs must not trigger a second reboot.
+                let _ = events.reset.read();
+            }
+            2 => return Err(Error::VcpuFailed),
+            _ => {
+                log::info!("signal received: shutting the VM down");
+                return Ok(Outcome::Signalled);
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! `baton`: boot a VM from command-line options.
+
+use std::process::ExitCode;
+
+use api::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+fn command() -> Command {
+    Command::new("baton")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(
+            "A virtual machine monitor for Linux/KVM.\n\n\
+             Boots a kernel (an ELF with a PVH note, an ELF vmlinux, or a bzImage) with ACPI, \
+             an 8250 serial port (ttyS0) and a PCI host bridge. The guest powering off ends \
+             baton with status 0; a guest reboot restarts it in the same process; SIGTERM or \
+             SIGINT shuts the VM down.",
+        )
+        .arg(
+            Arg::new("kernel")
+                .long("kernel")
+                .value_name("PATH")
+                .help("Kernel to boot: ELF with PVH note, ELF vmlinux, or bzImage"),
+        )
+        .arg(
+            Arg::new("initramfs")
+                .long("initramfs")
+                .value_name("PATH")
+                .help("Initramfs loaded next to the kernel"),
+        )
+        .arg(
+            Arg::new("cmdline")
+                .long("cmdline")
+                .value_name("STRING")
+                .help("Kernel command line"),
+        )
+        .arg(
+            Arg::new("cpus")
+                .long("cpus")
+                .value_name("OPTIONS")
+                .help(CpusConfig::SYNTAX),
+        )
+        .arg(
+            Arg::new("memory")
+                .long("memory")
+                .value_name("OPTIONS")
+                .help(MemoryConfig::SYNTAX),
+        )
+        .arg(
+            Arg::new("serial")
+                .long("serial")
+                .value_name("OPTIONS")
+                .help(ConsoleConfig::SERIAL_SYNTAX),
+        )
+        .arg(
+            Arg::new("console")
+                .long("console")
+                .value_name("OPTIONS")
+                .help("virtio console: only \"off\" for now"),
+        )
+        .arg(
+            Arg::new("verbose")
+                .short('v')
+                .long("verbose")
+                .action(ArgAction::Count)
+                .help("More log output (repeat for more)"),
+        )
+}
+
+fn option<T>(
+    m: &ArgMatches,
+    name: &'static str,
+    parse: impl FnOnce(&str) -> Result<T, api::option_parser::OptionError>,
+) -> Result<Option<T>, api::ConfigError> {
+    m.get_one::<String>(name)
+        .map(|s| parse(s))
+        .transpose()
+        .map_err(|source| api::ConfigError::Option {
+            option: name,
+            source,
+        })
+}
+
+fn config_from(m: &ArgMatches) -> Result<VmConfig, api::ConfigError> {
+    Ok(VmConfig {
+        cpus: option(m, "cpus", CpusConfig::from_option_string)?.unwrap_or_default(),
+        memory: option(m, "memory", MemoryConfig::from_option_string)?.unwrap_or_default(),
+        payload: PayloadConfig {
+            kernel: m.get_one::<String>("kernel").map(Into::into),
+            initramfs: m.get_one::<String>("initramfs").map(Into::into),
+            cmdline: m.get_one::<String>("cmdline").cloned(),
+        },
+        serial: option(m, "serial", ConsoleConfig::from_option_string)?.unwrap_or(ConsoleConfig {
+            mode: api::ConsoleMode::Tty,
+            ..Default::default()
+        }),
+        console: option(m, "console", ConsoleConfig::from_option_string)?.unwrap_or_default(),
+    })
+}
+
+/// Prints an error and its causes, outermost first.
+fn report(err: &dyn std::error::Error) {
+    eprintln!("baton: error: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
+    }
+}
+
+fn main() -> ExitCode {
+    let matches = command().get_matches();
+    vmm::logger::init(matches.get_count("verbose"));
+    let result = config_from(&matches)
+        .map_err(vmm::Error::Config)
+        .and_then(|config| vmm::run(&config));
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_builds_config() {
+        let m = command().get_matches_from([
+            "baton",
+            "--kernel",
+            "/k",
+            "--cpus",
+            "boot=4",
+            "--memory",
+            "size=5G",
+            "--serial",
+            "socket=/tmp/s",
+        ]);
+        let c = config_from(&m).unwrap();
+        assert_eq!(c.cpus.boot_vcpus, 4);
+        assert_eq!(c.memory.size, 5 << 30);
+        assert_eq!(c.serial.mode, api::ConsoleMode::Socket);
+    }
+
+    #[test]
+    fn bad_option_names_the_option() {
+        let m = command().get_matches_from(["baton", "--kernel", "/k", "--memory", "sise=1G"]);
+        let err = config_from(&m).unwrap_err();
+        assert!(err.to_string().contains("--memory"), "{err}");
+    }
+
+    #[test]
+    fn clap_definition_is_valid() {
+        command().debug_assert();
+    }
+}

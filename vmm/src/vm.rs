@@ -1,0 +1,276 @@
+//! One VM: the KVM VM with its in-kernel irqchip and PIT, guest memory, devices, ACPI
+//! tables, the loaded payload, and running vCPU threads.
+//!
+//! A guest reboot drops the whole `Vm` and builds a new one from the same configuration, so
+//! nothing of the previous run (device state, vCPU state, memory contents) leaks into the next.
+
+use std::sync::{Arc, Mutex};
+
+use api::VmConfig;
+use devices::legacy::{Cmos, Serial, I8042};
+use devices::pci::{PciBus, PciConfigIo, PciEcam};
+use devices::{Bus, Trigger};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::Console;
+use crate::cpuid::{self, VcpuCpuid};
+use crate::layout::*;
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::{VcpuEvents, VcpuThread};
+use crate::{acpi, boot, regs, vcpu};
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl on the VM failed.
+    #[error("KVM: cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory.
+    #[error("Cannot create guest memory")]
+    Memory(#[source] memory::Error),
+    /// An eventfd could not be created or cloned.
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A device could not be placed on a bus.
+    #[error("Cannot place device {0}")]
+    Bus(&'static str, #[source] devices::BusError),
+    /// ACPI tables.
+    #[error("Cannot build ACPI tables")]
+    Acpi(#[source] acpi::Error),
+    /// Kernel, initramfs or boot information.
+    #[error("Cannot load the payload")]
+    Boot(#[source] boot::Error),
+    /// vCPU register setup.
+    #[error("Cannot set up vCPU {0}")]
+    Regs(u8, #[source] regs::Error),
+    /// vCPU threads.
+    #[error("Cannot start vCPUs")]
+    Vcpu(#[source] vcpu::Error),
+}
+
+/// The eventfds through which a VM's devices and vCPUs reach the control loop. They are
+/// created once and shared by every VM the process runs, so the loop polls fixed fds.
+pub struct VmEvents {
+    /// Guest power-off.
+    pub exit: EventFd,
+    /// Guest reset.
+    pub reset: EventFd,
+    /// vCPU failure.
+    pub fail: EventFd,
+}
+
+impl VmEvents {
+    /// Three new non-blocking eventfds.
+    pub fn new() -> Result<Self, Error> {
+        let new = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
+        Ok(VmEvents {
+            exit: new()?,
+            reset: new()?,
+            fail: new()?,
+        })
+    }
+
+    fn for_vcpu(&self) -> Result<VcpuEvents, Error> {
+        Ok(VcpuEvents {
+            exit: self.exit.try_clone().map_err(Error::EventFd)?,
+            reset: self.reset.try_clone().map_err(Error::EventFd)?,
+            fail: self.fail.try_clone().map_err(Error::EventFd)?,
+        })
+    }
+}
+
+/// A built, possibly running VM.
+pub struct Vm {
+    vcpus: Vec<VcpuThread>,
+    // Dropped after the vCPUs stop: they run on this memory and VM.
+    _memory: GuestMemory,
+    _vm_fd: VmFd,
+}
+
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("region start is inside guest memory");
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping behind `host` is owned by `mem`, which the VM keeps alive for
+        // as long as the VM fd exists, and it is exactly `memory_size` bytes long.
+        unsafe { vm_fd.set_user_memory_region(r) }
+            .map_err(|e| Error::Kvm("map guest memory", e))?;
+    }
+    Ok(())
+}
+
+struct Buses {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+}
+
+fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<Buses, Error> {
+    let clone = |e: &EventFd| e.try_clone().map_err(Error::EventFd);
+    let pio = Bus::new();
+    let mmio = Bus::new();
+
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm_fd
+        .register_irqfd(&irq, COM1_IRQ)
+        .map_err(|e| Error::Kvm("wire the serial interrupt", e))?;
+    let serial = Arc::new(Mutex::new(Serial::new(Trigger::new(irq), console.output())));
+    console.attach(serial.clone());
+    pio.insert(serial, COM1_PORT, 8)
+        .map_err(|e| Error::Bus("serial", e))?;
+
+    let i8042 = I8042::new(clone(&events.reset)?);
+    pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, 5)
+        .map_err(|e| Error::Bus("i8042", e))?;
+    pio.insert(Arc::new(Mutex::new(Cmos::default())), CMOS_PORT, 2)
+        .map_err(|e| Error::Bus("CMOS", e))?;
+    let pm = devices::acpi::AcpiPm::new(clone(&events.exit)?, clone(&events.reset)?);
+    pio.insert(
+        Arc::new(Mutex::new(pm)),
+        ACPI_PM_PORT,
+        devices::acpi::PORT_LEN,
+    )
+    .map_err(|e| Error::Bus("ACPI power registers", e))?;
+
+    let pci = Arc::new(Mutex::new(PciBus::new()));
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+        PCI_CONFIG_PORT,
+        8,
+    )
+    .map_err(|e| Error::Bus("PCI config ports", e))?;
+    mmio.insert(
+        Arc::new(Mutex::new(PciEcam::new(pci))),
+        PCI_MMCONFIG_START,
+        PCI_MMCONFIG_SIZE,
+    )
+    .map_err(|e| Error::Bus("PCI ECAM", e))?;
+
+    Ok(Buses {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+    })
+}
+
+impl Vm {
+    /// Builds the VM described by `config` and starts its vCPUs.
+    pub fn start(
+        kvm: &Kvm,
+        config: &VmConfig,
+        console: &Console,
+        events: &VmEvents,
+    ) -> Result<Self, Error> {
+        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| Error::Kvm("set the identity map address", e))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_START as usize)
+            .map_err(|e| Error::Kvm("set the TSS address", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+
+        let mem =
+            memory::create(config.memory.size, config.memory.shared).map_err(Error::Memory)?;
+        register_memory(&vm_fd, &mem)?;
+        let buses = create_devices(&vm_fd, console, events)?;
+
+        let cpus = config.cpus.boot_vcpus;
+        let tables = acpi::build(cpus).map_err(Error::Acpi)?;
+        tables.write(&mem).map_err(Error::Acpi)?;
+        let map = memory::memory_map(config.memory.size);
+        let entry =
+            boot::load(&mem, &config.payload, &map, tables.rsdp_addr()).map_err(Error::Boot)?;
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("get supported CPUID", e))?;
+        let mut masked: Vec<&str> = config
+            .cpus
+            .template
+            .map(cpuid::template_mask)
+            .unwrap_or_default()
+            .to_vec();
+        masked.extend(config.cpus.mask.iter().map(String::as_str));
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+
+        let mut fds = Vec::with_capacity(usize::from(cpus));
+        for id in 0..cpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| Error::Kvm("create a vCPU", e))?;
+            let mut entries = supported.as_slice().to_vec();
+            cpuid::adjust(
+                &mut entries,
+                &VcpuCpuid {
+                    apic_id: id,
+                    cpu_count: cpus,
+                    tsc_khz: fd.get_tsc_khz().ok(),
+                    tsc_deadline,
+                    masked: &masked,
+                },
+            );
+            let cpuid = CpuId::from_entries(&entries).expect("CPUID entries fit KVM's limit");
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| Error::Kvm("set CPUID", e))?;
+            regs::setup_common(&fd).map_err(|e| Error::Regs(id, e))?;
+            if id == 0 {
+                regs::setup_boot_vcpu(&fd, &mem, entry).map_err(|e| Error::Regs(id, e))?;
+            }
+            fds.push(fd);
+        }
+
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (id, fd) in fds.into_iter().enumerate() {
+            let thread = VcpuThread::spawn(
+                id as u8,
+                fd,
+                buses.pio.clone(),
+                buses.mmio.clone(),
+                events.for_vcpu()?,
+                mem.clone(),
+            );
+            match thread {
+                Ok(t) => vcpus.push(t),
+                Err(e) => {
+                    vcpu::stop_all(&mut vcpus);
+                    return Err(Error::Vcpu(e));
+                }
+            }
+        }
+        Ok(Vm {
+            vcpus,
+            _memory: mem,
+            _vm_fd: vm_fd,
+        })
+    }
+
+    /// Stops every vCPU.
+    pub fn stop(&mut self) {
+        vcpu::stop_all(&mut self.vcpus);
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
