@@ -1,0 +1,119 @@
+//! baton's test guest: a `no_std` program that boots through the PVH entry
+//! point, then serves a line protocol on COM1 (see
+//! [`baton_test_guest::protocol`]).
+//!
+//! [`entry`] gets from the 32-bit PVH entry to [`baton_main`] at CPL3, where
+//! everything else runs. The pure logic is in the library crate
+//! (`src/lib.rs`); the modules here reach hardware.
+//!
+//! It is built for the host target by the workspace's `cargo build`, as a
+//! static, non-PIE ELF laid out by `linker.ld` (flags in `build.rs`): load
+//! segments from 1 MiB, and a PT_NOTE with the Xen PHYS32_ENTRY note that PVH
+//! loaders (linux-loader, QEMU, Cloud Hypervisor, Firecracker) look for. By
+//! hand, with QEMU: `qemu-system-x86_64 -machine q35 -m 512 -smp 4 -kernel
+//! target/debug/baton-test-guest -append heartbeat_ms=200 -nographic -nic none`.
+
+#![no_std]
+#![no_main]
+
+// rustc refuses a `no_std` binary that unwinds ("unwinding panics are not
+// supported without std"): the `eh_personality` lang item only exists in std.
+// Say what to change rather than leave that message to be decoded.
+#[cfg(not(panic = "abort"))]
+compile_error!(
+    "baton-test-guest must be built with panic = \"abort\": set it in the workspace's \
+     [profile.dev] and [profile.release] (tests and build scripts still unwind)"
+);
+
+mod entry;
+mod io;
+mod phys;
+mod power;
+mod serial;
+mod shell;
+mod time;
+
+use baton_test_guest::acpi::{self, PhysMem};
+use baton_test_guest::protocol::{self, Ready};
+use baton_test_guest::{cmdline, start_info};
+
+use crate::phys::IdentityMap;
+use crate::serial::emit;
+
+/// The Rust entry point, called at CPL3 by the entry stub with the physical
+/// address of `hvm_start_info`.
+pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
+    serial::init();
+    emit(protocol::booting);
+
+    let mem = IdentityMap::new();
+    let info = read_start_info(&mem, start_info_paddr);
+    let cmdline = mem.c_string(info.cmdline_paddr, start_info::MAX_CMDLINE);
+    let options = cmdline::parse(cmdline, |w| emit(|out| protocol::option_warning(out, &w)));
+
+    let memmap = mem.read(info.memmap_paddr, info.memmap_len());
+    if info.memmap_entries == 0 || memmap.is_none() {
+        emit(|w| protocol::warning(w, "start_info", &"no memory map"));
+    }
+    let mem_bytes = start_info::ram_bytes(memmap.unwrap_or_default());
+
+    let tables = acpi::parse(&mem, info.rsdp_paddr, |e| {
+        emit(|w| protocol::warning(w, "acpi", &e));
+    })
+    .unwrap_or_else(|e| {
+        emit(|w| protocol::warning(w, "acpi", &e));
+        acpi::Tables::default()
+    });
+    if tables.cpus.is_none() {
+        emit(|w| protocol::warning(w, "acpi", &"no MADT"));
+    }
+    if tables.fadt.is_none() {
+        emit(|w| protocol::warning(w, "acpi", &"no FADT"));
+    }
+
+    let clock = time::Clock::calibrate();
+    let cpus = tables.cpus.unwrap_or(0);
+    emit(|w| {
+        protocol::ready(
+            w,
+            &Ready {
+                cpus,
+                mem_bytes,
+                tsc_khz: clock.khz(),
+                tsc_source: clock.source(),
+                cmdline,
+            },
+        )
+    });
+    shell::run(shell::Machine {
+        cpus,
+        mem_bytes,
+        heartbeat_ms: options.heartbeat_ms,
+        fadt: tables.fadt,
+        mem,
+        clock,
+    })
+}
+
+fn read_start_info(mem: &IdentityMap, paddr: u64) -> start_info::StartInfo {
+    let bytes = mem
+        .read(paddr, start_info::SIZE)
+        .or_else(|| mem.read(paddr, start_info::SIZE_V0))
+        .unwrap_or_default();
+    start_info::parse(bytes).unwrap_or_else(|e| {
+        emit(|w| protocol::warning(w, "start_info", &e));
+        start_info::StartInfo::default()
+    })
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let (file, line) = info.location().map_or(("?", 0), |l| (l.file(), l.line()));
+    emit(|w| protocol::panic(w, &info.message(), file, line));
+    entry::halt_forever()
+}
+
+/// The prebuilt `core` is compiled for unwinding and refers to this symbol;
+/// nothing here unwinds (the panic handler halts), so it is never called.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}

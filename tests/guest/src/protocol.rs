@@ -1,0 +1,315 @@
+//! The serial protocol: every line the guest prints, and the commands it takes.
+//!
+//! Integration tests match these lines exactly, so changing one is a protocol
+//! change. All output goes to COM1 (I/O port 0x3f8); every line ends with
+//! `\r\n`. Numbers are unsigned decimal unless written `0x…`.
+//!
+//! # Boot
+//!
+//! ```text
+//! baton-test-guest: booting
+//! warning: …                              (zero or more, see below)
+//! baton-test-guest: ready cpus=N mem_bytes=B tsc_khz=K tsc_source=S cmdline="C"
+//! ```
+//!
+//! `booting` is printed first thing at CPL3. `cpus` counts enabled processors
+//! in the ACPI MADT (0 if there is none); `mem_bytes` sums the RAM (type 1)
+//! entries of the PVH memory map; `tsc_source` is `hypervisor` (CPUID leaf
+//! 0x40000010), `pit` (calibrated against PIT channel 2) or `assumed` (neither
+//! worked; 1 GHz assumed). `C` is the kernel command line with non-printable
+//! bytes shown as `?`. Commands are accepted once `ready` is out.
+//!
+//! Warnings: `warning: unknown option KEY`, `warning: bad value for KEY: VALUE`,
+//! `warning: start_info: …`, `warning: acpi: …`.
+//!
+//! # Heartbeat
+//!
+//! `heartbeat N`, N = 1, 2, 3 … every `heartbeat_ms` (kernel command line,
+//! default 1000, 0 = off). N never repeats or goes back; after the guest was
+//! held up (paused, migrated) it continues at the next N without catching up.
+//!
+//! # Commands
+//!
+//! One per line; CR or LF ends a line, blank lines are ignored, nothing is
+//! echoed. Each command gets exactly one reply line:
+//!
+//! | command     | reply                                                      |
+//! |-------------|------------------------------------------------------------|
+//! | `status`    | `status: cpus=N mem_bytes=B heartbeat=N uptime_ms=T`       |
+//! | `cpus`      | `cpus: N`                                                  |
+//! | `mem`       | `mem: bytes=B mib=M` (M = B / 2^20, rounded down)          |
+//! | `echo TEXT` | `echo: TEXT` (TEXT trimmed of surrounding blanks)          |
+//! | `poweroff`  | `poweroff: bye`, then ACPI S5                              |
+//! | `reboot`    | `reboot: bye`, then a reset                                |
+//! | `help`      | `help: status cpus mem echo poweroff reboot help`          |
+//! | other       | `error: unknown command 'WORD'`                            |
+//!
+//! A line longer than 128 bytes is dropped with `error: line too long`. If the
+//! machine is still running about a second after `poweroff` or `reboot`, the
+//! guest prints `error: poweroff failed` or `error: reboot failed` and goes on
+//! taking commands. After `reboot` the sequence starts again at `booting`.
+//!
+//! # Crashes
+//!
+//! `panic: MESSAGE at FILE:LINE` for a Rust panic, or
+//! `EXCEPTION vec=V err=0xE rip=0xR cs=0xC rsp=0xS cr2=0xA` for a CPU
+//! exception (V decimal); then the CPU halts for good.
+
+use core::fmt::{self, Display, Write};
+
+use crate::cmdline::Warning;
+use crate::command::Command;
+use crate::text::Printable;
+
+/// Where the TSC frequency came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TscSource {
+    /// CPUID leaf 0x40000010 (EAX, kHz), as set by the hypervisor.
+    Hypervisor,
+    /// Timed against PIT channel 2.
+    Pit,
+    /// Nothing worked; a guess.
+    Assumed,
+}
+
+impl Display for TscSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Hypervisor => "hypervisor",
+            Self::Pit => "pit",
+            Self::Assumed => "assumed",
+        })
+    }
+}
+
+/// What the `ready` line reports.
+#[derive(Clone, Copy, Debug)]
+pub struct Ready<'a> {
+    /// Enabled processors in the MADT.
+    pub cpus: u32,
+    /// RAM in the PVH memory map.
+    pub mem_bytes: u64,
+    /// TSC frequency.
+    pub tsc_khz: u64,
+    /// Where `tsc_khz` came from.
+    pub tsc_source: TscSource,
+    /// The kernel command line.
+    pub cmdline: &'a [u8],
+}
+
+/// Counters for the `status` reply.
+#[derive(Clone, Copy, Debug)]
+pub struct Status {
+    /// Enabled processors in the MADT.
+    pub cpus: u32,
+    /// RAM in the PVH memory map.
+    pub mem_bytes: u64,
+    /// The last heartbeat number printed (0 before the first).
+    pub heartbeat: u64,
+    /// Milliseconds since the guest started timing (just before `ready`).
+    pub uptime_ms: u64,
+}
+
+/// What the caller must do after a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing: wait for the next line.
+    Continue,
+    /// Enter ACPI S5.
+    Poweroff,
+    /// Reset the machine.
+    Reboot,
+}
+
+/// `baton-test-guest: booting`
+pub fn booting(w: &mut impl Write) -> fmt::Result {
+    w.write_str("baton-test-guest: booting\r\n")
+}
+
+/// The `ready` line.
+pub fn ready(w: &mut impl Write, r: &Ready<'_>) -> fmt::Result {
+    write!(
+        w,
+        "baton-test-guest: ready cpus={} mem_bytes={} tsc_khz={} tsc_source={} cmdline=\"{}\"\r\n",
+        r.cpus,
+        r.mem_bytes,
+        r.tsc_khz,
+        r.tsc_source,
+        Printable(r.cmdline)
+    )
+}
+
+/// A warning about the kernel command line.
+pub fn option_warning(w: &mut impl Write, warning: &Warning<'_>) -> fmt::Result {
+    match warning {
+        Warning::UnknownOption(key) => {
+            write!(w, "warning: unknown option {}\r\n", Printable(key))
+        }
+        Warning::BadValue { key, value } => write!(
+            w,
+            "warning: bad value for {}: {}\r\n",
+            Printable(key),
+            Printable(value)
+        ),
+    }
+}
+
+/// `warning: TOPIC: PROBLEM`, for boot information that is missing or bad.
+pub fn warning(w: &mut impl Write, topic: &str, problem: &dyn Display) -> fmt::Result {
+    write!(w, "warning: {topic}: {problem}\r\n")
+}
+
+/// `heartbeat N`
+pub fn heartbeat(w: &mut impl Write, n: u64) -> fmt::Result {
+    write!(w, "heartbeat {n}\r\n")
+}
+
+/// `error: line too long`
+pub fn line_too_long(w: &mut impl Write) -> fmt::Result {
+    w.write_str("error: line too long\r\n")
+}
+
+/// `error: poweroff failed` or `error: reboot failed`, once the machine
+/// outlived the request.
+pub fn action_failed(w: &mut impl Write, action: Action) -> fmt::Result {
+    match action {
+        Action::Continue => Ok(()),
+        Action::Poweroff => w.write_str("error: poweroff failed\r\n"),
+        Action::Reboot => w.write_str("error: reboot failed\r\n"),
+    }
+}
+
+/// `panic: MESSAGE at FILE:LINE`
+pub fn panic(w: &mut impl Write, message: &dyn Display, file: &str, line: u32) -> fmt::Result {
+    write!(w, "panic: {message} at {file}:{line}\r\n")
+}
+
+/// Writes the reply to `command` and says what to do next.
+pub fn reply(w: &mut impl Write, command: &Command<'_>, s: &Status) -> Result<Action, fmt::Error> {
+    match command {
+        Command::Status => write!(
+            w,
+            "status: cpus={} mem_bytes={} heartbeat={} uptime_ms={}\r\n",
+            s.cpus, s.mem_bytes, s.heartbeat, s.uptime_ms
+        )?,
+        Command::Cpus => write!(w, "cpus: {}\r\n", s.cpus)?,
+        Command::Mem => write!(
+            w,
+            "mem: bytes={} mib={}\r\n",
+            s.mem_bytes,
+            s.mem_bytes >> 20
+        )?,
+        Command::Echo(text) => write!(w, "echo: {}\r\n", Printable(text))?,
+        Command::Poweroff => {
+            w.write_str("poweroff: bye\r\n")?;
+            return Ok(Action::Poweroff);
+        }
+        Command::Reboot => {
+            w.write_str("reboot: bye\r\n")?;
+            return Ok(Action::Reboot);
+        }
+        Command::Help => w.write_str("help: status cpus mem echo poweroff reboot help\r\n")?,
+        Command::Unknown(word) => write!(w, "error: unknown command '{}'\r\n", Printable(word))?,
+    }
+    Ok(Action::Continue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::parse;
+
+    const STATUS: Status = Status {
+        cpus: 4,
+        mem_bytes: 512 << 20,
+        heartbeat: 7,
+        uptime_ms: 1234,
+    };
+
+    fn run(line: &[u8]) -> (String, Action) {
+        let mut out = String::new();
+        let command = parse(line).expect("not blank");
+        let action = reply(&mut out, &command, &STATUS).expect("String never fails");
+        (out, action)
+    }
+
+    #[test]
+    fn boot_lines() {
+        let mut out = String::new();
+        booting(&mut out).unwrap();
+        option_warning(&mut out, &Warning::UnknownOption(b"quiet")).unwrap();
+        option_warning(
+            &mut out,
+            &Warning::BadValue {
+                key: b"heartbeat_ms",
+                value: b"x",
+            },
+        )
+        .unwrap();
+        warning(&mut out, "acpi", &"no RSDP").unwrap();
+        ready(
+            &mut out,
+            &Ready {
+                cpus: 4,
+                mem_bytes: 536870912,
+                tsc_khz: 2_000_000,
+                tsc_source: TscSource::Pit,
+                cmdline: b"heartbeat_ms=200\n",
+            },
+        )
+        .unwrap();
+        heartbeat(&mut out, 1).unwrap();
+        assert_eq!(
+            out,
+            "baton-test-guest: booting\r\n\
+             warning: unknown option quiet\r\n\
+             warning: bad value for heartbeat_ms: x\r\n\
+             warning: acpi: no RSDP\r\n\
+             baton-test-guest: ready cpus=4 mem_bytes=536870912 tsc_khz=2000000 \
+             tsc_source=pit cmdline=\"heartbeat_ms=200?\"\r\n\
+             heartbeat 1\r\n"
+        );
+    }
+
+    #[test]
+    fn replies() {
+        let cases: [(&[u8], &str); 7] = [
+            (
+                b"status",
+                "status: cpus=4 mem_bytes=536870912 heartbeat=7 uptime_ms=1234\r\n",
+            ),
+            (b"cpus", "cpus: 4\r\n"),
+            (b"mem", "mem: bytes=536870912 mib=512\r\n"),
+            (b"echo hi  there ", "echo: hi  there\r\n"),
+            (b"echo", "echo: \r\n"),
+            (
+                b"help",
+                "help: status cpus mem echo poweroff reboot help\r\n",
+            ),
+            (b"bogus\x1b arg", "error: unknown command 'bogus?'\r\n"),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(run(line), (expected.to_string(), Action::Continue));
+        }
+    }
+
+    #[test]
+    fn power_commands_say_bye_then_act() {
+        assert_eq!(
+            run(b"poweroff"),
+            ("poweroff: bye\r\n".to_string(), Action::Poweroff)
+        );
+        assert_eq!(
+            run(b"reboot"),
+            ("reboot: bye\r\n".to_string(), Action::Reboot)
+        );
+        let mut out = String::new();
+        action_failed(&mut out, Action::Poweroff).unwrap();
+        action_failed(&mut out, Action::Reboot).unwrap();
+        line_too_long(&mut out).unwrap();
+        assert_eq!(
+            out,
+            "error: poweroff failed\r\nerror: reboot failed\r\nerror: line too long\r\n"
+        );
+    }
+}

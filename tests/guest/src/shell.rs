@@ -1,0 +1,87 @@
+//! The main loop: heartbeat, serial input, commands.
+//!
+//! Interrupts stay off; the loop spins on the TSC (native speed at CPL3) and
+//! only touches the UART about once a millisecond, since every port access is
+//! a VM exit.
+
+use baton_test_guest::acpi::Fadt;
+use baton_test_guest::command;
+use baton_test_guest::line::{Event, LineBuffer};
+use baton_test_guest::periodic::Periodic;
+use baton_test_guest::protocol::{self, Action, Status};
+
+use crate::phys::IdentityMap;
+use crate::power;
+use crate::serial::{self, emit};
+use crate::time::Clock;
+
+const INPUT_POLL_MS: u64 = 1;
+
+/// What the loop needs from boot.
+pub struct Machine {
+    /// Enabled processors.
+    pub cpus: u32,
+    /// RAM bytes.
+    pub mem_bytes: u64,
+    /// Heartbeat period; 0 = none.
+    pub heartbeat_ms: u64,
+    /// Power registers, if ACPI had a FADT.
+    pub fadt: Option<Fadt>,
+    /// Guest memory access, for memory-mapped power registers.
+    pub mem: IdentityMap,
+    /// The calibrated TSC.
+    pub clock: Clock,
+}
+
+/// Runs forever (until the machine powers off or resets).
+pub fn run(machine: Machine) -> ! {
+    let clock = machine.clock;
+    let now = clock.now();
+    let mut heartbeat_timer =
+        (machine.heartbeat_ms != 0).then(|| Periodic::new(now, clock.ticks(machine.heartbeat_ms)));
+    let mut poll_timer = Periodic::new(now, clock.ticks(INPUT_POLL_MS));
+    let mut heartbeat = 0u64;
+    let mut lines = LineBuffer::new();
+    loop {
+        let now = clock.now();
+        if heartbeat_timer.as_mut().is_some_and(|t| t.due(now)) {
+            heartbeat += 1;
+            emit(|w| protocol::heartbeat(w, heartbeat));
+        }
+        if poll_timer.due(now) {
+            while let Some(byte) = serial::read_byte() {
+                match lines.push(byte) {
+                    Some(Event::Line(line)) => {
+                        let status = Status {
+                            cpus: machine.cpus,
+                            mem_bytes: machine.mem_bytes,
+                            heartbeat,
+                            uptime_ms: clock.uptime_ms(),
+                        };
+                        if let Some(command) = command::parse(line) {
+                            execute(&command, &status, &machine);
+                        }
+                    }
+                    Some(Event::TooLong) => emit(protocol::line_too_long),
+                    None => {}
+                }
+            }
+        }
+        core::hint::spin_loop();
+    }
+}
+
+fn execute(command: &command::Command<'_>, status: &Status, machine: &Machine) {
+    let mut action = Action::Continue;
+    emit(|w| {
+        action = protocol::reply(w, command, status)?;
+        Ok(())
+    });
+    let fadt = machine.fadt.as_ref();
+    match action {
+        Action::Continue => return,
+        Action::Poweroff => power::poweroff(fadt, &machine.mem, &machine.clock),
+        Action::Reboot => power::reboot(fadt, &machine.mem, &machine.clock),
+    }
+    emit(|w| protocol::action_failed(w, action));
+}
