@@ -1,0 +1,308 @@
+//! Harness for baton's integration tests: finds the binaries, starts baton with a serial
+//! socket, reads the guest's console line by line and waits for conditions with deadlines.
+//!
+//! Tests never sleep a fixed time: every wait polls for a condition until a deadline and
+//! fails with what was seen so far. Without `/dev/kvm` the tests fail loudly.
+#![warn(missing_docs)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// The test guest's ready marker.
+pub const READY: &str = "baton-test-guest: ready";
+/// The test guest's first boot line.
+pub const BOOTING: &str = "baton-test-guest: booting";
+
+/// Fails the test unless KVM is usable: integration tests must never pass vacuously.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!(
+            "/dev/kvm is not usable ({e}): baton's integration tests boot real guests and need \
+             KVM; run them on a host with KVM enabled and access to /dev/kvm"
+        );
+    }
+}
+
+/// The cargo target directory holding the binaries (`target/debug` or `target/release`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+fn binary(env: &str, name: &str) -> PathBuf {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join(name));
+    assert!(
+        path.is_file(),
+        "{} not found: build the workspace first (`cargo build --workspace`) or set {env}",
+        path.display()
+    );
+    path
+}
+
+/// Path of the `baton` binary.
+pub fn baton_bin() -> PathBuf {
+    binary("BATON_BIN", "baton")
+}
+
+/// Path of the test guest ELF.
+pub fn guest_bin() -> PathBuf {
+    binary("BATON_GUEST", "baton-test-guest")
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new, empty directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("baton-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs baton to completion with `args` and returns its output (for argument errors).
+pub fn run_baton(args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new(baton_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn baton");
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("wait for baton").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("baton {args:?} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("collect baton output")
+}
+
+/// A running baton with its serial console on a UNIX socket.
+pub struct Vm {
+    child: Child,
+    console: Console,
+    _dir: TempDir,
+}
+
+/// The guest console: lines read so far and a channel of new ones.
+pub struct Console {
+    writer: UnixStream,
+    lines: Receiver<String>,
+    /// Every line received, in order.
+    pub seen: Vec<String>,
+}
+
+impl Console {
+    /// Connects to the serial socket at `path`, waiting up to `timeout` for it to appear.
+    pub fn connect(path: &Path, child: &mut Child, timeout: Duration) -> Self {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if let Some(status) = child.try_wait().expect("poll baton") {
+                        panic!("baton exited with {status} before its serial socket appeared");
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "serial socket {} did not appear: {e}",
+                        path.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        let reader = stream.try_clone().expect("clone console stream");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(reader);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf)
+                            .trim_end_matches(['\r', '\n'])
+                            .to_string();
+                        if tx.send(line).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Console {
+            writer: stream,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle` and returns it.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_match(|l| l.contains(needle), needle, timeout)
+    }
+
+    /// Waits for a line satisfying `pred`; `what` describes it in the failure message.
+    pub fn wait_for_match(
+        &mut self,
+        pred: impl Fn(&str) -> bool,
+        what: &str,
+        timeout: Duration,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no console line matching {what:?} within {timeout:?}; last lines:\n{}",
+                    self.tail()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "console closed while waiting for {what:?}; last lines:\n{}",
+                    self.tail()
+                ),
+            }
+        }
+    }
+
+    /// The last lines seen, for failure messages.
+    pub fn tail(&self) -> String {
+        let start = self.seen.len().saturating_sub(30);
+        self.seen[start..].join("\n")
+    }
+
+    /// Types a line into the console.
+    pub fn send(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to console");
+    }
+}
+
+impl Vm {
+    /// Starts baton on the test guest with extra arguments (`--cpus`, `--memory` ...). The
+    /// guest's heartbeat runs every 100 ms unless `cmdline` says otherwise.
+    pub fn start_test_guest(args: &[&str], cmdline: &str) -> Self {
+        require_kvm();
+        let guest = guest_bin();
+        let mut full: Vec<String> = vec![
+            "--kernel".into(),
+            guest.to_string_lossy().into_owned(),
+            "--cmdline".into(),
+            cmdline.into(),
+        ];
+        full.extend(args.iter().map(|s| s.to_string()));
+        Self::start(&full)
+    }
+
+    /// Starts baton with `args` plus a serial socket, and connects to it.
+    pub fn start(args: &[String]) -> Self {
+        require_kvm();
+        let dir = TempDir::new("vm");
+        let socket = dir.path().join("serial.sock");
+        let mut child = Command::new(baton_bin())
+            .args(args)
+            .arg("--serial")
+            .arg(format!("socket={}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn baton");
+        let console = Console::connect(&socket, &mut child, Duration::from_secs(20));
+        Vm {
+            child,
+            console,
+            _dir: dir,
+        }
+    }
+
+    /// The guest console.
+    pub fn console(&mut self) -> &mut Console {
+        &mut self.console
+    }
+
+    /// baton's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to baton.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill baton: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for baton to exit; returns its status and standard error.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll baton") {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return (status, err);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "baton did not exit within {timeout:?}; console:\n{}",
+                    self.console.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
