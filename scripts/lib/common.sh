@@ -1,0 +1,54 @@
+# Shared helpers for baton's scripts. Source it; it does nothing on its own.
+
+# help_if_asked "$@": for -h/--help, prints the calling script's header comment and exits.
+help_if_asked() {
+    case "${1:-}" in
+        -h | --help)
+            sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+            exit 0
+            ;;
+    esac
+}
+
+# log MSG: progress to stderr, prefixed with the script's name.
+log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ensure_packages PKG...: installs the Debian packages that are not installed yet.
+# A warm machine costs one dpkg query and no network.
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    [[ $(id -u) -eq 0 ]] || die "need root to install: ${missing[*]}"
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+# ensure_rust: cargo with rustfmt and clippy, new enough for the workspace.
+ensure_rust() {
+    if [[ -f "$HOME/.cargo/env" ]]; then
+        # shellcheck disable=SC1091
+        . "$HOME/.cargo/env"
+    fi
+    command -v cargo >/dev/null ||
+        die "cargo not found: install Rust 1.85 or newer (https://rustup.rs) and rerun"
+    cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
+    cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
+}
+
+# ensure_build_deps: everything building and testing baton needs on Debian.
+ensure_build_deps() {
+    ensure_packages gcc libc6-dev python3 lz4 xz-utils zstd
+    ensure_rust
+}
+
+# require_kvm: fail loudly when KVM is not usable (baton's tests need it).
+require_kvm() {
+    [[ -c /dev/kvm ]] || die "/dev/kvm is missing: baton needs KVM (enable virtualization or nested KVM)"
+    [[ -r /dev/kvm && -w /dev/kvm ]] || die "no access to /dev/kvm: run as root or join the kvm group"
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every check baton has: formatting, clippy with warnings denied, unit tests and the
+# integration tests that boot real guests on KVM (baton's test guest and the Debian cloud
+# kernel). Installs what it needs on Debian. Usage: scripts/test.sh [cargo test args...]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib/common.sh
+
+help_if_asked "$@"
+
+ensure_build_deps
+require_kvm
+BATON_LINUX_DIR=$(scripts/fetch-kernel.sh)
+export BATON_LINUX_DIR
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo build"
+cargo build --workspace --locked
+log "cargo test"
+cargo test --workspace --locked -- "$@"
