@@ -11,7 +11,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::Bus;
-use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -72,32 +75,50 @@ fn signal(evt: &EventFd) {
 }
 
 impl Vcpu {
-    /// "at rip X (bytes ..)": where the vCPU stopped and the instruction bytes there, for
+    /// The vCPU's RIP and up to 16 code bytes there (not past the end of its page, whose
+    /// successor may map elsewhere), if its mapping can be walked.
+    fn code_at_rip(&self) -> Option<(u64, Vec<u8>)> {
+        let rip = self.fd.get_regs().ok()?.rip;
+        let t = self.fd.translate_gva(rip).ok().filter(|t| t.valid != 0)?;
+        let in_page = 0x1000 - (t.physical_address & 0xfff);
+        let mut bytes = vec![0u8; in_page.min(16) as usize];
+        self.mem
+            .read_slice(&mut bytes, GuestAddress(t.physical_address))
+            .ok()?;
+        Some((rip, bytes))
+    }
+
+    /// "at rip X (code: ..)": where the vCPU stopped and the instruction bytes there, for
     /// diagnosing guests that stop on an instruction KVM cannot run.
     fn describe_rip(&self) -> String {
-        let Ok(regs) = self.fd.get_regs() else {
-            return "(registers unavailable)".into();
+        match self.code_at_rip() {
+            Some((rip, bytes)) => {
+                let code: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                format!("at rip {rip:#x} (code: {})", code.join(" "))
+            }
+            None => "(code unreadable)".into(),
+        }
+    }
+
+    /// Delivers the #BP of an INT3 that KVM's instruction emulator could not run (hosts that
+    /// interpret guest kernel code, such as nested PVM, stop on Linux's INT3 self-test):
+    /// the guest sees the breakpoint trap it asked for, returning after the INT3.
+    fn reflect_breakpoint(&mut self) -> bool {
+        const INT3: u8 = 0xcc;
+        const BP_VECTOR: u8 = 3;
+        match self.code_at_rip() {
+            Some((_, bytes)) if bytes.first() == Some(&INT3) => {}
+            _ => return false,
+        }
+        let (Ok(mut regs), Ok(mut events)) = (self.fd.get_regs(), self.fd.get_vcpu_events()) else {
+            return false;
         };
-        let mut bytes = [0u8; 16];
-        let code = self
-            .fd
-            .translate_gva(regs.rip)
-            .ok()
-            .filter(|t| t.valid != 0)
-            .and_then(|t| {
-                self.mem
-                    .read_slice(&mut bytes, GuestAddress(t.physical_address))
-                    .ok()
-            })
-            .map(|_| {
-                bytes
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_else(|| "unreadable".into());
-        format!("at rip {:#x} (code: {code})", regs.rip)
+        regs.rip += 1;
+        events.exception.injected = 1;
+        events.exception.nr = BP_VECTOR;
+        events.exception.has_error_code = 0;
+        events.exception.pending = 0;
+        self.fd.set_regs(&regs).is_ok() && self.fd.set_vcpu_events(&events).is_ok()
     }
 
     /// Runs until stopped; returns after signalling an event if the guest ends its run.
@@ -147,6 +168,10 @@ impl Vcpu {
                     // SAFETY: KVM filled the internal-error member of the union for this exit.
                     let suberror =
                         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    if suberror == KVM_INTERNAL_ERROR_EMULATION && self.reflect_breakpoint() {
+                        log::debug!("vCPU {}: reflected an INT3 KVM could not emulate", self.id);
+                        continue;
+                    }
                     log::error!(
                         "vCPU {}: KVM internal error (suberror {suberror}) {}",
                         self.id,
