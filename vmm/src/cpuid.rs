@@ -48,6 +48,7 @@ pub const FEATURES: &[Feature] = &[
     f("pcid", 1, 0, Reg::Ecx, 17),
     f("x2apic", 1, 0, Reg::Ecx, 21),
     f("movbe", 1, 0, Reg::Ecx, 22),
+    f("popcnt", 1, 0, Reg::Ecx, 23),
     f("tsc_deadline_timer", 1, 0, Reg::Ecx, 24),
     f("aes", 1, 0, Reg::Ecx, 25),
     f("xsave", 1, 0, Reg::Ecx, 26),
@@ -109,12 +110,16 @@ pub fn feature_names() -> Vec<&'static str> {
     FEATURES.iter().map(|f| f.name).collect()
 }
 
-/// What the `pvm` template hides. A nested PVM host interprets guest kernel code and cannot
-/// execute CMPXCHG16B, XRSTOR (Linux restores its initial FPU state with it at boot) or
-/// VEX-encoded instructions (the AVX family, BMI, FMA, F16C ...), and the guest's own EOI
-/// writes fail through 1 GiB mappings, so 1 GiB pages go too.
+/// What the `pvm` template hides. A nested PVM host interprets guest kernel code with KVM's
+/// instruction emulator, which cannot execute CMPXCHG16B, XRSTOR (Linux restores its initial
+/// FPU state with it at boot), POPCNT, MOVBE, LZCNT or VEX-encoded instructions (the AVX
+/// family, BMI, FMA, F16C ...), and the guest's own EOI writes fail through 1 GiB mappings,
+/// so 1 GiB pages go too.
 const PVM_MASK: &[&str] = &[
     "cx16",
+    "popcnt",
+    "movbe",
+    "abm",
     "xsave",
     "xsaveopt",
     "xsavec",
@@ -396,7 +401,9 @@ mod tests {
         let l1 = get(&e, 1, 0);
         assert_eq!(l1.ecx & (1 << 13), 0, "cx16");
         assert_eq!(l1.ecx & (1 << 28), 0, "avx");
-        assert_ne!(l1.ecx & (1 << 23), 0, "popcnt untouched");
+        assert_eq!(l1.ecx & (1 << 23), 0, "popcnt");
+        assert_eq!(l1.ecx & (1 << 26), 0, "xsave");
+        assert_ne!(l1.ecx & (1 << 20), 0, "sse4.2 untouched");
         let l7 = get(&e, 7, 0);
         assert_eq!(l7.ebx & (1 << 5), 0, "avx2");
         assert_eq!(l7.ebx & (1 << 8), 0, "bmi2");
