@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: builds baton and its test guest, boots the guest with 2 vCPUs, shows its serial
-# console up to the ready marker, asks it for its status, and powers it off.
+# console up to the ready marker and a few heartbeats, asks it for its status, and powers
+# it off.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/common.sh
@@ -26,6 +27,9 @@ while IFS= read -r -t 60 line <&"$from_guest"; do
     printf '  guest | %s\n' "$line"
     case $state:$line in
         boot:*"baton-test-guest: ready"*)
+            state=beating
+            ;;
+        beating:"heartbeat 3")
             state=status
             printf 'status\n' >&"$to_guest"
             ;;
