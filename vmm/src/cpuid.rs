@@ -112,11 +112,12 @@ pub fn feature_names() -> Vec<&'static str> {
 
 /// What the `pvm` template hides. A nested PVM host interprets guest kernel code with KVM's
 /// instruction emulator, which cannot execute CMPXCHG16B, XRSTOR (Linux restores its initial
-/// FPU state with it at boot), POPCNT, MOVBE, LZCNT or VEX-encoded instructions (the AVX
-/// family, BMI, FMA, F16C ...), and the guest's own EOI writes fail through 1 GiB mappings,
-/// so 1 GiB pages go too.
+/// FPU state with it at boot), POPCNT, MOVBE, LZCNT, CLAC/STAC (SMAP) or VEX-encoded
+/// instructions (the AVX family, BMI, FMA, F16C ...), and the guest's own EOI writes fail
+/// through 1 GiB mappings, so 1 GiB pages go too.
 const PVM_MASK: &[&str] = &[
     "cx16",
+    "smap",
     "popcnt",
     "movbe",
     "abm",
@@ -408,6 +409,7 @@ mod tests {
         assert_eq!(l7.ebx & (1 << 5), 0, "avx2");
         assert_eq!(l7.ebx & (1 << 8), 0, "bmi2");
         assert_ne!(l7.ebx & (1 << 9), 0, "erms untouched");
+        assert_eq!(l7.ebx & (1 << 20), 0, "smap");
         assert_eq!(get(&e, 0x8000_0001, 0).edx & (1 << 26), 0, "pdpe1gb");
     }
 
