@@ -100,25 +100,38 @@ impl Vcpu {
         }
     }
 
-    /// Delivers the #BP of an INT3 that KVM's instruction emulator could not run (hosts that
-    /// interpret guest kernel code, such as nested PVM, stop on Linux's INT3 self-test):
-    /// the guest sees the breakpoint trap it asked for, returning after the INT3.
-    fn reflect_breakpoint(&mut self) -> bool {
+    /// Completes an instruction that KVM's emulator gave up on, for the few where that is
+    /// well defined without emulating anything: hosts that interpret guest kernel code (such
+    /// as nested PVM) stop on them otherwise, and Linux runs both early.
+    /// - INT3 (Linux's self-test): the guest gets the #BP trap it asked for, returning after
+    ///   the INT3;
+    /// - FWAIT: with no unmasked x87 exception pending (the state Linux's FNINIT leaves) it
+    ///   does nothing, so it is skipped.
+    fn complete_unemulated(&mut self) -> Option<&'static str> {
         const INT3: u8 = 0xcc;
+        const FWAIT: u8 = 0x9b;
         const BP_VECTOR: u8 = 3;
-        match self.code_at_rip() {
-            Some((_, bytes)) if bytes.first() == Some(&INT3) => {}
-            _ => return false,
+        let opcode = *self.code_at_rip()?.1.first()?;
+        let mut regs = self.fd.get_regs().ok()?;
+        match opcode {
+            INT3 => {
+                let mut events = self.fd.get_vcpu_events().ok()?;
+                regs.rip += 1;
+                events.exception.injected = 1;
+                events.exception.nr = BP_VECTOR;
+                events.exception.has_error_code = 0;
+                events.exception.pending = 0;
+                self.fd.set_regs(&regs).ok()?;
+                self.fd.set_vcpu_events(&events).ok()?;
+                Some("INT3")
+            }
+            FWAIT => {
+                regs.rip += 1;
+                self.fd.set_regs(&regs).ok()?;
+                Some("FWAIT")
+            }
+            _ => None,
         }
-        let (Ok(mut regs), Ok(mut events)) = (self.fd.get_regs(), self.fd.get_vcpu_events()) else {
-            return false;
-        };
-        regs.rip += 1;
-        events.exception.injected = 1;
-        events.exception.nr = BP_VECTOR;
-        events.exception.has_error_code = 0;
-        events.exception.pending = 0;
-        self.fd.set_regs(&regs).is_ok() && self.fd.set_vcpu_events(&events).is_ok()
     }
 
     /// Runs until stopped; returns after signalling an event if the guest ends its run.
@@ -168,9 +181,14 @@ impl Vcpu {
                     // SAFETY: KVM filled the internal-error member of the union for this exit.
                     let suberror =
                         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    if suberror == KVM_INTERNAL_ERROR_EMULATION && self.reflect_breakpoint() {
-                        log::debug!("vCPU {}: reflected an INT3 KVM could not emulate", self.id);
-                        continue;
+                    if suberror == KVM_INTERNAL_ERROR_EMULATION {
+                        if let Some(insn) = self.complete_unemulated() {
+                            log::debug!(
+                                "vCPU {}: completed an {insn} KVM could not emulate",
+                                self.id
+                            );
+                            continue;
+                        }
                     }
                     log::error!(
                         "vCPU {}: KVM internal error (suberror {suberror}) {}",
