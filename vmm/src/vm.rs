@@ -51,6 +51,37 @@ pub enum Error {
     Vcpu(#[source] vcpu::Error),
 }
 
+/// Wall time of each phase of building a VM, for `-vv` (where start-up time goes).
+struct PhaseTimer {
+    last: std::time::Instant,
+    phases: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl PhaseTimer {
+    fn new() -> Self {
+        PhaseTimer {
+            last: std::time::Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    /// Ends the phase called `name`.
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.phases.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn report(&self) -> String {
+        let parts: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(name, d)| format!("{name} {} us", d.as_micros()))
+            .collect();
+        parts.join(", ")
+    }
+}
+
 /// The eventfds through which a VM's devices and vCPUs reach the control loop. They are
 /// created once and shared by every VM the process runs, so the loop polls fixed fds.
 pub struct VmEvents {
@@ -170,6 +201,7 @@ impl Vm {
         console: &Console,
         events: &VmEvents,
     ) -> Result<Self, Error> {
+        let mut timer = PhaseTimer::new();
         let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?;
         vm_fd
             .set_identity_map_address(KVM_IDENTITY_MAP_START)
@@ -188,11 +220,14 @@ impl Vm {
             .create_pit2(pit)
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
 
+        timer.mark("KVM VM");
         let mem =
             memory::create(config.memory.size, config.memory.shared).map_err(Error::Memory)?;
         register_memory(&vm_fd, &mem)?;
+        timer.mark("memory");
         let buses = create_devices(&vm_fd, console, events)?;
 
+        timer.mark("devices");
         let cpus = config.cpus.boot_vcpus;
         let tables = acpi::build(cpus).map_err(Error::Acpi)?;
         tables.write(&mem).map_err(Error::Acpi)?;
@@ -200,6 +235,7 @@ impl Vm {
         let entry =
             boot::load(&mem, &config.payload, &map, tables.rsdp_addr()).map_err(Error::Boot)?;
 
+        timer.mark("ACPI and payload");
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("get supported CPUID", e))?;
@@ -238,6 +274,7 @@ impl Vm {
             fds.push(fd);
         }
 
+        timer.mark("vCPU setup");
         let mut vcpus = Vec::with_capacity(fds.len());
         for (id, fd) in fds.into_iter().enumerate() {
             let thread = VcpuThread::spawn(
@@ -256,6 +293,8 @@ impl Vm {
                 }
             }
         }
+        timer.mark("vCPU threads");
+        log::debug!("VM build time: {}", timer.report());
         Ok(Vm {
             vcpus,
             _memory: mem,
