@@ -70,8 +70,8 @@ done
 if command -v qemu-system-x86_64 >/dev/null; then
     for cpus in 1 4; do
         for mem in 512M 4G; do
-            bench "qemu microvm cpus=$cpus mem=$mem" qemu-system-x86_64 -M microvm,acpi=on \
-                -accel kvm -cpu host -smp "$cpus" -m "$mem" -nodefaults -no-user-config \
+            bench "qemu microvm cpus=$cpus mem=$mem" qemu-system-x86_64 -M microvm \
+                -accel kvm -smp "$cpus" -m "$mem" -nodefaults -no-user-config \
                 -display none -serial stdio -kernel "$GUEST" -append heartbeat_ms=0
         done
     done
