@@ -119,3 +119,60 @@ fn sigterm_shuts_down_cleanly() {
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn sixteen_vcpus_from_the_madt() {
+    let mut vm = Vm::start_test_guest(&["--cpus", "boot=16"], "heartbeat_ms=0");
+    let ready = vm.console().wait_for(READY, BOOT);
+    assert_eq!(field(&ready, "cpus"), 16, "{ready}");
+}
+
+#[test]
+fn shared_memory_backing_boots() {
+    let mut vm = Vm::start_test_guest(&["--memory", "size=4G,shared=on"], "heartbeat_ms=0");
+    let ready = vm.console().wait_for(READY, BOOT);
+    let mem = field(&ready, "mem_bytes");
+    assert!(mem > (4u64 << 30) - (1 << 20), "{ready}");
+    vm.console().send("poweroff");
+    let (status, stderr) = vm.wait_exit(EXIT);
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+}
+
+#[test]
+fn serial_output_to_a_file() {
+    baton_tests::require_kvm();
+    let dir = baton_tests::TempDir::new("serial-file");
+    let log = dir.path().join("console.log");
+    let guest = baton_tests::guest_bin();
+    let mut child = std::process::Command::new(baton_tests::baton_bin())
+        .arg("--kernel")
+        .arg(&guest)
+        .args(["--cmdline", "heartbeat_ms=20", "--serial"])
+        .arg(format!("file={}", log.display()))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn baton");
+    let deadline = std::time::Instant::now() + BOOT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(READY) && text.contains("heartbeat 2") {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "no ready marker and heartbeat in {}: {text:?}",
+                log.display()
+            );
+        }
+        assert!(
+            child.try_wait().expect("poll baton").is_none(),
+            "baton exited early"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().expect("wait for baton");
+    assert_eq!(status.code(), Some(0));
+}
