@@ -2,11 +2,20 @@
 //!
 //! [`vm_config`] holds the plain-data VM configuration that the command line, the REST API and
 //! tests all produce; [`option_parser`] parses Cloud Hypervisor-style option strings
-//! (`key=value,key=value`) into it. Validation lives next to the data model; nothing here
-//! touches KVM or the host.
+//! (`key=value,key=value`) into it. Validation lives next to the data model.
+//!
+//! The REST API: [`http`] parses requests, [`routes`] maps them to endpoints, [`server`] runs
+//! the socket and hands each request to the VMM as a [`request::ApiRequest`], the one internal
+//! API that the command line and tests use too; [`client`] talks to the socket. Nothing here
+//! touches KVM.
 #![warn(missing_docs)]
 
+pub mod client;
+pub mod http;
 pub mod option_parser;
+pub mod request;
+pub mod routes;
+pub mod server;
 pub mod vm_config;
 
 pub use vm_config::{

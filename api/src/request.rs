@@ -1,0 +1,198 @@
+//! The internal API: requests that the HTTP server, the command line and tests send to the
+//! VMM's control loop, and the answers that come back.
+//!
+//! A request travels as an [`ApiRequest`] over a channel; writing the [`ApiSender`]'s eventfd
+//! wakes the control loop, which answers on the request's own reply channel. The HTTP layer
+//! only parses and routes; every decision is the control loop's.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::VmConfig;
+
+/// What to do.
+#[derive(Debug)]
+pub enum ApiAction {
+    /// Report the VMM's version and pid.
+    VmmPing,
+    /// Shut the VM down (if any) and end the VMM.
+    VmmShutdown,
+    /// Store a VM configuration.
+    VmCreate(Box<VmConfig>),
+    /// Boot the created VM.
+    VmBoot,
+    /// Report the VM's configuration and state.
+    VmInfo,
+    /// Stop every vCPU.
+    VmPause,
+    /// Restart the vCPUs after a pause.
+    VmResume,
+    /// Stop the VM; it can be booted again.
+    VmShutdown,
+    /// Restart the VM from its configuration.
+    VmReboot,
+    /// Press the ACPI power button.
+    VmPowerButton,
+    /// Shut down and forget the VM.
+    VmDelete,
+}
+
+/// A successful answer.
+#[derive(Debug, PartialEq)]
+pub enum ApiReply {
+    /// 204, no body.
+    Empty,
+    /// 200 with a JSON body.
+    Json(serde_json::Value),
+}
+
+/// A failed request: the status and the error chain, outermost first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// The error and its causes.
+    pub chain: Vec<String>,
+}
+
+impl ApiError {
+    /// An error with `status` built from `err` and its sources.
+    pub fn new(status: u16, err: &dyn std::error::Error) -> Self {
+        let mut chain = vec![err.to_string()];
+        let mut source = err.source();
+        while let Some(s) = source {
+            chain.push(s.to_string());
+            source = s.source();
+        }
+        ApiError { status, chain }
+    }
+
+    /// An error with `status` and one message.
+    pub fn message(status: u16, msg: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            chain: vec![msg.into()],
+        }
+    }
+}
+
+/// The answer to one request.
+pub type ApiResponse = Result<ApiReply, ApiError>;
+
+/// A request and where to send its answer.
+#[derive(Debug)]
+pub struct ApiRequest {
+    /// What to do.
+    pub action: ApiAction,
+    /// Where the answer goes.
+    pub reply: Sender<ApiResponse>,
+}
+
+/// The sending side of the internal API; cheap to clone.
+pub struct ApiSender {
+    tx: Sender<ApiRequest>,
+    evt: EventFd,
+}
+
+impl ApiSender {
+    /// A channel to the control loop and the eventfd that wakes it; the loop keeps the
+    /// receiver and a clone of the eventfd.
+    pub fn new() -> std::io::Result<(Self, Receiver<ApiRequest>, EventFd)> {
+        let (tx, rx) = channel();
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let loop_evt = evt.try_clone()?;
+        Ok((ApiSender { tx, evt }, rx, loop_evt))
+    }
+
+    /// Another handle on the same channel.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(ApiSender {
+            tx: self.tx.clone(),
+            evt: self.evt.try_clone()?,
+        })
+    }
+
+    /// Sends `action` and waits for the answer.
+    pub fn call(&self, action: ApiAction) -> ApiResponse {
+        let (reply, answer) = channel();
+        let gone = || ApiError::message(500, "The VMM is shutting down");
+        self.tx
+            .send(ApiRequest { action, reply })
+            .map_err(|_| gone())?;
+        self.evt.write(1).map_err(|e| ApiError::new(500, &e))?;
+        answer.recv().map_err(|_| gone())?
+    }
+}
+
+/// The answer to `vmm.ping`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmmPingResponse {
+    /// baton's version.
+    pub version: String,
+    /// The build's version string.
+    pub build_version: String,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// Optional features compiled in.
+    pub features: Vec<String>,
+}
+
+/// A VM's state as `vm.info` reports it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum VmState {
+    /// Created, not booted.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs stopped by `vm.pause`.
+    Paused,
+    /// Shut down through `vm.shutdown`; can be booted again.
+    Shutdown,
+}
+
+/// The answer to `vm.info`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInfoResponse {
+    /// The VM's configuration.
+    pub config: VmConfig,
+    /// Its state.
+    pub state: VmState,
+    /// Guest RAM in bytes.
+    pub memory_actual_size: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_outer_to_root() {
+        let e = ApiError::new(409, &Outer(std::io::Error::other("root cause")));
+        assert_eq!(e.status, 409);
+        assert_eq!(e.chain, vec!["outer", "root cause"]);
+    }
+
+    #[test]
+    fn call_round_trip() {
+        let (sender, rx, evt) = ApiSender::new().unwrap();
+        let t = std::thread::spawn(move || sender.call(ApiAction::VmmPing));
+        let req = rx.recv().unwrap();
+        assert!(matches!(req.action, ApiAction::VmmPing));
+        assert_eq!(evt.read().unwrap(), 1);
+        req.reply.send(Ok(ApiReply::Empty)).unwrap();
+        assert_eq!(t.join().unwrap(), Ok(ApiReply::Empty));
+    }
+
+    #[test]
+    fn call_fails_cleanly_when_the_loop_is_gone() {
+        let (sender, rx, _evt) = ApiSender::new().unwrap();
+        drop(rx);
+        assert_eq!(sender.call(ApiAction::VmInfo).unwrap_err().status, 500);
+    }
+}

@@ -1,0 +1,124 @@
+//! The route table: which endpoint a method and path name, and the answer for the rest
+//! (404 for an unknown path, 405 for a known path with the wrong method).
+
+/// The API path prefix.
+pub const PREFIX: &str = "/api/v1/";
+
+/// An endpoint of baton's API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET vmm.ping`
+    VmmPing,
+    /// `PUT vmm.shutdown`
+    VmmShutdown,
+    /// `PUT vm.create`
+    VmCreate,
+    /// `PUT vm.boot`
+    VmBoot,
+    /// `GET vm.info`
+    VmInfo,
+    /// `PUT vm.pause`
+    VmPause,
+    /// `PUT vm.resume`
+    VmResume,
+    /// `PUT vm.shutdown`
+    VmShutdown,
+    /// `PUT vm.reboot`
+    VmReboot,
+    /// `PUT vm.power-button`
+    VmPowerButton,
+    /// `PUT vm.delete`
+    VmDelete,
+}
+
+/// Every route: (name under [`PREFIX`], method, endpoint).
+pub const ROUTES: &[(&str, &str, Endpoint)] = &[
+    ("vmm.ping", "GET", Endpoint::VmmPing),
+    ("vmm.shutdown", "PUT", Endpoint::VmmShutdown),
+    ("vm.create", "PUT", Endpoint::VmCreate),
+    ("vm.boot", "PUT", Endpoint::VmBoot),
+    ("vm.info", "GET", Endpoint::VmInfo),
+    ("vm.pause", "PUT", Endpoint::VmPause),
+    ("vm.resume", "PUT", Endpoint::VmResume),
+    ("vm.shutdown", "PUT", Endpoint::VmShutdown),
+    ("vm.reboot", "PUT", Endpoint::VmReboot),
+    ("vm.power-button", "PUT", Endpoint::VmPowerButton),
+    ("vm.delete", "PUT", Endpoint::VmDelete),
+];
+
+/// Why a request matches no route.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No endpoint at this path.
+    #[error("Unknown API path {0}")]
+    NotFound(String),
+    /// The endpoint exists but not with this method.
+    #[error("Method {method} not allowed on {path}; use {allowed}")]
+    MethodNotAllowed {
+        /// The method sent.
+        method: String,
+        /// The path.
+        path: String,
+        /// The method the endpoint takes.
+        allowed: &'static str,
+    },
+}
+
+impl RouteError {
+    /// The status code to answer with.
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::NotFound(_) => 404,
+            RouteError::MethodNotAllowed { .. } => 405,
+        }
+    }
+}
+
+/// The endpoint for `method` on `path`.
+pub fn route(method: &str, path: &str) -> Result<Endpoint, RouteError> {
+    let name = path
+        .strip_prefix(PREFIX)
+        .ok_or_else(|| RouteError::NotFound(path.to_string()))?;
+    let (_, allowed, endpoint) = ROUTES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .ok_or_else(|| RouteError::NotFound(path.to_string()))?;
+    if *allowed != method {
+        return Err(RouteError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_string(),
+            allowed,
+        });
+    }
+    Ok(*endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_routes() {
+        assert_eq!(route("GET", "/api/v1/vmm.ping"), Ok(Endpoint::VmmPing));
+        assert_eq!(route("PUT", "/api/v1/vm.create"), Ok(Endpoint::VmCreate));
+        assert_eq!(
+            route("PUT", "/api/v1/vm.power-button"),
+            Ok(Endpoint::VmPowerButton)
+        );
+        for (name, method, endpoint) in ROUTES {
+            assert_eq!(route(method, &format!("{PREFIX}{name}")), Ok(*endpoint));
+        }
+    }
+
+    #[test]
+    fn unknown_path_is_404_and_wrong_method_405() {
+        let e = route("GET", "/api/v1/vm.teleport").unwrap_err();
+        assert_eq!(e.status(), 404);
+        assert_eq!(route("GET", "/vm.info").unwrap_err().status(), 404);
+        assert_eq!(route("GET", "/api/v2/vm.info").unwrap_err().status(), 404);
+        let e = route("PUT", "/api/v1/vm.info").unwrap_err();
+        assert_eq!(e.status(), 405);
+        assert!(e.to_string().contains("use GET"), "{e}");
+        assert_eq!(route("GET", "/api/v1/vm.boot").unwrap_err().status(), 405);
+    }
+}

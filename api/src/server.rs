@@ -1,0 +1,231 @@
+//! The HTTP server thread: accepts connections on the API socket, parses and routes each
+//! request, hands it to the control loop through the internal API and writes the answer.
+//!
+//! The socket is owner-only. A lock file next to it (`PATH.lock`, held with `flock` for the
+//! life of the process) keeps two VMMs off one path, while a socket file left by a process
+//! that died is simply replaced.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use crate::http::{self, HttpError};
+use crate::request::{ApiAction, ApiError, ApiReply, ApiResponse, ApiSender};
+use crate::routes::{self, Endpoint};
+use crate::VmConfig;
+
+/// Errors setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another process holds the socket's lock.
+    #[error("API socket {0} is in use by another baton")]
+    InUse(PathBuf),
+    /// The lock file could not be opened.
+    #[error("Cannot open lock file {0}")]
+    Lock(PathBuf, #[source] std::io::Error),
+    /// bind/listen failed.
+    #[error("Cannot listen on API socket {0}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    /// The inherited descriptor is not a listening UNIX socket.
+    #[error("File descriptor {0} is not a listening UNIX socket")]
+    BadFd(RawFd),
+    /// The server thread could not start.
+    #[error("Cannot start the API server thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A bound API socket; the lock stays held while this lives.
+pub struct ApiSocket {
+    listener: UnixListener,
+    _lock: Option<File>,
+}
+
+impl ApiSocket {
+    /// Binds `path` owner-only, refusing if another live baton serves it.
+    pub fn bind(path: &Path) -> Result<Self, ServerError> {
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| ServerError::Lock(lock_path.clone(), e))?;
+        // SAFETY: flock on a descriptor we own, with valid flags.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(ServerError::InUse(path.to_owned()));
+        }
+        // We hold the lock, so a socket file there belongs to a baton that is gone.
+        let _ = std::fs::remove_file(path);
+        let listener =
+            UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_owned(), e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ServerError::Bind(path.to_owned(), e))?;
+        Ok(ApiSocket {
+            listener,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Takes over an inherited, already listening socket.
+    pub fn from_fd(fd: RawFd) -> Result<Self, ServerError> {
+        let mut accepting: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `accepting`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut accepting as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || accepting == 0 {
+            return Err(ServerError::BadFd(fd));
+        }
+        // SAFETY: the caller hands us `fd`, a listening socket nobody else owns.
+        let listener = unsafe { UnixListener::from_raw_fd(fd) };
+        Ok(ApiSocket {
+            listener,
+            _lock: None,
+        })
+    }
+
+    /// Serves the socket on its own thread, sending requests through `sender`.
+    pub fn serve(self, sender: ApiSender) -> Result<(), ServerError> {
+        std::thread::Builder::new()
+            .name("http-server".into())
+            .spawn(move || {
+                let _lock = self._lock;
+                for stream in self.listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let Ok(sender) = sender.try_clone() else {
+                        continue;
+                    };
+                    // One thread per connection: a client that holds its connection open
+                    // must not block the others.
+                    let spawned = std::thread::Builder::new()
+                        .name("http-client".into())
+                        .spawn(move || serve_connection(stream, &sender));
+                    if let Err(e) = spawned {
+                        log::warn!("API: cannot serve a connection: {e}");
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(ServerError::Thread)
+    }
+}
+
+fn error_body(chain: &[String]) -> Vec<u8> {
+    serde_json::to_vec(chain).expect("strings serialise")
+}
+
+/// The action for `endpoint` with `body`, or the error to answer.
+pub fn action_for(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, ApiError> {
+    Ok(match endpoint {
+        Endpoint::VmmPing => ApiAction::VmmPing,
+        Endpoint::VmmShutdown => ApiAction::VmmShutdown,
+        Endpoint::VmCreate => {
+            let config: VmConfig = serde_json::from_slice(body).map_err(|e| ApiError {
+                status: 400,
+                chain: vec![
+                    "Invalid VM configuration in request body".to_string(),
+                    e.to_string(),
+                ],
+            })?;
+            ApiAction::VmCreate(Box::new(config))
+        }
+        Endpoint::VmBoot => ApiAction::VmBoot,
+        Endpoint::VmInfo => ApiAction::VmInfo,
+        Endpoint::VmPause => ApiAction::VmPause,
+        Endpoint::VmResume => ApiAction::VmResume,
+        Endpoint::VmShutdown => ApiAction::VmShutdown,
+        Endpoint::VmReboot => ApiAction::VmReboot,
+        Endpoint::VmPowerButton => ApiAction::VmPowerButton,
+        Endpoint::VmDelete => ApiAction::VmDelete,
+    })
+}
+
+/// Handles one parsed request end to end.
+fn handle(sender: &ApiSender, request: &http::Request) -> ApiResponse {
+    let endpoint =
+        routes::route(&request.method, &request.path).map_err(|e| ApiError::new(e.status(), &e))?;
+    let action = action_for(endpoint, &request.body)?;
+    sender.call(action)
+}
+
+fn serve_connection(stream: UnixStream, sender: &ApiSender) {
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut writer = BufWriter::new(write_half);
+    loop {
+        let request = match http::read_request(&mut reader) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(HttpError::Io(_)) => return,
+            Err(e) => {
+                // The stream is out of step after a bad request: answer, then close.
+                let body = error_body(&ApiError::new(e.status(), &e).chain);
+                let _ = http::write_response(&mut writer, e.status(), Some(&body), true);
+                return;
+            }
+        };
+        let (status, body) = match handle(sender, &request) {
+            Ok(ApiReply::Empty) => (204, None),
+            Ok(ApiReply::Json(v)) => (
+                200,
+                Some(serde_json::to_vec(&v).expect("JSON values serialise")),
+            ),
+            Err(e) => (e.status, Some(error_body(&e.chain))),
+        };
+        if http::write_response(&mut writer, status, body.as_deref(), request.close).is_err()
+            || request.close
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_body_errors_are_400_with_the_cause() {
+        let e = action_for(Endpoint::VmCreate, b"{not json").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.chain.len(), 2);
+        let e = action_for(Endpoint::VmCreate, br#"{"payload":{},"bogus":1}"#).unwrap_err();
+        assert!(e.chain[1].contains("bogus"), "{:?}", e.chain);
+        let e = action_for(
+            Endpoint::VmCreate,
+            br#"{"payload":{},"cpus":{"boot_vcpus":"x","max_vcpus":1}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(matches!(
+            action_for(Endpoint::VmCreate, br#"{"payload":{"kernel":"/k"}}"#),
+            Ok(ApiAction::VmCreate(_))
+        ));
+    }
+
+    #[test]
+    fn socket_lock_refuses_a_second_server_and_replaces_stale_files() {
+        let dir = std::env::temp_dir().join(format!("baton-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        std::fs::write(&path, b"stale").unwrap();
+        let first = ApiSocket::bind(&path).expect("stale file replaced");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(ApiSocket::bind(&path), Err(ServerError::InUse(_))));
+        drop(first);
+        ApiSocket::bind(&path).expect("lock released with its holder");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
