@@ -90,3 +90,62 @@ mod tests {
         assert_eq!(reset.read().unwrap(), 1);
     }
 }
+
+/// Event bit of the power button in the GED's event register.
+pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// Length of the GED's MMIO register window.
+pub const GED_LEN: u64 = 0x10;
+
+/// A hardware-reduced ACPI Generic Event Device: the VMM records events and raises the GED
+/// interrupt; the guest (the DSDT's `_EVT` method, or a polling guest) reads the event byte,
+/// which clears it.
+pub struct Ged {
+    pending: u8,
+    irq: crate::Trigger,
+}
+
+impl Ged {
+    /// A GED raising `irq`.
+    pub fn new(irq: crate::Trigger) -> Self {
+        Ged { pending: 0, irq }
+    }
+
+    /// Records `event` and interrupts the guest.
+    pub fn notify(&mut self, event: u8) -> std::io::Result<()> {
+        self.pending |= event;
+        vm_superio::Trigger::trigger(&self.irq)
+    }
+}
+
+impl BusDevice for Ged {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset == 0 {
+            if let Some(b) = data.first_mut() {
+                *b = std::mem::take(&mut self.pending);
+            }
+        }
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+#[cfg(test)]
+mod ged_tests {
+    use super::*;
+
+    #[test]
+    fn event_is_read_once_and_interrupts() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut ged = Ged::new(crate::Trigger::new(irq.try_clone().unwrap()));
+        let mut b = [0u8; 1];
+        ged.read(0, &mut b);
+        assert_eq!(b[0], 0);
+        ged.notify(GED_EVENT_POWER_BUTTON).unwrap();
+        assert_eq!(irq.read().unwrap(), 1);
+        ged.read(0, &mut b);
+        assert_eq!(b[0], GED_EVENT_POWER_BUTTON);
+        ged.read(0, &mut b);
+        assert_eq!(b[0], 0, "read clears");
+    }
+}
