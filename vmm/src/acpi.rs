@@ -118,6 +118,63 @@ fn dsdt() -> Sdt {
         ],
     )));
 
+    // The power button: the GED interrupts, its _EVT reads (and so clears) the event byte
+    // and notifies the button device.
+    let power_button = devices::acpi::GED_EVENT_POWER_BUTTON;
+    dsdt.append_slice(&aml_bytes(&aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Interrupt::new(true, true, false, false, ACPI_GED_IRQ),
+                    &aml::Memory32Fixed::new(
+                        true,
+                        ACPI_GED_START as u32,
+                        devices::acpi::GED_LEN as u32,
+                    ),
+                ]),
+            ),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                aml::OpRegionSpace::SystemMemory,
+                &(ACPI_GED_START as usize),
+                &(devices::acpi::GED_LEN as usize),
+            ),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::Preserve,
+                vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &aml::Path::new("GDAT")),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(&aml::ZERO, &aml::Local(0), &power_button),
+                            &power_button,
+                        ),
+                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                    ),
+                ],
+            ),
+        ],
+    )));
+    dsdt.append_slice(&aml_bytes(&aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )));
+
     dsdt.append_slice(&aml_bytes(&aml::Device::new(
         "_SB_.COM1".into(),
         vec![
@@ -330,6 +387,11 @@ mod tests {
         assert_eq!(u64_at(fadt, 248), ACPI_PM_PORT);
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(4).any(|w| w == b"PCI0"));
+        // The power button's GED: its _HID string and its register window.
+        assert!(dsdt.windows(9).any(|w| w == b"ACPI0013\0"));
+        let mut fixed = vec![0x86, 0x09, 0x00, 0x01];
+        fixed.extend_from_slice(&(ACPI_GED_START as u32).to_le_bytes());
+        assert!(dsdt.windows(8).any(|w| w == fixed.as_slice()));
     }
 
     #[test]

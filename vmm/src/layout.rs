@@ -10,6 +10,7 @@
 //! 0x0010_0000  kernel (1 MiB), RAM up to the PCI hole
 //! 0xc000_0000  32-bit device MMIO (PCI BARs)                            3 GiB
 //! 0xe000_0000  PCI ECAM, segment 0 bus 0 (MCFG)                         reserved
+//! 0xfeb0_0000  ACPI Generic Event Device (power button)
 //! 0xfec0_0000  IOAPIC, 0xfee0_0000 local APIC
 //! 0xfffb_c000  KVM identity map page and TSS (3 pages)
 //! 4 GiB        the rest of RAM
@@ -46,6 +47,8 @@ pub const MEM_32BIT_DEVICES_SIZE: u64 = 0x2000_0000;
 pub const PCI_MMCONFIG_START: u64 = 0xe000_0000;
 /// One bus worth of ECAM (bus 0 only).
 pub const PCI_MMCONFIG_SIZE: u64 = 0x10_0000;
+/// ACPI Generic Event Device registers (power button).
+pub const ACPI_GED_START: u64 = 0xfeb0_0000;
 /// IOAPIC registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.
@@ -69,5 +72,7 @@ pub const CMOS_PORT: u64 = 0x70;
 pub const ACPI_PM_PORT: u64 = 0x3c0;
 /// PCI configuration address/data ports.
 pub const PCI_CONFIG_PORT: u64 = 0xcf8;
+/// The GED's interrupt (GSI 5, edge, active high).
+pub const ACPI_GED_IRQ: u32 = 5;
 /// SCI interrupt announced in the FADT.
 pub const SCI_IRQ: u16 = 9;

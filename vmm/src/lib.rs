@@ -2,12 +2,14 @@
 //!
 //! The control loop ([`run`]) waits on eventfds: the guest powering off (baton exits 0), the
 //! guest resetting (the VM is rebuilt in the same process), a vCPU failing (baton exits with
-//! an error), and SIGTERM/SIGINT (the VM is shut down and baton exits 0).
+//! an error), SIGTERM/SIGINT (the VM is shut down and baton exits 0), and requests of the
+//! internal API ([`api::request`]), which [`control`] handles.
 #![warn(missing_docs)]
 
 pub mod acpi;
 pub mod boot;
 pub mod console;
+pub mod control;
 pub mod cpuid;
 pub mod layout;
 pub mod logger;
@@ -19,12 +21,14 @@ pub mod vm;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 
+use api::request::{ApiAction, ApiError, ApiSender};
+use api::server::{ApiSocket, ServerError};
 use api::VmConfig;
 use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::console::Console;
-use crate::vm::{Vm, VmEvents};
+use crate::control::{After, Vmm};
+use crate::vm::VmEvents;
 
 /// Errors that end baton.
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +42,12 @@ pub enum Error {
     /// KVM lacks a capability baton needs.
     #[error("KVM lacks a capability baton needs: {0}")]
     KvmCapability(&'static str),
-    /// Console setup.
-    #[error("Cannot set up the serial console")]
-    Console(#[source] console::Error),
+    /// The API socket.
+    #[error("Cannot serve the API")]
+    Api(#[source] ServerError),
+    /// A request from the command line failed (the error chain, outermost first).
+    #[error("{}", .0.chain.join("\n  caused by: "))]
+    Request(ApiError),
     /// Building or starting the VM.
     #[error("Cannot start the VM")]
     Vm(#[source] vm::Error),
@@ -59,6 +66,8 @@ pub enum Outcome {
     PoweredOff,
     /// baton was asked to stop by a signal.
     Signalled,
+    /// `vmm.shutdown` was requested.
+    ApiShutdown,
 }
 
 /// Eventfd written by the SIGTERM/SIGINT handler (-1 until installed).
@@ -137,46 +146,77 @@ fn check_kvm(kvm: &Kvm) -> Result<(), Error> {
     Ok(())
 }
 
-/// Boots `config` and runs it until the guest powers off, a signal arrives, or a vCPU fails.
-/// Guest resets rebuild the VM in place.
-pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
-    config
-        .validate(&cpuid::feature_names())
-        .map_err(Error::Config)?;
+/// Runs the VMM: boots `config` if given, serves the API on `api_socket` if given, and
+/// handles guest and API events until the guest powers off, a signal arrives, `vmm.shutdown`
+/// is requested, or a vCPU fails. Guest resets rebuild the VM in place.
+pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Outcome, Error> {
+    if let Some(config) = &config {
+        // Before touching /dev/kvm, so a bad command line gets its own message everywhere.
+        config
+            .validate(&cpuid::feature_names())
+            .map_err(Error::Config)?;
+    }
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     check_kvm(&kvm)?;
     vcpu::install_kick_handler().map_err(|e| Error::Vm(vm::Error::Vcpu(e)))?;
     let terminate = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Loop)?;
     install_terminate_handler(&terminate).map_err(Error::Loop)?;
-    let console = Console::new(&config.serial).map_err(Error::Console)?;
-    let events = VmEvents::new().map_err(Error::Vm)?;
+    let mut vmm = Vmm::new(kvm, VmEvents::new().map_err(Error::Vm)?);
+
+    let api = match api_socket {
+        Some(socket) => {
+            let (sender, requests, wake) = ApiSender::new().map_err(Error::Loop)?;
+            socket.serve(sender).map_err(Error::Api)?;
+            Some((requests, wake))
+        }
+        None => None,
+    };
+    if let Some(config) = config {
+        // The command line goes through the same internal API as HTTP requests.
+        for action in [ApiAction::VmCreate(Box::new(config)), ApiAction::VmBoot] {
+            vmm.handle(action).0.map_err(Error::Request)?;
+        }
+    }
 
     loop {
-        let started = std::time::Instant::now();
-        let mut vm = Vm::start(&kvm, config, &console, &events).map_err(Error::Vm)?;
-        log::info!(
-            "VM started with {} vCPUs: built in {} us",
-            config.cpus.boot_vcpus,
-            started.elapsed().as_micros()
-        );
-        let which = wait_any(&[&events.exit, &events.reset, &events.fail, &terminate])
-            .map_err(Error::Loop)?;
-        vm.stop();
+        let which = {
+            let events = vmm.events();
+            let mut fds = vec![&events.exit, &events.reset, &events.fail, &terminate];
+            if let Some((_, wake)) = &api {
+                fds.push(wake);
+            }
+            wait_any(&fds).map_err(Error::Loop)?
+        };
         match which {
             0 => {
                 log::info!("guest powered off");
+                vmm.shutdown();
                 return Ok(Outcome::PoweredOff);
             }
             1 => {
                 log::info!("guest reset: rebooting");
-                drop(vm);
-                // A reset raced by several vCPUs must not trigger a second reboot.
-                let _ = events.reset.read();
+                vmm.reboot().map_err(Error::Request)?;
             }
-            2 => return Err(Error::VcpuFailed),
-            _ => {
+            2 => {
+                vmm.shutdown();
+                return Err(Error::VcpuFailed);
+            }
+            3 => {
                 log::info!("signal received: shutting the VM down");
+                vmm.shutdown();
                 return Ok(Outcome::Signalled);
+            }
+            _ => {
+                let (requests, _) = api.as_ref().expect("index 4 is the API eventfd");
+                while let Ok(request) = requests.try_recv() {
+                    let (response, after) = vmm.handle(request.action);
+                    // A client that hung up does not need its answer.
+                    let _ = request.reply.send(response);
+                    if after == After::Exit {
+                        log::info!("vmm.shutdown requested");
+                        return Ok(Outcome::ApiShutdown);
+                    }
+                }
             }
         }
     }

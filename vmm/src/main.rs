@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+use std::path::Path;
+
+use api::option_parser::{parse_int, OptionError, OptionParser};
+use api::server::ApiSocket;
 use api::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
@@ -13,7 +17,19 @@ fn command() -> Command {
              Boots a kernel (an ELF with a PVH note, an ELF vmlinux, or a bzImage) with ACPI, \
              an 8250 serial port (ttyS0) and a PCI host bridge. The guest powering off ends \
              baton with status 0; a guest reboot restarts it in the same process; SIGTERM or \
-             SIGINT shuts the VM down.",
+             SIGINT shuts the VM down. With --api-socket, baton also serves its REST API \
+             (Cloud Hypervisor-compatible paths under /api/v1/), with or without a VM given \
+             on the command line.",
+        )
+        .arg(
+            Arg::new("api-socket")
+                .long("api-socket")
+                .value_name("OPTIONS")
+                .help(
+                    "Serve the REST API: \"path=<socket path>\" (created owner-only) or \
+                     \"fd=<n>\" (an inherited listening socket). Without VM options baton \
+                     waits for vm.create",
+                ),
         )
         .arg(
             Arg::new("kernel")
@@ -107,13 +123,60 @@ fn report(err: &dyn std::error::Error) {
     }
 }
 
+/// Options that describe a VM: if none is given with --api-socket, baton waits for
+/// vm.create.
+const VM_OPTIONS: &[&str] = &[
+    "kernel",
+    "initramfs",
+    "cmdline",
+    "cpus",
+    "memory",
+    "serial",
+    "console",
+];
+
+/// The API socket named by `--api-socket`, bound.
+fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
+    let Some(spec) = m.get_one::<String>("api-socket") else {
+        return Ok(None);
+    };
+    let invalid = |source| {
+        vmm::Error::Config(api::ConfigError::Option {
+            option: "api-socket",
+            source,
+        })
+    };
+    let p = OptionParser::parse(spec, &["path", "fd"], Some("path")).map_err(invalid)?;
+    let fd = p.convert("fd", parse_int::<i32>).map_err(invalid)?;
+    match (p.get("path"), fd) {
+        (Some(path), None) => ApiSocket::bind(Path::new(path)).map(Some),
+        (None, Some(fd)) => ApiSocket::from_fd(fd).map(Some),
+        _ => {
+            return Err(invalid(OptionError::InvalidValue {
+                key: "api-socket".into(),
+                value: spec.clone(),
+                reason: "give exactly one of path=PATH or fd=N".into(),
+            }))
+        }
+    }
+    .map_err(vmm::Error::Api)
+}
+
+fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
+    let given = |o: &str| m.value_source(o).is_some();
+    let wants_vm = VM_OPTIONS.iter().any(|o| given(o)) || !given("api-socket");
+    let config = if wants_vm {
+        Some(config_from(m).map_err(vmm::Error::Config)?)
+    } else {
+        None
+    };
+    vmm::run(config, api_socket(m)?)
+}
+
 fn main() -> ExitCode {
     let matches = command().get_matches();
     vmm::logger::init(matches.get_count("verbose"));
-    let result = config_from(&matches)
-        .map_err(vmm::Error::Config)
-        .and_then(|config| vmm::run(&config));
-    match result {
+    match run(&matches) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             report(&e);

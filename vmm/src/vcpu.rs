@@ -1,12 +1,14 @@
 //! vCPU threads: each runs KVM_RUN and sends port I/O and MMIO exits to the buses.
 //!
-//! A vCPU is stopped by setting its stop flag and kicking it out of KVM_RUN with a signal
-//! ([`KICK_SIGNAL`]); the kick repeats until the thread is gone, so a signal that lands just
-//! before KVM_RUN cannot leave it blocked (application processors wait in KVM_RUN for an
-//! INIT/SIPI that may never come).
+//! The threads of a VM share one [`Control`]. To pause or stop them, the control loop sets the
+//! request there and kicks every thread out of KVM_RUN with a signal ([`KICK_SIGNAL`]); each
+//! thread checks the request before re-entering KVM_RUN and parks (pause) or ends (stop). The
+//! kick repeats until every thread has acknowledged, so a signal that lands just before
+//! KVM_RUN cannot leave a thread inside it: a guest spinning at CPL3 or an application
+//! processor waiting for its SIPI never leaves KVM_RUN on its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -52,10 +54,55 @@ pub struct VcpuEvents {
     pub fail: EventFd,
 }
 
-/// A running vCPU thread.
-pub struct VcpuThread {
-    handle: Option<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+#[derive(Default)]
+struct ControlState {
+    pause: bool,
+    stop: bool,
+    /// Threads parked by a pause.
+    parked: usize,
+    /// Threads whose run has ended (stopped, or the guest ended it).
+    ended: usize,
+}
+
+/// Pause and stop requests shared by a VM's vCPU threads.
+#[derive(Default)]
+pub struct Control {
+    /// Set while a pause or stop is requested: the fast check before each KVM_RUN.
+    attention: AtomicBool,
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().expect("vCPU control lock poisoned")
+    }
+
+    /// Called by a vCPU thread when attention is set: parks while paused. Returns false when
+    /// the thread must end.
+    fn check_in(&self) -> bool {
+        let mut st = self.lock();
+        if st.pause && !st.stop {
+            st.parked += 1;
+            self.changed.notify_all();
+            while st.pause && !st.stop {
+                st = self.changed.wait(st).expect("vCPU control lock poisoned");
+            }
+            st.parked -= 1;
+        }
+        !st.stop
+    }
+
+    fn ended(&self) {
+        self.lock().ended += 1;
+        self.changed.notify_all();
+    }
+}
+
+/// The vCPU threads of one VM.
+pub struct Vcpus {
+    threads: Vec<JoinHandle<()>>,
+    control: Arc<Control>,
 }
 
 struct Vcpu {
@@ -64,7 +111,7 @@ struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: VcpuEvents,
-    stop: Arc<AtomicBool>,
+    control: Arc<Control>,
     mem: GuestMemory,
 }
 
@@ -134,9 +181,13 @@ impl Vcpu {
         }
     }
 
-    /// Runs until stopped; returns after signalling an event if the guest ends its run.
+    /// Runs until stopped, parking while paused; returns after signalling an event if the
+    /// guest ends its run.
     fn run(&mut self) {
-        while !self.stop.load(Ordering::Acquire) {
+        loop {
+            if self.control.attention.load(Ordering::Acquire) && !self.control.check_in() {
+                return;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {
@@ -220,65 +271,111 @@ impl Vcpu {
     }
 }
 
-impl VcpuThread {
-    /// Starts vCPU `id` on its own thread.
-    pub fn spawn(
-        id: u8,
-        fd: VcpuFd,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        events: VcpuEvents,
-        mem: GuestMemory,
+impl Vcpus {
+    /// Starts one thread per vCPU in `fds` (vCPU id = index); `events` makes each thread's
+    /// eventfds.
+    pub fn start(
+        fds: Vec<VcpuFd>,
+        pio: &Arc<Bus>,
+        mmio: &Arc<Bus>,
+        mem: &GuestMemory,
+        mut events: impl FnMut() -> std::io::Result<VcpuEvents>,
     ) -> Result<Self, Error> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut vcpu = Vcpu {
-            id,
-            fd,
-            pio,
-            mmio,
-            events,
-            stop: stop.clone(),
-            mem,
+        let mut vcpus = Vcpus {
+            threads: Vec::with_capacity(fds.len()),
+            control: Arc::new(Control::default()),
         };
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run())
-            .map_err(Error::Spawn)?;
-        Ok(VcpuThread {
-            handle: Some(handle),
-            stop,
-        })
+        for (id, fd) in fds.into_iter().enumerate() {
+            let mut vcpu = Vcpu {
+                id: id as u8,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                events: events().map_err(Error::Spawn)?,
+                control: vcpus.control.clone(),
+                mem: mem.clone(),
+            };
+            let control = vcpus.control.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    vcpu.run();
+                    control.ended();
+                })
+                .map_err(Error::Spawn)?;
+            vcpus.threads.push(handle);
+        }
+        Ok(vcpus)
     }
 
-    /// Asks the thread to stop without waiting.
-    fn request_stop(&self) {
-        self.stop.store(true, Ordering::Release);
-    }
-
-    /// Stops the vCPU and waits for its thread.
-    pub fn stop(&mut self) {
-        self.request_stop();
-        let Some(handle) = self.handle.take() else {
-            return;
-        };
-        while !handle.is_finished() {
-            if let Err(e) = handle.kill(SIGRTMIN() + KICK_SIGNAL) {
+    fn kick(&self) {
+        for t in self.threads.iter().filter(|t| !t.is_finished()) {
+            if let Err(e) = t.kill(SIGRTMIN() + KICK_SIGNAL) {
                 log::debug!("vCPU kick failed: {e}");
             }
-            std::thread::park_timeout(Duration::from_millis(1));
         }
-        if handle.join().is_err() {
-            log::error!("a vCPU thread panicked");
+    }
+
+    /// Kicks until `done` holds for the shared state.
+    fn kick_until(&self, done: impl Fn(&ControlState) -> bool) {
+        let mut st = self.control.lock();
+        while !done(&st) {
+            drop(st);
+            self.kick();
+            st = self.control.lock();
+            if !done(&st) {
+                st = self
+                    .control
+                    .changed
+                    .wait_timeout(st, Duration::from_millis(1))
+                    .expect("vCPU control lock poisoned")
+                    .0;
+            }
+        }
+    }
+
+    /// Stops every vCPU outside KVM_RUN; returns once all of them are parked (or ended).
+    pub fn pause(&self) {
+        {
+            let mut st = self.control.lock();
+            st.pause = true;
+            self.control.attention.store(true, Ordering::Release);
+        }
+        let n = self.threads.len();
+        self.kick_until(|st| st.parked + st.ended == n);
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut st = self.control.lock();
+        st.pause = false;
+        self.control.attention.store(st.stop, Ordering::Release);
+        self.control.changed.notify_all();
+    }
+
+    /// Ends every vCPU thread and waits for them.
+    pub fn stop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.control.lock();
+            st.stop = true;
+            self.control.attention.store(true, Ordering::Release);
+            self.control.changed.notify_all();
+        }
+        let n = self.threads.len();
+        self.kick_until(|st| st.ended == n);
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
         }
     }
 }
 
-/// Stops every vCPU: all are asked first, so they wind down together.
-pub fn stop_all(vcpus: &mut [VcpuThread]) {
-    for v in vcpus.iter() {
-        v.request_stop();
-    }
-    for v in vcpus.iter_mut() {
-        v.stop();
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

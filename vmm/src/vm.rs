@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use api::VmConfig;
+use devices::acpi::Ged;
 use devices::legacy::{Cmos, Serial, I8042};
 use devices::pci::{PciBus, PciConfigIo, PciEcam};
 use devices::{Bus, Trigger};
@@ -19,7 +20,7 @@ use crate::console::Console;
 use crate::cpuid::{self, VcpuCpuid};
 use crate::layout::*;
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::{VcpuEvents, VcpuThread};
+use crate::vcpu::{VcpuEvents, Vcpus};
 use crate::{acpi, boot, regs, vcpu};
 
 /// Errors building or starting a VM.
@@ -104,18 +105,19 @@ impl VmEvents {
         })
     }
 
-    fn for_vcpu(&self) -> Result<VcpuEvents, Error> {
+    fn for_vcpu(&self) -> std::io::Result<VcpuEvents> {
         Ok(VcpuEvents {
-            exit: self.exit.try_clone().map_err(Error::EventFd)?,
-            reset: self.reset.try_clone().map_err(Error::EventFd)?,
-            fail: self.fail.try_clone().map_err(Error::EventFd)?,
+            exit: self.exit.try_clone()?,
+            reset: self.reset.try_clone()?,
+            fail: self.fail.try_clone()?,
         })
     }
 }
 
 /// A built, possibly running VM.
 pub struct Vm {
-    vcpus: Vec<VcpuThread>,
+    vcpus: Vcpus,
+    ged: Arc<Mutex<Ged>>,
     // Dropped after the vCPUs stop: they run on this memory and VM.
     _memory: GuestMemory,
     _vm_fd: VmFd,
@@ -144,6 +146,7 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
 struct Buses {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    ged: Arc<Mutex<Ged>>,
 }
 
 fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<Buses, Error> {
@@ -173,6 +176,14 @@ fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<
     )
     .map_err(|e| Error::Bus("ACPI power registers", e))?;
 
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm_fd
+        .register_irqfd(&ged_irq, ACPI_GED_IRQ)
+        .map_err(|e| Error::Kvm("wire the GED interrupt", e))?;
+    let ged = Arc::new(Mutex::new(Ged::new(Trigger::new(ged_irq))));
+    mmio.insert(ged.clone(), ACPI_GED_START, devices::acpi::GED_LEN)
+        .map_err(|e| Error::Bus("ACPI GED", e))?;
+
     let pci = Arc::new(Mutex::new(PciBus::new()));
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
@@ -190,6 +201,7 @@ fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<
     Ok(Buses {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
+        ged,
     })
 }
 
@@ -275,41 +287,38 @@ impl Vm {
         }
 
         timer.mark("vCPU setup");
-        let mut vcpus = Vec::with_capacity(fds.len());
-        for (id, fd) in fds.into_iter().enumerate() {
-            let thread = VcpuThread::spawn(
-                id as u8,
-                fd,
-                buses.pio.clone(),
-                buses.mmio.clone(),
-                events.for_vcpu()?,
-                mem.clone(),
-            );
-            match thread {
-                Ok(t) => vcpus.push(t),
-                Err(e) => {
-                    vcpu::stop_all(&mut vcpus);
-                    return Err(Error::Vcpu(e));
-                }
-            }
-        }
+        let vcpus = Vcpus::start(fds, &buses.pio, &buses.mmio, &mem, || events.for_vcpu())
+            .map_err(Error::Vcpu)?;
         timer.mark("vCPU threads");
         log::debug!("VM build time: {}", timer.report());
         Ok(Vm {
             vcpus,
+            ged: buses.ged,
             _memory: mem,
             _vm_fd: vm_fd,
         })
     }
 
-    /// Stops every vCPU.
+    /// Stops every vCPU for good.
     pub fn stop(&mut self) {
-        vcpu::stop_all(&mut self.vcpus);
+        self.vcpus.stop();
     }
-}
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        self.stop();
+    /// Stops every vCPU until [`Vm::resume`]; returns once none runs guest code.
+    pub fn pause(&self) {
+        self.vcpus.pause();
+    }
+
+    /// Presses the ACPI power button.
+    pub fn power_button(&self) -> std::io::Result<()> {
+        self.ged
+            .lock()
+            .expect("GED lock poisoned")
+            .notify(devices::acpi::GED_EVENT_POWER_BUTTON)
+    }
+
+    /// Restarts the vCPUs after [`Vm::pause`].
+    pub fn resume(&self) {
+        self.vcpus.resume();
     }
 }

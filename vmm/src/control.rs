@@ -1,0 +1,214 @@
+//! The control loop's state machine: one optional VM, its configuration and state, and the
+//! handling of every internal API request.
+//!
+//! States: no VM; `Created` (configured, not booted); `Running`; `Paused`; `Shutdown` (stopped
+//! by `vm.shutdown`, can be booted again). A request in the wrong state is a 409 Conflict; a
+//! request that needs a VM when there is none is a 404.
+
+use api::request::{
+    ApiAction, ApiError, ApiReply, ApiResponse, VmInfoResponse, VmState, VmmPingResponse,
+};
+use api::VmConfig;
+use kvm_ioctls::Kvm;
+
+use crate::console::Console;
+use crate::cpuid;
+use crate::vm::{Vm, VmEvents};
+
+/// What the control loop should do after a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    /// Keep serving.
+    Continue,
+    /// End the VMM (vmm.shutdown).
+    Exit,
+}
+
+/// The VMM's VM, if any.
+pub struct Vmm {
+    kvm: Kvm,
+    events: VmEvents,
+    config: Option<VmConfig>,
+    state: VmState,
+    vm: Option<Vm>,
+    console: Option<(api::ConsoleConfig, Console)>,
+}
+
+fn conflict(msg: String) -> ApiError {
+    ApiError::message(409, msg)
+}
+
+fn no_vm() -> ApiError {
+    ApiError::message(404, "No VM has been created (use vm.create)")
+}
+
+impl Vmm {
+    /// A VMM without a VM.
+    pub fn new(kvm: Kvm, events: VmEvents) -> Self {
+        Vmm {
+            kvm,
+            events,
+            config: None,
+            state: VmState::Created,
+            vm: None,
+            console: None,
+        }
+    }
+
+    /// The eventfds the VM's devices and vCPUs signal.
+    pub fn events(&self) -> &VmEvents {
+        &self.events
+    }
+
+    fn state(&self) -> Result<VmState, ApiError> {
+        self.config.as_ref().map(|_| self.state).ok_or_else(no_vm)
+    }
+
+    fn require(&self, wanted: &[VmState], action: &str) -> Result<(), ApiError> {
+        let state = self.state()?;
+        if wanted.contains(&state) {
+            Ok(())
+        } else {
+            Err(conflict(format!("Cannot {action} a VM that is {state:?}")))
+        }
+    }
+
+    /// Builds and starts the VM from its configuration.
+    fn start_vm(&mut self) -> Result<(), ApiError> {
+        let config = self.config.as_ref().ok_or_else(no_vm)?;
+        if self
+            .console
+            .as_ref()
+            .is_none_or(|(c, _)| *c != config.serial)
+        {
+            // Release the old console (and its socket) before taking a new one.
+            self.console = None;
+            let console = Console::new(&config.serial).map_err(|e| ApiError::new(500, &e))?;
+            self.console = Some((config.serial.clone(), console));
+        }
+        let (_, console) = self.console.as_ref().expect("console set above");
+        let started = std::time::Instant::now();
+        let vm = Vm::start(&self.kvm, config, console, &self.events)
+            .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)))?;
+        log::info!(
+            "VM started with {} vCPUs: built in {} us",
+            config.cpus.boot_vcpus,
+            started.elapsed().as_micros()
+        );
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Stops and drops the running VM, if any.
+    fn stop_vm(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop();
+        }
+    }
+
+    /// Rebuilds the VM (guest reset or vm.reboot).
+    pub fn reboot(&mut self) -> Result<(), ApiError> {
+        self.stop_vm();
+        // A reset raced by several vCPUs must not trigger a second reboot.
+        let _ = self.events.reset.read();
+        self.start_vm()
+    }
+
+    /// Stops the VM for good (VMM exit).
+    pub fn shutdown(&mut self) {
+        self.stop_vm();
+    }
+
+    /// Handles one request.
+    pub fn handle(&mut self, action: ApiAction) -> (ApiResponse, After) {
+        let mut after = After::Continue;
+        let response = match action {
+            ApiAction::VmmPing => Ok(ApiReply::Json(
+                serde_json::to_value(VmmPingResponse {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    build_version: format!("baton {}", env!("CARGO_PKG_VERSION")),
+                    pid: std::process::id(),
+                    features: Vec::new(),
+                })
+                .expect("ping answer serialises"),
+            )),
+            ApiAction::VmmShutdown => {
+                self.stop_vm();
+                after = After::Exit;
+                Ok(ApiReply::Empty)
+            }
+            ApiAction::VmCreate(config) => self.create(*config),
+            ApiAction::VmBoot => self
+                .require(&[VmState::Created, VmState::Shutdown], "boot")
+                .and_then(|_| self.start_vm())
+                .map(|_| ApiReply::Empty),
+            ApiAction::VmInfo => self.info(),
+            ApiAction::VmPause => self.require(&[VmState::Running], "pause").map(|_| {
+                self.vm.as_ref().expect("running VM exists").pause();
+                self.state = VmState::Paused;
+                ApiReply::Empty
+            }),
+            ApiAction::VmResume => self.require(&[VmState::Paused], "resume").map(|_| {
+                self.vm.as_ref().expect("paused VM exists").resume();
+                self.state = VmState::Running;
+                ApiReply::Empty
+            }),
+            ApiAction::VmShutdown => self
+                .require(&[VmState::Running, VmState::Paused], "shut down")
+                .map(|_| {
+                    self.stop_vm();
+                    self.state = VmState::Shutdown;
+                    ApiReply::Empty
+                }),
+            ApiAction::VmReboot => self
+                .require(&[VmState::Running, VmState::Paused], "reboot")
+                .and_then(|_| self.reboot())
+                .map(|_| ApiReply::Empty),
+            ApiAction::VmPowerButton => self
+                .require(&[VmState::Running], "press the power button of")
+                .and_then(|_| {
+                    self.vm
+                        .as_ref()
+                        .expect("running VM exists")
+                        .power_button()
+                        .map_err(|e| ApiError::new(500, &e))
+                })
+                .map(|_| ApiReply::Empty),
+            ApiAction::VmDelete => self.state().map(|_| {
+                self.stop_vm();
+                self.config = None;
+                ApiReply::Empty
+            }),
+        };
+        (response, after)
+    }
+
+    fn create(&mut self, config: VmConfig) -> ApiResponse {
+        if let Some(state) = self.config.as_ref().map(|_| self.state) {
+            return Err(conflict(format!(
+                "A VM already exists ({state:?}); delete it first"
+            )));
+        }
+        config
+            .validate(&cpuid::feature_names())
+            .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))?;
+        self.config = Some(config);
+        self.state = VmState::Created;
+        Ok(ApiReply::Empty)
+    }
+
+    fn info(&self) -> ApiResponse {
+        let state = self.state()?;
+        let config = self.config.clone().expect("state() checked the VM exists");
+        let memory_actual_size = config.memory.size;
+        Ok(ApiReply::Json(
+            serde_json::to_value(VmInfoResponse {
+                config,
+                state,
+                memory_actual_size,
+            })
+            .expect("info serialises"),
+        ))
+    }
+}
