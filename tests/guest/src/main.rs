@@ -70,6 +70,17 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
     if tables.fadt.is_none() {
         emit(|w| protocol::warning(w, "acpi", &"no FADT"));
     }
+    let power_button = match tables.power_button {
+        None => {
+            emit(|w| protocol::warning(w, "acpi", &"no power button"));
+            None
+        }
+        Some(addr) => power::PowerButton::new(addr, &mem).or_else(|| {
+            let problem = format_args!("power button register {addr:#x} is not accessible");
+            emit(|w| protocol::warning(w, "acpi", &problem));
+            None
+        }),
+    };
 
     let clock = time::Clock::calibrate();
     let cpus = tables.cpus.unwrap_or(0);
@@ -90,6 +101,7 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
         mem_bytes,
         heartbeat_ms: options.heartbeat_ms,
         fadt: tables.fadt,
+        power_button,
         mem,
         clock,
     })

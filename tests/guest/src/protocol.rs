@@ -20,7 +20,11 @@
 //! bytes shown as `?`. Commands are accepted once `ready` is out.
 //!
 //! Warnings: `warning: unknown option KEY`, `warning: bad value for KEY: VALUE`,
-//! `warning: start_info: …`, `warning: acpi: …`.
+//! `warning: start_info: …`, `warning: acpi: …`. Among the last,
+//! `warning: acpi: no power button` means the DSDT has no Generic Event Device
+//! (see below), and `warning: acpi: power button register 0xA is not
+//! accessible` that its register is outside what the guest may touch; either
+//! way the guest does not watch for the power button.
 //!
 //! # Heartbeat
 //!
@@ -48,6 +52,16 @@
 //! machine is still running about a second after `poweroff` or `reboot`, the
 //! guest prints `error: poweroff failed` or `error: reboot failed` and goes on
 //! taking commands. After `reboot` the sequence starts again at `booting`.
+//!
+//! # Power button
+//!
+//! If the DSDT (from the FADT) has a Generic Event Device (`_HID "ACPI0013"`)
+//! with a `Memory32Fixed` event register in its `_CRS`, the guest reads that
+//! byte about every 10 ms (each read is a VM exit; reading clears it).
+//! Interrupts stay off, so the GED's interrupt is not used. When bit 0 (power
+//! button) is set, the guest prints `power-button: pressed` and then does
+//! exactly what `poweroff` does: `poweroff: bye`, ACPI S5, and
+//! `error: poweroff failed` if the machine is still on a second later.
 //!
 //! # Crashes
 //!
@@ -162,6 +176,11 @@ pub fn warning(w: &mut impl Write, topic: &str, problem: &dyn Display) -> fmt::R
 /// `heartbeat N`
 pub fn heartbeat(w: &mut impl Write, n: u64) -> fmt::Result {
     write!(w, "heartbeat {n}\r\n")
+}
+
+/// `power-button: pressed`
+pub fn power_button_pressed(w: &mut impl Write) -> fmt::Result {
+    w.write_str("power-button: pressed\r\n")
 }
 
 /// `error: line too long`
@@ -307,9 +326,11 @@ mod tests {
         action_failed(&mut out, Action::Poweroff).unwrap();
         action_failed(&mut out, Action::Reboot).unwrap();
         line_too_long(&mut out).unwrap();
+        power_button_pressed(&mut out).unwrap();
         assert_eq!(
             out,
-            "error: poweroff failed\r\nerror: reboot failed\r\nerror: line too long\r\n"
+            "error: poweroff failed\r\nerror: reboot failed\r\nerror: line too long\r\n\
+             power-button: pressed\r\n"
         );
     }
 }

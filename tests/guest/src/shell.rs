@@ -1,21 +1,23 @@
-//! The main loop: heartbeat, serial input, commands.
+//! The main loop: heartbeat, serial input, commands, power button.
 //!
 //! Interrupts stay off; the loop spins on the TSC (native speed at CPL3) and
-//! only touches the UART about once a millisecond, since every port access is
-//! a VM exit.
+//! only touches the UART about once a millisecond and the power button's
+//! event register about every 10 ms, since every port or MMIO access is a VM
+//! exit.
 
 use baton_test_guest::acpi::Fadt;
-use baton_test_guest::command;
+use baton_test_guest::command::{self, Command};
 use baton_test_guest::line::{Event, LineBuffer};
 use baton_test_guest::periodic::Periodic;
 use baton_test_guest::protocol::{self, Action, Status};
 
 use crate::phys::IdentityMap;
-use crate::power;
+use crate::power::{self, PowerButton};
 use crate::serial::{self, emit};
 use crate::time::Clock;
 
 const INPUT_POLL_MS: u64 = 1;
+const POWER_BUTTON_POLL_MS: u64 = 10;
 
 /// What the loop needs from boot.
 pub struct Machine {
@@ -27,6 +29,8 @@ pub struct Machine {
     pub heartbeat_ms: u64,
     /// Power registers, if ACPI had a FADT.
     pub fadt: Option<Fadt>,
+    /// The power button's event register, if ACPI had a usable GED.
+    pub power_button: Option<PowerButton>,
     /// Guest memory access, for memory-mapped power registers.
     pub mem: IdentityMap,
     /// The calibrated TSC.
@@ -40,6 +44,7 @@ pub fn run(machine: Machine) -> ! {
     let mut heartbeat_timer =
         (machine.heartbeat_ms != 0).then(|| Periodic::new(now, clock.ticks(machine.heartbeat_ms)));
     let mut poll_timer = Periodic::new(now, clock.ticks(INPUT_POLL_MS));
+    let mut button_timer = Periodic::new(now, clock.ticks(POWER_BUTTON_POLL_MS));
     let mut heartbeat = 0u64;
     let mut lines = LineBuffer::new();
     loop {
@@ -48,18 +53,17 @@ pub fn run(machine: Machine) -> ! {
             heartbeat += 1;
             emit(|w| protocol::heartbeat(w, heartbeat));
         }
+        let button = machine.power_button.as_ref();
+        if button.is_some_and(|b| button_timer.due(now) && b.pressed()) {
+            emit(protocol::power_button_pressed);
+            execute(&Command::Poweroff, &status(&machine, heartbeat), &machine);
+        }
         if poll_timer.due(now) {
             while let Some(byte) = serial::read_byte() {
                 match lines.push(byte) {
                     Some(Event::Line(line)) => {
-                        let status = Status {
-                            cpus: machine.cpus,
-                            mem_bytes: machine.mem_bytes,
-                            heartbeat,
-                            uptime_ms: clock.uptime_ms(),
-                        };
                         if let Some(command) = command::parse(line) {
-                            execute(&command, &status, &machine);
+                            execute(&command, &status(&machine, heartbeat), &machine);
                         }
                     }
                     Some(Event::TooLong) => emit(protocol::line_too_long),
@@ -71,7 +75,17 @@ pub fn run(machine: Machine) -> ! {
     }
 }
 
-fn execute(command: &command::Command<'_>, status: &Status, machine: &Machine) {
+fn status(machine: &Machine, heartbeat: u64) -> Status {
+    Status {
+        cpus: machine.cpus,
+        mem_bytes: machine.mem_bytes,
+        heartbeat,
+        uptime_ms: machine.clock.uptime_ms(),
+    }
+}
+
+/// Replies to `command`, then powers off or resets if it says so.
+fn execute(command: &Command<'_>, status: &Status, machine: &Machine) {
     let mut action = Action::Continue;
     emit(|w| {
         action = protocol::reply(w, command, status)?;

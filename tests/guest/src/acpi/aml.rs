@@ -1,10 +1,19 @@
-//! Just enough AML to read the `\_S5` object: the sleep type for "soft off".
+//! Just enough AML for two objects: the sleep type for "soft off" (`\_S5`)
+//! and the event register of the Generic Event Device (`ACPI0013`).
 //!
-//! Firmware declares it as `Name (_S5, Package () { SLP_TYPa, SLP_TYPb, ... })`,
-//! which DSDTs encode as `NameOp '_S5_' PackageOp PkgLength NumElements
-//! <integers>`. A full AML interpreter is far beyond this guest; this scan
-//! finds that one encoding, as simple OS loaders do, and gives up on anything
-//! else (the caller then uses a default).
+//! A full AML interpreter is far beyond this guest. These scans find the one
+//! encoding each object is given in practice, as simple OS loaders do, and
+//! give up on anything else (the caller then uses a default, or goes without).
+//!
+//! * Firmware declares `\_S5` as `Name (_S5, Package () { SLP_TYPa, SLP_TYPb,
+//!   ... })`, which DSDTs encode as `NameOp '_S5_' PackageOp PkgLength
+//!   NumElements <integers>`.
+//! * A hardware-reduced platform's Generic Event Device has
+//!   `Name (_HID, "ACPI0013")` and, in its `_CRS` resource template, a
+//!   `Memory32Fixed` descriptor for the event register. The scan takes the
+//!   first such descriptor within [`GED_SEARCH_WINDOW`] bytes after the
+//!   string and before the next `Device` opcode; a GED that lists `_CRS`
+//!   before `_HID` is not recognised.
 
 const NAME_OP: u8 = 0x08;
 const ROOT_CHAR: u8 = b'\\';
@@ -14,6 +23,20 @@ const ONE_OP: u8 = 0x01;
 const BYTE_PREFIX: u8 = 0x0a;
 const WORD_PREFIX: u8 = 0x0b;
 const DWORD_PREFIX: u8 = 0x0c;
+
+/// `"ACPI0013"`, the Generic Event Device's hardware ID, as an AML String:
+/// StringPrefix, the characters, NUL.
+const GED_HID: &[u8] = b"\x0dACPI0013\x00";
+/// A Memory32Fixed resource descriptor's header: large item 0x06 (tag byte
+/// 0x86) and its 16-bit length, 9. Then one info byte (bit 0: writable), the
+/// base (u32, at offset 4) and the length (u32, at offset 8).
+const MEMORY32_FIXED: &[u8] = &[0x86, 0x09, 0x00];
+/// ExtOpPrefix DeviceOp: the start of the next device, where the search stops.
+const DEVICE_OP: &[u8] = &[0x5b, 0x82];
+/// How far after the GED's `_HID` string its event register's descriptor may start.
+pub const GED_SEARCH_WINDOW: usize = 512;
+/// Addresses a 32-bit descriptor may reach.
+const LIMIT_32: u64 = 1 << 32;
 
 /// SLP_TYP is a 3-bit field.
 const SLP_TYP_MASK: u64 = 0x7;
@@ -51,4 +74,36 @@ fn integer(aml: &mut &[u8]) -> Option<u8> {
     };
     *aml = &rest[size..];
     u8::try_from(value & SLP_TYP_MASK).ok()
+}
+
+/// `(base, length)` of the Generic Event Device's event register: the first
+/// `Memory32Fixed` descriptor after an AML String `"ACPI0013"` in an AML body
+/// (see the module documentation for how far it looks). `None` if there is
+/// none, or it is truncated, empty, at address 0 or runs past 4 GiB. If the
+/// string occurs more than once, the first occurrence that yields a register
+/// wins.
+pub fn ged_event_register(aml: &[u8]) -> Option<(u64, u32)> {
+    (0..aml.len())
+        .filter(|&i| aml[i..].starts_with(GED_HID))
+        .find_map(|i| memory32_fixed_after(aml, i + GED_HID.len()))
+}
+
+fn memory32_fixed_after(aml: &[u8], start: usize) -> Option<(u64, u32)> {
+    let window = aml.get(start..)?;
+    let window = &window[..window.len().min(GED_SEARCH_WINDOW)];
+    let at = find(window, MEMORY32_FIXED)?;
+    if find(window, DEVICE_OP).is_some_and(|device| device < at) {
+        return None;
+    }
+    // The descriptor may run past the window, but not past the AML.
+    let descriptor = aml.get(start + at..)?;
+    let base = crate::bytes::u32_at(descriptor, 4)?;
+    let len = crate::bytes::u32_at(descriptor, 8)?;
+    let end = u64::from(base) + u64::from(len);
+    (base != 0 && len != 0 && end <= LIMIT_32).then_some((u64::from(base), len))
+}
+
+/// Where `needle` first starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }

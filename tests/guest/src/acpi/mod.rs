@@ -2,7 +2,10 @@
 //!
 //! From the RSDP (`start_info.rsdp_paddr`) through the XSDT (RSDP revision 2+)
 //! or RSDT (revision 0, or a bad XSDT) to the MADT, which gives the processor
-//! count, and the FADT, which gives the power-off and reset registers.
+//! count, and the FADT, which gives the power-off and reset registers. The
+//! FADT points to the DSDT, which is scanned for the `\_S5` sleep type and for
+//! the event register of a Generic Event Device, where the VMM signals the
+//! power button.
 //!
 //! Tables come from the VMM and are not trusted: every signature, length and
 //! checksum is checked before a table is used, lengths are capped, and memory
@@ -43,7 +46,14 @@ pub struct Tables {
     pub cpus: Option<u32>,
     /// The first valid FADT.
     pub fadt: Option<Fadt>,
+    /// Physical address of the Generic Event Device's event register (one
+    /// byte, read-to-clear; [`GED_EVENT_POWER_BUTTON`] is the power button),
+    /// from the DSDT of the first valid FADT.
+    pub power_button: Option<u64>,
 }
+
+/// Event register bit: the power button was pressed.
+pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
 
 /// A problem with one table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,20 +154,28 @@ pub fn parse(
             tables.cpus = Some(madt::enabled_cpus(table));
         } else {
             let mut fadt = Fadt::parse(table);
-            fadt.s5 = dsdt_s5(mem, fadt.dsdt, &mut warn);
+            if let Some(aml) = dsdt_aml(mem, fadt.dsdt, &mut warn) {
+                fadt.s5 = aml::s5_sleep_types(aml);
+                tables.power_button = aml::ged_event_register(aml).map(|(base, _)| base);
+            }
             tables.fadt = Some(fadt);
         }
     }
     Ok(tables)
 }
 
-/// The `\_S5` sleep type values from the DSDT, if it is valid and has them.
-fn dsdt_s5(mem: &impl PhysMem, addr: u64, warn: &mut impl FnMut(Error)) -> Option<(u8, u8)> {
+/// The AML body of the DSDT at `addr` (the table without its header), if
+/// there is one and it is valid.
+fn dsdt_aml<'m>(
+    mem: &'m impl PhysMem,
+    addr: u64,
+    warn: &mut impl FnMut(Error),
+) -> Option<&'m [u8]> {
     if addr == 0 {
         return None;
     }
     match load_table(mem, addr, *b"DSDT") {
-        Ok(dsdt) => aml::s5_sleep_types(&dsdt[HEADER_SIZE..]),
+        Ok(dsdt) => dsdt.get(HEADER_SIZE..),
         Err(e) => {
             warn(e);
             None

@@ -396,3 +396,240 @@ fn aml_s5_variants() {
     assert_eq!(s5_sleep_types(b"\x08_S5_\x12\x06\x02\x0a"), None);
     assert_eq!(s5_sleep_types(b""), None);
 }
+
+// The Generic Event Device, in AML as a DSDT declares it.
+
+const GED_BASE: u32 = 0xfed1_0000;
+
+/// `prefix PkgLength body`, with a one- or two-byte PkgLength.
+fn pkg(prefix: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = prefix.to_vec();
+    if body.len() + 1 < 64 {
+        out.push((body.len() + 1) as u8);
+    } else {
+        let len = body.len() + 2;
+        assert!(len < 1 << 12);
+        out.extend_from_slice(&[0x40 | (len & 0xf) as u8, (len >> 4) as u8]);
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn name(seg: &[u8; 4], value: &[u8]) -> Vec<u8> {
+    [&[0x08][..], seg, value].concat()
+}
+
+fn string(s: &[u8]) -> Vec<u8> {
+    [&[0x0d][..], s, &[0]].concat()
+}
+
+fn device(seg: &[u8; 4], objects: &[&[u8]]) -> Vec<u8> {
+    pkg(&[0x5b, 0x82], &[&seg[..], &objects.concat()].concat())
+}
+
+/// `ResourceTemplate () { descriptors }`: a Buffer ending in an End Tag.
+fn resource_template(descriptors: &[&[u8]]) -> Vec<u8> {
+    let bytes = [descriptors.concat(), vec![0x79, 0x00]].concat();
+    pkg(&[0x11], &[&[0x0a, bytes.len() as u8][..], &bytes].concat())
+}
+
+/// `Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }`
+fn interrupt(gsi: u32) -> Vec<u8> {
+    [&[0x89, 0x06, 0x00, 0x03, 0x01][..], &gsi.to_le_bytes()].concat()
+}
+
+/// `Memory32Fixed (ReadWrite, base, len)`
+fn memory32_fixed(base: u32, len: u32) -> Vec<u8> {
+    [
+        &[0x86, 0x09, 0x00, 0x01][..],
+        &base.to_le_bytes(),
+        &len.to_le_bytes(),
+    ]
+    .concat()
+}
+
+/// `Device (GED_)` with `_HID`, `_UID`, the given `_CRS` and what reads the
+/// register: `OperationRegion`, `Field` and `_EVT`.
+fn ged(crs: &[&[u8]]) -> Vec<u8> {
+    let region = [
+        &[0x5b, 0x80][..],
+        b"GDST\x00\x0c",
+        &GED_BASE.to_le_bytes(),
+        &[0x0a, 0x10],
+    ]
+    .concat();
+    let field = pkg(&[0x5b, 0x81], b"GDST\x01GDAT\x08");
+    // Method (_EVT, 1) { Local0 = GDAT; If (Local0 & One) { Notify (PWRB, 0x80) } }
+    let notify = pkg(&[0xa0], b"\x7b\x60\x01\x00\x86PWRB\x0a\x80");
+    let evt = pkg(&[0x14], &[&b"_EVT\x01\x70GDAT\x60"[..], &notify].concat());
+    device(
+        b"GED_",
+        &[
+            &name(b"_HID", &string(b"ACPI0013")),
+            &name(b"_UID", &[0x00]),
+            &name(b"_CRS", &resource_template(crs)),
+            &region,
+            &field,
+            &evt,
+        ],
+    )
+}
+
+/// `Device (PWRB) { Name (_HID, EISAID ("PNP0C0C")) }`
+fn power_button_device() -> Vec<u8> {
+    device(b"PWRB", &[&name(b"_HID", &[0x0c, 0x41, 0xd0, 0x0c, 0x0c])])
+}
+
+/// `Scope (\_SB) { devices }`
+fn sb_scope(devices: &[&[u8]]) -> Vec<u8> {
+    pkg(&[0x10], &[&b"\\_SB_"[..], &devices.concat()].concat())
+}
+
+/// The DSDT body baton builds: `\_S5`, then the GED and the power button.
+fn ged_aml() -> Vec<u8> {
+    let ged = ged(&[&interrupt(5), &memory32_fixed(GED_BASE, 0x10)]);
+    [
+        &b"\x08_S5_\x12\x04\x01\x0a\x05"[..],
+        &sb_scope(&[&ged, &power_button_device()]),
+    ]
+    .concat()
+}
+
+#[test]
+fn ged_register_from_dsdt_via_dsdt_field() {
+    let mut mem = hw_reduced_machine();
+    mem.put(DSDT, &dsdt(&ged_aml()));
+    let (tables, warnings) = parse_all(&mem, RSDP);
+    let tables = tables.unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(tables.power_button, Some(u64::from(GED_BASE)));
+    assert_eq!(tables.fadt.unwrap().s5, Some((5, 5)));
+}
+
+#[test]
+fn ged_register_from_dsdt_via_x_dsdt_field() {
+    let mut mem = Mem::new();
+    mem.put(RSDP, &rsdp(2, 0, ROOT));
+    mem.put(ROOT, &xsdt(&[FADT]));
+    mem.put(FADT, &fadt(legacy_fadt));
+    mem.put(DSDT, &dsdt(&ged_aml()));
+    let tables = parse_all(&mem, RSDP).0.unwrap();
+    assert_eq!(tables.power_button, Some(u64::from(GED_BASE)));
+}
+
+#[test]
+fn no_ged_no_power_button() {
+    // A DSDT without a GED.
+    let tables = parse_all(&hw_reduced_machine(), RSDP).0.unwrap();
+    assert_eq!(tables.power_button, None);
+    // No FADT, hence no DSDT.
+    let mut mem = hw_reduced_machine();
+    mem.put(DSDT, &dsdt(&ged_aml()));
+    mem.put(ROOT, &xsdt(&[MADT]));
+    assert_eq!(parse_all(&mem, RSDP).0.unwrap().power_button, None);
+    // A DSDT with a bad checksum is not scanned.
+    mem.put(ROOT, &xsdt(&[FADT, MADT]));
+    mem.0[DSDT as usize + HEADER_SIZE] ^= 1;
+    let (tables, warnings) = parse_all(&mem, RSDP);
+    assert_eq!(tables.unwrap().power_button, None);
+    assert!(matches!(warnings[..], [Error::BadChecksum { .. }]));
+}
+
+#[test]
+fn ged_register_variants() {
+    use aml::ged_event_register as scan;
+    let found = Some((u64::from(GED_BASE), 0x10));
+    let memory = memory32_fixed(GED_BASE, 0x10);
+    assert_eq!(scan(&ged_aml()), found);
+    // The Memory32Fixed alone, right after the string.
+    let bare = [string(b"ACPI0013"), memory.clone()].concat();
+    assert_eq!(scan(&bare), found);
+    // Nothing at all.
+    assert_eq!(scan(b""), None);
+    assert_eq!(scan(&memory), None);
+    // The string must be exactly "ACPI0013", as an AML String.
+    let longer = [string(b"ACPI00130"), memory.clone()].concat();
+    assert_eq!(scan(&longer), None);
+    let no_prefix = [&b"ACPI0013\x00"[..], &memory].concat();
+    assert_eq!(scan(&no_prefix), None);
+    // A GED without a Memory32Fixed: the next device's is not taken.
+    let other = device(b"RTC_", &[&name(b"_CRS", &resource_template(&[&memory]))]);
+    let aml = sb_scope(&[&ged(&[&interrupt(5)]), &other]);
+    assert_eq!(scan(&aml), None);
+    // ... but a later GED's is.
+    let second = ged(&[&memory32_fixed(0xfed2_0000, 1)]);
+    let aml = sb_scope(&[&ged(&[&interrupt(5)]), &other, &second]);
+    assert_eq!(scan(&aml), Some((0xfed2_0000, 1)));
+    // _CRS before _HID: the descriptor comes before the string.
+    let crs_first = device(
+        b"GED_",
+        &[
+            &name(b"_CRS", &resource_template(&[&memory])),
+            &name(b"_HID", &string(b"ACPI0013")),
+        ],
+    );
+    assert_eq!(scan(&crs_first), None);
+    // The descriptor header must start within the window (and fit in it).
+    let gap = |n: usize| [string(b"ACPI0013"), vec![0xa3; n], memory.clone()].concat();
+    assert_eq!(scan(&gap(aml::GED_SEARCH_WINDOW - 3)), found);
+    assert_eq!(scan(&gap(aml::GED_SEARCH_WINDOW - 2)), None);
+    assert_eq!(scan(&gap(4096)), None);
+    // Malformed registers.
+    for (base, len) in [(0, 0x10), (GED_BASE, 0), (0xffff_fff8, 0x10)] {
+        let aml = [string(b"ACPI0013"), memory32_fixed(base, len)].concat();
+        assert_eq!(scan(&aml), None, "{base:#x} {len:#x}");
+    }
+    let aml = [string(b"ACPI0013"), memory32_fixed(0xffff_fff0, 0x10)].concat();
+    assert_eq!(scan(&aml), Some((0xffff_fff0, 0x10)));
+}
+
+#[test]
+fn ged_register_truncated() {
+    let aml = [string(b"ACPI0013"), memory32_fixed(GED_BASE, 0x10)].concat();
+    for len in 0..aml.len() {
+        assert_eq!(aml::ged_event_register(&aml[..len]), None, "{len}");
+    }
+    // A truncated DSDT: the GED's descriptor is cut off.
+    let full = ged_aml();
+    let cut = full
+        .windows(3)
+        .position(|w| w == [0x86, 0x09, 0x00])
+        .unwrap()
+        + 11;
+    assert_eq!(aml::ged_event_register(&full[..cut]), None);
+    assert!(aml::ged_event_register(&full[..cut + 1]).is_some());
+}
+
+#[test]
+fn ged_scan_survives_garbage() {
+    // A fixed pseudo-random sequence, seeded with the pieces the scan looks for.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let pieces: [&[u8]; 4] = [
+        b"\x0dACPI0013\x00",
+        &[0x86, 0x09, 0x00],
+        &[0x5b, 0x82],
+        &[0xff; 4],
+    ];
+    for _ in 0..2000 {
+        let len = (next() % 700) as usize;
+        let mut aml = Vec::with_capacity(len + 16);
+        while aml.len() < len {
+            let r = next();
+            if r % 8 == 0 {
+                aml.extend_from_slice(pieces[(r >> 8) as usize % pieces.len()]);
+            } else {
+                aml.push(r as u8);
+            }
+        }
+        if let Some((base, len)) = aml::ged_event_register(&aml) {
+            assert!(base != 0 && len != 0 && base + u64::from(len) <= 1 << 32);
+        }
+        let _ = aml::s5_sleep_types(&aml);
+    }
+}
