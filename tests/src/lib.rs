@@ -99,15 +99,24 @@ pub fn run_baton(args: &[&str], timeout: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn baton");
+    wait_child(&mut child, timeout);
+    child.wait_with_output().expect("collect baton output")
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it and fails the test past that.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> ExitStatus {
     let deadline = Instant::now() + timeout;
-    while child.try_wait().expect("wait for baton").is_none() {
+    loop {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return status;
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("baton {args:?} did not exit within {timeout:?}");
+            let _ = child.wait();
+            panic!("process {} did not exit within {timeout:?}", child.id());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    child.wait_with_output().expect("collect baton output")
 }
 
 /// A running baton with its serial console on a UNIX socket.

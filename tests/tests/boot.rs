@@ -173,6 +173,6 @@ fn serial_output_to_a_file() {
     }
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = child.wait().expect("wait for baton");
+    let status = baton_tests::wait_child(&mut child, EXIT);
     assert_eq!(status.code(), Some(0));
 }
