@@ -184,7 +184,16 @@ mod tests {
         let t = std::thread::spawn(move || sender.call(ApiAction::VmmPing));
         let req = rx.recv().unwrap();
         assert!(matches!(req.action, ApiAction::VmmPing));
-        assert_eq!(evt.read().unwrap(), 1);
+        // The caller wakes the loop right after queueing the request: wait for the wake-up.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let woken = loop {
+            match evt.read() {
+                Ok(n) => break n,
+                Err(_) if std::time::Instant::now() < deadline => std::thread::yield_now(),
+                Err(e) => panic!("no wake-up: {e}"),
+            }
+        };
+        assert_eq!(woken, 1);
         req.reply.send(Ok(ApiReply::Empty)).unwrap();
         assert_eq!(t.join().unwrap(), Ok(ApiReply::Empty));
     }

@@ -1,0 +1,207 @@
+//! `baton-remote`: drive a running baton through its API socket, one command per endpoint.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use api::client::{self, Response};
+use clap::{Arg, ArgMatches, Command};
+
+/// (command, method, endpoint, help).
+const SIMPLE: &[(&str, &str, &str, &str)] = &[
+    (
+        "ping",
+        "GET",
+        "vmm.ping",
+        "Show the VMM's version and pid (GET vmm.ping)",
+    ),
+    (
+        "info",
+        "GET",
+        "vm.info",
+        "Show the VM's configuration and state (GET vm.info)",
+    ),
+    (
+        "boot",
+        "PUT",
+        "vm.boot",
+        "Boot the created VM (PUT vm.boot)",
+    ),
+    ("pause", "PUT", "vm.pause", "Stop every vCPU (PUT vm.pause)"),
+    (
+        "resume",
+        "PUT",
+        "vm.resume",
+        "Run a paused VM again (PUT vm.resume)",
+    ),
+    (
+        "shutdown",
+        "PUT",
+        "vm.shutdown",
+        "Stop the VM; it can be booted again (PUT vm.shutdown)",
+    ),
+    (
+        "reboot",
+        "PUT",
+        "vm.reboot",
+        "Restart the VM from its configuration (PUT vm.reboot)",
+    ),
+    (
+        "power-button",
+        "PUT",
+        "vm.power-button",
+        "Press the ACPI power button: the guest shuts down (PUT vm.power-button)",
+    ),
+    (
+        "delete",
+        "PUT",
+        "vm.delete",
+        "Shut down and forget the VM (PUT vm.delete)",
+    ),
+    (
+        "shutdown-vmm",
+        "PUT",
+        "vmm.shutdown",
+        "Shut the VM down and end baton (PUT vmm.shutdown)",
+    ),
+];
+
+fn command() -> Command {
+    let mut cmd = Command::new("baton-remote")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(
+            "Drive a running baton through its REST API socket.\n\n\
+             Prints JSON answers on standard output; on failure prints the error chain \
+             (outermost first) and exits 1.",
+        )
+        .arg(
+            Arg::new("api-socket")
+                .long("api-socket")
+                .value_name("PATH")
+                .required(true)
+                .help("baton's API socket (baton --api-socket path=PATH)"),
+        )
+        .subcommand_required(true)
+        .arg_required_else_help(true);
+    for (name, _, _, help) in SIMPLE {
+        cmd = cmd.subcommand(Command::new(*name).about(*help));
+    }
+    cmd.subcommand(
+        Command::new("create")
+            .about("Create a VM from a JSON VmConfig (PUT vm.create)")
+            .arg(
+                Arg::new("config")
+                    .value_name("FILE|-")
+                    .required(true)
+                    .help("JSON VM configuration; - reads standard input"),
+            ),
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("Cannot read the VM configuration {0}")]
+    ReadConfig(String, #[source] std::io::Error),
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+}
+
+fn read_config(arg: &str) -> Result<Vec<u8>, Error> {
+    let mut body = Vec::new();
+    let result = if arg == "-" {
+        std::io::stdin().read_to_end(&mut body).map(|_| ())
+    } else {
+        std::fs::read(arg).map(|b| body = b)
+    };
+    result.map_err(|e| Error::ReadConfig(arg.to_string(), e))?;
+    Ok(body)
+}
+
+fn call(m: &ArgMatches) -> Result<Response, Error> {
+    let socket = PathBuf::from(m.get_one::<String>("api-socket").expect("required"));
+    let (name, sub) = m.subcommand().expect("subcommand required");
+    if name == "create" {
+        let body = read_config(sub.get_one::<String>("config").expect("required"))?;
+        return Ok(client::request(&socket, "PUT", "vm.create", Some(&body))?);
+    }
+    let (_, method, endpoint, _) = SIMPLE
+        .iter()
+        .find(|(n, ..)| *n == name)
+        .expect("clap only accepts known commands");
+    Ok(client::request(&socket, method, endpoint, None)?)
+}
+
+fn print_chain(chain: &[String]) {
+    let mut lines = chain.iter();
+    if let Some(first) = lines.next() {
+        eprintln!("baton-remote: error: {first}");
+    }
+    for cause in lines {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+fn main() -> ExitCode {
+    let matches = command().get_matches();
+    match call(&matches) {
+        Ok(r) if (200..300).contains(&r.status) => {
+            if !r.body.is_empty() {
+                match serde_json::from_slice::<serde_json::Value>(&r.body) {
+                    Ok(v) => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v).expect("JSON values print")
+                    ),
+                    Err(_) => println!("{}", String::from_utf8_lossy(&r.body)),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            let chain = r.error_chain().unwrap_or_else(|| {
+                vec![format!(
+                    "HTTP {}: {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                )]
+            });
+            print_chain(&chain);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            let mut chain = vec![e.to_string()];
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                chain.push(s.to_string());
+                source = s.source();
+            }
+            print_chain(&chain);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_has_a_command_with_help() {
+        let cmd = command();
+        cmd.clone().debug_assert();
+        for (_, method, endpoint, _) in SIMPLE {
+            assert!(
+                api::routes::ROUTES
+                    .iter()
+                    .any(|(n, m, _)| n == endpoint && m == method),
+                "{method} {endpoint} is not a route"
+            );
+        }
+        for (name, _, _) in api::routes::ROUTES {
+            let covered = *name == "vm.create" || SIMPLE.iter().any(|(_, _, e, _)| e == name);
+            assert!(covered, "no baton-remote command for {name}");
+        }
+        for sub in cmd.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no help", sub.get_name());
+        }
+    }
+}
