@@ -50,11 +50,15 @@ pub fn request(
         crate::routes::PREFIX,
         body.len()
     );
-    stream
+    let sent = stream
         .write_all(head.as_bytes())
-        .and_then(|_| stream.write_all(body))
-        .map_err(ClientError::Io)?;
-    read_response(&mut BufReader::new(stream))
+        .and_then(|_| stream.write_all(body));
+    // A server that refuses a request early (an oversized body) answers and closes before
+    // reading it all: its answer is still there to read.
+    match read_response(&mut BufReader::new(stream)) {
+        Err(_) if sent.is_err() => Err(ClientError::Io(sent.expect_err("checked"))),
+        r => r,
+    }
 }
 
 fn read_response<R: BufRead>(r: &mut R) -> Result<Response, ClientError> {

@@ -11,6 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::http::{self, HttpError};
 use crate::request::{ApiAction, ApiError, ApiReply, ApiResponse, ApiSender};
@@ -95,7 +97,9 @@ impl ApiSocket {
     }
 
     /// Serves the socket on its own thread, sending requests through `sender`.
-    pub fn serve(self, sender: ApiSender) -> Result<(), ServerError> {
+    pub fn serve(self, sender: ApiSender) -> Result<Server, ServerError> {
+        let server = Server::default();
+        let in_flight = server.in_flight.clone();
         std::thread::Builder::new()
             .name("http-server".into())
             .spawn(move || {
@@ -105,18 +109,58 @@ impl ApiSocket {
                     let Ok(sender) = sender.try_clone() else {
                         continue;
                     };
+                    let in_flight = in_flight.clone();
                     // One thread per connection: a client that holds its connection open
                     // must not block the others.
                     let spawned = std::thread::Builder::new()
                         .name("http-client".into())
-                        .spawn(move || serve_connection(stream, &sender));
+                        .spawn(move || serve_connection(stream, &sender, &in_flight));
                     if let Err(e) = spawned {
                         log::warn!("API: cannot serve a connection: {e}");
                     }
                 }
             })
-            .map(|_| ())
-            .map_err(ServerError::Thread)
+            .map_err(ServerError::Thread)?;
+        Ok(server)
+    }
+}
+
+/// Requests being handled: read, but their answers not yet written.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn start(&self) {
+        *self.count.lock().expect("API lock poisoned") += 1;
+    }
+
+    fn finish(&self) {
+        let mut n = self.count.lock().expect("API lock poisoned");
+        *n -= 1;
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+}
+
+/// A running API server.
+#[derive(Default)]
+pub struct Server {
+    in_flight: Arc<InFlight>,
+}
+
+impl Server {
+    /// Waits (up to `timeout`) until every answer has been written, so that a VMM ending on
+    /// `vmm.shutdown` still answers it.
+    pub fn drain(&self, timeout: Duration) {
+        let n = self.in_flight.count.lock().expect("API lock poisoned");
+        let _ = self
+            .in_flight
+            .idle
+            .wait_timeout_while(n, timeout, |n| *n > 0);
     }
 }
 
@@ -158,7 +202,7 @@ fn handle(sender: &ApiSender, request: &http::Request) -> ApiResponse {
     sender.call(action)
 }
 
-fn serve_connection(stream: UnixStream, sender: &ApiSender) {
+fn serve_connection(stream: UnixStream, sender: &ApiSender, in_flight: &InFlight) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
@@ -175,6 +219,7 @@ fn serve_connection(stream: UnixStream, sender: &ApiSender) {
                 return;
             }
         };
+        in_flight.start();
         let (status, body) = match handle(sender, &request) {
             Ok(ApiReply::Empty) => (204, None),
             Ok(ApiReply::Json(v)) => (
@@ -183,9 +228,9 @@ fn serve_connection(stream: UnixStream, sender: &ApiSender) {
             ),
             Err(e) => (e.status, Some(error_body(&e.chain))),
         };
-        if http::write_response(&mut writer, status, body.as_deref(), request.close).is_err()
-            || request.close
-        {
+        let written = http::write_response(&mut writer, status, body.as_deref(), request.close);
+        in_flight.finish();
+        if written.is_err() || request.close {
             return;
         }
     }

@@ -20,6 +20,7 @@ pub mod vm;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
 
 use api::request::{ApiAction, ApiError, ApiSender};
 use api::server::{ApiSocket, ServerError};
@@ -166,8 +167,8 @@ pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Ou
     let api = match api_socket {
         Some(socket) => {
             let (sender, requests, wake) = ApiSender::new().map_err(Error::Loop)?;
-            socket.serve(sender).map_err(Error::Api)?;
-            Some((requests, wake))
+            let server = socket.serve(sender).map_err(Error::Api)?;
+            Some((requests, wake, server))
         }
         None => None,
     };
@@ -182,7 +183,7 @@ pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Ou
         let which = {
             let events = vmm.events();
             let mut fds = vec![&events.exit, &events.reset, &events.fail, &terminate];
-            if let Some((_, wake)) = &api {
+            if let Some((_, wake, _)) = &api {
                 fds.push(wake);
             }
             wait_any(&fds).map_err(Error::Loop)?
@@ -207,13 +208,14 @@ pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Ou
                 return Ok(Outcome::Signalled);
             }
             _ => {
-                let (requests, _) = api.as_ref().expect("index 4 is the API eventfd");
+                let (requests, _, server) = api.as_ref().expect("index 4 is the API eventfd");
                 while let Ok(request) = requests.try_recv() {
                     let (response, after) = vmm.handle(request.action);
                     // A client that hung up does not need its answer.
                     let _ = request.reply.send(response);
                     if after == After::Exit {
                         log::info!("vmm.shutdown requested");
+                        server.drain(Duration::from_secs(2));
                         return Ok(Outcome::ApiShutdown);
                     }
                 }
