@@ -59,6 +59,11 @@ pub fn baton_bin() -> PathBuf {
     binary("BATON_BIN", "baton")
 }
 
+/// Path of `baton-remote`.
+pub fn remote_bin() -> PathBuf {
+    binary("BATON_REMOTE", "baton-remote")
+}
+
 /// Path of the test guest ELF.
 pub fn guest_bin() -> PathBuf {
     binary("BATON_GUEST", "baton-test-guest")
@@ -215,6 +220,13 @@ impl Console {
         }
     }
 
+    /// The next line, if one arrives within `timeout` (recorded in `seen`).
+    pub fn try_next(&mut self, timeout: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
     /// The last lines seen, for failure messages.
     pub fn tail(&self) -> String {
         let start = self.seen.len().saturating_sub(30);
@@ -314,4 +326,118 @@ impl Drop for Vm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A baton serving its API on a socket, started with `--api-socket` and optional VM options.
+pub struct ApiVmm {
+    child: Child,
+    dir: TempDir,
+    /// The API socket.
+    pub socket: PathBuf,
+}
+
+impl ApiVmm {
+    /// Starts baton with `--api-socket` plus `args`, and waits for the socket to answer.
+    pub fn start(args: &[&str]) -> Self {
+        require_kvm();
+        let dir = TempDir::new("api");
+        let socket = dir.path().join("api.sock");
+        let mut child = Command::new(baton_bin())
+            .arg("--api-socket")
+            .arg(format!("path={}", socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn baton");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while api::client::request(&socket, "GET", "vmm.ping", None).is_err() {
+            if let Some(status) = child.try_wait().expect("poll baton") {
+                panic!("baton exited with {status} before serving its API");
+            }
+            assert!(Instant::now() < deadline, "API socket never answered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ApiVmm { child, dir, socket }
+    }
+
+    /// A scratch directory that lives as long as this baton.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Sends a request; returns status and body.
+    pub fn http(&self, method: &str, endpoint: &str, body: Option<&str>) -> api::client::Response {
+        api::client::request(&self.socket, method, endpoint, body.map(str::as_bytes))
+            .unwrap_or_else(|e| panic!("{method} {endpoint}: {e}"))
+    }
+
+    /// Sends a request that must succeed with `status`; returns the JSON body, if any.
+    pub fn expect(
+        &self,
+        method: &str,
+        endpoint: &str,
+        body: Option<&str>,
+        status: u16,
+    ) -> Option<serde_json::Value> {
+        let r = self.http(method, endpoint, body);
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {endpoint}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        (!r.body.is_empty()).then(|| serde_json::from_slice(&r.body).expect("JSON body"))
+    }
+
+    /// Runs `baton-remote --api-socket SOCKET args...`.
+    pub fn remote(&self, args: &[&str]) -> Output {
+        let mut child = Command::new(remote_bin())
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn baton-remote");
+        wait_child(&mut child, Duration::from_secs(60));
+        child.wait_with_output().expect("baton-remote output")
+    }
+
+    /// Connects to the VM's serial socket at `path`.
+    pub fn console(&mut self, path: &Path) -> Console {
+        Console::connect(path, &mut self.child, Duration::from_secs(20))
+    }
+
+    /// Waits for baton to exit; returns its status and standard error.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let status = wait_child(&mut self.child, timeout);
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status, err)
+    }
+}
+
+impl Drop for ApiVmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A VmConfig JSON for the test guest with its serial console on `serial`.
+pub fn guest_config_json(serial: &Path, cpus: u8, cmdline: &str) -> String {
+    serde_json::json!({
+        "cpus": {"boot_vcpus": cpus, "max_vcpus": cpus},
+        "memory": {"size": 256u64 << 20},
+        "payload": {"kernel": guest_bin(), "cmdline": cmdline},
+        "serial": {"mode": "Socket", "socket": serial},
+    })
+    .to_string()
 }

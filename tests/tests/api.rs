@@ -1,0 +1,279 @@
+//! The REST API and baton-remote, driving the test guest: the VM lifecycle through raw HTTP
+//! and through baton-remote, every bad input answered with a clear 4xx and followed by a
+//! request that still succeeds, and the socket's ownership rules.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use baton_tests::{guest_config_json, ApiVmm, BOOTING, READY};
+
+const BOOT: Duration = Duration::from_secs(60);
+const EXIT: Duration = Duration::from_secs(30);
+
+fn beat(line: &str) -> Option<u64> {
+    line.strip_prefix("heartbeat ")?.parse().ok()
+}
+
+#[test]
+fn lifecycle_over_raw_http() {
+    let mut vmm = ApiVmm::start(&[]);
+    let ping = vmm.expect("GET", "vmm.ping", None, 200).unwrap();
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"));
+    assert!(ping["pid"].as_u64().unwrap() > 0);
+    // No VM yet.
+    vmm.expect("GET", "vm.info", None, 404);
+    vmm.expect("PUT", "vm.boot", None, 404);
+
+    let serial = vmm.dir().join("serial.sock");
+    let config = guest_config_json(&serial, 2, "heartbeat_ms=50");
+    vmm.expect("PUT", "vm.create", Some(&config), 204);
+    let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Created");
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2);
+    assert_eq!(info["memory_actual_size"], 256u64 << 20);
+    // Create twice is a conflict.
+    vmm.expect("PUT", "vm.create", Some(&config), 409);
+
+    vmm.expect("PUT", "vm.boot", None, 204);
+    vmm.expect("PUT", "vm.boot", None, 409);
+    let mut console = vmm.console(&serial);
+    console.wait_for(READY, BOOT);
+    console.wait_for("heartbeat 2", BOOT);
+    assert_eq!(
+        vmm.expect("GET", "vm.info", None, 200).unwrap()["state"],
+        "Running"
+    );
+
+    // Pause: once vm.pause has answered no vCPU runs, so the heartbeat stops.
+    vmm.expect("PUT", "vm.pause", None, 204);
+    assert_eq!(
+        vmm.expect("GET", "vm.info", None, 200).unwrap()["state"],
+        "Paused"
+    );
+    vmm.expect("PUT", "vm.pause", None, 409);
+    let seen = console.seen.len();
+    let paused_at = Instant::now();
+    // Whatever was already on its way out arrives at once; nothing follows for six beats.
+    let mut last = console.seen.iter().rev().find_map(|l| beat(l)).unwrap();
+    while paused_at.elapsed() < Duration::from_millis(300) {
+        if let Some(line) = console.try_next(Duration::from_millis(20)) {
+            if let Some(n) = beat(&line) {
+                assert!(
+                    paused_at.elapsed() < Duration::from_millis(50),
+                    "heartbeat {n} while paused"
+                );
+                last = n;
+            }
+        }
+    }
+    assert!(console.seen.len() <= seen + 1);
+    vmm.expect("PUT", "vm.resume", None, 204);
+    vmm.expect("PUT", "vm.resume", None, 409);
+    // The same guest continues: its counter goes on from where it stopped.
+    let next = console.wait_for("heartbeat ", BOOT);
+    assert_eq!(beat(&next), Some(last + 1), "{next}");
+
+    // Reboot boots the guest a second time in the same process.
+    vmm.expect("PUT", "vm.reboot", None, 204);
+    console.wait_for(BOOTING, BOOT);
+    console.wait_for(READY, BOOT);
+
+    // The power button: the guest powers off and baton exits 0.
+    vmm.expect("PUT", "vm.power-button", None, 204);
+    console.wait_for("power-button: pressed", BOOT);
+    let (status, stderr) = vmm.wait_exit(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn lifecycle_through_baton_remote() {
+    let mut vmm = ApiVmm::start(&[]);
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "baton-remote failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let ping: serde_json::Value = serde_json::from_str(&ok(vmm.remote(&["ping"]))).unwrap();
+    assert!(ping["pid"].as_u64().is_some());
+
+    let serial = vmm.dir().join("serial.sock");
+    let config_file = vmm.dir().join("vm.json");
+    std::fs::write(
+        &config_file,
+        guest_config_json(&serial, 1, "heartbeat_ms=50"),
+    )
+    .unwrap();
+    ok(vmm.remote(&["create", config_file.to_str().unwrap()]));
+    ok(vmm.remote(&["boot"]));
+    let mut console = vmm.console(&serial);
+    console.wait_for(READY, BOOT);
+    let info: serde_json::Value = serde_json::from_str(&ok(vmm.remote(&["info"]))).unwrap();
+    assert_eq!(info["state"], "Running");
+    ok(vmm.remote(&["pause"]));
+    ok(vmm.remote(&["resume"]));
+    console.wait_for("heartbeat ", BOOT);
+
+    // A failing command prints the error chain and exits non-zero.
+    let out = vmm.remote(&["resume"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Cannot resume a VM that is Running"),
+        "{stderr}"
+    );
+
+    // Shut down, boot again, delete, and end the VMM.
+    ok(vmm.remote(&["shutdown"]));
+    let info: serde_json::Value = serde_json::from_str(&ok(vmm.remote(&["info"]))).unwrap();
+    assert_eq!(info["state"], "Shutdown");
+    ok(vmm.remote(&["boot"]));
+    let mut console = vmm.console(&serial);
+    console.wait_for(READY, BOOT);
+    ok(vmm.remote(&["delete"]));
+    let out = vmm.remote(&["info"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No VM has been created"));
+    ok(vmm.remote(&["shutdown-vmm"]));
+    let (status, stderr) = vmm.wait_exit(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_baton_keeps_serving() {
+    let vmm = ApiVmm::start(&[]);
+    let serial = vmm.dir().join("serial.sock");
+    let good = guest_config_json(&serial, 1, "heartbeat_ms=0");
+    let too_big = format!("{{\"pad\":\"{}\"}}", "x".repeat(2 << 20));
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        (
+            "PUT",
+            "vm.create",
+            Some("{not json"),
+            400,
+            "Invalid VM configuration",
+        ),
+        (
+            "PUT",
+            "vm.create",
+            Some(r#"{"payload":{"kernel":"/k"},"turbo":true}"#),
+            400,
+            "unknown field",
+        ),
+        (
+            "PUT",
+            "vm.create",
+            Some(r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":"four","max_vcpus":4}}"#),
+            400,
+            "invalid type",
+        ),
+        (
+            "PUT",
+            "vm.create",
+            Some(r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":0,"max_vcpus":0}}"#),
+            400,
+            "Number of vCPUs",
+        ),
+        ("PUT", "vm.create", Some(&too_big), 413, "exceeds the limit"),
+        ("GET", "vm.teleport", None, 404, "Unknown API path"),
+        ("PUT", "vmm.ping", None, 405, "use GET"),
+        ("GET", "vm.boot", None, 405, "use PUT"),
+        ("PUT", "vm.pause", None, 404, "No VM"),
+        ("PUT", "vm.resume", None, 404, "No VM"),
+    ];
+    for (method, endpoint, body, status, text) in cases {
+        let r = vmm.http(method, endpoint, *body);
+        assert_eq!(r.status, *status, "{method} {endpoint}");
+        let chain = r.error_chain().expect("errors are a JSON array of strings");
+        assert!(
+            chain.iter().any(|l| l.contains(text)),
+            "{method} {endpoint}: {chain:?} lacks {text:?}"
+        );
+        // baton still serves the next request.
+        vmm.expect("GET", "vmm.ping", None, 200);
+    }
+    // Wrong state once a VM exists.
+    vmm.expect("PUT", "vm.create", Some(&good), 204);
+    for endpoint in [
+        "vm.pause",
+        "vm.resume",
+        "vm.shutdown",
+        "vm.reboot",
+        "vm.power-button",
+    ] {
+        let r = vmm.http("PUT", endpoint, None);
+        assert_eq!(r.status, 409, "{endpoint} before boot");
+        vmm.expect("GET", "vm.info", None, 200);
+    }
+    // A request that is not HTTP at all.
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&vmm.socket).unwrap();
+    s.write_all(b"HELLO\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    vmm.expect("GET", "vmm.ping", None, 200);
+}
+
+#[test]
+fn socket_is_owner_only_and_exclusive() {
+    let vmm = ApiVmm::start(&[]);
+    let mode = std::fs::metadata(&vmm.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let out = baton_tests::run_baton(
+        &["--api-socket", &format!("path={}", vmm.socket.display())],
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is in use by another baton"), "{stderr}");
+    vmm.expect("GET", "vmm.ping", None, 200);
+}
+
+#[test]
+fn stale_socket_file_does_not_block_a_new_baton() {
+    let dir = baton_tests::TempDir::new("stale");
+    let socket = dir.path().join("api.sock");
+    // A socket file nobody serves, as a killed baton leaves behind.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let spec = format!("path={}", socket.display());
+    let mut child = std::process::Command::new(baton_tests::baton_bin())
+        .args(["--api-socket", &spec])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api::client::request(&socket, "GET", "vmm.ping", None).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "baton exited");
+        assert!(
+            Instant::now() < deadline,
+            "baton never served the stale path"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = api::client::request(&socket, "PUT", "vmm.shutdown", None).unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(baton_tests::wait_child(&mut child, EXIT).code(), Some(0));
+}
+
+#[test]
+fn command_line_vm_with_api_socket() {
+    let guest = baton_tests::guest_bin();
+    let vmm = ApiVmm::start(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "heartbeat_ms=0",
+        "--serial",
+        "off",
+    ]);
+    let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running");
+    vmm.expect("PUT", "vm.create", Some("{\"payload\":{}}"), 409);
+    vmm.expect("PUT", "vmm.shutdown", None, 204);
+    let (status, stderr) = vmm.wait_exit(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
