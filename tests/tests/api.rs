@@ -277,3 +277,60 @@ fn command_line_vm_with_api_socket() {
     let (status, stderr) = vmm.wait_exit(EXIT);
     assert_eq!(status.code(), Some(0), "{stderr}");
 }
+
+#[test]
+fn inherited_listening_socket() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    let dir = baton_tests::TempDir::new("fd");
+    let socket = dir.path().join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = std::process::Command::new(baton_tests::baton_bin());
+    cmd.args(["--api-socket", &format!("fd={fd}")])
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: runs in the child between fork and exec and only calls fcntl, which is
+    // async-signal-safe, on a descriptor the child inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().unwrap();
+    // baton holds its own copy now; were it to die, requests fail instead of hanging.
+    drop(listener);
+    // The listener already exists: a request succeeds as soon as baton accepts.
+    let r = api::client::request(&socket, "GET", "vmm.ping", None).unwrap();
+    assert_eq!(r.status, 200);
+    let r = api::client::request(&socket, "PUT", "vmm.shutdown", None).unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(baton_tests::wait_child(&mut child, EXIT).code(), Some(0));
+}
+
+#[test]
+fn bad_api_socket_options() {
+    for (spec, text) in [
+        ("fd=99", "File descriptor 99 is not a listening UNIX socket"),
+        ("fd=x", "Invalid value 'x'"),
+        ("path=/a,fd=3", "exactly one of path=PATH or fd=N"),
+        ("port=80", "Unknown option 'port'"),
+        (
+            "path=/nonexistent-dir/api.sock",
+            "Cannot open lock file /nonexistent-dir/api.sock.lock",
+        ),
+    ] {
+        let out = baton_tests::run_baton(&["--api-socket", spec], Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{spec}: {stderr}");
+        assert!(
+            stderr.contains(text),
+            "{spec}: expected {text:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
