@@ -1,7 +1,7 @@
 //! The guest physical address map.
 //!
 //! ```text
-//! 0x0000_0500  GDT for 64-bit Linux boot
+//! 0x0000_0500  GDT for 64-bit Linux boot (5 entries), then the empty boot IDT at 0x530
 //! 0x0000_6000  PVH hvm_start_info, followed by its memory map and module list
 //! 0x0000_7000  Linux boot_params (the zero page)
 //! 0x0000_9000  identity page tables for 64-bit Linux boot (PML4, PDPT, 4 PDs)
@@ -18,8 +18,8 @@
 
 /// Start of the GDT used by 64-bit boot.
 pub const BOOT_GDT_START: u64 = 0x500;
-/// Start of the (empty) IDT used by 64-bit boot.
-pub const BOOT_IDT_START: u64 = 0x520;
+/// Start of the (empty) IDT used by 64-bit boot, after the five GDT entries.
+pub const BOOT_IDT_START: u64 = 0x530;
 /// PVH start_info.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// Linux zero page.

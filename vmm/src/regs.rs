@@ -46,7 +46,8 @@ const CODE32_SELECTOR: u16 = 0x08;
 const CODE64_SELECTOR: u16 = 0x10;
 const DATA_SELECTOR: u16 = 0x18;
 const TSS_SELECTOR: u16 = 0x20;
-/// Stack for the 64-bit Linux entry, below the zero page.
+/// Stack for the 64-bit Linux entry: grows down from the end of the page after the zero page
+/// (the zero page's 4 KiB end at 0x8000; the page tables start at 0x9000).
 const BOOT_STACK: u64 = 0x8ff0;
 
 /// A GDT descriptor from flags (access byte in bits 0-7, flags nibble in 12-15), base, limit.
@@ -231,6 +232,14 @@ mod tests {
         assert_eq!((ds.type_, ds.db, ds.base), (0x3, 1, 0));
         let tr = segment(TSS_SELECTOR);
         assert_eq!((tr.type_, tr.s, tr.present), (0xb, 0, 1));
+    }
+
+    #[test]
+    fn boot_tables_do_not_overlap() {
+        let gdt_end = BOOT_GDT_START + std::mem::size_of_val(&GDT) as u64;
+        assert!(BOOT_IDT_START >= gdt_end, "IDT inside the GDT");
+        const { assert!(BOOT_IDT_START + 8 <= PVH_INFO_START) };
+        const { assert!(BOOT_STACK > ZERO_PAGE_START + 0x1000 && BOOT_STACK < PML4_START) };
     }
 
     #[test]
