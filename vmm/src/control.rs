@@ -100,18 +100,35 @@ impl Vmm {
         Ok(())
     }
 
-    /// Stops and drops the running VM, if any.
+    /// Stops and drops the running VM, if any, and forgets what its guest last signalled:
+    /// a reset or power-off raced by the stop must not act on the next VM.
     fn stop_vm(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
         }
+        for evt in [&self.events.exit, &self.events.reset, &self.events.fail] {
+            // Non-blocking: an empty eventfd just says so.
+            let _ = evt.read();
+        }
     }
 
-    /// Rebuilds the VM (guest reset or vm.reboot).
+    /// Whether a VM is running (guest events only mean something then).
+    pub fn has_vm(&self) -> bool {
+        self.vm.is_some()
+    }
+
+    /// The running (or paused) VM, or a 409 saying why there is none.
+    fn running(&self) -> Result<&Vm, ApiError> {
+        self.vm
+            .as_ref()
+            .ok_or_else(|| conflict(format!("The VM is not running ({:?})", self.state)))
+    }
+
+    /// Rebuilds the VM (guest reset or vm.reboot). If the new VM cannot start, the VM is
+    /// left shut down, and says so.
     pub fn reboot(&mut self) -> Result<(), ApiError> {
         self.stop_vm();
-        // A reset raced by several vCPUs must not trigger a second reboot.
-        let _ = self.events.reset.read();
+        self.state = VmState::Shutdown;
         self.start_vm()
     }
 
@@ -144,15 +161,15 @@ impl Vmm {
                 .and_then(|_| self.start_vm())
                 .map(|_| ApiReply::Empty),
             ApiAction::VmInfo => self.info(),
-            ApiAction::VmPause => self.require(&[VmState::Running], "pause").map(|_| {
-                self.vm.as_ref().expect("running VM exists").pause();
+            ApiAction::VmPause => self.require(&[VmState::Running], "pause").and_then(|_| {
+                self.running()?.pause();
                 self.state = VmState::Paused;
-                ApiReply::Empty
+                Ok(ApiReply::Empty)
             }),
-            ApiAction::VmResume => self.require(&[VmState::Paused], "resume").map(|_| {
-                self.vm.as_ref().expect("paused VM exists").resume();
+            ApiAction::VmResume => self.require(&[VmState::Paused], "resume").and_then(|_| {
+                self.running()?.resume();
                 self.state = VmState::Running;
-                ApiReply::Empty
+                Ok(ApiReply::Empty)
             }),
             ApiAction::VmShutdown => self
                 .require(&[VmState::Running, VmState::Paused], "shut down")
@@ -167,13 +184,8 @@ impl Vmm {
                 .map(|_| ApiReply::Empty),
             ApiAction::VmPowerButton => self
                 .require(&[VmState::Running], "press the power button of")
-                .and_then(|_| {
-                    self.vm
-                        .as_ref()
-                        .expect("running VM exists")
-                        .power_button()
-                        .map_err(|e| ApiError::new(500, &e))
-                })
+                .and_then(|_| self.running())
+                .and_then(|vm| vm.power_button().map_err(|e| ApiError::new(500, &e)))
                 .map(|_| ApiReply::Empty),
             ApiAction::VmDelete => self.state().map(|_| {
                 self.stop_vm();

@@ -46,6 +46,9 @@ pub enum Error {
     /// The API socket.
     #[error("Cannot serve the API")]
     Api(#[source] ServerError),
+    /// `--api-socket` did not parse.
+    #[error("Invalid --api-socket option")]
+    ApiSocketOption(#[source] api::option_parser::OptionError),
     /// A request from the command line failed (the error chain, outermost first).
     #[error("{}", .0.chain.join("\n  caused by: "))]
     Request(ApiError),
@@ -194,6 +197,9 @@ pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Ou
                 vmm.shutdown();
                 return Ok(Outcome::PoweredOff);
             }
+            // Guest events of a VM that is already gone (deleted or shut down while its
+            // guest signalled) were drained with it; nothing is left to act on.
+            0..=2 if !vmm.has_vm() => {}
             1 => {
                 log::info!("guest reset: rebooting");
                 vmm.reboot().map_err(Error::Request)?;
@@ -215,6 +221,11 @@ pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Ou
                     let _ = request.reply.send(response);
                     if after == After::Exit {
                         log::info!("vmm.shutdown requested");
+                        while let Ok(late) = requests.try_recv() {
+                            let _ = late
+                                .reply
+                                .send(Err(ApiError::message(503, "The VMM is shutting down")));
+                        }
                         server.drain(Duration::from_secs(2));
                         return Ok(Outcome::ApiShutdown);
                     }

@@ -1,5 +1,7 @@
 //! A minimal logger to standard error: `baton: LEVEL: message`.
 
+use std::io::Write;
+
 use log::{LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
@@ -11,7 +13,9 @@ impl Log for StderrLogger {
 
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
-            eprintln!(
+            // A closed stderr must not take the VMM down.
+            let _ = writeln!(
+                std::io::stderr(),
                 "baton: {}: {}",
                 record.level().as_str().to_lowercase(),
                 record.args()

@@ -163,7 +163,7 @@ impl Vcpu {
         match opcode {
             INT3 => {
                 let mut events = self.fd.get_vcpu_events().ok()?;
-                regs.rip += 1;
+                regs.rip = regs.rip.wrapping_add(1);
                 events.exception.injected = 1;
                 events.exception.nr = BP_VECTOR;
                 events.exception.has_error_code = 0;
@@ -173,7 +173,7 @@ impl Vcpu {
                 Some("INT3")
             }
             FWAIT => {
-                regs.rip += 1;
+                regs.rip = regs.rip.wrapping_add(1);
                 self.fd.set_regs(&regs).ok()?;
                 Some("FWAIT")
             }

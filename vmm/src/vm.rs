@@ -44,6 +44,9 @@ pub enum Error {
     /// Kernel, initramfs or boot information.
     #[error("Cannot load the payload")]
     Boot(#[source] boot::Error),
+    /// The adjusted CPUID does not fit KVM's table.
+    #[error("CPUID has {0} entries, more than KVM takes")]
+    Cpuid(usize, #[source] vmm_sys_util::fam::Error),
     /// vCPU register setup.
     #[error("Cannot set up vCPU {0}")]
     Regs(u8, #[source] regs::Error),
@@ -276,7 +279,8 @@ impl Vm {
                     masked: &masked,
                 },
             );
-            let cpuid = CpuId::from_entries(&entries).expect("CPUID entries fit KVM's limit");
+            let cpuid =
+                CpuId::from_entries(&entries).map_err(|e| Error::Cpuid(entries.len(), e))?;
             fd.set_cpuid2(&cpuid)
                 .map_err(|e| Error::Kvm("set CPUID", e))?;
             regs::setup_common(&fd).map_err(|e| Error::Regs(id, e))?;
