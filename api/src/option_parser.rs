@@ -165,7 +165,7 @@ pub fn parse_int<T: TryFrom<u64>>(value: &str) -> Result<T, String> {
         None => value.parse::<u64>(),
     }
     .map_err(|e| format!("not a number ({e})"))?;
-    T::try_from(n).map_err(|_| "number out of range".to_string())
+    T::try_from(n).map_err(|_| format!("{n} is out of range"))
 }
 
 /// Parses a byte size with an optional binary suffix: `512M`, `5G`, `4096`, `1T`.
@@ -179,7 +179,7 @@ pub fn parse_size(value: &str) -> Result<u64, String> {
     };
     let n: u64 = digits
         .parse()
-        .map_err(|_| "expected a size such as 512M, 4G or a number of bytes".to_string())?;
+        .map_err(|e| format!("expected a size such as 512M, 4G or a number of bytes ({e})"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| "size too large".to_string())
 }

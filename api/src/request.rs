@@ -57,16 +57,24 @@ pub struct ApiError {
     pub chain: Vec<String>,
 }
 
+/// `err` and its causes, outermost first: how every error reaches a user.
+pub fn error_chain(err: &dyn std::error::Error) -> Vec<String> {
+    let mut chain = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(s) = source {
+        chain.push(s.to_string());
+        source = s.source();
+    }
+    chain
+}
+
 impl ApiError {
     /// An error with `status` built from `err` and its sources.
     pub fn new(status: u16, err: &dyn std::error::Error) -> Self {
-        let mut chain = vec![err.to_string()];
-        let mut source = err.source();
-        while let Some(s) = source {
-            chain.push(s.to_string());
-            source = s.source();
+        ApiError {
+            status,
+            chain: error_chain(err),
         }
-        ApiError { status, chain }
     }
 
     /// An error with `status` and one message.

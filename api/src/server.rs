@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::http::{self, HttpError};
 use crate::request::{ApiAction, ApiError, ApiReply, ApiResponse, ApiSender};
-use crate::routes::{self, Endpoint};
+use crate::routes::{self, Endpoint, RouteError};
 use crate::VmConfig;
 
 /// Errors setting up the API socket.
@@ -37,6 +37,18 @@ pub enum ServerError {
     /// The server thread could not start.
     #[error("Cannot start the API server thread")]
     Thread(#[source] std::io::Error),
+}
+
+/// Removes a leftover socket file at `path`. Anything else there (a typo naming a disk image)
+/// is left alone, and binding then fails with "address in use".
+pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A bound API socket; the lock stays held while this lives.
@@ -60,7 +72,7 @@ impl ApiSocket {
             return Err(ServerError::InUse(path.to_owned()));
         }
         // We hold the lock, so a socket file there belongs to a baton that is gone.
-        let _ = std::fs::remove_file(path);
+        remove_stale_socket(path).map_err(|e| ServerError::Bind(path.to_owned(), e))?;
         let listener =
             UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_owned(), e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -88,6 +100,31 @@ impl ApiSocket {
         if rc != 0 || accepting == 0 {
             return Err(ServerError::BadFd(fd));
         }
+        let mut domain: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: as above; SO_DOMAIN tells the address family.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                (&mut domain as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        // The API is unauthenticated: it may only ever listen on a UNIX socket.
+        if rc != 0 || domain != libc::AF_UNIX {
+            return Err(ServerError::BadFd(fd));
+        }
+        // SAFETY: fcntl on a descriptor we checked; the accept loop needs blocking accepts,
+        // and children baton starts must not inherit the API.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
         // SAFETY: the caller hands us `fd`, a listening socket nobody else owns.
         let listener = unsafe { UnixListener::from_raw_fd(fd) };
         Ok(ApiSocket {
@@ -105,7 +142,15 @@ impl ApiSocket {
             .spawn(move || {
                 let _lock = self._lock;
                 for stream in self.listener.incoming() {
-                    let Ok(stream) = stream else { continue };
+                    let stream = match stream {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // Out of descriptors, say: wait rather than spin.
+                            log::warn!("API: accept failed: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    };
                     let Ok(sender) = sender.try_clone() else {
                         continue;
                     };
@@ -194,12 +239,22 @@ pub fn action_for(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, ApiError
     })
 }
 
-/// Handles one parsed request end to end.
-fn handle(sender: &ApiSender, request: &http::Request) -> ApiResponse {
-    let endpoint =
-        routes::route(&request.method, &request.path).map_err(|e| ApiError::new(e.status(), &e))?;
-    let action = action_for(endpoint, &request.body)?;
-    sender.call(action)
+/// Handles one parsed request end to end; also returns the method a 405 should allow.
+fn handle(sender: &ApiSender, request: &http::Request) -> (ApiResponse, Option<&'static str>) {
+    let endpoint = match routes::route(&request.method, &request.path) {
+        Ok(e) => e,
+        Err(e) => {
+            let allow = match &e {
+                RouteError::MethodNotAllowed { allowed, .. } => Some(*allowed),
+                RouteError::NotFound(_) => None,
+            };
+            return (Err(ApiError::new(e.status(), &e)), allow);
+        }
+    };
+    (
+        action_for(endpoint, &request.body).and_then(|a| sender.call(a)),
+        None,
+    )
 }
 
 fn serve_connection(stream: UnixStream, sender: &ApiSender, in_flight: &InFlight) {
@@ -215,12 +270,13 @@ fn serve_connection(stream: UnixStream, sender: &ApiSender, in_flight: &InFlight
             Err(e) => {
                 // The stream is out of step after a bad request: answer, then close.
                 let body = error_body(&ApiError::new(e.status(), &e).chain);
-                let _ = http::write_response(&mut writer, e.status(), Some(&body), true);
+                let _ = http::write_response(&mut writer, e.status(), Some(&body), true, None);
                 return;
             }
         };
         in_flight.start();
-        let (status, body) = match handle(sender, &request) {
+        let (response, allow) = handle(sender, &request);
+        let (status, body) = match response {
             Ok(ApiReply::Empty) => (204, None),
             Ok(ApiReply::Json(v)) => (
                 200,
@@ -228,7 +284,8 @@ fn serve_connection(stream: UnixStream, sender: &ApiSender, in_flight: &InFlight
             ),
             Err(e) => (e.status, Some(error_body(&e.chain))),
         };
-        let written = http::write_response(&mut writer, status, body.as_deref(), request.close);
+        let written =
+            http::write_response(&mut writer, status, body.as_deref(), request.close, allow);
         in_flight.finish();
         if written.is_err() || request.close {
             return;
@@ -264,8 +321,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("baton-api-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("api.sock");
-        std::fs::write(&path, b"stale").unwrap();
-        let first = ApiSocket::bind(&path).expect("stale file replaced");
+        // A regular file at the path (a typo naming a disk image) is never removed.
+        std::fs::write(&path, b"precious").unwrap();
+        assert!(matches!(ApiSocket::bind(&path), Err(ServerError::Bind(..))));
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        // A socket file nobody serves, as a killed VMM leaves behind, is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        let first = ApiSocket::bind(&path).expect("stale socket replaced");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(ApiSocket::bind(&path), Err(ServerError::InUse(_))));

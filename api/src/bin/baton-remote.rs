@@ -168,13 +168,7 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            let mut chain = vec![e.to_string()];
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                chain.push(s.to_string());
-                source = s.source();
-            }
-            print_chain(&chain);
+            print_chain(&api::request::error_chain(&e));
             ExitCode::FAILURE
         }
     }

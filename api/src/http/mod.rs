@@ -39,9 +39,15 @@ pub enum HttpError {
     /// Request line and headers are too long.
     #[error("Request headers exceed {MAX_HEADER_BYTES} bytes")]
     HeadersTooLarge,
+    /// Content-Length given twice with different values.
+    #[error("Conflicting Content-Length headers")]
+    ContentLength,
     /// Content-Length is not a number.
     #[error("Invalid Content-Length")]
-    ContentLength,
+    ContentLengthValue(#[source] std::num::ParseIntError),
+    /// The request line or a header is not UTF-8.
+    #[error("Request line or header is not UTF-8")]
+    Utf8(#[source] std::string::FromUtf8Error),
     /// The body is larger than the limit.
     #[error("Request body of {0} bytes exceeds the limit of {MAX_BODY_BYTES} bytes")]
     BodyTooLarge(usize),
@@ -129,7 +135,7 @@ pub fn read_request<R: BufRead>(r: &mut R) -> Result<Option<Request>, HttpError>
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => {
-                let n: usize = value.parse().map_err(|_| HttpError::ContentLength)?;
+                let n: usize = value.parse().map_err(HttpError::ContentLengthValue)?;
                 if content_length.is_some_and(|c| c != n) {
                     return Err(HttpError::ContentLength);
                 }
@@ -178,19 +184,24 @@ pub fn reason(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
+        503 => "Service Unavailable",
         505 => "HTTP Version Not Supported",
         _ => "Unknown",
     }
 }
 
-/// Writes a response with an optional JSON body.
+/// Writes a response with an optional JSON body; `allow` names the allowed method of a 405.
 pub fn write_response<W: Write>(
     w: &mut W,
     status: u16,
     body: Option<&[u8]>,
     close: bool,
+    allow: Option<&str>,
 ) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {status} {}\r\nServer: baton\r\n", reason(status));
+    if let Some(method) = allow {
+        head.push_str(&format!("Allow: {method}\r\n"));
+    }
     if let Some(b) = body {
         head.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -283,16 +294,19 @@ mod tests {
     #[test]
     fn response_format() {
         let mut out = Vec::new();
-        write_response(&mut out, 200, Some(b"{}"), false).unwrap();
+        write_response(&mut out, 200, Some(b"{}"), false, None).unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(s.contains("Content-Length: 2\r\n"));
         assert!(s.ends_with("\r\n\r\n{}"));
         let mut out = Vec::new();
-        write_response(&mut out, 204, None, true).unwrap();
+        write_response(&mut out, 204, None, true, None).unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 204 No Content\r\n"));
         assert!(!s.contains("Content-Length"));
         assert!(s.contains("Connection: close"));
+        let mut out = Vec::new();
+        write_response(&mut out, 405, Some(b"[]"), false, Some("GET")).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("Allow: GET\r\n"));
     }
 }
