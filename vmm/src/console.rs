@@ -6,14 +6,15 @@
 //!
 //! In socket mode, the last [`BACKLOG`] bytes of output are replayed to each client that
 //! connects, so a client that connects after boot still sees the boot messages. A new client
-//! replaces the previous one.
+//! replaces (disconnects) the previous one. Dropping the console releases its socket.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use api::{ConsoleConfig, ConsoleMode};
@@ -89,24 +90,42 @@ impl Write for ConsoleOutput {
     }
 }
 
-type InputTarget = Arc<Mutex<Option<Arc<Mutex<Serial>>>>>;
+/// Where typed input goes: the current serial device (none between VMs), and whether the
+/// console that reads it is gone.
+#[derive(Default)]
+struct Input {
+    device: Mutex<Option<Arc<Mutex<Serial>>>>,
+    closed: AtomicBool,
+}
+
+type InputTarget = Arc<Input>;
+
+/// Standard input has one reader for the life of the process: every tty console shares it.
+static STDIN_TARGET: OnceLock<InputTarget> = OnceLock::new();
 
 /// The console: output handle plus the input source feeding the current serial device.
 pub struct Console {
     output: ConsoleOutput,
     target: InputTarget,
+    socket: Option<PathBuf>,
 }
 
 impl Console {
     /// Sets up the console described by `config`.
     pub fn new(config: &ConsoleConfig) -> Result<Self, Error> {
-        let target: InputTarget = Arc::new(Mutex::new(None));
+        let mut target = InputTarget::default();
         let sink = match config.mode {
             ConsoleMode::Off => Sink::Discard,
             ConsoleMode::Tty => {
-                spawn_input("serial-stdin", target.clone(), move |t| {
-                    pump(io::stdin().lock(), t)
-                })?;
+                target = match STDIN_TARGET.get() {
+                    Some(t) => t.clone(),
+                    None => {
+                        spawn_input("serial-stdin", target.clone(), move |t| {
+                            pump(io::stdin().lock(), t)
+                        })?;
+                        STDIN_TARGET.get_or_init(|| target).clone()
+                    }
+                };
                 Sink::Stdout
             }
             ConsoleMode::File => {
@@ -127,6 +146,7 @@ impl Console {
             },
         };
         let output = ConsoleOutput(Arc::new(Mutex::new(sink)));
+        let mut socket = None;
         if config.mode == ConsoleMode::Socket {
             let path = config
                 .socket
@@ -137,8 +157,13 @@ impl Console {
             spawn_input("serial-socket", target.clone(), move |t| {
                 serve(listener, out, t)
             })?;
+            socket = Some(path.to_owned());
         }
-        Ok(Console { output, target })
+        Ok(Console {
+            output,
+            target,
+            socket,
+        })
     }
 
     /// The output handle for a new serial device.
@@ -148,7 +173,27 @@ impl Console {
 
     /// Makes `serial` the device that receives input.
     pub fn attach(&self, serial: Arc<Mutex<Serial>>) {
-        *self.target.lock().expect("console lock poisoned") = Some(serial);
+        *self.target.device.lock().expect("console lock poisoned") = Some(serial);
+    }
+}
+
+impl Drop for Console {
+    /// Releases the console: input stops reaching the old device, the socket's client is
+    /// disconnected, its listener thread ends and the socket file goes.
+    fn drop(&mut self) {
+        *self.target.device.lock().expect("console lock poisoned") = None;
+        let Some(path) = self.socket.take() else {
+            return;
+        };
+        self.target.closed.store(true, Ordering::Release);
+        if let Sink::Socket { client, .. } = &mut *self.output.0.lock().expect("console lock") {
+            if let Some(c) = client.take() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        // Wake the accept loop so it sees the console closed and drops the listener.
+        let _ = UnixStream::connect(&path);
+        let _ = api::server::remove_stale_socket(&path);
     }
 }
 
@@ -158,8 +203,8 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
         if UnixStream::connect(path).is_ok() {
             return Err(Error::SocketInUse(path.to_owned()));
         }
-        // Nobody answers: a leftover from a process that died.
-        let _ = std::fs::remove_file(path);
+        // Nobody answers: a leftover from a process that died (only a socket is removed).
+        api::server::remove_stale_socket(path).map_err(|e| Error::Socket(path.to_owned(), e))?;
     }
     UnixListener::bind(path).map_err(|e| Error::Socket(path.to_owned(), e))
 }
@@ -178,9 +223,9 @@ fn spawn_input(
 
 /// Feeds `bytes` to the current serial device, waiting while its FIFO is full.
 fn deliver(target: &InputTarget, mut bytes: &[u8]) {
-    while !bytes.is_empty() {
+    while !bytes.is_empty() && !target.closed.load(Ordering::Acquire) {
         let sent = {
-            let current = target.lock().expect("console lock poisoned").clone();
+            let current = target.device.lock().expect("console lock poisoned").clone();
             match current {
                 Some(serial) => serial
                     .lock()
@@ -219,10 +264,15 @@ fn serve(listener: UnixListener, output: ConsoleOutput, target: InputTarget) {
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
                 log::warn!("serial socket accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
+        if target.closed.load(Ordering::Acquire) {
+            return;
+        }
         let reader = match stream.try_clone() {
             Ok(r) => r,
             Err(e) => {
@@ -236,6 +286,10 @@ fn serve(listener: UnixListener, output: ConsoleOutput, target: InputTarget) {
         {
             let mut sink = output.0.lock().expect("console lock poisoned");
             if let Sink::Socket { backlog, client } = &mut *sink {
+                // A new client replaces the old one, which stops typing into the guest.
+                if let Some(old) = client.take() {
+                    let _ = old.shutdown(std::net::Shutdown::Both);
+                }
                 let (a, b) = backlog.as_slices();
                 let mut s = &stream;
                 if s.write_all(a).and_then(|_| s.write_all(b)).is_ok() {
