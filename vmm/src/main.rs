@@ -115,11 +115,10 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, api::ConfigError> {
 
 /// Prints an error and its causes, outermost first.
 fn report(err: &dyn std::error::Error) {
-    eprintln!("baton: error: {err}");
-    let mut source = err.source();
-    while let Some(cause) = source {
+    let chain = api::request::error_chain(err);
+    eprintln!("baton: error: {}", chain[0]);
+    for cause in &chain[1..] {
         eprintln!("  caused by: {cause}");
-        source = cause.source();
     }
 }
 
@@ -140,12 +139,7 @@ fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
     let Some(spec) = m.get_one::<String>("api-socket") else {
         return Ok(None);
     };
-    let invalid = |source| {
-        vmm::Error::Config(api::ConfigError::Option {
-            option: "api-socket",
-            source,
-        })
-    };
+    let invalid = vmm::Error::ApiSocketOption;
     let p = OptionParser::parse(spec, &["path", "fd"], Some("path")).map_err(invalid)?;
     let fd = p.convert("fd", parse_int::<i32>).map_err(invalid)?;
     match (p.get("path"), fd) {
