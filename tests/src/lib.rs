@@ -298,24 +298,19 @@ impl Vm {
 
     /// Waits for baton to exit; returns its status and standard error.
     pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll baton") {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                return (status, err);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "baton did not exit within {timeout:?}; console:\n{}",
-                    self.console.tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if self.child.try_wait().expect("poll baton").is_none() {
+            // Say what the guest printed if baton hangs.
+            eprintln!(
+                "waiting for baton; console so far:\n{}",
+                self.console.tail()
+            );
         }
+        let status = wait_child(&mut self.child, timeout);
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status, err)
     }
 }
 

@@ -334,3 +334,54 @@ fn bad_api_socket_options() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// Regression: a failed vm.reboot left the state Running without a VM, and the next
+/// vm.pause crashed baton.
+#[test]
+fn failed_reboot_leaves_the_vm_shut_down() {
+    let vmm = ApiVmm::start(&[]);
+    let kernel = vmm.dir().join("guest.elf");
+    std::fs::copy(baton_tests::guest_bin(), &kernel).unwrap();
+    let config = serde_json::json!({
+        "payload": {"kernel": kernel, "cmdline": "heartbeat_ms=0"},
+        "memory": {"size": 64u64 << 20},
+    })
+    .to_string();
+    vmm.expect("PUT", "vm.create", Some(&config), 204);
+    vmm.expect("PUT", "vm.boot", None, 204);
+    std::fs::remove_file(&kernel).unwrap();
+    let r = vmm.http("PUT", "vm.reboot", None);
+    assert_eq!(r.status, 500);
+    let chain = r.error_chain().unwrap();
+    assert!(
+        chain.iter().any(|l| l.contains("Cannot open kernel")),
+        "{chain:?}"
+    );
+    let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Shutdown");
+    vmm.expect("PUT", "vm.pause", None, 409);
+    vmm.expect("PUT", "vm.power-button", None, 409);
+    vmm.expect("GET", "vmm.ping", None, 200);
+}
+
+/// Regression: a deleted VM's console kept its serial socket, so the same VM could not be
+/// created and booted again.
+#[test]
+fn delete_releases_the_serial_socket() {
+    let mut vmm = ApiVmm::start(&[]);
+    let serial = vmm.dir().join("serial.sock");
+    let config = guest_config_json(&serial, 1, "heartbeat_ms=0");
+    for round in 0..2 {
+        vmm.expect("PUT", "vm.create", Some(&config), 204);
+        vmm.expect("PUT", "vm.boot", None, 204);
+        let mut console = vmm.console(&serial);
+        console.wait_for(READY, BOOT);
+        console.send("echo round");
+        assert_eq!(
+            console.wait_for("echo: ", BOOT),
+            "echo: round",
+            "round {round}"
+        );
+        vmm.expect("PUT", "vm.delete", None, 204);
+    }
+}
