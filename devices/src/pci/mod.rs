@@ -4,10 +4,12 @@
 //! Functions that do not exist read as all ones, as on real hardware, so guests enumerate
 //! nothing there. The devices issue adds virtio-pci functions behind [`PciDevice`].
 
+pub mod configuration;
 mod host_bridge;
 
 use std::sync::{Arc, Mutex};
 
+pub use configuration::{Bar, BarKind, BarMove, Identity, PciConfiguration};
 pub use host_bridge::HostBridge;
 
 use crate::BusDevice;
