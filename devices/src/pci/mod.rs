@@ -6,6 +6,7 @@
 
 pub mod configuration;
 mod host_bridge;
+pub mod msix;
 
 use std::sync::{Arc, Mutex};
 
