@@ -4,6 +4,7 @@
 //! Functions that do not exist read as all ones, as on real hardware, so guests enumerate
 //! nothing there. The devices issue adds virtio-pci functions behind [`PciDevice`].
 
+pub mod allocator;
 pub mod configuration;
 mod host_bridge;
 pub mod msix;
