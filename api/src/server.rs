@@ -39,6 +39,23 @@ pub enum ServerError {
     Thread(#[source] std::io::Error),
 }
 
+/// The integer socket option `opt` of `fd`, if `fd` is a socket.
+fn socket_option(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
 /// Removes a leftover socket file at `path`. Anything else there (a typo naming a disk image)
 /// is left alone, and binding then fails with "address in use".
 pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
@@ -85,35 +102,10 @@ impl ApiSocket {
 
     /// Takes over an inherited, already listening socket.
     pub fn from_fd(fd: RawFd) -> Result<Self, ServerError> {
-        let mut accepting: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `accepting`.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ACCEPTCONN,
-                (&mut accepting as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 || accepting == 0 {
-            return Err(ServerError::BadFd(fd));
-        }
-        let mut domain: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as above; SO_DOMAIN tells the address family.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_DOMAIN,
-                (&mut domain as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
         // The API is unauthenticated: it may only ever listen on a UNIX socket.
-        if rc != 0 || domain != libc::AF_UNIX {
+        let listening = socket_option(fd, libc::SO_ACCEPTCONN).is_some_and(|v| v != 0);
+        let unix = socket_option(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX);
+        if !listening || !unix {
             return Err(ServerError::BadFd(fd));
         }
         // SAFETY: fcntl on a descriptor we checked; the accept loop needs blocking accepts,
