@@ -124,9 +124,33 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+/// A baton process, killed if a test ends without waiting for it.
+struct Process(Child);
+
+impl Process {
+    /// Waits for exit; returns the status and standard error.
+    fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let status = wait_child(&mut self.0, timeout);
+        let mut err = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status, err)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A running baton with its serial console on a UNIX socket.
 pub struct Vm {
-    child: Child,
+    process: Process,
     console: Console,
     _dir: TempDir,
 }
@@ -273,7 +297,7 @@ impl Vm {
             .expect("spawn baton");
         let console = Console::connect(&socket, &mut child, Duration::from_secs(20));
         Vm {
-            child,
+            process: Process(child),
             console,
             _dir: dir,
         }
@@ -286,46 +310,32 @@ impl Vm {
 
     /// baton's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.0.id()
     }
 
     /// Sends `signal` to baton.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid with a valid signal number.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
         assert_eq!(rc, 0, "kill baton: {}", std::io::Error::last_os_error());
     }
 
     /// Waits for baton to exit; returns its status and standard error.
     pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
-        if self.child.try_wait().expect("poll baton").is_none() {
+        if self.process.0.try_wait().expect("poll baton").is_none() {
             // Say what the guest printed if baton hangs.
             eprintln!(
                 "waiting for baton; console so far:\n{}",
                 self.console.tail()
             );
         }
-        let status = wait_child(&mut self.child, timeout);
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        (status, err)
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process.wait_exit(timeout)
     }
 }
 
 /// A baton serving its API on a socket, started with `--api-socket` and optional VM options.
 pub struct ApiVmm {
-    child: Child,
+    process: Process,
     dir: TempDir,
     /// The API socket.
     pub socket: PathBuf,
@@ -354,7 +364,11 @@ impl ApiVmm {
             assert!(Instant::now() < deadline, "API socket never answered");
             std::thread::sleep(Duration::from_millis(5));
         }
-        ApiVmm { child, dir, socket }
+        ApiVmm {
+            process: Process(child),
+            dir,
+            socket,
+        }
     }
 
     /// A scratch directory that lives as long as this baton.
@@ -403,26 +417,12 @@ impl ApiVmm {
 
     /// Connects to the VM's serial socket at `path`.
     pub fn console(&mut self, path: &Path) -> Console {
-        Console::connect(path, &mut self.child, Duration::from_secs(20))
+        Console::connect(path, &mut self.process.0, Duration::from_secs(20))
     }
 
     /// Waits for baton to exit; returns its status and standard error.
-    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
-        let status = wait_child(&mut self.child, timeout);
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        (status, err)
-    }
-}
-
-impl Drop for ApiVmm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    pub fn wait_exit(self, timeout: Duration) -> (ExitStatus, String) {
+        self.process.wait_exit(timeout)
     }
 }
 
