@@ -10,6 +10,7 @@ pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod pci;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 
