@@ -1,10 +1,12 @@
 //! virtio over PCI (virtio 1.x "modern" transport).
 //!
 //! [`common_config`] is the transport's common configuration structure: feature
-//! negotiation, device status and each queue's set-up, as the guest drives them. The devices
-//! issue builds the PCI function, notifications and the devices on top of it.
+//! negotiation, device status and each queue's set-up, as the guest drives them; [`pci`]
+//! puts a device on PCI with its capabilities, BAR and MSI-X. The devices issue wires
+//! notifications, interrupts and the devices themselves on top.
 
 pub mod common_config;
+pub mod pci;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {

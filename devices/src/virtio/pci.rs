@@ -1,0 +1,374 @@
+//! A virtio device as a PCI function: its configuration space (identity, one 64-bit memory
+//! BAR, the virtio capabilities and MSI-X) and the guest's accesses to that BAR, turned into
+//! [`Event`]s for the VMM.
+//!
+//! BAR 0 layout:
+//!
+//! ```text
+//! 0x0000  common configuration      0x3000  notifications (4 bytes per queue)
+//! 0x1000  ISR status                0x4000  MSI-X table
+//! 0x2000  device configuration      0x6000  MSI-X pending bits
+//! ```
+//!
+//! This model holds no memory, interrupts or threads: what to do on activation, a queue
+//! notification or an interrupt is the VMM's and the device's business.
+
+use crate::pci::configuration::{Bar, BarKind, ConfigError, Identity, PciConfiguration};
+use crate::pci::msix::{Msix, MsixWrite};
+use crate::pci::PciDevice;
+
+use super::common_config::{self, CommonConfig};
+
+/// Size of BAR 0.
+pub const BAR_SIZE: u64 = 0x8000;
+/// Offset of the common configuration in BAR 0.
+pub const COMMON_OFFSET: u64 = 0x0000;
+/// Offset of the ISR status byte.
+pub const ISR_OFFSET: u64 = 0x1000;
+/// Offset of the device configuration.
+pub const DEVICE_CONFIG_OFFSET: u64 = 0x2000;
+/// Offset of the notification area.
+pub const NOTIFY_OFFSET: u64 = 0x3000;
+/// Bytes between two queues' notification addresses.
+pub const NOTIFY_MULTIPLIER: u32 = 4;
+/// Offset of the MSI-X table.
+pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
+/// Offset of the MSI-X pending bits.
+pub const MSIX_PBA_OFFSET: u64 = 0x6000;
+const REGION: u64 = 0x1000;
+
+const VIRTIO_VENDOR: u16 = 0x1af4;
+/// Modern device ids are 0x1040 + the virtio device type.
+const MODERN_DEVICE_BASE: u16 = 0x1040;
+const CAP_VENDOR_SPECIFIC: u8 = 0x09;
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_ISR: u8 = 3;
+const CFG_DEVICE: u8 = 4;
+
+/// ISR bit: a queue interrupt.
+pub const ISR_QUEUE: u8 = 1;
+/// ISR bit: a configuration change.
+pub const ISR_CONFIG: u8 = 2;
+
+/// What a virtio device tells the transport about itself.
+pub trait VirtioDevice: Send {
+    /// virtio device type (1 net, 2 block, 4 entropy ...).
+    fn device_type(&self) -> u16;
+    /// PCI class code (class, subclass, interface).
+    fn pci_class(&self) -> [u8; 3];
+    /// Feature bits offered (VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// Each queue's maximum size.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// A guest read of the device configuration.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A guest write to the device configuration.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+}
+
+/// What a guest access asks of the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The driver is ready: start the device with the negotiated features and queues.
+    Activate,
+    /// The driver reset the device: stop it.
+    Reset,
+    /// The driver notified queue N (when notifications do not come through an ioeventfd).
+    Notify(u16),
+    /// MSI-X vector N got a new message: update its route.
+    VectorChanged(u16),
+    /// MSI-X vector N was pending and may now be delivered.
+    Deliver(u16),
+}
+
+/// A virtio device on PCI.
+pub struct VirtioPci {
+    config: PciConfiguration,
+    common: CommonConfig,
+    msix: Msix,
+    msix_cap: usize,
+    isr: u8,
+    device: Box<dyn VirtioDevice>,
+    /// Events raised by configuration-space writes, taken by [`VirtioPci::take_events`].
+    events: Vec<Event>,
+}
+
+fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
+    let len = if extra.is_some() { 20 } else { 16 };
+    let mut cap = vec![CAP_VENDOR_SPECIFIC, 0, len, cfg_type, 0, 0, 0, 0];
+    cap.extend_from_slice(&(offset as u32).to_le_bytes());
+    cap.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(x) = extra {
+        cap.extend_from_slice(&x.to_le_bytes());
+    }
+    cap
+}
+
+impl VirtioPci {
+    /// The PCI function for `device`, its BAR 0 at `bar_addr` (aligned to [`BAR_SIZE`]).
+    pub fn new(device: Box<dyn VirtioDevice>, bar_addr: u64) -> Result<Self, ConfigError> {
+        let queues = device.queue_max_sizes();
+        let id = Identity {
+            vendor: VIRTIO_VENDOR,
+            device: MODERN_DEVICE_BASE + device.device_type(),
+            class: device.pci_class(),
+            revision: 1,
+            subsystem_vendor: VIRTIO_VENDOR,
+            subsystem: 0x40,
+        };
+        let mut config = PciConfiguration::new(id);
+        config.add_bar(
+            0,
+            Bar {
+                addr: bar_addr,
+                size: BAR_SIZE,
+                kind: BarKind::Memory64,
+            },
+        )?;
+        config.add_capability(&virtio_cap(
+            CFG_COMMON,
+            COMMON_OFFSET,
+            common_config::SIZE,
+            None,
+        ))?;
+        config.add_capability(&virtio_cap(
+            CFG_NOTIFY,
+            NOTIFY_OFFSET,
+            REGION,
+            Some(NOTIFY_MULTIPLIER),
+        ))?;
+        config.add_capability(&virtio_cap(CFG_ISR, ISR_OFFSET, 1, None))?;
+        config.add_capability(&virtio_cap(CFG_DEVICE, DEVICE_CONFIG_OFFSET, REGION, None))?;
+        // One vector per queue plus one for configuration changes.
+        let msix = Msix::new(queues.len() as u16 + 1);
+        let msix_cap = config.add_capability(&msix.capability(
+            0,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        ))?;
+        // The guest may set MSI-X Enable and Function Mask (message control bits 15, 14).
+        config.set_writable(msix_cap, 0xc000_0000);
+        Ok(VirtioPci {
+            common: CommonConfig::new(device.features(), &queues),
+            config,
+            msix,
+            msix_cap,
+            isr: 0,
+            device,
+            events: Vec::new(),
+        })
+    }
+
+    /// The transport's common configuration (features, status, queues).
+    pub fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+
+    /// The MSI-X state.
+    pub fn msix_mut(&mut self) -> &mut Msix {
+        &mut self.msix
+    }
+
+    /// BAR 0 as it is now.
+    pub fn bar(&self) -> Bar {
+        self.config.bar(0).expect("BAR 0 declared in new")
+    }
+
+    /// Sets ISR bits (for guests using INTx or reading the ISR).
+    pub fn raise_isr(&mut self, bits: u8) {
+        self.isr |= bits;
+    }
+
+    /// Events raised by configuration-space writes since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// A guest read of BAR 0 at `offset`.
+    pub fn bar_read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match offset {
+            o if o < common_config::SIZE => self.common.read(o, data),
+            o if o == ISR_OFFSET => {
+                // Reading the ISR acknowledges it.
+                if let Some(b) = data.first_mut() {
+                    *b = std::mem::take(&mut self.isr);
+                }
+            }
+            o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + REGION).contains(&o) => {
+                self.device.read_config(o - DEVICE_CONFIG_OFFSET, data)
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_size()).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + self.msix.pba_size()).contains(&o) => {
+                self.msix.read_pba(o - MSIX_PBA_OFFSET, data)
+            }
+            _ => {}
+        }
+    }
+
+    /// A guest write to BAR 0 at `offset`; returns what the VMM must do.
+    pub fn bar_write(&mut self, offset: u64, data: &[u8]) -> Option<Event> {
+        match offset {
+            o if o < common_config::SIZE => match self.common.write(o, data) {
+                common_config::Event::Activate => Some(Event::Activate),
+                common_config::Event::Reset => {
+                    self.isr = 0;
+                    Some(Event::Reset)
+                }
+                common_config::Event::None => None,
+            },
+            o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + REGION).contains(&o) => {
+                self.device.write_config(o - DEVICE_CONFIG_OFFSET, data);
+                None
+            }
+            o if (NOTIFY_OFFSET..NOTIFY_OFFSET + REGION).contains(&o) => {
+                let queue = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER);
+                (queue < self.common.queues().len() as u64).then_some(Event::Notify(queue as u16))
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_size()).contains(&o) => {
+                match self.msix.write_table(o - MSIX_TABLE_OFFSET, data) {
+                    MsixWrite::None => None,
+                    MsixWrite::Message(v) => Some(Event::VectorChanged(v)),
+                    MsixWrite::Unmasked(v) => Some(Event::Deliver(v)),
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn read_config(&self, reg: usize) -> u32 {
+        let value = self.config.read_reg(reg);
+        if reg == self.msix_cap / 4 {
+            // Message control lives in the MSI-X model.
+            (value & 0xffff) | (u32::from(self.msix.control()) << 16)
+        } else {
+            value
+        }
+    }
+
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        // BAR moves are picked up by the VMM through `bar()`.
+        let _ = self.config.write_reg(reg, offset, data);
+        if reg == self.msix_cap / 4 {
+            let control = (self.config.read_reg(reg) >> 16) as u16;
+            let deliver = self.msix.set_control(control);
+            self.events.extend(deliver.into_iter().map(Event::Deliver));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng;
+
+    impl VirtioDevice for Rng {
+        fn device_type(&self) -> u16 {
+            4
+        }
+        fn pci_class(&self) -> [u8; 3] {
+            [0xff, 0, 0]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256]
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0xab);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    fn function() -> VirtioPci {
+        VirtioPci::new(Box::new(Rng), 0xc000_0000).unwrap()
+    }
+
+    /// Walks the capability list: (id, offset) pairs.
+    fn capabilities(f: &VirtioPci) -> Vec<(u8, usize)> {
+        let mut caps = Vec::new();
+        let mut at = (f.read_config(13) & 0xff) as usize;
+        while at != 0 && caps.len() < 16 {
+            let dword = f.read_config(at / 4);
+            caps.push((dword as u8, at));
+            at = ((dword >> 8) & 0xff) as usize;
+        }
+        caps
+    }
+
+    #[test]
+    fn identity_bar_and_capabilities() {
+        let f = function();
+        assert_eq!(f.read_config(0), 0x1044_1af4, "virtio-rng, modern id");
+        assert_eq!(f.read_config(4) & 0x7, 0b100, "64-bit memory BAR");
+        let caps = capabilities(&f);
+        let ids: Vec<u8> = caps.iter().map(|c| c.0).collect();
+        assert_eq!(ids, vec![9, 9, 9, 9, 0x11]);
+        // The virtio capabilities name their structure, BAR and offset.
+        let cfg_types: Vec<u8> = caps[..4]
+            .iter()
+            .map(|(_, at)| (f.read_config(at / 4) >> 24) as u8)
+            .collect();
+        assert_eq!(cfg_types, vec![CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE]);
+        let (_, notify) = caps[1];
+        assert_eq!(f.read_config(notify / 4 + 2), NOTIFY_OFFSET as u32);
+        assert_eq!(f.read_config(notify / 4 + 4), NOTIFY_MULTIPLIER);
+        // MSI-X: one vector per queue plus config, table in BAR 0.
+        let (_, msix) = caps[4];
+        assert_eq!((f.read_config(msix / 4) >> 16) & 0x7ff, 1);
+        assert_eq!(f.read_config(msix / 4 + 1), MSIX_TABLE_OFFSET as u32);
+    }
+
+    #[test]
+    fn bar_accesses_become_events() {
+        let mut f = function();
+        let mut b = [0u8; 2];
+        f.bar_read(18, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 1, "num_queues");
+        let mut d = [0u8; 4];
+        f.bar_read(DEVICE_CONFIG_OFFSET + 4, &mut d);
+        assert_eq!(d, [0xab; 4]);
+        assert_eq!(f.bar_write(NOTIFY_OFFSET, &[0, 0]), Some(Event::Notify(0)));
+        assert_eq!(f.bar_write(NOTIFY_OFFSET + 4, &[0, 0]), None, "no queue 1");
+        assert_eq!(
+            f.bar_write(MSIX_TABLE_OFFSET + 8, &0x30u32.to_le_bytes()),
+            Some(Event::VectorChanged(0))
+        );
+        // Reading the ISR clears it.
+        f.raise_isr(ISR_QUEUE);
+        let mut isr = [0u8; 1];
+        f.bar_read(ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], ISR_QUEUE);
+        f.bar_read(ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], 0);
+        // A status of 0 resets.
+        assert_eq!(f.bar_write(20, &[0]), Some(Event::Reset));
+        // Nothing mapped reads zero, never panics.
+        for offset in (0..BAR_SIZE + 16).step_by(3) {
+            f.bar_read(offset, &mut d);
+            let _ = f.bar_write(offset, &d);
+        }
+    }
+
+    #[test]
+    fn msix_enable_through_config_space_delivers_pending() {
+        let mut f = function();
+        let caps = capabilities(&f);
+        let (_, msix) = caps[4];
+        // Vector 0 pends while MSI-X is off, and is masked.
+        assert_eq!(f.msix_mut().fire(0), crate::pci::msix::Fire::Pending);
+        f.bar_write(MSIX_TABLE_OFFSET + 12, &0u32.to_le_bytes());
+        // Enable MSI-X (bit 15 of message control, byte 3 of the capability's first dword).
+        f.write_config(msix / 4, 3, &[0x80]);
+        assert_eq!(f.take_events(), vec![Event::Deliver(0)]);
+        assert_ne!(f.read_config(msix / 4) & (1 << 31), 0);
+        assert!(f.msix_mut().enabled());
+    }
+}
