@@ -64,6 +64,14 @@ impl Bus {
         Ok(())
     }
 
+    /// Removes the device whose range starts at `base`, if any.
+    pub fn remove(&self, base: u64) {
+        self.devices
+            .write()
+            .expect("bus lock poisoned")
+            .remove(&base);
+    }
+
     fn find(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
         let devices = self.devices.read().expect("bus lock poisoned");
         let (&base, (len, dev)) = devices.range(..=addr).next_back()?;

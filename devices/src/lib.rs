@@ -33,3 +33,14 @@ impl vm_superio::Trigger for Trigger {
         self.0.write(1)
     }
 }
+
+/// `err` and its causes, outer first, joined by ": " (for log lines).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        parts.push(c.to_string());
+        cause = c.source();
+    }
+    parts.join(": ")
+}

@@ -1,6 +1,6 @@
 //! The PCI host bridge at 00:00.0: identifies segment 0 to the guest; no BARs.
 
-use super::PciDevice;
+use super::{BarMove, PciDevice};
 
 /// Vendor (low 16 bits) and device id: Red Hat's generic PCIe host bridge, which guests know.
 pub const ID: u32 = 0x0008_1b36;
@@ -36,9 +36,10 @@ impl PciDevice for HostBridge {
         }
     }
 
-    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) {
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
         if reg == 1 && offset == 0 && data.len() >= 2 {
             self.command = u16::from_le_bytes([data[0], data[1]]);
         }
+        None
     }
 }

@@ -2,7 +2,8 @@
 //! announces, with the host bridge at 00:00.0.
 //!
 //! Functions that do not exist read as all ones, as on real hardware, so guests enumerate
-//! nothing there. The devices issue adds virtio-pci functions behind [`PciDevice`].
+//! nothing there. Other functions (virtio devices) sit in slots 1 to 31, function 0; when the
+//! guest moves one of their BARs, the bus moves the function on the MMIO bus too.
 
 pub mod allocator;
 pub mod configuration;
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 pub use configuration::{Bar, BarKind, BarMove, Identity, PciConfiguration};
 pub use host_bridge::HostBridge;
 
-use crate::BusDevice;
+use crate::{Bus, BusDevice};
 
 /// Devices per bus.
 pub const DEVICES_PER_BUS: usize = 32;
@@ -27,45 +28,107 @@ pub const ECAM_BUS_SIZE: u64 = CONFIG_SPACE_SIZE * 8 * DEVICES_PER_BUS as u64;
 pub trait PciDevice: Send {
     /// Reads the 32-bit register at dword index `reg`.
     fn read_config(&self, reg: usize) -> u32;
-    /// Writes `data` at byte `offset` within dword `reg`.
-    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]);
+    /// Writes `data` at byte `offset` within dword `reg`; returns a BAR the write moved.
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove>;
+    /// The bus moved BAR `mv.index` on the MMIO bus (notification addresses move with it).
+    fn bar_moved(&mut self, _mv: &BarMove) {}
+}
+
+/// Errors placing a function on the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    /// All 31 slots are taken.
+    #[error("No free PCI slot: at most 31 devices")]
+    NoSlot,
+    /// Its BAR overlaps another device.
+    #[error("Cannot map the device's BAR")]
+    Bar(#[source] crate::BusError),
+}
+
+/// A function and where its BARs live on the MMIO bus.
+struct Slot {
+    config: Arc<Mutex<dyn PciDevice>>,
+    bars: Option<Arc<Mutex<dyn BusDevice>>>,
 }
 
 /// Bus 0 of segment 0.
-#[derive(Default)]
 pub struct PciBus {
-    devices: Vec<Option<Box<dyn PciDevice>>>,
+    slots: Vec<Option<Slot>>,
+    mmio: Arc<Bus>,
 }
 
 impl PciBus {
-    /// Bus 0 holding only the host bridge.
-    pub fn new() -> Self {
-        let mut devices: Vec<Option<Box<dyn PciDevice>>> =
-            (0..DEVICES_PER_BUS).map(|_| None).collect();
-        devices[0] = Some(Box::new(HostBridge::new()));
-        PciBus { devices }
+    /// Bus 0 holding only the host bridge; BARs of later functions are mapped on `mmio`.
+    pub fn new(mmio: Arc<Bus>) -> Self {
+        let mut slots: Vec<Option<Slot>> = (0..DEVICES_PER_BUS).map(|_| None).collect();
+        slots[0] = Some(Slot {
+            config: Arc::new(Mutex::new(HostBridge::new())),
+            bars: None,
+        });
+        PciBus { slots, mmio }
     }
 
-    fn device(&mut self, bus: u8, dev: u8, func: u8) -> Option<&mut Box<dyn PciDevice>> {
-        // Only bus 0, function 0 of each slot exists so far.
+    /// Places a function with one memory BAR at `bar` in the first free slot; returns the
+    /// slot. `bars` answers the guest's accesses to that BAR.
+    pub fn add(
+        &mut self,
+        config: Arc<Mutex<dyn PciDevice>>,
+        bars: Arc<Mutex<dyn BusDevice>>,
+        bar: Bar,
+    ) -> Result<u8, PciError> {
+        let slot = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(PciError::NoSlot)?;
+        self.mmio
+            .insert(bars.clone(), bar.addr, bar.size)
+            .map_err(PciError::Bar)?;
+        self.slots[slot] = Some(Slot {
+            config,
+            bars: Some(bars),
+        });
+        Ok(slot as u8)
+    }
+
+    fn slot(&self, bus: u8, dev: u8, func: u8) -> Option<&Slot> {
+        // Bus 0 only, function 0 of each slot.
         if bus != 0 || func != 0 {
             return None;
         }
-        self.devices.get_mut(usize::from(dev))?.as_mut()
+        self.slots.get(usize::from(dev))?.as_ref()
     }
 
     fn read(&mut self, bus: u8, dev: u8, func: u8, offset: u64, data: &mut [u8]) {
-        let value = self
-            .device(bus, dev, func)
-            .map_or(u32::MAX, |d| d.read_config((offset / 4) as usize));
+        let value = self.slot(bus, dev, func).map_or(u32::MAX, |s| {
+            s.config
+                .lock()
+                .expect("PCI function lock poisoned")
+                .read_config((offset / 4) as usize)
+        });
         copy_from_dword(value, offset, data);
     }
 
     fn write(&mut self, bus: u8, dev: u8, func: u8, offset: u64, data: &[u8]) {
-        if let Some(d) = self.device(bus, dev, func) {
-            if (offset % 4) as usize + data.len() <= 4 {
-                d.write_config((offset / 4) as usize, offset % 4, data);
-            }
+        let Some(slot) = self.slot(bus, dev, func) else {
+            return;
+        };
+        if (offset % 4) as usize + data.len() > 4 {
+            return;
+        }
+        let mut config = slot.config.lock().expect("PCI function lock poisoned");
+        let Some(mv) = config.write_config((offset / 4) as usize, offset % 4, data) else {
+            return;
+        };
+        let Some(bars) = &slot.bars else {
+            return;
+        };
+        // A guest may move a BAR anywhere, even onto another device: then it stays unmapped
+        // until moved somewhere free.
+        self.mmio.remove(mv.old);
+        match self.mmio.insert(bars.clone(), mv.new, mv.size) {
+            Ok(()) => config.bar_moved(&mv),
+            Err(e) => log::warn!("PCI {dev:02x}.0: BAR {} not mapped: {e}", mv.index),
         }
     }
 }
@@ -180,7 +243,7 @@ mod tests {
 
     #[test]
     fn host_bridge_visible_through_ports_and_ecam() {
-        let bus = Arc::new(Mutex::new(PciBus::new()));
+        let bus = Arc::new(Mutex::new(PciBus::new(Arc::new(Bus::new()))));
         let mut io = PciConfigIo::new(bus.clone());
         let mut ecam = PciEcam::new(bus);
         let mut d = [0u8; 4];

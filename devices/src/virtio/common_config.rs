@@ -124,6 +124,11 @@ impl CommonConfig {
         self.config_msix_vector
     }
 
+    /// Marks the device broken: the driver must reset it before using it again.
+    pub fn set_needs_reset(&mut self) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+    }
+
     /// Marks the device configuration changed (the guest re-reads it).
     pub fn bump_generation(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);

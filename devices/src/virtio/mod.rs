@@ -1,12 +1,29 @@
-//! virtio over PCI (virtio 1.x "modern" transport).
+//! virtio over PCI (virtio 1.x "modern" transport) and the virtio devices.
 //!
 //! [`common_config`] is the transport's common configuration structure: feature
 //! negotiation, device status and each queue's set-up, as the guest drives them; [`pci`]
-//! puts a device on PCI with its capabilities, BAR and MSI-X. The devices issue wires
-//! notifications, interrupts and the devices themselves on top.
+//! puts a device on PCI with its capabilities, BAR and MSI-X; [`transport`] runs it: queue
+//! notifications through ioeventfds, interrupts through MSI-X routes and irqfds, and the
+//! device's activation and reset. The devices ([`rng`], [`net`], [`block`]) implement
+//! [`VirtioDevice`] and run their queues on worker threads of their own.
 
+pub mod block;
 pub mod common_config;
+pub mod net;
 pub mod pci;
+pub mod rng;
+pub mod transport;
+mod worker;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use transport::{Interrupt, VirtioPciDevice, VmOps};
+
+/// Guest memory as devices see it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -26,3 +43,73 @@ pub mod status {
 
 /// Feature bit every modern device offers and every modern driver must accept.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: used/available event indices suppress notifications and interrupts.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// A queue the driver enabled, ready for a device to run.
+pub struct ActiveQueue {
+    /// The queue, with its addresses, size and event-index setting.
+    pub queue: Queue,
+    /// Signalled when the driver notifies the queue.
+    pub notify: EventFd,
+    /// The MSI-X vector of its interrupts.
+    pub vector: u16,
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// Features both sides agreed on.
+    pub features: u64,
+    /// Each queue by index; `None` where the driver did not enable it.
+    pub queues: Vec<Option<ActiveQueue>>,
+    /// Raises the device's interrupts.
+    pub interrupt: Arc<Interrupt>,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// A queue the device needs was not enabled.
+    #[error("Queue {0} is not enabled")]
+    QueueMissing(usize),
+    /// A worker thread could not be started.
+    #[error("Cannot start the device's worker")]
+    Worker(#[source] std::io::Error),
+    /// The backend refused the negotiated set-up.
+    #[error("Cannot configure the backend")]
+    Backend(#[source] std::io::Error),
+}
+
+/// What a virtio device tells the transport about itself, and how it runs.
+pub trait VirtioDevice: Send {
+    /// virtio device type (1 net, 2 block, 4 entropy ...).
+    fn device_type(&self) -> u16;
+    /// PCI class code (class, subclass, interface).
+    fn pci_class(&self) -> [u8; 3];
+    /// Feature bits offered (VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// Each queue's maximum size.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// A guest read of the device configuration.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A guest write to the device configuration.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts processing the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops processing; returns once no worker touches guest memory any more.
+    fn reset(&mut self);
+    /// Named counters for `vm.counters`.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+/// Copies `value`'s little-endian bytes at `offset` into `data`; zero past the end.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+        *b = at.and_then(|a| config.get(a)).copied().unwrap_or(0);
+    }
+}

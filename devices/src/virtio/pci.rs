@@ -13,11 +13,14 @@
 //! This model holds no memory, interrupts or threads: what to do on activation, a queue
 //! notification or an interrupt is the VMM's and the device's business.
 
-use crate::pci::configuration::{Bar, BarKind, ConfigError, Identity, PciConfiguration};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::pci::configuration::{Bar, BarKind, BarMove, ConfigError, Identity, PciConfiguration};
 use crate::pci::msix::{Msix, MsixWrite};
-use crate::pci::PciDevice;
 
 use super::common_config::{self, CommonConfig};
+use super::VirtioDevice;
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u64 = 0x8000;
@@ -51,22 +54,6 @@ pub const ISR_QUEUE: u8 = 1;
 /// ISR bit: a configuration change.
 pub const ISR_CONFIG: u8 = 2;
 
-/// What a virtio device tells the transport about itself.
-pub trait VirtioDevice: Send {
-    /// virtio device type (1 net, 2 block, 4 entropy ...).
-    fn device_type(&self) -> u16;
-    /// PCI class code (class, subclass, interface).
-    fn pci_class(&self) -> [u8; 3];
-    /// Feature bits offered (VERSION_1 is added by the transport).
-    fn features(&self) -> u64;
-    /// Each queue's maximum size.
-    fn queue_max_sizes(&self) -> Vec<u16>;
-    /// A guest read of the device configuration.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// A guest write to the device configuration.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-}
-
 /// What a guest access asks of the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -86,9 +73,9 @@ pub enum Event {
 pub struct VirtioPci {
     config: PciConfiguration,
     common: CommonConfig,
-    msix: Msix,
+    msix: Arc<Mutex<Msix>>,
     msix_cap: usize,
-    isr: u8,
+    isr: Arc<AtomicU8>,
     device: Box<dyn VirtioDevice>,
     /// Events raised by configuration-space writes, taken by [`VirtioPci::take_events`].
     events: Vec<Event>,
@@ -152,9 +139,9 @@ impl VirtioPci {
         Ok(VirtioPci {
             common: CommonConfig::new(device.features(), &queues),
             config,
-            msix,
+            msix: Arc::new(Mutex::new(msix)),
             msix_cap,
-            isr: 0,
+            isr: Arc::new(AtomicU8::new(0)),
             device,
             events: Vec::new(),
         })
@@ -165,19 +152,38 @@ impl VirtioPci {
         &self.common
     }
 
-    /// The MSI-X state.
-    pub fn msix_mut(&mut self) -> &mut Msix {
-        &mut self.msix
+    /// The common configuration, for marking the device broken.
+    pub fn common_mut(&mut self) -> &mut CommonConfig {
+        &mut self.common
+    }
+
+    /// The MSI-X state, shared with whoever raises the device's interrupts.
+    pub fn msix(&self) -> Arc<Mutex<Msix>> {
+        self.msix.clone()
+    }
+
+    /// The ISR status byte, shared with whoever raises the device's interrupts.
+    pub fn isr(&self) -> Arc<AtomicU8> {
+        self.isr.clone()
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The device behind the transport.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    fn lock_msix(&self) -> std::sync::MutexGuard<'_, Msix> {
+        self.msix.lock().expect("MSI-X lock poisoned")
     }
 
     /// BAR 0 as it is now.
     pub fn bar(&self) -> Bar {
         self.config.bar(0).expect("BAR 0 declared in new")
-    }
-
-    /// Sets ISR bits (for guests using INTx or reading the ISR).
-    pub fn raise_isr(&mut self, bits: u8) {
-        self.isr |= bits;
     }
 
     /// Events raised by configuration-space writes since the last call.
@@ -193,17 +199,19 @@ impl VirtioPci {
             o if o == ISR_OFFSET => {
                 // Reading the ISR acknowledges it.
                 if let Some(b) = data.first_mut() {
-                    *b = std::mem::take(&mut self.isr);
+                    *b = self.isr.swap(0, Ordering::AcqRel);
                 }
             }
             o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + REGION).contains(&o) => {
                 self.device.read_config(o - DEVICE_CONFIG_OFFSET, data)
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_size()).contains(&o) => {
-                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.lock_msix().table_size())
+                .contains(&o) =>
+            {
+                self.lock_msix().read_table(o - MSIX_TABLE_OFFSET, data)
             }
-            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + self.msix.pba_size()).contains(&o) => {
-                self.msix.read_pba(o - MSIX_PBA_OFFSET, data)
+            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + self.lock_msix().pba_size()).contains(&o) => {
+                self.lock_msix().read_pba(o - MSIX_PBA_OFFSET, data)
             }
             _ => {}
         }
@@ -215,7 +223,7 @@ impl VirtioPci {
             o if o < common_config::SIZE => match self.common.write(o, data) {
                 common_config::Event::Activate => Some(Event::Activate),
                 common_config::Event::Reset => {
-                    self.isr = 0;
+                    self.isr.store(0, Ordering::Release);
                     Some(Event::Reset)
                 }
                 common_config::Event::None => None,
@@ -228,8 +236,10 @@ impl VirtioPci {
                 let queue = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER);
                 (queue < self.common.queues().len() as u64).then_some(Event::Notify(queue as u16))
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_size()).contains(&o) => {
-                match self.msix.write_table(o - MSIX_TABLE_OFFSET, data) {
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.lock_msix().table_size())
+                .contains(&o) =>
+            {
+                match self.lock_msix().write_table(o - MSIX_TABLE_OFFSET, data) {
                     MsixWrite::None => None,
                     MsixWrite::Message(v) => Some(Event::VectorChanged(v)),
                     MsixWrite::Unmasked(v) => Some(Event::Deliver(v)),
@@ -240,25 +250,27 @@ impl VirtioPci {
     }
 }
 
-impl PciDevice for VirtioPci {
-    fn read_config(&self, reg: usize) -> u32 {
+impl VirtioPci {
+    /// A guest read of configuration dword `reg`.
+    pub fn read_config(&self, reg: usize) -> u32 {
         let value = self.config.read_reg(reg);
         if reg == self.msix_cap / 4 {
             // Message control lives in the MSI-X model.
-            (value & 0xffff) | (u32::from(self.msix.control()) << 16)
+            (value & 0xffff) | (u32::from(self.lock_msix().control()) << 16)
         } else {
             value
         }
     }
 
-    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) {
-        // BAR moves are picked up by the VMM through `bar()`.
-        let _ = self.config.write_reg(reg, offset, data);
+    /// A guest write to configuration space; MSI-X changes are queued as events.
+    pub fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+        let moved = self.config.write_reg(reg, offset, data);
         if reg == self.msix_cap / 4 {
             let control = (self.config.read_reg(reg) >> 16) as u16;
-            let deliver = self.msix.set_control(control);
+            let deliver = self.lock_msix().set_control(control);
             self.events.extend(deliver.into_iter().map(Event::Deliver));
         }
+        moved
     }
 }
 
@@ -269,6 +281,13 @@ mod tests {
     struct Rng;
 
     impl VirtioDevice for Rng {
+        fn activate(
+            &mut self,
+            _: crate::virtio::Activation,
+        ) -> Result<(), crate::virtio::ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
         fn device_type(&self) -> u16 {
             4
         }
@@ -342,7 +361,7 @@ mod tests {
             Some(Event::VectorChanged(0))
         );
         // Reading the ISR clears it.
-        f.raise_isr(ISR_QUEUE);
+        f.isr().fetch_or(ISR_QUEUE, Ordering::AcqRel);
         let mut isr = [0u8; 1];
         f.bar_read(ISR_OFFSET, &mut isr);
         assert_eq!(isr[0], ISR_QUEUE);
@@ -363,12 +382,15 @@ mod tests {
         let caps = capabilities(&f);
         let (_, msix) = caps[4];
         // Vector 0 pends while MSI-X is off, and is masked.
-        assert_eq!(f.msix_mut().fire(0), crate::pci::msix::Fire::Pending);
+        assert_eq!(
+            f.msix().lock().unwrap().fire(0),
+            crate::pci::msix::Fire::Pending
+        );
         f.bar_write(MSIX_TABLE_OFFSET + 12, &0u32.to_le_bytes());
         // Enable MSI-X (bit 15 of message control, byte 3 of the capability's first dword).
         f.write_config(msix / 4, 3, &[0x80]);
         assert_eq!(f.take_events(), vec![Event::Deliver(0)]);
         assert_ne!(f.read_config(msix / 4) & (1 << 31), 0);
-        assert!(f.msix_mut().enabled());
+        assert!(f.msix().lock().unwrap().enabled());
     }
 }

@@ -1,0 +1,321 @@
+//! virtio-net (virtio 1.2, 5.1) on a TAP backend.
+//!
+//! Queues are `rx0, tx0, rx1, tx1, ...` and, last, the control queue. Each queue pair runs on
+//! its own worker thread ([`queue_pair`]) with its own TAP descriptor; the first worker also
+//! serves the control queue ([`ctrl`]). Frames move between guest memory and the TAP with
+//! readv/writev and no copy: the guest's 12-byte header is the TAP's vnet header.
+
+mod ctrl;
+mod queue_pair;
+
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use net_util::{Offloads, Tap};
+
+use super::worker::Worker;
+use super::{ActivateError, Activation, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+
+/// virtio device type of a network card.
+pub const DEVICE_TYPE: u16 = 1;
+
+/// Feature bits (virtio 1.2, 5.1.3).
+pub mod features {
+    /// Device handles packets with partial checksum.
+    pub const CSUM: u64 = 1 << 0;
+    /// Driver handles packets with partial checksum.
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    /// Device reports its MTU.
+    pub const MTU: u64 = 1 << 3;
+    /// Device has a MAC address.
+    pub const MAC: u64 = 1 << 5;
+    /// Driver takes TSO over IPv4.
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    /// Driver takes TSO over IPv6.
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    /// Driver takes TSO with ECN.
+    pub const GUEST_ECN: u64 = 1 << 9;
+    /// Driver takes UFO.
+    pub const GUEST_UFO: u64 = 1 << 10;
+    /// Device takes TSO over IPv4.
+    pub const HOST_TSO4: u64 = 1 << 11;
+    /// Device takes TSO over IPv6.
+    pub const HOST_TSO6: u64 = 1 << 12;
+    /// Device takes TSO with ECN.
+    pub const HOST_ECN: u64 = 1 << 13;
+    /// Device takes UFO.
+    pub const HOST_UFO: u64 = 1 << 14;
+    /// Configuration status field is valid.
+    pub const STATUS: u64 = 1 << 16;
+    /// Control queue.
+    pub const CTRL_VQ: u64 = 1 << 17;
+    /// Driver can send gratuitous packets when asked.
+    pub const GUEST_ANNOUNCE: u64 = 1 << 21;
+    /// Several queue pairs.
+    pub const MQ: u64 = 1 << 22;
+}
+
+/// Link is up (config status bit).
+pub const STATUS_LINK_UP: u16 = 1;
+/// Driver should announce itself (config status bit).
+pub const STATUS_ANNOUNCE: u16 = 2;
+/// Largest frame the device moves: a 64 KiB GSO frame plus its header.
+pub const MAX_FRAME: usize = 65_562;
+
+/// How a network device is set up (validated by the caller).
+#[derive(Clone, Debug)]
+pub struct NetParams {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// MTU to report to the guest, if any.
+    pub mtu: Option<u16>,
+    /// Size of each queue.
+    pub queue_size: u16,
+    /// Offer checksum offload.
+    pub offload_csum: bool,
+    /// Offer TCP segmentation offload (needs checksum offload).
+    pub offload_tso: bool,
+    /// Offer UDP fragmentation offload (needs checksum offload).
+    pub offload_ufo: bool,
+}
+
+/// Frames and bytes moved, without vnet headers.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes delivered to the guest.
+    pub rx_bytes: AtomicU64,
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Bytes sent by the guest.
+    pub tx_bytes: AtomicU64,
+    /// Frames sent by the guest.
+    pub tx_frames: AtomicU64,
+}
+
+/// A virtio-net device over one TAP interface, one descriptor per queue pair.
+pub struct Net {
+    params: NetParams,
+    taps: Vec<Arc<Tap>>,
+    status: Arc<AtomicU16>,
+    counters: Arc<Counters>,
+    workers: Vec<Worker>,
+}
+
+impl Net {
+    /// A device over `taps`, one per queue pair.
+    pub fn new(params: NetParams, taps: Vec<Arc<Tap>>) -> Self {
+        Net {
+            params,
+            taps,
+            status: Arc::new(AtomicU16::new(STATUS_LINK_UP)),
+            counters: Arc::default(),
+            workers: Vec::new(),
+        }
+    }
+
+    fn pairs(&self) -> usize {
+        self.taps.len()
+    }
+
+    /// The interface behind the device.
+    pub fn tap_name(&self) -> &str {
+        self.taps.first().map_or("", |t| t.name())
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    fn config_bytes(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.params.mac);
+        c[6..8].copy_from_slice(&self.status.load(Ordering::Acquire).to_le_bytes());
+        c[8..10].copy_from_slice(&(self.pairs() as u16).to_le_bytes());
+        c[10..12].copy_from_slice(&self.params.mtu.unwrap_or(0).to_le_bytes());
+        c
+    }
+}
+
+fn offloads_from(acked: u64) -> Offloads {
+    use features::*;
+    Offloads {
+        csum: acked & GUEST_CSUM != 0,
+        tso4: acked & GUEST_TSO4 != 0,
+        tso6: acked & GUEST_TSO6 != 0,
+        tso_ecn: acked & GUEST_ECN != 0,
+        ufo: acked & GUEST_UFO != 0,
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+
+    fn pci_class(&self) -> [u8; 3] {
+        // Network controller, Ethernet.
+        [0x02, 0x00, 0x00]
+    }
+
+    fn features(&self) -> u64 {
+        use features::*;
+        let mut f = MAC | STATUS | CTRL_VQ | GUEST_ANNOUNCE | VIRTIO_RING_F_EVENT_IDX;
+        if self.pairs() > 1 {
+            f |= MQ;
+        }
+        if self.params.mtu.is_some() {
+            f |= MTU;
+        }
+        if self.params.offload_csum {
+            f |= CSUM | GUEST_CSUM;
+            if self.params.offload_tso {
+                f |= HOST_TSO4 | HOST_TSO6 | HOST_ECN | GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN;
+            }
+            if self.params.offload_ufo {
+                f |= HOST_UFO | GUEST_UFO;
+            }
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        let mut sizes = vec![self.params.queue_size; 2 * self.pairs()];
+        sizes.push(64);
+        sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is read-only under VERSION_1; drivers set it through the control queue.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            features,
+            mut queues,
+            interrupt,
+        } = activation;
+        let offloads = offloads_from(features);
+        for tap in &self.taps {
+            tap.set_offloads(offloads)
+                .map_err(|e| ActivateError::Backend(std::io::Error::other(e)))?;
+        }
+        let ctrl_index = 2 * self.pairs();
+        let ctrl = queues.get_mut(ctrl_index).and_then(Option::take);
+        // Without MQ the driver uses one pair; with it, one until it asks for more.
+        let mut ctrl = ctrl.map(|q| ctrl::Ctrl {
+            queue: q,
+            taps: self.taps.clone(),
+            status: self.status.clone(),
+            interrupt: interrupt.clone(),
+            max_pairs: if features & features::MQ != 0 {
+                self.pairs()
+            } else {
+                1
+            },
+        });
+        ctrl::set_active_pairs(&self.taps, 1);
+        let mut workers = Vec::new();
+        for (pair, tap) in self.taps.iter().enumerate() {
+            let rx = queues.get_mut(2 * pair).and_then(Option::take);
+            let tx = queues.get_mut(2 * pair + 1).and_then(Option::take);
+            let (Some(rx), Some(tx)) = (rx, tx) else {
+                if pair == 0 {
+                    return Err(ActivateError::QueueMissing(0));
+                }
+                continue;
+            };
+            let qp = queue_pair::QueuePair {
+                rx,
+                tx,
+                tap: tap.clone(),
+                mem: mem.clone(),
+                interrupt: interrupt.clone(),
+                counters: self.counters.clone(),
+                ctrl: if pair == 0 { ctrl.take() } else { None },
+                tap_pending: true,
+            };
+            let worker = Worker::spawn(format!("virtio-net-{pair}"), move |events| qp.run(events))
+                .map_err(ActivateError::Worker)?;
+            workers.push(worker);
+        }
+        self.workers = workers;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for w in self.workers.drain(..) {
+            w.stop();
+        }
+        self.status.store(STATUS_LINK_UP, Ordering::Release);
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        vec![
+            ("rx_bytes", c.rx_bytes.load(Ordering::Relaxed)),
+            ("rx_frames", c.rx_frames.load(Ordering::Relaxed)),
+            ("tx_bytes", c.tx_bytes.load(Ordering::Relaxed)),
+            ("tx_frames", c.tx_frames.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> NetParams {
+        NetParams {
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            mtu: Some(9000),
+            queue_size: 256,
+            offload_csum: true,
+            offload_tso: true,
+            offload_ufo: false,
+        }
+    }
+
+    #[test]
+    fn config_space_and_features() {
+        let net = Net::new(params(), Vec::new());
+        let mut b = [0u8; 12];
+        net.read_config(0, &mut b);
+        assert_eq!(&b[..6], &[0x52, 0x54, 0, 1, 2, 3]);
+        assert_eq!(u16::from_le_bytes([b[6], b[7]]), STATUS_LINK_UP);
+        assert_eq!(u16::from_le_bytes([b[10], b[11]]), 9000);
+        // Past the end reads zero.
+        let mut far = [0xffu8; 4];
+        net.read_config(u64::MAX - 1, &mut far);
+        assert_eq!(far, [0; 4]);
+        let f = net.features();
+        assert_ne!(f & features::GUEST_TSO4, 0);
+        assert_eq!(f & features::GUEST_UFO, 0);
+        assert_ne!(f & features::MTU, 0);
+        let plain = Net::new(
+            NetParams {
+                offload_csum: false,
+                mtu: None,
+                ..params()
+            },
+            Vec::new(),
+        );
+        assert_eq!(
+            plain.features() & (features::GUEST_TSO4 | features::CSUM),
+            0
+        );
+        assert_eq!(plain.features() & features::MTU, 0);
+    }
+
+    #[test]
+    fn offloads_follow_acked_features() {
+        let o = offloads_from(features::GUEST_CSUM | features::GUEST_TSO4);
+        assert!(o.csum && o.tso4 && !o.tso6 && !o.ufo);
+        assert_eq!(offloads_from(0), Offloads::default());
+    }
+}

@@ -1,0 +1,339 @@
+//! A virtio PCI function at run time.
+//!
+//! [`VirtioPciDevice`] answers the guest's configuration-space and BAR accesses through the
+//! [`VirtioPci`] model and does what they ask: it starts and resets the device, routes MSI-X
+//! vectors, and delivers interrupts that were pending. Hypervisor operations (ioeventfds for
+//! queue notifications, MSI routes and irqfds) go through [`VmOps`], so this crate stays free
+//! of KVM.
+//!
+//! A queue notification normally never reaches this code: the notify address of each queue is
+//! an ioeventfd, so the guest's write signals the device's worker inside the kernel. Only if
+//! that registration failed does the write come here and get forwarded to the same eventfd.
+
+use std::io;
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::common_config::{QueueConfig, NO_VECTOR};
+use super::pci::{Event, VirtioPci, ISR_CONFIG, ISR_QUEUE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET};
+use super::{status, Activation, ActiveQueue, GuestMemory, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use crate::pci::msix::{Fire, Msix, MsixEntry};
+use crate::pci::{Bar, BarMove, PciDevice};
+use crate::BusDevice;
+
+/// What the transport needs from the hypervisor.
+pub trait VmOps: Send + Sync {
+    /// Makes a guest write at `addr` (MMIO) signal `fd` inside the kernel.
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
+    /// Undoes [`VmOps::register_ioevent`].
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
+    /// A new interrupt number for an MSI.
+    fn allocate_gsi(&self) -> io::Result<u32>;
+    /// Points `gsi` at the MSI `message`, and makes a write to `fd` raise it.
+    fn route_msi(&self, gsi: u32, message: MsixEntry, fd: &EventFd) -> io::Result<()>;
+}
+
+/// Errors creating a virtio PCI function.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The function's configuration space could not be laid out.
+    #[error("Cannot lay out the PCI function")]
+    Config(#[source] crate::pci::configuration::ConfigError),
+    /// An eventfd could not be created.
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+    /// No interrupt number is left.
+    #[error("Cannot allocate an interrupt")]
+    Gsi(#[source] io::Error),
+}
+
+/// Raises a device's interrupts: MSI-X messages when the guest enabled and unmasked them,
+/// otherwise pending bits, and the ISR byte either way.
+pub struct Interrupt {
+    msix: Arc<Mutex<Msix>>,
+    isr: Arc<AtomicU8>,
+    irqfds: Vec<EventFd>,
+    config_vector: AtomicU16,
+}
+
+impl Interrupt {
+    /// Signals that queue work completed on `vector`.
+    pub fn queue(&self, vector: u16) {
+        self.raise(vector, ISR_QUEUE);
+    }
+
+    /// Signals that the device configuration changed.
+    pub fn config(&self) {
+        self.raise(self.config_vector.load(Ordering::Acquire), ISR_CONFIG);
+    }
+
+    fn raise(&self, vector: u16, isr: u8) {
+        self.isr.fetch_or(isr, Ordering::AcqRel);
+        if vector == NO_VECTOR {
+            return;
+        }
+        let fire = self.msix.lock().expect("MSI-X lock poisoned").fire(vector);
+        if let Fire::Send(_) = fire {
+            self.send(vector);
+        }
+    }
+
+    fn send(&self, vector: u16) {
+        if let Some(fd) = self.irqfds.get(usize::from(vector)) {
+            if let Err(e) = fd.write(1) {
+                log::warn!("Cannot raise MSI-X vector {vector}: {e}");
+            }
+        }
+    }
+}
+
+/// A virtio device on PCI, with its notifications and interrupts wired.
+pub struct VirtioPciDevice {
+    id: String,
+    pci: VirtioPci,
+    mem: GuestMemory,
+    vm: Arc<dyn VmOps>,
+    notify: Vec<EventFd>,
+    /// Whether each notify eventfd is registered as an ioeventfd.
+    ioevents: Vec<bool>,
+    interrupt: Arc<Interrupt>,
+    gsis: Vec<u32>,
+    active: bool,
+}
+
+fn notify_addr(bar: u64, queue: usize) -> u64 {
+    bar + NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_MULTIPLIER)
+}
+
+impl VirtioPciDevice {
+    /// Puts `device` on PCI as `id`, with BAR 0 at `bar_addr`.
+    pub fn new(
+        id: String,
+        device: Box<dyn VirtioDevice>,
+        bar_addr: u64,
+        mem: GuestMemory,
+        vm: Arc<dyn VmOps>,
+    ) -> Result<Self, Error> {
+        let pci = VirtioPci::new(device, bar_addr).map_err(Error::Config)?;
+        let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
+        let queues = pci.common().queues().len();
+        let notify = (0..queues)
+            .map(|_| new_fd())
+            .collect::<Result<Vec<_>, _>>()?;
+        let ioevents = notify
+            .iter()
+            .enumerate()
+            .map(
+                |(q, fd)| match vm.register_ioevent(fd, notify_addr(bar_addr, q)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!("{id}: queue {q} notifications will exit to baton: {e}");
+                        false
+                    }
+                },
+            )
+            .collect();
+        let msix = pci.msix();
+        let vectors = msix.lock().expect("MSI-X lock poisoned").vectors();
+        let irqfds = (0..vectors)
+            .map(|_| new_fd())
+            .collect::<Result<Vec<_>, _>>()?;
+        let gsis = (0..vectors)
+            .map(|_| vm.allocate_gsi().map_err(Error::Gsi))
+            .collect::<Result<Vec<_>, _>>()?;
+        let interrupt = Arc::new(Interrupt {
+            msix,
+            isr: pci.isr(),
+            irqfds,
+            config_vector: AtomicU16::new(NO_VECTOR),
+        });
+        Ok(VirtioPciDevice {
+            id,
+            pci,
+            mem,
+            vm,
+            notify,
+            ioevents,
+            interrupt,
+            gsis,
+            active: false,
+        })
+    }
+
+    /// The device's name.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// BAR 0 as it is now.
+    pub fn bar(&self) -> Bar {
+        self.pci.bar()
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.pci.device()
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Activate => self.activate(),
+            Event::Reset => {
+                if std::mem::take(&mut self.active) {
+                    self.pci.device_mut().reset();
+                }
+                self.interrupt
+                    .config_vector
+                    .store(NO_VECTOR, Ordering::Release);
+            }
+            Event::Notify(q) => {
+                if let Some(fd) = self.notify.get(usize::from(q)) {
+                    let _ = fd.write(1);
+                }
+            }
+            Event::VectorChanged(v) => {
+                let entry = self
+                    .interrupt
+                    .msix
+                    .lock()
+                    .expect("MSI-X lock poisoned")
+                    .entry(v);
+                let (Some(entry), Some(&gsi), Some(fd)) = (
+                    entry,
+                    self.gsis.get(usize::from(v)),
+                    self.interrupt.irqfds.get(usize::from(v)),
+                ) else {
+                    return;
+                };
+                if let Err(e) = self.vm.route_msi(gsi, entry, fd) {
+                    log::warn!("{}: cannot route MSI-X vector {v}: {e}", self.id);
+                }
+            }
+            Event::Deliver(v) => self.interrupt.send(v),
+        }
+    }
+
+    fn build_queue(&self, index: usize, config: &QueueConfig, event_idx: bool) -> Option<Queue> {
+        let mut queue = Queue::new(config.max_size).ok()?;
+        queue.try_set_size(config.size).ok()?;
+        queue
+            .try_set_desc_table_address(GuestAddress(config.desc))
+            .ok()?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(config.driver))
+            .ok()?;
+        queue
+            .try_set_used_ring_address(GuestAddress(config.device))
+            .ok()?;
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        if !queue.is_valid(&self.mem) {
+            log::warn!("{}: queue {index} lies outside guest memory", self.id);
+            return None;
+        }
+        Some(queue)
+    }
+
+    fn activate(&mut self) {
+        let common = self.pci.common();
+        let features = common.acked_features();
+        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::new();
+        let mut broken = false;
+        for (i, config) in common.queues().iter().enumerate() {
+            if !config.enabled {
+                queues.push(None);
+                continue;
+            }
+            let Some(queue) = self.build_queue(i, config, event_idx) else {
+                broken = true;
+                break;
+            };
+            let notify = match self.notify[i].try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    log::warn!("{}: cannot clone queue {i}'s eventfd: {e}", self.id);
+                    broken = true;
+                    break;
+                }
+            };
+            queues.push(Some(ActiveQueue {
+                queue,
+                notify,
+                vector: config.msix_vector,
+            }));
+        }
+        self.interrupt
+            .config_vector
+            .store(common.config_msix_vector(), Ordering::Release);
+        if !broken {
+            let activation = Activation {
+                mem: self.mem.clone(),
+                features,
+                queues,
+                interrupt: self.interrupt.clone(),
+            };
+            match self.pci.device_mut().activate(activation) {
+                Ok(()) => {
+                    self.active = true;
+                    return;
+                }
+                Err(e) => log::warn!("{}: cannot start: {}", self.id, crate::error_chain(&e)),
+            }
+        }
+        self.pci.common_mut().set_needs_reset();
+        self.interrupt.config();
+    }
+
+    /// Whether the driver has the device running.
+    pub fn is_active(&self) -> bool {
+        self.active && self.pci.common().status() & status::DEVICE_NEEDS_RESET == 0
+    }
+}
+
+impl BusDevice for VirtioPciDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.pci.bar_read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(event) = self.pci.bar_write(offset, data) {
+            self.handle(event);
+        }
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn read_config(&self, reg: usize) -> u32 {
+        self.pci.read_config(reg)
+    }
+
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+        let moved = self.pci.write_config(reg, offset, data);
+        for event in self.pci.take_events() {
+            self.handle(event);
+        }
+        moved
+    }
+
+    fn bar_moved(&mut self, mv: &BarMove) {
+        for (q, fd) in self.notify.iter().enumerate() {
+            if self.ioevents[q] {
+                let _ = self.vm.unregister_ioevent(fd, notify_addr(mv.old, q));
+            }
+            self.ioevents[q] = self.vm.register_ioevent(fd, notify_addr(mv.new, q)).is_ok();
+        }
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        if self.active {
+            self.pci.device_mut().reset();
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! What every device's worker threads share: the thread with its stop signal, an epoll set,
+//! and walking a queue's descriptor chains as host I/O vectors.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestMemory as _, Permissions};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::GuestMemory;
+
+/// Token of the stop eventfd in every worker's epoll set.
+pub const STOP_TOKEN: u64 = u64::MAX;
+
+/// A device worker thread that stops when asked.
+pub struct Worker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Runs `body` on a thread named `name`; `body` gets an epoll set that already watches
+    /// the stop eventfd under [`STOP_TOKEN`], and must return when that fires.
+    pub fn spawn(name: String, body: impl FnOnce(Events) + Send + 'static) -> io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let events = Events::new()?;
+        events.add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || body(events))?;
+        Ok(Worker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks the thread to stop and waits until it has.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop.write(1);
+            if thread.join().is_err() {
+                log::error!("A device worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// An epoll set keyed by tokens.
+pub struct Events {
+    epoll: Epoll,
+}
+
+impl Events {
+    fn new() -> io::Result<Self> {
+        Ok(Events {
+            epoll: Epoll::new()?,
+        })
+    }
+
+    /// Watches `fd` for `set`, reporting it as `token`.
+    pub fn add(&self, fd: RawFd, token: u64, set: EventSet) -> io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
+    }
+
+    /// Waits for events; returns their tokens. Interrupted waits return nothing.
+    pub fn wait(&self, tokens: &mut Vec<u64>) -> io::Result<()> {
+        let mut events = [EpollEvent::default(); 16];
+        tokens.clear();
+        match self.epoll.wait(-1, &mut events) {
+            Ok(n) => tokens.extend(events[..n].iter().map(|e| e.data())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
+/// Why a queue cannot be used any more until the driver resets the device.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The rings are not where the driver said, or their indices are impossible.
+    #[error("Broken queue")]
+    Queue(#[source] virtio_queue::Error),
+}
+
+/// Takes the next available chain, or `None` when the ring is empty.
+pub fn pop<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+) -> Result<Option<DescriptorChain<&'m GuestMemory>>, QueueError> {
+    Ok(queue.iter(mem).map_err(QueueError::Queue)?.next())
+}
+
+/// Returns a chain to the driver with `len` bytes written.
+pub fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    head: u16,
+    len: u32,
+) -> Result<(), QueueError> {
+    queue.add_used(mem, head, len).map_err(QueueError::Queue)
+}
+
+/// Whether the driver wants an interrupt for what was just used.
+pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemory) -> bool {
+    // An unreadable event index is the driver's problem; interrupting is the safe answer.
+    queue.needs_notification(mem).unwrap_or(true)
+}
+
+/// Turns driver notifications back on; true if more chains arrived meanwhile.
+pub fn enable_notification(queue: &mut Queue, mem: &GuestMemory) -> Result<bool, QueueError> {
+    queue.enable_notification(mem).map_err(QueueError::Queue)
+}
+
+/// Turns driver notifications off while the device works through the ring.
+pub fn disable_notification(queue: &mut Queue, mem: &GuestMemory) -> Result<(), QueueError> {
+    queue.disable_notification(mem).map_err(QueueError::Queue)
+}
+
+/// Why a descriptor chain is refused.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    /// A descriptor points outside guest memory.
+    #[error("Descriptor at {0:#x}+{1:#x} is outside guest memory")]
+    Address(u64, u32),
+    /// The chain is longer than the device accepts.
+    #[error("Descriptor chain longer than {0} bytes")]
+    TooLong(usize),
+    /// A descriptor has the wrong direction for the device.
+    #[error("Descriptor direction is wrong for this queue")]
+    Direction,
+}
+
+/// Host I/O vectors over guest memory, for readv/writev straight into or out of a chain.
+#[derive(Default)]
+pub struct IoVecs {
+    iovs: Vec<libc::iovec>,
+    len: usize,
+}
+
+// SAFETY: the vectors point into guest memory, which lives as long as the VM and is shared
+// with the guest anyway; they carry no thread-local state.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    /// The descriptors of `chain`, which must all be device-writable (`writable`) or all
+    /// device-readable, and together at most `max` bytes. Zero-length descriptors are skipped.
+    pub fn from_chain<M>(
+        mem: &GuestMemory,
+        chain: DescriptorChain<M>,
+        writable: bool,
+        max: usize,
+    ) -> Result<Self, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let mut v = IoVecs::default();
+        let perm = if writable {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        for desc in chain {
+            if desc.is_write_only() != writable {
+                return Err(ChainError::Direction);
+            }
+            let len = desc.len() as usize;
+            v.len = v
+                .len
+                .checked_add(len)
+                .filter(|l| *l <= max)
+                .ok_or(ChainError::TooLong(max))?;
+            let bad = ChainError::Address(desc.addr().0, desc.len());
+            let slices = mem
+                .get_slices(desc.addr(), len, perm)
+                .map_err(|_| bad.clone())?;
+            for slice in slices {
+                let slice = slice.map_err(|_| bad.clone())?;
+                v.iovs.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+            }
+        }
+        Ok(v)
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The vectors, for readv/writev.
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.iovs
+    }
+
+    /// Writes `bytes` at byte `offset` of the vectors (short if they end first).
+    pub fn write_at(&self, offset: usize, bytes: &[u8]) {
+        let mut skip = offset;
+        let mut src = bytes;
+        for iov in &self.iovs {
+            if src.is_empty() {
+                break;
+            }
+            if skip >= iov.iov_len {
+                skip -= iov.iov_len;
+                continue;
+            }
+            let n = (iov.iov_len - skip).min(src.len());
+            // SAFETY: the vector covers `iov_len` bytes of guest memory that the chain gave
+            // the device to write, and `skip + n <= iov_len`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), iov.iov_base.cast::<u8>().add(skip), n)
+            };
+            src = &src[n..];
+            skip = 0;
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! TAP interfaces: opened by name (created if missing) with one descriptor per queue pair, or
+//! taken from descriptors a caller passed in; the vnet header and offloads; and the few
+//! interface settings baton applies to a TAP it created (address, MAC, MTU, up).
+//!
+//! Every descriptor is non-blocking and close-on-exec, and carries the 12-byte virtio-net
+//! header (VERSION_1 layout) on every frame, so the device passes frames between guest
+//! memory and the TAP without copying or rewriting headers.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Bytes of the vnet header on every frame (virtio 1.x layout, with `num_buffers`).
+pub const VNET_HDR_LEN: usize = 12;
+/// Longest interface name, without the terminating NUL.
+pub const IFNAMSIZ: usize = 15;
+
+const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+const SIOCSIFADDR: libc::c_ulong = 0x8916;
+const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
+const SIOCGIFMTU: libc::c_ulong = 0x8921;
+const SIOCSIFMTU: libc::c_ulong = 0x8922;
+const SIOCSIFHWADDR: libc::c_ulong = 0x8924;
+const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
+const SIOCGIFINDEX: libc::c_ulong = 0x8933;
+const ARPHRD_ETHER: u16 = 1;
+
+/// Errors opening or configuring a TAP.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The name is empty, too long or has a NUL.
+    #[error("Invalid TAP name '{0}': 1 to 15 bytes, no NUL")]
+    Name(String),
+    /// /dev/net/tun could not be opened.
+    #[error("Cannot open /dev/net/tun")]
+    OpenTun(#[source] io::Error),
+    /// TUNSETIFF refused: usually an existing TAP whose queue mode or type differs.
+    #[error("Cannot attach to TAP '{name}' with {queues} queue(s) (an existing interface with another queue mode, type or owner refuses this)")]
+    Attach {
+        /// Interface name.
+        name: String,
+        /// Queue pairs asked for.
+        queues: usize,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// A TAP ioctl failed.
+    #[error("TAP '{name}': cannot {what}")]
+    Ioctl {
+        /// Interface name.
+        name: String,
+        /// What was attempted.
+        what: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// A passed descriptor is not a TAP with a vnet header.
+    #[error("Descriptor {0} is not a TAP opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR")]
+    NotTap(RawFd),
+    /// Passed descriptors name different interfaces.
+    #[error("Descriptors belong to different interfaces ('{0}' and '{1}')")]
+    Mixed(String, String),
+}
+
+/// `struct ifreq`: an interface name and a 24-byte union.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IfReq {
+    name: [u8; 16],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: &str) -> Self {
+        let mut r = IfReq {
+            name: [0; 16],
+            data: [0; 24],
+        };
+        r.name[..name.len()].copy_from_slice(name.as_bytes());
+        r
+    }
+
+    fn set_short(&mut self, v: i16) {
+        self.data[..2].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn short(&self) -> i16 {
+        i16::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_int(&mut self, v: i32) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn int(&self) -> i32 {
+        i32::from_ne_bytes(self.data[..4].try_into().expect("4 bytes"))
+    }
+
+    fn name(&self) -> String {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > IFNAMSIZ || name.contains('\0') || name.contains('/') {
+        return Err(Error::Name(name.into()));
+    }
+    Ok(())
+}
+
+/// `ioctl(fd, request, arg)` with a pointer argument.
+///
+/// # Safety
+/// `arg` must point to memory of the layout `request` expects, valid for reads and writes.
+unsafe fn ioctl_ptr<T>(fd: RawFd, request: libc::c_ulong, arg: *mut T) -> io::Result<()> {
+    // SAFETY: the caller vouches for `arg`; a bad fd only makes the call fail.
+    if unsafe { libc::ioctl(fd, request as _, arg) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `ioctl(fd, request, value)` with an integer argument.
+fn ioctl_val(fd: RawFd, request: libc::c_ulong, value: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: the requests used with this helper take an integer, not a pointer.
+    if unsafe { libc::ioctl(fd, request as _, value) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One queue of a TAP interface.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+/// How the guest's acked offloads map to what the TAP may hand us.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// Partial checksums (GUEST_CSUM).
+    pub csum: bool,
+    /// TCP segmentation offload (GUEST_TSO4/6).
+    pub tso4: bool,
+    /// TCP segmentation offload over IPv6.
+    pub tso6: bool,
+    /// ECN with TSO.
+    pub tso_ecn: bool,
+    /// UDP fragmentation offload (GUEST_UFO).
+    pub ufo: bool,
+}
+
+impl Offloads {
+    /// The TUNSETOFFLOAD flags.
+    pub fn tun_flags(&self) -> libc::c_uint {
+        let mut f = 0;
+        if self.csum {
+            f |= libc::TUN_F_CSUM;
+            if self.tso4 {
+                f |= libc::TUN_F_TSO4;
+            }
+            if self.tso6 {
+                f |= libc::TUN_F_TSO6;
+            }
+            if self.tso_ecn && (self.tso4 || self.tso6) {
+                f |= libc::TUN_F_TSO_ECN;
+            }
+            if self.ufo {
+                f |= libc::TUN_F_UFO;
+            }
+        }
+        f
+    }
+}
+
+/// Whether an interface called `name` exists in this network namespace.
+pub fn exists(name: &str) -> bool {
+    interface_index(name).is_ok()
+}
+
+/// The kernel's index of interface `name`.
+pub fn interface_index(name: &str) -> io::Result<i32> {
+    if check_name(name).is_err() {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    let sock = control_socket()?;
+    let mut req = IfReq::new(name);
+    // SAFETY: `req` is a full `struct ifreq`.
+    unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCGIFINDEX, &mut req) }?;
+    Ok(req.int())
+}
+
+fn control_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Tap {
+    /// Opens `queues` queues of TAP `name`, creating the interface if it does not exist
+    /// (the kernel removes a TAP it created when the last queue closes).
+    pub fn open_queues(name: &str, queues: usize) -> Result<Vec<Tap>, Error> {
+        check_name(name)?;
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if queues > 1 {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
+        (0..queues)
+            .map(|_| {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open("/dev/net/tun")
+                    .map_err(Error::OpenTun)?;
+                let mut req = IfReq::new(name);
+                req.set_short(flags as i16);
+                // SAFETY: `req` is a full `struct ifreq` that TUNSETIFF reads and fills.
+                unsafe { ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF as _, &mut req) }.map_err(
+                    |source| Error::Attach {
+                        name: name.into(),
+                        queues,
+                        source,
+                    },
+                )?;
+                let tap = Tap {
+                    file,
+                    name: req.name(),
+                };
+                tap.set_vnet_hdr_len()?;
+                Ok(tap)
+            })
+            .collect()
+    }
+
+    /// Wraps descriptors of one TAP interface (one per queue pair) passed by a caller. They
+    /// must carry the vnet header; they are made non-blocking and close-on-exec.
+    pub fn from_fds(fds: Vec<OwnedFd>) -> Result<Vec<Tap>, Error> {
+        let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let raw = fd.as_raw_fd();
+            let mut req = IfReq::new("");
+            // SAFETY: `req` is a full `struct ifreq` that TUNGETIFF fills.
+            unsafe { ioctl_ptr(raw, libc::TUNGETIFF as _, &mut req) }
+                .map_err(|_| Error::NotTap(raw))?;
+            let flags = i32::from(req.short());
+            let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            if flags & want != want {
+                return Err(Error::NotTap(raw));
+            }
+            let name = req.name();
+            if let Some(first) = taps.first() {
+                if first.name != name {
+                    return Err(Error::Mixed(first.name.clone(), name));
+                }
+            }
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe {
+                let fl = libc::fcntl(raw, libc::F_GETFL);
+                libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK);
+                libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+            let tap = Tap {
+                file: File::from(fd),
+                name,
+            };
+            tap.set_vnet_hdr_len()?;
+            taps.push(tap);
+        }
+        Ok(taps)
+    }
+
+    fn ioctl_error(&self, what: &'static str) -> impl FnOnce(io::Error) -> Error + '_ {
+        move |source| Error::Ioctl {
+            name: self.name.clone(),
+            what,
+            source,
+        }
+    }
+
+    fn set_vnet_hdr_len(&self) -> Result<(), Error> {
+        let mut len: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int.
+        unsafe { ioctl_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &mut len) }
+            .map_err(self.ioctl_error("set the vnet header length"))
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sets which offloaded frames the TAP may hand to the guest.
+    pub fn set_offloads(&self, offloads: Offloads) -> Result<(), Error> {
+        ioctl_val(
+            self.file.as_raw_fd(),
+            libc::TUNSETOFFLOAD as _,
+            offloads.tun_flags().into(),
+        )
+        .map_err(self.ioctl_error("set offloads"))
+    }
+
+    /// Attaches (`true`) or detaches this queue from a multi-queue TAP: a detached queue
+    /// receives nothing, so frames go to queues the guest uses.
+    pub fn set_queue_enabled(&self, enabled: bool) -> Result<(), Error> {
+        let mut req = IfReq::new("");
+        let flag = if enabled {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        req.set_short(flag as i16);
+        // SAFETY: `req` is a full `struct ifreq` that TUNSETQUEUE reads.
+        unsafe { ioctl_ptr(self.file.as_raw_fd(), libc::TUNSETQUEUE as _, &mut req) }
+            .map_err(self.ioctl_error("attach or detach a queue"))
+    }
+
+    /// Sets the interface's IPv4 address and netmask.
+    pub fn set_ipv4(&self, addr: Ipv4Addr, mask: Ipv4Addr) -> Result<(), Error> {
+        let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
+        for (request, value, what) in [
+            (SIOCSIFADDR, addr, "set the address"),
+            (SIOCSIFNETMASK, mask, "set the netmask"),
+        ] {
+            let mut req = IfReq::new(&self.name);
+            // struct sockaddr_in: family, port, address.
+            req.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+            req.data[4..8].copy_from_slice(&value.octets());
+            // SAFETY: `req` is a full `struct ifreq` holding a sockaddr_in.
+            unsafe { ioctl_ptr(sock.as_raw_fd(), request, &mut req) }
+                .map_err(self.ioctl_error(what))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the interface's own MAC address (the host side of the link).
+    pub fn set_mac(&self, mac: [u8; 6]) -> Result<(), Error> {
+        let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
+        let mut req = IfReq::new(&self.name);
+        req.data[..2].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
+        req.data[2..8].copy_from_slice(&mac);
+        // SAFETY: `req` is a full `struct ifreq` holding a sockaddr with the address.
+        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCSIFHWADDR, &mut req) }
+            .map_err(self.ioctl_error("set the MAC address"))
+    }
+
+    /// The interface's MAC address.
+    pub fn mac(&self) -> Result<[u8; 6], Error> {
+        let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
+        let mut req = IfReq::new(&self.name);
+        // SAFETY: `req` is a full `struct ifreq` that SIOCGIFHWADDR fills.
+        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCGIFHWADDR, &mut req) }
+            .map_err(self.ioctl_error("read the MAC address"))?;
+        Ok(req.data[2..8].try_into().expect("6 bytes"))
+    }
+
+    /// Sets the interface MTU.
+    pub fn set_mtu(&self, mtu: u16) -> Result<(), Error> {
+        let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
+        let mut req = IfReq::new(&self.name);
+        req.set_int(i32::from(mtu));
+        // SAFETY: `req` is a full `struct ifreq` holding an int.
+        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCSIFMTU, &mut req) }
+            .map_err(self.ioctl_error("set the MTU"))
+    }
+
+    /// The interface MTU.
+    pub fn mtu(&self) -> Result<u16, Error> {
+        let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
+        let mut req = IfReq::new(&self.name);
+        // SAFETY: `req` is a full `struct ifreq` that SIOCGIFMTU fills.
+        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCGIFMTU, &mut req) }
+            .map_err(self.ioctl_error("read the MTU"))?;
+        Ok(req.int().clamp(0, i32::from(u16::MAX)) as u16)
+    }
+
+    /// Brings the interface up.
+    pub fn set_up(&self) -> Result<(), Error> {
+        let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
+        let mut req = IfReq::new(&self.name);
+        // SAFETY: `req` is a full `struct ifreq` that SIOCGIFFLAGS fills.
+        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCGIFFLAGS, &mut req) }
+            .map_err(self.ioctl_error("read the interface flags"))?;
+        let flags = req.short() | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+        req.set_short(flags);
+        // SAFETY: as above, with the flags set.
+        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCSIFFLAGS, &mut req) }
+            .map_err(self.ioctl_error("bring the interface up"))
+    }
+
+    /// Reads one frame (vnet header first) into the vectors; `Ok(None)` when none is queued.
+    pub fn readv(&self, iovs: &[libc::iovec]) -> io::Result<Option<usize>> {
+        // SAFETY: the caller's vectors describe writable memory; readv writes at most that.
+        let n = unsafe {
+            libc::readv(
+                self.file.as_raw_fd(),
+                iovs.as_ptr(),
+                iovs.len().min(libc::c_int::MAX as usize) as libc::c_int,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(n as usize))
+    }
+
+    /// Writes one frame (vnet header first) from the vectors.
+    pub fn writev(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's vectors describe readable memory; writev reads at most that.
+        let n = unsafe {
+            libc::writev(
+                self.file.as_raw_fd(),
+                iovs.as_ptr(),
+                iovs.len().min(libc::c_int::MAX as usize) as libc::c_int,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_before_any_syscall() {
+        for bad in ["", "0123456789abcdef", "a\0b", "a/b"] {
+            assert!(matches!(check_name(bad), Err(Error::Name(_))), "{bad:?}");
+        }
+        check_name("tap0").unwrap();
+        check_name("0123456789abcde").unwrap();
+    }
+
+    #[test]
+    fn offload_flags_need_checksums() {
+        let all = Offloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: true,
+            ufo: true,
+        };
+        assert_eq!(all.tun_flags(), 0x1f);
+        // Segmentation without checksum offload is meaningless; the kernel refuses it.
+        let no_csum = Offloads { csum: false, ..all };
+        assert_eq!(no_csum.tun_flags(), 0);
+        assert_eq!(Offloads::default().tun_flags(), 0);
+    }
+}
