@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod device_config;
 pub mod http;
 pub mod option_parser;
 pub mod request;
@@ -18,6 +19,7 @@ pub mod routes;
 pub mod server;
 pub mod vm_config;
 
+pub use device_config::{DiskConfig, MacAddr, NetConfig, RngConfig};
 pub use vm_config::{
     ConfigError, ConsoleConfig, ConsoleMode, CpuTemplate, CpusConfig, MemoryConfig, PayloadConfig,
     VmConfig,

@@ -25,6 +25,8 @@ pub enum ApiAction {
     VmBoot,
     /// Report the VM's configuration and state.
     VmInfo,
+    /// Report each device's counters.
+    VmCounters,
     /// Stop every vCPU.
     VmPause,
     /// Restart the vCPUs after a pause.

@@ -17,6 +17,8 @@ pub enum Endpoint {
     VmBoot,
     /// `GET vm.info`
     VmInfo,
+    /// `GET vm.counters`
+    VmCounters,
     /// `PUT vm.pause`
     VmPause,
     /// `PUT vm.resume`
@@ -38,6 +40,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("vm.create", "PUT", Endpoint::VmCreate),
     ("vm.boot", "PUT", Endpoint::VmBoot),
     ("vm.info", "GET", Endpoint::VmInfo),
+    ("vm.counters", "GET", Endpoint::VmCounters),
     ("vm.pause", "PUT", Endpoint::VmPause),
     ("vm.resume", "PUT", Endpoint::VmResume),
     ("vm.shutdown", "PUT", Endpoint::VmShutdown),

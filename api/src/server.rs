@@ -222,6 +222,7 @@ pub fn action_for(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, ApiError
         }
         Endpoint::VmBoot => ApiAction::VmBoot,
         Endpoint::VmInfo => ApiAction::VmInfo,
+        Endpoint::VmCounters => ApiAction::VmCounters,
         Endpoint::VmPause => ApiAction::VmPause,
         Endpoint::VmResume => ApiAction::VmResume,
         Endpoint::VmShutdown => ApiAction::VmShutdown,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::device_config::{self, DeviceError, DiskConfig, NetConfig, RngConfig};
 use crate::option_parser::{
     parse_int, parse_list, parse_size, parse_toggle, OptionError, OptionParser,
 };
@@ -63,6 +64,9 @@ pub enum ConfigError {
     /// The command line holds a NUL byte.
     #[error("Kernel command line contains a NUL byte")]
     CmdlineNul,
+    /// A device section is wrong.
+    #[error("Invalid device configuration")]
+    Device(#[source] DeviceError),
     /// The command line is longer than baton passes to a guest.
     #[error("Kernel command line is {0} bytes long; at most {max} are supported", max = PayloadConfig::MAX_CMDLINE)]
     CmdlineTooLong(usize),
@@ -291,6 +295,15 @@ pub struct VmConfig {
     /// The virtio console; only `Off` for now.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// Network cards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
+    /// Disks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// The entropy device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngConfig>,
 }
 
 /// The CPUID feature names `mask=` accepts (checked against the VMM's table at validation).
@@ -338,7 +351,22 @@ impl VmConfig {
         if self.console.mode != ConsoleMode::Off {
             return Err(ConfigError::ConsoleUnsupported);
         }
+        for n in &self.net {
+            n.validate().map_err(ConfigError::Device)?;
+        }
+        for d in &self.disks {
+            d.validate().map_err(ConfigError::Device)?;
+        }
+        // Ids must be unique; assigning them on a copy checks that without changing `self`.
+        let mut copy = self.clone();
+        copy.assign_device_ids()?;
         Ok(())
+    }
+
+    /// Names every device that has no id yet (`net0`, `disk0`, `rng0` ...).
+    pub fn assign_device_ids(&mut self) -> Result<(), ConfigError> {
+        device_config::assign_ids(&mut self.net, &mut self.disks, self.rng.as_mut())
+            .map_err(ConfigError::Device)
     }
 }
 

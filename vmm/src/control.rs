@@ -13,6 +13,7 @@ use kvm_ioctls::Kvm;
 
 use crate::console::Console;
 use crate::cpuid;
+use crate::device_manager::Backends;
 use crate::vm::{Vm, VmEvents};
 
 /// What the control loop should do after a request.
@@ -31,6 +32,7 @@ pub struct Vmm {
     config: Option<VmConfig>,
     state: VmState,
     vm: Option<Vm>,
+    backends: Backends,
     console: Option<(api::ConsoleConfig, Console)>,
 }
 
@@ -51,6 +53,7 @@ impl Vmm {
             config: None,
             state: VmState::Created,
             vm: None,
+            backends: Backends::default(),
             console: None,
         }
     }
@@ -88,7 +91,7 @@ impl Vmm {
         }
         let (_, console) = self.console.as_ref().expect("console set above");
         let started = std::time::Instant::now();
-        let vm = Vm::start(&self.kvm, config, console, &self.events)
+        let vm = Vm::start(&self.kvm, config, &self.backends, console, &self.events)
             .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)))?;
         log::info!(
             "VM started with {} vCPUs: built in {} us",
@@ -161,6 +164,7 @@ impl Vmm {
                 .and_then(|_| self.start_vm())
                 .map(|_| ApiReply::Empty),
             ApiAction::VmInfo => self.info(),
+            ApiAction::VmCounters => self.counters(),
             ApiAction::VmPause => self.require(&[VmState::Running], "pause").and_then(|_| {
                 self.running()?.pause();
                 self.state = VmState::Paused;
@@ -190,6 +194,7 @@ impl Vmm {
             ApiAction::VmDelete => self.state().map(|_| {
                 self.stop_vm();
                 self.config = None;
+                self.backends = Backends::default();
                 ApiReply::Empty
             }),
         };
@@ -202,12 +207,37 @@ impl Vmm {
                 "A VM already exists ({state:?}); delete it first"
             )));
         }
+        let mut config = config;
         config
             .validate(&cpuid::feature_names())
+            .and_then(|_| config.assign_device_ids())
             .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))?;
+        // TAPs and images are opened now, so a bad one is refused here, and they stay open
+        // across reboots.
+        self.backends = Backends::open(&mut config)
+            .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
         self.config = Some(config);
         self.state = VmState::Created;
         Ok(ApiReply::Empty)
+    }
+
+    fn counters(&self) -> ApiResponse {
+        self.state()?;
+        let counters: serde_json::Map<String, serde_json::Value> = self
+            .vm
+            .as_ref()
+            .map(Vm::counters)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, c)| {
+                let values: serde_json::Map<String, serde_json::Value> = c
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.into()))
+                    .collect();
+                (id, values.into())
+            })
+            .collect();
+        Ok(ApiReply::Json(counters.into()))
     }
 
     fn info(&self) -> ApiResponse {

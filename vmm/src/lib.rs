@@ -11,6 +11,8 @@ pub mod boot;
 pub mod console;
 pub mod control;
 pub mod cpuid;
+pub mod device_manager;
+pub mod interrupt;
 pub mod layout;
 pub mod logger;
 pub mod memory;
@@ -55,6 +57,9 @@ pub enum Error {
     /// Building or starting the VM.
     #[error("Cannot start the VM")]
     Vm(#[source] vm::Error),
+    /// Opening device backends.
+    #[error("Cannot open the VM's devices")]
+    Devices(#[source] device_manager::Error),
     /// Control loop plumbing.
     #[error("Control loop failure")]
     Loop(#[source] std::io::Error),

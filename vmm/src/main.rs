@@ -6,7 +6,10 @@ use std::path::Path;
 
 use api::option_parser::{parse_int, OptionError, OptionParser};
 use api::server::ApiSocket;
-use api::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use api::{
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig,
+    VmConfig,
+};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
 fn command() -> Command {
@@ -74,6 +77,26 @@ fn command() -> Command {
                 .help("virtio console: only \"off\" for now"),
         )
         .arg(
+            Arg::new("net")
+                .long("net")
+                .value_name("OPTIONS")
+                .action(ArgAction::Append)
+                .help(NetConfig::SYNTAX),
+        )
+        .arg(
+            Arg::new("disk")
+                .long("disk")
+                .value_name("OPTIONS")
+                .action(ArgAction::Append)
+                .help(DiskConfig::SYNTAX),
+        )
+        .arg(
+            Arg::new("rng")
+                .long("rng")
+                .value_name("OPTIONS")
+                .help(RngConfig::SYNTAX),
+        )
+        .arg(
             Arg::new("verbose")
                 .short('v')
                 .long("verbose")
@@ -96,8 +119,27 @@ fn option<T>(
         })
 }
 
+fn options<T>(
+    m: &ArgMatches,
+    name: &'static str,
+    parse: impl Fn(&str) -> Result<T, api::option_parser::OptionError>,
+) -> Result<Vec<T>, api::ConfigError> {
+    m.get_many::<String>(name)
+        .into_iter()
+        .flatten()
+        .map(|s| parse(s))
+        .collect::<Result<Vec<T>, _>>()
+        .map_err(|source| api::ConfigError::Option {
+            option: name,
+            source,
+        })
+}
+
 fn config_from(m: &ArgMatches) -> Result<VmConfig, api::ConfigError> {
     Ok(VmConfig {
+        net: options(m, "net", NetConfig::from_option_string)?,
+        disks: options(m, "disk", DiskConfig::from_option_string)?,
+        rng: option(m, "rng", RngConfig::from_option_string)?.flatten(),
         cpus: option(m, "cpus", CpusConfig::from_option_string)?.unwrap_or_default(),
         memory: option(m, "memory", MemoryConfig::from_option_string)?.unwrap_or_default(),
         payload: PayloadConfig {
@@ -132,6 +174,9 @@ const VM_OPTIONS: &[&str] = &[
     "memory",
     "serial",
     "console",
+    "net",
+    "disk",
+    "rng",
 ];
 
 /// The API socket named by `--api-socket`, bound.

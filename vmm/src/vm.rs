@@ -18,6 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::Console;
 use crate::cpuid::{self, VcpuCpuid};
+use crate::device_manager::{self, Backends, PciDeviceHandle};
+use crate::interrupt::Interrupts;
 use crate::layout::*;
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{VcpuEvents, Vcpus};
@@ -53,6 +55,9 @@ pub enum Error {
     /// vCPU threads.
     #[error("Cannot start vCPUs")]
     Vcpu(#[source] vcpu::Error),
+    /// virtio devices.
+    #[error("Cannot create devices")]
+    Devices(#[source] device_manager::Error),
 }
 
 /// Wall time of each phase of building a VM, for `-vv` (where start-up time goes).
@@ -121,9 +126,11 @@ impl VmEvents {
 pub struct Vm {
     vcpus: Vcpus,
     ged: Arc<Mutex<Ged>>,
+    // Dropped after the vCPUs stop; dropping a device stops its workers.
+    devices: Vec<PciDeviceHandle>,
     // Dropped after the vCPUs stop: they run on this memory and VM.
     _memory: GuestMemory,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
 }
 
 fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
@@ -150,12 +157,13 @@ struct Buses {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     ged: Arc<Mutex<Ged>>,
+    pci: Arc<Mutex<PciBus>>,
 }
 
 fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<Buses, Error> {
     let clone = |e: &EventFd| e.try_clone().map_err(Error::EventFd);
     let pio = Bus::new();
-    let mmio = Bus::new();
+    let mmio = Arc::new(Bus::new());
 
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm_fd
@@ -187,7 +195,7 @@ fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<
     mmio.insert(ged.clone(), ACPI_GED_START, devices::acpi::GED_LEN)
         .map_err(|e| Error::Bus("ACPI GED", e))?;
 
-    let pci = Arc::new(Mutex::new(PciBus::new()));
+    let pci = Arc::new(Mutex::new(PciBus::new(mmio.clone())));
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
         PCI_CONFIG_PORT,
@@ -195,7 +203,7 @@ fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<
     )
     .map_err(|e| Error::Bus("PCI config ports", e))?;
     mmio.insert(
-        Arc::new(Mutex::new(PciEcam::new(pci))),
+        Arc::new(Mutex::new(PciEcam::new(pci.clone()))),
         PCI_MMCONFIG_START,
         PCI_MMCONFIG_SIZE,
     )
@@ -203,8 +211,9 @@ fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<
 
     Ok(Buses {
         pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
+        mmio,
         ged,
+        pci,
     })
 }
 
@@ -213,11 +222,12 @@ impl Vm {
     pub fn start(
         kvm: &Kvm,
         config: &VmConfig,
+        backends: &Backends,
         console: &Console,
         events: &VmEvents,
     ) -> Result<Self, Error> {
         let mut timer = PhaseTimer::new();
-        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?);
         vm_fd
             .set_identity_map_address(KVM_IDENTITY_MAP_START)
             .map_err(|e| Error::Kvm("set the identity map address", e))?;
@@ -241,6 +251,15 @@ impl Vm {
         register_memory(&vm_fd, &mem)?;
         timer.mark("memory");
         let buses = create_devices(&vm_fd, console, events)?;
+        let interrupts = Arc::new(Interrupts::new(vm_fd.clone()));
+        let devices = device_manager::create(
+            config,
+            backends,
+            &mem,
+            interrupts,
+            &mut buses.pci.lock().expect("PCI lock poisoned"),
+        )
+        .map_err(Error::Devices)?;
 
         timer.mark("devices");
         let cpus = config.cpus.boot_vcpus;
@@ -298,6 +317,7 @@ impl Vm {
         Ok(Vm {
             vcpus,
             ged: buses.ged,
+            devices,
             _memory: mem,
             _vm_fd: vm_fd,
         })
@@ -319,6 +339,18 @@ impl Vm {
             .lock()
             .expect("GED lock poisoned")
             .notify(devices::acpi::GED_EVENT_POWER_BUTTON)
+    }
+
+    /// Each device's counters, by device id.
+    pub fn counters(&self) -> Vec<(String, Vec<(&'static str, u64)>)> {
+        self.devices
+            .iter()
+            .map(|(id, d)| {
+                let counters = d.lock().expect("device lock poisoned").device().counters();
+                (id.clone(), counters)
+            })
+            .filter(|(_, c)| !c.is_empty())
+            .collect()
     }
 
     /// Restarts the vCPUs after [`Vm::pause`].

@@ -27,6 +27,12 @@ const SIMPLE: &[(&str, &str, &str, &str)] = &[
         "vm.boot",
         "Boot the created VM (PUT vm.boot)",
     ),
+    (
+        "counters",
+        "GET",
+        "vm.counters",
+        "Show each device's counters, e.g. a network card's rx/tx bytes and frames (GET vm.counters)",
+    ),
     ("pause", "PUT", "vm.pause", "Stop every vCPU (PUT vm.pause)"),
     (
         "resume",

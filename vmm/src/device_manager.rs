@@ -1,0 +1,210 @@
+//! Device backends and the virtio PCI devices built on them.
+//!
+//! [`Backends`] are opened once, when the VM is created: TAP queues and disk images. They
+//! outlive each run of the guest, so a reboot rebuilds the devices on the same TAP (a TAP
+//! baton created would vanish, with whatever the host set on it, if its last queue closed)
+//! and the same open image. [`create`] builds the PCI functions for one run.
+
+use std::fs::{File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use api::{MacAddr, NetConfig, VmConfig};
+use devices::pci::allocator::AddressAllocator;
+use devices::pci::PciBus;
+use devices::virtio::block::{Block, BlockParams};
+use devices::virtio::net::{Net, NetParams};
+use devices::virtio::pci::BAR_SIZE;
+use devices::virtio::rng::Rng;
+use devices::virtio::{GuestMemory, VirtioDevice, VirtioPciDevice, VmOps};
+use net_util::Tap;
+
+use crate::layout::{MEM_32BIT_DEVICES_SIZE, MEM_32BIT_DEVICES_START};
+
+/// Errors opening backends or building devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A TAP could not be opened or set up.
+    #[error("Network card '{0}'")]
+    Tap(String, #[source] net_util::tap::Error),
+    /// A disk image could not be opened.
+    #[error("Disk '{0}': cannot open {1}")]
+    DiskOpen(String, PathBuf, #[source] std::io::Error),
+    /// A disk image is not a regular file or block device.
+    #[error("Disk '{0}': {1} is not a regular file or a block device")]
+    DiskKind(String, PathBuf),
+    /// A device could not be created.
+    #[error("Device '{0}'")]
+    Device(String, #[source] std::io::Error),
+    /// No room for another BAR.
+    #[error("No PCI address space left for device '{0}'")]
+    BarSpace(String),
+    /// A PCI function could not be created or placed.
+    #[error("Device '{0}': cannot put it on PCI")]
+    Pci(String, #[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A network card's open TAP queues.
+pub struct NetBackend {
+    config: NetConfig,
+    taps: Vec<Arc<Tap>>,
+}
+
+/// A disk's open image.
+pub struct DiskBackend {
+    config: api::DiskConfig,
+    file: File,
+}
+
+/// What the VM's devices run on, kept from creation to deletion.
+#[derive(Default)]
+pub struct Backends {
+    nets: Vec<NetBackend>,
+    disks: Vec<DiskBackend>,
+}
+
+fn open_net(config: &mut NetConfig) -> Result<NetBackend, Error> {
+    let id = config.id.clone().unwrap_or_default();
+    let err = |e| Error::Tap(id.clone(), e);
+    let existed = config.tap.as_deref().is_some_and(net_util::tap::exists);
+    // The kernel picks a free name for "baton%d".
+    let name = config.tap.clone().unwrap_or_else(|| "baton%d".into());
+    let taps = Tap::open_queues(&name, config.queue_pairs()).map_err(err)?;
+    let first = &taps[0];
+    if existed {
+        if config.ip.is_some() || config.mask.is_some() || config.host_mac.is_some() {
+            log::info!(
+                "{id}: TAP '{}' already exists: its address and MAC are left as they are",
+                first.name()
+            );
+        }
+    } else {
+        if let Some(mac) = config.host_mac {
+            first.set_mac(mac.0).map_err(err)?;
+        }
+        if let Some(mtu) = config.mtu {
+            first.set_mtu(mtu).map_err(err)?;
+        }
+        if let Some(ip) = config.ip {
+            let mask = config.mask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+            first.set_ipv4(ip, mask).map_err(err)?;
+        }
+        first.set_up().map_err(err)?;
+    }
+    config.tap = Some(first.name().to_string());
+    Ok(NetBackend {
+        config: config.clone(),
+        taps: taps.into_iter().map(Arc::new).collect(),
+    })
+}
+
+fn open_disk(config: &api::DiskConfig) -> Result<DiskBackend, Error> {
+    let id = config.id.clone().unwrap_or_default();
+    let mut options = OpenOptions::new();
+    options.read(true).write(!config.readonly);
+    let mut flags = libc::O_CLOEXEC;
+    if config.direct {
+        flags |= libc::O_DIRECT;
+    }
+    options.custom_flags(flags);
+    let file = options
+        .open(&config.path)
+        .map_err(|e| Error::DiskOpen(id.clone(), config.path.clone(), e))?;
+    let kind = file
+        .metadata()
+        .map_err(|e| Error::DiskOpen(id.clone(), config.path.clone(), e))?
+        .file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(Error::DiskKind(id, config.path.clone()));
+    }
+    Ok(DiskBackend {
+        config: config.clone(),
+        file,
+    })
+}
+
+impl Backends {
+    /// Opens every backend `config` names. Fills in what the host decided: random MACs, and
+    /// the names of TAPs baton created.
+    pub fn open(config: &mut VmConfig) -> Result<Self, Error> {
+        let mut backends = Backends::default();
+        for net in &mut config.net {
+            if net.mac.is_none() {
+                net.mac = Some(MacAddr::random());
+            }
+            backends.nets.push(open_net(net)?);
+        }
+        for disk in &config.disks {
+            backends.disks.push(open_disk(disk)?);
+        }
+        Ok(backends)
+    }
+}
+
+/// A device on PCI, by id.
+pub type PciDeviceHandle = (String, Arc<Mutex<VirtioPciDevice>>);
+
+/// Builds the virtio devices of `config` on `backends` and puts them on `pci`.
+pub fn create(
+    config: &VmConfig,
+    backends: &Backends,
+    mem: &GuestMemory,
+    vm: Arc<dyn VmOps>,
+    pci: &mut PciBus,
+) -> Result<Vec<PciDeviceHandle>, Error> {
+    let mut bars = AddressAllocator::new(MEM_32BIT_DEVICES_START, MEM_32BIT_DEVICES_SIZE);
+    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for net in &backends.nets {
+        let c = &net.config;
+        let params = NetParams {
+            mac: c.mac.expect("filled in by Backends::open").0,
+            mtu: c.mtu,
+            queue_size: c.queue_size,
+            offload_csum: c.offload_csum,
+            offload_tso: c.offload_tso,
+            offload_ufo: c.offload_ufo,
+        };
+        devices.push((
+            c.id.clone().unwrap_or_default(),
+            Box::new(Net::new(params, net.taps.clone())),
+        ));
+    }
+    for disk in &backends.disks {
+        let id = disk.config.id.clone().unwrap_or_default();
+        let file = disk
+            .file
+            .try_clone()
+            .map_err(|e| Error::Device(id.clone(), e))?;
+        let block = Block::new(BlockParams {
+            file,
+            readonly: disk.config.readonly,
+            direct: disk.config.direct,
+            serial: id.clone(),
+        })
+        .map_err(|e| Error::Device(id.clone(), e))?;
+        devices.push((id, Box::new(block)));
+    }
+    if let Some(rng) = &config.rng {
+        devices.push((rng.id.clone().unwrap_or_default(), Box::new(Rng::new())));
+    }
+
+    let mut handles = Vec::new();
+    for (id, device) in devices {
+        let addr = bars
+            .allocate(BAR_SIZE, BAR_SIZE)
+            .ok_or_else(|| Error::BarSpace(id.clone()))?;
+        let function = VirtioPciDevice::new(id.clone(), device, addr, mem.clone(), vm.clone())
+            .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
+        let bar = function.bar();
+        let function = Arc::new(Mutex::new(function));
+        let slot = pci
+            .add(function.clone(), function.clone(), bar)
+            .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
+        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR 0 at {addr:#x}");
+        handles.push((id, function));
+    }
+    Ok(handles)
+}

@@ -1,0 +1,127 @@
+//! KVM's GSI routing table and the hypervisor operations virtio devices need ([`VmOps`]):
+//! ioeventfds for queue notifications, and MSI routes with irqfds for MSI-X vectors.
+//!
+//! KVM_SET_GSI_ROUTING replaces the whole table, including the default routes that
+//! KVM_CREATE_IRQCHIP installed for the PIC and IOAPIC pins, so the table here starts with
+//! those and every MSI change re-sends the lot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::msix::MsixEntry;
+use devices::virtio::VmOps;
+use kvm_bindings::{
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+/// IOAPIC pins; GSIs from here on are free for MSIs.
+const IOAPIC_PINS: u32 = 24;
+/// KVM's limit on routing entries.
+const MAX_GSI: u32 = 4095;
+
+struct Table {
+    routes: BTreeMap<(u32, u32), kvm_irq_routing_entry>,
+    next_gsi: u32,
+    irqfds: BTreeSet<u32>,
+}
+
+/// The VM's interrupt routing, shared by every device.
+pub struct Interrupts {
+    vm: Arc<VmFd>,
+    table: Mutex<Table>,
+}
+
+fn irqchip_route(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = chip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+impl Interrupts {
+    /// The table KVM_CREATE_IRQCHIP set up: PIC pins for GSIs 0-15, IOAPIC pins for 0-23.
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        let mut routes = BTreeMap::new();
+        for gsi in 0..IOAPIC_PINS {
+            routes.insert((gsi, 0), irqchip_route(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+            if gsi < 16 {
+                let (chip, pin) = if gsi < 8 {
+                    (KVM_IRQCHIP_PIC_MASTER, gsi)
+                } else {
+                    (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+                };
+                routes.insert((gsi, 1), irqchip_route(gsi, chip, pin));
+            }
+        }
+        Interrupts {
+            vm,
+            table: Mutex::new(Table {
+                routes,
+                next_gsi: IOAPIC_PINS,
+                irqfds: BTreeSet::new(),
+            }),
+        }
+    }
+
+    fn commit(&self, table: &Table) -> io::Result<()> {
+        let mut routing = KvmIrqRouting::new(table.routes.len()).map_err(io::Error::other)?;
+        for (slot, entry) in routing.as_mut_slice().iter_mut().zip(table.routes.values()) {
+            *slot = *entry;
+        }
+        self.vm
+            .set_gsi_routing(&routing)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl VmOps for Interrupts {
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
+        self.vm
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
+        self.vm
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn allocate_gsi(&self) -> io::Result<u32> {
+        let mut t = self.table.lock().expect("routing lock poisoned");
+        if t.next_gsi > MAX_GSI {
+            return Err(io::Error::other("all KVM interrupt routes are in use"));
+        }
+        t.next_gsi += 1;
+        Ok(t.next_gsi - 1)
+    }
+
+    fn route_msi(&self, gsi: u32, message: MsixEntry, fd: &EventFd) -> io::Result<()> {
+        let mut t = self.table.lock().expect("routing lock poisoned");
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = message.addr_lo;
+        e.u.msi.address_hi = message.addr_hi;
+        e.u.msi.data = message.data;
+        t.routes.insert((gsi, 0), e);
+        self.commit(&t)?;
+        if t.irqfds.insert(gsi) {
+            if let Err(e) = self.vm.register_irqfd(fd, gsi) {
+                t.irqfds.remove(&gsi);
+                return Err(io::Error::from_raw_os_error(e.errno()));
+            }
+        }
+        Ok(())
+    }
+}
