@@ -11,7 +11,8 @@ help_if_asked "$@"
 ensure_build_deps
 require_kvm
 log "building (release)"
-cargo build --release --locked -p vmm -p baton-test-guest >&2
+cargo build --release --locked -p vmm >&2
+guest_cargo build --release --locked >&2
 
 log "booting the test guest: target/release/baton --kernel target/release/baton-test-guest --cpus boot=2 --memory size=512M --serial tty"
 coproc BATON {

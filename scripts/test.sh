@@ -15,9 +15,13 @@ export BATON_LINUX_DIR
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
+guest_cargo fmt -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+guest_cargo clippy --all-targets --locked -- -D warnings
 log "cargo build"
 cargo build --workspace --locked
+guest_cargo build --locked
 log "cargo test"
+guest_cargo test --lib --locked
 cargo test --workspace --locked -- "$@"

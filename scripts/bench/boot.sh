@@ -15,7 +15,8 @@ RUNS=${1:-10}
 ensure_build_deps
 require_kvm
 [[ ${BENCH_QEMU:-0} == 1 ]] && ensure_packages qemu-system-x86
-cargo build --release --locked -p vmm -p baton-test-guest >&2
+cargo build --release --locked -p vmm >&2
+guest_cargo build --release --locked >&2
 BATON=target/release/baton
 GUEST=target/release/baton-test-guest
 

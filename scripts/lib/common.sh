@@ -52,3 +52,17 @@ require_kvm() {
     [[ -c /dev/kvm ]] || die "/dev/kvm is missing: baton needs KVM (enable virtualization or nested KVM)"
     [[ -r /dev/kvm && -w /dev/kvm ]] || die "no access to /dev/kvm: run as root or join the kvm group"
 }
+
+# guest_cargo CMD [ARGS...]: runs cargo on the test guest, which is a workspace of its own
+# (see the top-level Cargo.toml), with its output in the main target/ directory so
+# target/<profile>/baton-test-guest sits next to baton.
+guest_cargo() {
+    local cmd=$1
+    shift
+    local root
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+    case "$cmd" in
+        fmt) cargo fmt --manifest-path "$root/tests/guest/Cargo.toml" "$@" ;;
+        *) cargo "$cmd" --manifest-path "$root/tests/guest/Cargo.toml" --target-dir "$root/target" "$@" ;;
+    esac
+}

@@ -5,6 +5,7 @@
 //! | key            | value                                      | default |
 //! |----------------|--------------------------------------------|---------|
 //! | `heartbeat_ms` | period of the `heartbeat N` line; 0 = none | 1000    |
+//! | `net`          | `A.B.C.D/P[,A.B.C.D/P…]`: the address of each network card, in PCI order | none |
 //!
 //! A VMM may add options meant for Linux (`console=ttyS0`, ...), so unknown
 //! words are reported as warnings, never refused.
@@ -14,19 +15,60 @@ use crate::text::{parse_u64, words};
 /// Heartbeat period when the command line does not set one.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 
+/// Most network cards the guest configures.
+pub const MAX_NICS: usize = 4;
+
+/// An IPv4 address with its prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    /// The address.
+    pub addr: [u8; 4],
+    /// Prefix length, 0 to 32.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `A.B.C.D/P`.
+    pub fn parse(text: &[u8]) -> Option<Self> {
+        let slash = text.iter().position(|&b| b == b'/')?;
+        let prefix = parse_u64(&text[slash + 1..]).filter(|p| *p <= 32)? as u8;
+        let mut addr = [0u8; 4];
+        let mut parts = text[..slash].split(|&b| b == b'.');
+        for a in &mut addr {
+            *a = u8::try_from(parse_u64(parts.next()?)?).ok()?;
+        }
+        parts.next().is_none().then_some(Cidr { addr, prefix })
+    }
+}
+
 /// The options the guest understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
     /// Milliseconds between heartbeat lines; 0 disables them.
     pub heartbeat_ms: u64,
+    /// Each network card's address, in PCI order.
+    pub net: [Option<Cidr>; MAX_NICS],
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            net: [None; MAX_NICS],
         }
     }
+}
+
+fn parse_net(value: &[u8]) -> Option<[Option<Cidr>; MAX_NICS]> {
+    let mut net = [None; MAX_NICS];
+    let mut parts = value.split(|&b| b == b',');
+    for slot in &mut net {
+        match parts.next() {
+            Some(p) => *slot = Some(Cidr::parse(p)?),
+            None => break,
+        }
+    }
+    parts.next().is_none().then_some(net)
 }
 
 /// Something on the command line that was ignored.
@@ -54,6 +96,13 @@ pub fn parse<'a>(cmdline: &'a [u8], mut warn: impl FnMut(Warning<'a>)) -> Option
         match (key, value) {
             (b"heartbeat_ms", value) => match value.and_then(parse_u64) {
                 Some(ms) => options.heartbeat_ms = ms,
+                None => warn(Warning::BadValue {
+                    key,
+                    value: value.unwrap_or_default(),
+                }),
+            },
+            (b"net", value) => match value.and_then(parse_net) {
+                Some(net) => options.net = net,
                 None => warn(Warning::BadValue {
                     key,
                     value: value.unwrap_or_default(),
@@ -90,6 +139,32 @@ mod tests {
             parse_all(b"heartbeat_ms=1 heartbeat_ms=2").0.heartbeat_ms,
             2
         );
+    }
+
+    #[test]
+    fn net_addresses() {
+        let (o, w) = parse_all(b"net=10.0.0.2/24,192.168.1.10/16");
+        assert!(w.is_empty());
+        assert_eq!(
+            o.net[0],
+            Some(Cidr {
+                addr: [10, 0, 0, 2],
+                prefix: 24
+            })
+        );
+        assert_eq!(o.net[1].unwrap().prefix, 16);
+        assert_eq!(o.net[2], None);
+        for bad in [
+            &b"net=10.0.0.2"[..],
+            b"net=10.0.0.256/24",
+            b"net=10.0.0/24",
+            b"net=10.0.0.1/33",
+            b"net=1.1.1.1/1,2.2.2.2/2,3.3.3.3/3,4.4.4.4/4,5.5.5.5/5",
+        ] {
+            let (o, w) = parse_all(bad);
+            assert_eq!(o.net, [None; MAX_NICS], "{bad:?}");
+            assert_eq!(w.len(), 1, "{bad:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! The replies are written by [`crate::protocol`], which documents the whole
 //! exchange.
 
-use crate::text::{is_blank, trim};
+use crate::text::{is_blank, parse_u64, trim, words};
 
 /// One command line, parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +22,30 @@ pub enum Command<'a> {
     Reboot,
     /// `help`: the command list.
     Help,
+    /// `net [N]`: network card N's address and counters.
+    Net(u64),
+    /// `disk info`: the first disk's size and mode.
+    DiskInfo,
+    /// `disk read SECTOR COUNT`: digest of COUNT sectors.
+    DiskRead {
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        count: u64,
+    },
+    /// `disk write SECTOR COUNT BYTE`: fill COUNT sectors with BYTE.
+    DiskWrite {
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        count: u64,
+        /// The fill byte.
+        byte: u8,
+    },
+    /// `rng N`: N bytes from the entropy device.
+    Rng(u64),
+    /// A known command with arguments that do not parse: its usage.
+    Usage(&'static str),
     /// Anything else: the first word.
     Unknown(&'a [u8]),
 }
@@ -45,8 +69,41 @@ pub fn parse(line: &[u8]) -> Option<Command<'_>> {
         b"poweroff" => Command::Poweroff,
         b"reboot" => Command::Reboot,
         b"help" => Command::Help,
+        b"net" => match rest {
+            [] => Command::Net(0),
+            n => parse_u64(n).map_or(Command::Usage("net [N]"), Command::Net),
+        },
+        b"disk" => parse_disk(rest),
+        b"rng" => parse_u64(rest)
+            .filter(|n| (1..=4096).contains(n))
+            .map_or(Command::Usage("rng N (1 to 4096)"), Command::Rng),
         _ => Command::Unknown(word),
     })
+}
+
+const DISK_USAGE: &str = "disk info | disk read SECTOR COUNT | disk write SECTOR COUNT BYTE";
+
+fn parse_disk(rest: &[u8]) -> Command<'_> {
+    let mut w = words(rest);
+    let verb = w.next();
+    let mut num = || w.next().and_then(parse_u64);
+    let command = match verb {
+        Some(b"info") => Some(Command::DiskInfo),
+        Some(b"read") => match (num(), num()) {
+            (Some(sector), Some(count)) => Some(Command::DiskRead { sector, count }),
+            _ => None,
+        },
+        Some(b"write") => match (num(), num(), num()) {
+            (Some(sector), Some(count), Some(byte)) if byte < 256 => Some(Command::DiskWrite {
+                sector,
+                count,
+                byte: byte as u8,
+            }),
+            _ => None,
+        },
+        _ => None,
+    };
+    command.unwrap_or(Command::Usage(DISK_USAGE))
 }
 
 #[cfg(test)]
@@ -67,6 +124,39 @@ mod tests {
         assert_eq!(parse(b"poweroff"), Some(Command::Poweroff));
         assert_eq!(parse(b"reboot now"), Some(Command::Reboot));
         assert_eq!(parse(b"help"), Some(Command::Help));
+    }
+
+    #[test]
+    fn device_commands() {
+        assert_eq!(parse(b"net"), Some(Command::Net(0)));
+        assert_eq!(parse(b"net 1"), Some(Command::Net(1)));
+        assert_eq!(parse(b"net x"), Some(Command::Usage("net [N]")));
+        assert_eq!(parse(b"disk info"), Some(Command::DiskInfo));
+        assert_eq!(
+            parse(b"disk read 8 16"),
+            Some(Command::DiskRead {
+                sector: 8,
+                count: 16
+            })
+        );
+        assert_eq!(
+            parse(b"disk write 0 1 255"),
+            Some(Command::DiskWrite {
+                sector: 0,
+                count: 1,
+                byte: 255
+            })
+        );
+        for bad in [
+            &b"disk"[..],
+            b"disk write 0 1 256",
+            b"disk read 1",
+            b"disk erase",
+        ] {
+            assert_eq!(parse(bad), Some(Command::Usage(DISK_USAGE)), "{bad:?}");
+        }
+        assert_eq!(parse(b"rng 32"), Some(Command::Rng(32)));
+        assert!(matches!(parse(b"rng 0"), Some(Command::Usage(_))));
     }
 
     #[test]

@@ -21,4 +21,5 @@ pub mod line;
 pub mod periodic;
 pub mod protocol;
 pub mod start_info;
+pub mod stream;
 pub mod text;

@@ -25,8 +25,15 @@ compile_error!(
      [profile.dev] and [profile.release] (tests and build scripts still unwind)"
 );
 
+extern crate alloc;
+
+mod devices;
 mod entry;
+mod hal;
+mod heap;
 mod io;
+mod mem;
+mod net;
 mod phys;
 mod power;
 mod serial;
@@ -82,6 +89,15 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
         }),
     };
 
+    init_heap(&mem, memmap.unwrap_or_default());
+    let devices = match tables.ecam {
+        Some(ecam) => devices::probe(ecam, &options.net),
+        None => {
+            emit(|w| protocol::warning(w, "acpi", &"no MCFG: no PCI devices"));
+            devices::Devices::default()
+        }
+    };
+
     let clock = time::Clock::calibrate();
     let cpus = tables.cpus.unwrap_or(0);
     emit(|w| {
@@ -104,7 +120,29 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
         power_button,
         mem,
         clock,
+        devices,
     })
+}
+
+/// Gives the heap the RAM after the image, up to [`heap::MAX_HEAP`].
+fn init_heap(mem: &IdentityMap, memmap: &[u8]) {
+    let start = phys::image_end().next_multiple_of(4096);
+    let ram = start_info::memmap(memmap)
+        .filter(|e| e.kind == start_info::MEMMAP_TYPE_RAM)
+        .find(|e| (e.addr..e.addr.saturating_add(e.size)).contains(&start));
+    let Some(ram) = ram else {
+        emit(|w| protocol::warning(w, "heap", &"no RAM after the image"));
+        return;
+    };
+    let end = (ram.addr + ram.size).min(start + heap::MAX_HEAP);
+    if !mem.may_access(start, (end - start) as usize) {
+        emit(|w| protocol::warning(w, "heap", &"RAM after the image is not mapped"));
+        return;
+    }
+    // SAFETY: RAM from the memory map, past the image (so past every static
+    // and stack), identity-mapped below 4 GiB (checked), and used by nothing
+    // else.
+    unsafe { heap::init(start, end - start) };
 }
 
 fn read_start_info(mem: &IdentityMap, paddr: u64) -> start_info::StartInfo {
@@ -129,3 +167,10 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 /// nothing here unwinds (the panic handler halts), so it is never called.
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
+
+/// The prebuilt `alloc` is compiled for unwinding and refers to this symbol;
+/// nothing here unwinds, so it is never called.
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
+    entry::halt_forever()
+}

@@ -24,6 +24,12 @@ pub struct IdentityMap {
     image: core::ops::Range<u64>,
 }
 
+/// First byte after the loaded image (stacks included).
+pub fn image_end() -> u64 {
+    // Only the symbol's address is used, never its contents.
+    &raw const __image_end as u64
+}
+
 impl IdentityMap {
     /// Looks up the image bounds.
     pub fn new() -> Self {

@@ -45,8 +45,29 @@
 //! | `echo TEXT` | `echo: TEXT` (TEXT trimmed of surrounding blanks)          |
 //! | `poweroff`  | `poweroff: bye`, then ACPI S5                              |
 //! | `reboot`    | `reboot: bye`, then a reset                                |
-//! | `help`      | `help: status cpus mem echo poweroff reboot help`          |
+//! | `help`      | `help: status cpus mem echo net disk rng poweroff reboot help` |
+//! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=..` |
+//! | `disk info` | `disk: sectors=N readonly=0|1 id=ID`                       |
+//! | `disk read S C` | `disk: read sector=S count=C fnv=0xH` (FNV-1a 64 of the C sectors from S) |
+//! | `disk write S C B` | `disk: wrote sector=S count=C` (C sectors from S filled with byte B) |
+//! | `rng N`     | `rng: bytes=N hex=H` (N bytes read, H the first 32 in hex) |
 //! | other       | `error: unknown command 'WORD'`                            |
+//!
+//! A device command that cannot be done replies `error: TOPIC: PROBLEM`
+//! (`error: disk: no disk`, `error: net: no nic 1` ...); one with bad
+//! arguments replies `error: usage: …`.
+//!
+//! # Network services
+//!
+//! Every network card with an address (`net=` on the command line) answers
+//! ARP and ping, and serves, over TCP: port 7, echo; port 5001, the sequence
+//! stream ([`crate::stream`]) sent from offset 0 to whoever connects, as fast
+//! as the connection takes it; port 5002, a sink that checks the sequence
+//! stream it receives (`sink_errors` counts wrong bytes). Over UDP, port 5003:
+//! a datagram from the host subscribes its sender to one datagram per
+//! millisecond, each holding the next u64 sequence number (little-endian);
+//! another datagram from the same sender unsubscribes it. One connection per
+//! TCP port at a time; a new one is accepted when the last closes.
 //!
 //! A line longer than 128 bytes is dropped with `error: line too long`. If the
 //! machine is still running about a second after `poweroff` or `reboot`, the
@@ -133,6 +154,97 @@ pub enum Action {
     Poweroff,
     /// Reset the machine.
     Reboot,
+    /// A device command: the device code replies.
+    Device,
+}
+
+/// One network card's state for the `net` reply.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetStatus {
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// Its IPv4 address and prefix length, if configured.
+    pub ip: Option<([u8; 4], u8)>,
+    /// Frames received and sent.
+    pub rx_frames: u64,
+    /// Frames sent.
+    pub tx_frames: u64,
+    /// Bytes echoed on TCP port 7.
+    pub echo_bytes: u64,
+    /// Bytes of the stream sent on TCP port 5001.
+    pub source_bytes: u64,
+    /// Bytes of the stream received on TCP port 5002.
+    pub sink_bytes: u64,
+    /// Wrong bytes among them.
+    pub sink_errors: u64,
+    /// Datagrams sent on UDP port 5003.
+    pub udp_sent: u64,
+    /// TCP connections accepted.
+    pub connections: u64,
+}
+
+/// `net: nic=N mac=M ip=A/P rx_frames=.. ...`
+pub fn net(w: &mut impl Write, nic: u64, s: &NetStatus) -> fmt::Result {
+    let m = s.mac;
+    write!(
+        w,
+        "net: nic={nic} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )?;
+    match s.ip {
+        Some((a, p)) => write!(w, "ip={}.{}.{}.{}/{p}", a[0], a[1], a[2], a[3])?,
+        None => w.write_str("ip=none")?,
+    }
+    write!(
+        w,
+        " rx_frames={} tx_frames={} echo_bytes={} source_bytes={} sink_bytes={} sink_errors={} \
+         udp_sent={} connections={}\r\n",
+        s.rx_frames,
+        s.tx_frames,
+        s.echo_bytes,
+        s.source_bytes,
+        s.sink_bytes,
+        s.sink_errors,
+        s.udp_sent,
+        s.connections
+    )
+}
+
+/// `error: TOPIC: PROBLEM`
+pub fn device_error(w: &mut impl Write, topic: &str, problem: &dyn Display) -> fmt::Result {
+    write!(w, "error: {topic}: {problem}\r\n")
+}
+
+/// `disk: sectors=N readonly=0|1 id=ID`
+pub fn disk_info(w: &mut impl Write, sectors: u64, readonly: bool, id: &[u8]) -> fmt::Result {
+    write!(
+        w,
+        "disk: sectors={sectors} readonly={} id={}\r\n",
+        u8::from(readonly),
+        Printable(id)
+    )
+}
+
+/// `disk: read sector=S count=C fnv=0xH`
+pub fn disk_read(w: &mut impl Write, sector: u64, count: u64, fnv: u64) -> fmt::Result {
+    write!(
+        w,
+        "disk: read sector={sector} count={count} fnv={fnv:#018x}\r\n"
+    )
+}
+
+/// `disk: wrote sector=S count=C`
+pub fn disk_wrote(w: &mut impl Write, sector: u64, count: u64) -> fmt::Result {
+    write!(w, "disk: wrote sector={sector} count={count}\r\n")
+}
+
+/// `rng: bytes=N hex=H` (H: the first 32 bytes)
+pub fn rng(w: &mut impl Write, bytes: &[u8]) -> fmt::Result {
+    write!(w, "rng: bytes={} hex=", bytes.len())?;
+    for b in bytes.iter().take(32) {
+        write!(w, "{b:02x}")?;
+    }
+    w.write_str("\r\n")
 }
 
 /// `baton-test-guest: booting`
@@ -192,7 +304,7 @@ pub fn line_too_long(w: &mut impl Write) -> fmt::Result {
 /// outlived the request.
 pub fn action_failed(w: &mut impl Write, action: Action) -> fmt::Result {
     match action {
-        Action::Continue => Ok(()),
+        Action::Continue | Action::Device => Ok(()),
         Action::Poweroff => w.write_str("error: poweroff failed\r\n"),
         Action::Reboot => w.write_str("error: reboot failed\r\n"),
     }
@@ -227,7 +339,16 @@ pub fn reply(w: &mut impl Write, command: &Command<'_>, s: &Status) -> Result<Ac
             w.write_str("reboot: bye\r\n")?;
             return Ok(Action::Reboot);
         }
-        Command::Help => w.write_str("help: status cpus mem echo poweroff reboot help\r\n")?,
+        Command::Help => {
+            w.write_str("help: status cpus mem echo net disk rng poweroff reboot help\r\n")?
+        }
+        Command::Usage(usage) => write!(w, "error: usage: {usage}\r\n")?,
+        // Device commands are answered by the device code with the functions below.
+        Command::Net(_)
+        | Command::DiskInfo
+        | Command::DiskRead { .. }
+        | Command::DiskWrite { .. }
+        | Command::Rng(_) => return Ok(Action::Device),
         Command::Unknown(word) => write!(w, "error: unknown command '{}'\r\n", Printable(word))?,
     }
     Ok(Action::Continue)
@@ -303,7 +424,7 @@ mod tests {
             (b"echo", "echo: \r\n"),
             (
                 b"help",
-                "help: status cpus mem echo poweroff reboot help\r\n",
+                "help: status cpus mem echo net disk rng poweroff reboot help\r\n",
             ),
             (b"bogus\x1b arg", "error: unknown command 'bogus?'\r\n"),
         ];

@@ -11,6 +11,7 @@ use baton_test_guest::line::{Event, LineBuffer};
 use baton_test_guest::periodic::Periodic;
 use baton_test_guest::protocol::{self, Action, Status};
 
+use crate::devices::{self, Devices};
 use crate::phys::IdentityMap;
 use crate::power::{self, PowerButton};
 use crate::serial::{self, emit};
@@ -35,10 +36,12 @@ pub struct Machine {
     pub mem: IdentityMap,
     /// The calibrated TSC.
     pub clock: Clock,
+    /// virtio devices.
+    pub devices: Devices,
 }
 
 /// Runs forever (until the machine powers off or resets).
-pub fn run(machine: Machine) -> ! {
+pub fn run(mut machine: Machine) -> ! {
     let clock = machine.clock;
     let now = clock.now();
     let mut heartbeat_timer =
@@ -56,14 +59,20 @@ pub fn run(machine: Machine) -> ! {
         let button = machine.power_button.as_ref();
         if button.is_some_and(|b| button_timer.due(now) && b.pressed()) {
             emit(protocol::power_button_pressed);
-            execute(&Command::Poweroff, &status(&machine, heartbeat), &machine);
+            let status = status(&machine, heartbeat);
+            execute(&Command::Poweroff, &status, &mut machine);
+        }
+        let uptime_us = clock.uptime_us();
+        for nic in &mut machine.devices.nics {
+            nic.poll(uptime_us);
         }
         if poll_timer.due(now) {
             while let Some(byte) = serial::read_byte() {
                 match lines.push(byte) {
                     Some(Event::Line(line)) => {
                         if let Some(command) = command::parse(line) {
-                            execute(&command, &status(&machine, heartbeat), &machine);
+                            let status = status(&machine, heartbeat);
+                            execute(&command, &status, &mut machine);
                         }
                     }
                     Some(Event::TooLong) => emit(protocol::line_too_long),
@@ -85,7 +94,7 @@ fn status(machine: &Machine, heartbeat: u64) -> Status {
 }
 
 /// Replies to `command`, then powers off or resets if it says so.
-fn execute(command: &Command<'_>, status: &Status, machine: &Machine) {
+fn execute(command: &Command<'_>, status: &Status, machine: &mut Machine) {
     let mut action = Action::Continue;
     emit(|w| {
         action = protocol::reply(w, command, status)?;
@@ -94,8 +103,41 @@ fn execute(command: &Command<'_>, status: &Status, machine: &Machine) {
     let fadt = machine.fadt.as_ref();
     match action {
         Action::Continue => return,
+        Action::Device => return device_command(command, &mut machine.devices),
         Action::Poweroff => power::poweroff(fadt, &machine.mem, &machine.clock),
         Action::Reboot => power::reboot(fadt, &machine.mem, &machine.clock),
     }
     emit(|w| protocol::action_failed(w, action));
+}
+
+/// Answers a device command.
+fn device_command(command: &Command<'_>, d: &mut Devices) {
+    let missing = |what: &'static str| emit(|w| protocol::device_error(w, what, &"none found"));
+    match *command {
+        Command::Net(n) => match d.nics.get(n as usize) {
+            Some(nic) => emit(|w| protocol::net(w, n, &nic.status())),
+            None => emit(|w| protocol::device_error(w, "net", &format_args!("no nic {n}"))),
+        },
+        Command::DiskInfo => match &mut d.disk {
+            Some(disk) => devices::disk_info(disk),
+            None => missing("disk"),
+        },
+        Command::DiskRead { sector, count } => match &mut d.disk {
+            Some(disk) => devices::disk_read(disk, sector, count),
+            None => missing("disk"),
+        },
+        Command::DiskWrite {
+            sector,
+            count,
+            byte,
+        } => match &mut d.disk {
+            Some(disk) => devices::disk_write(disk, sector, count, byte),
+            None => missing("disk"),
+        },
+        Command::Rng(n) => match &mut d.rng {
+            Some(rng) => devices::rng(rng, n as usize),
+            None => missing("rng"),
+        },
+        _ => {}
+    }
 }

@@ -131,3 +131,10 @@ fn pit_khz() -> Option<u64> {
     // OUT high on the first look means nothing counted (no PIT, or a stuck bit).
     (polls > 0 && PLAUSIBLE_KHZ.contains(&khz)).then_some(khz)
 }
+
+impl Clock {
+    /// Microseconds since [`Clock::calibrate`] (smoltcp's clock).
+    pub fn uptime_us(&self) -> u64 {
+        rdtsc().saturating_sub(self.start).saturating_mul(1000) / self.khz
+    }
+}

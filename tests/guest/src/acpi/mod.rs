@@ -50,6 +50,9 @@ pub struct Tables {
     /// byte, read-to-clear; [`GED_EVENT_POWER_BUTTON`] is the power button),
     /// from the DSDT of the first valid FADT.
     pub power_button: Option<u64>,
+    /// Base of the PCI ECAM window for segment 0, bus 0 onwards, from the
+    /// first valid MCFG.
+    pub ecam: Option<u64>,
 }
 
 /// Event register bit: the power button was pressed.
@@ -138,6 +141,7 @@ pub fn parse(
         let wanted = match &header.signature.0 {
             b"APIC" => tables.cpus.is_none(),
             b"FACP" => tables.fadt.is_none(),
+            b"MCFG" => tables.ecam.is_none(),
             _ => false,
         };
         if !wanted {
@@ -152,6 +156,8 @@ pub fn parse(
         };
         if header.signature.0 == *b"APIC" {
             tables.cpus = Some(madt::enabled_cpus(table));
+        } else if header.signature.0 == *b"MCFG" {
+            tables.ecam = mcfg_segment0(table);
         } else {
             let mut fadt = Fadt::parse(table);
             if let Some(aml) = dsdt_aml(mem, fadt.dsdt, &mut warn) {
@@ -327,3 +333,14 @@ fn checksum(bytes: &[u8]) -> u8 {
 
 #[cfg(test)]
 mod tests;
+
+/// The ECAM base of segment 0 starting at bus 0 in a validated MCFG: after
+/// the header and 8 reserved bytes come 16-byte entries `{ u64 base; u16
+/// segment; u8 start_bus; u8 end_bus; u32 reserved }`.
+fn mcfg_segment0(table: &[u8]) -> Option<u64> {
+    table
+        .get(HEADER_SIZE + 8..)?
+        .chunks_exact(16)
+        .find(|e| u16::from_le_bytes([e[8], e[9]]) == 0 && e[10] == 0)
+        .and_then(|e| u64_at(e, 0))
+}

@@ -633,3 +633,24 @@ fn ged_scan_survives_garbage() {
         let _ = aml::s5_sleep_types(&aml);
     }
 }
+
+#[test]
+fn mcfg_gives_segment0_ecam() {
+    const MCFG: u64 = 0x6000;
+    let mut mem = hw_reduced_machine();
+    mem.put(ROOT, &xsdt(&[FADT, MADT, MCFG]));
+    let mut body = vec![0u8; 8];
+    // Segment 1 first (skipped), then segment 0 from bus 0.
+    for (base, segment) in [(0xb000_0000u64, 1u16), (0xe000_0000, 0)] {
+        body.extend_from_slice(&base.to_le_bytes());
+        body.extend_from_slice(&segment.to_le_bytes());
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    }
+    mem.put(MCFG, &table(b"MCFG", &body));
+    let (tables, warnings) = parse_all(&mem, RSDP);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(tables.unwrap().ecam, Some(0xe000_0000));
+    // No MCFG: no ECAM.
+    let (tables, _) = parse_all(&hw_reduced_machine(), RSDP);
+    assert_eq!(tables.unwrap().ecam, None);
+}
