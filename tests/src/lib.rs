@@ -5,6 +5,10 @@
 //! fails with what was seen so far. Without `/dev/kvm` the tests fail loudly.
 #![warn(missing_docs)]
 
+pub mod netns;
+
+pub use netns::NetNs;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -121,6 +125,14 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> ExitStatus {
             panic!("process {} did not exit within {timeout:?}", child.id());
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A command running baton, inside `ns` when given.
+fn baton_command(ns: Option<&NetNs>) -> Command {
+    match ns {
+        Some(ns) => ns.command(&baton_bin()),
+        None => Command::new(baton_bin()),
     }
 }
 
@@ -257,6 +269,17 @@ impl Console {
         self.seen[start..].join("\n")
     }
 
+    /// Types `command` and returns its reply: the next line starting with `reply` (such as
+    /// `disk:`) or with `error:`.
+    pub fn command(&mut self, command: &str, reply: &str, timeout: Duration) -> String {
+        self.send(command);
+        self.wait_for_match(
+            |l| l.starts_with(reply) || l.starts_with("error:"),
+            reply,
+            timeout,
+        )
+    }
+
     /// Types a line into the console.
     pub fn send(&mut self, line: &str) {
         self.writer
@@ -269,6 +292,11 @@ impl Vm {
     /// Starts baton on the test guest with extra arguments (`--cpus`, `--memory` ...). The
     /// guest's heartbeat runs every 100 ms unless `cmdline` says otherwise.
     pub fn start_test_guest(args: &[&str], cmdline: &str) -> Self {
+        Self::start_test_guest_in(None, args, cmdline)
+    }
+
+    /// [`Vm::start_test_guest`] inside a network namespace, when given.
+    pub fn start_test_guest_in(ns: Option<&NetNs>, args: &[&str], cmdline: &str) -> Self {
         require_kvm();
         let guest = guest_bin();
         let mut full: Vec<String> = vec![
@@ -278,15 +306,20 @@ impl Vm {
             cmdline.into(),
         ];
         full.extend(args.iter().map(|s| s.to_string()));
-        Self::start(&full)
+        Self::start_in(ns, &full)
     }
 
     /// Starts baton with `args` plus a serial socket, and connects to it.
     pub fn start(args: &[String]) -> Self {
+        Self::start_in(None, args)
+    }
+
+    /// [`Vm::start`] inside a network namespace, when given.
+    pub fn start_in(ns: Option<&NetNs>, args: &[String]) -> Self {
         require_kvm();
         let dir = TempDir::new("vm");
         let socket = dir.path().join("serial.sock");
-        let mut child = Command::new(baton_bin())
+        let mut child = baton_command(ns)
             .args(args)
             .arg("--serial")
             .arg(format!("socket={}", socket.display()))
@@ -344,10 +377,15 @@ pub struct ApiVmm {
 impl ApiVmm {
     /// Starts baton with `--api-socket` plus `args`, and waits for the socket to answer.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_in(None, args)
+    }
+
+    /// [`ApiVmm::start`] inside a network namespace, when given.
+    pub fn start_in(ns: Option<&NetNs>, args: &[&str]) -> Self {
         require_kvm();
         let dir = TempDir::new("api");
         let socket = dir.path().join("api.sock");
-        let mut child = Command::new(baton_bin())
+        let mut child = baton_command(ns)
             .arg("--api-socket")
             .arg(format!("path={}", socket.display()))
             .args(args)
@@ -435,4 +473,30 @@ pub fn guest_config_json(serial: &Path, cpus: u8, cmdline: &str) -> String {
         "serial": {"mode": "Socket", "socket": serial},
     })
     .to_string()
+}
+
+/// The value of `key=` in a console line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The numeric value of `key=` in a console line; fails the test if there is none.
+pub fn num(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
+}
+
+/// Byte `offset` of the test guest's sequence stream (the little-endian bytes of the
+/// counter 0, 1, 2 ... as u64s).
+pub fn stream_byte(offset: u64) -> u8 {
+    (offset / 8).to_le_bytes()[(offset % 8) as usize]
+}
+
+/// FNV-1a 64, as the test guest's `disk read` reports it.
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }

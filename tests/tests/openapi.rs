@@ -332,6 +332,7 @@ fn document_matches_the_routes_and_the_server() {
     for name in [
         "vm.boot",
         "vm.info",
+        "vm.counters",
         "vm.pause",
         "vm.resume",
         "vm.shutdown",
@@ -383,6 +384,7 @@ fn document_matches_the_routes_and_the_server() {
     let mut console = vmm.console(&serial);
     console.wait_for(READY, BOOT);
     c.expect_state(&vmm, "Running");
+    c.call(&vmm, "GET", "vm.counters", None, 200);
     c.call(&vmm, "PUT", "vm.boot", None, 409);
     c.call(&vmm, "PUT", "vm.resume", None, 409);
 

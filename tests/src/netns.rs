@@ -1,0 +1,97 @@
+//! Network namespaces for tests that give a guest a network: each test makes its own,
+//! creates its TAP and runs baton inside it, and the namespace is deleted when the test
+//! ends, so no guest traffic leaves it.
+
+use std::os::fd::AsRawFd;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A network namespace, deleted on drop (with every interface in it).
+pub struct NetNs {
+    name: String,
+}
+
+fn check(what: &str, out: std::io::Result<Output>) -> Output {
+    let out = out.unwrap_or_else(|e| panic!("{what}: cannot run: {e} (is iproute2 installed?)"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+impl NetNs {
+    /// A new namespace with loopback up.
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("baton-{tag}-{}-{n}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        check(
+            "ip netns add",
+            Command::new("ip").args(["netns", "add", &name]).output(),
+        );
+        let ns = NetNs { name };
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &std::path::Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Runs `args` inside the namespace; fails the test if it fails.
+    pub fn run(&self, args: &[&str]) -> Output {
+        check(
+            &args.join(" "),
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(args)
+                .output(),
+        )
+    }
+
+    /// Runs `args` inside the namespace and returns its output, success or not.
+    pub fn output(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: cannot run: {e}", args.join(" ")))
+    }
+
+    /// Runs `f` on a thread inside the namespace: sockets it opens belong to the namespace
+    /// and may be used from any thread afterwards.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on a namespace file we hold open; it changes only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("namespace thread panicked")
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
