@@ -131,6 +131,22 @@ pub fn disable_notification(queue: &mut Queue, mem: &GuestMemory) -> Result<(), 
     queue.disable_notification(mem).map_err(QueueError::Queue)
 }
 
+/// Spins up to `limit` for the driver to make a chain available; true if it did.
+pub fn wait_for_avail(queue: &Queue, mem: &GuestMemory, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(idx) if idx.0 != queue.next_avail() => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Why a descriptor chain is refused.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {

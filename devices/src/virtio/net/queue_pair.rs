@@ -24,6 +24,8 @@ const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
 const TAP_TOKEN: u64 = 2;
 const CTRL_TOKEN: u64 = 3;
+/// How long a transmit queue is polled for more frames before notifications go back on.
+const TX_POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// What a queue-pair worker owns.
 pub(super) struct QueuePair {
@@ -187,6 +189,11 @@ impl QueuePair {
                 }
                 worker::add_used(q, mem, head, 0)?;
                 used = true;
+            }
+            // A guest that is sending keeps adding frames: wait a little for the next one
+            // rather than have it pay a notification exit per frame.
+            if worker::wait_for_avail(q, mem, TX_POLL) {
+                continue;
             }
             if !worker::enable_notification(q, mem)? {
                 break;
