@@ -9,6 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 help_if_asked "$@"
 
 ensure_build_deps
+ensure_packages iproute2 iputils-ping
 require_kvm
 BATON_LINUX_DIR=$(scripts/fetch-kernel.sh)
 export BATON_LINUX_DIR
