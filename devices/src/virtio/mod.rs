@@ -9,6 +9,8 @@
 
 pub mod block;
 pub mod common_config;
+#[cfg(test)]
+mod hostile;
 pub mod net;
 pub mod pci;
 pub mod rng;

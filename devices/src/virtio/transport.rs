@@ -82,6 +82,19 @@ impl Interrupt {
         }
     }
 
+    /// An interrupt with `vectors` vectors whose MSI-X is off (everything pends), for tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(vectors: u16) -> Self {
+        Interrupt {
+            msix: Arc::new(Mutex::new(Msix::new(vectors))),
+            isr: Arc::new(AtomicU8::new(0)),
+            irqfds: (0..vectors)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+                .collect(),
+            config_vector: AtomicU16::new(NO_VECTOR),
+        }
+    }
+
     fn send(&self, vector: u16) {
         if let Some(fd) = self.irqfds.get(usize::from(vector)) {
             if let Err(e) = fd.write(1) {

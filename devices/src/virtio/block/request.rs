@@ -206,8 +206,10 @@ mod tests {
     use super::*;
 
     fn disk(sectors: u64) -> Disk {
+        let file = tempfile();
+        file.set_len(sectors * SECTOR_SIZE).unwrap();
         Disk {
-            file: tempfile(),
+            file,
             sectors,
             readonly: false,
             direct: false,
@@ -216,7 +218,9 @@ mod tests {
     }
 
     fn tempfile() -> File {
-        let path = std::env::temp_dir().join(format!("baton-blk-test-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("baton-blk-test-{}-{n}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -237,6 +241,95 @@ mod tests {
         assert_eq!(range(&d, 8, 0), Some(4096));
         assert_eq!(range(&d, u64::MAX, 1), None, "sector * 512 overflows");
         assert_eq!(range(&d, u64::MAX / 512, 512), None, "end overflows");
+    }
+
+    mod chains {
+        use super::*;
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use virtio_queue::QueueOwnedT;
+        use vm_memory::{Bytes, GuestAddress};
+
+        const HDR: u64 = 0x10_0000;
+        const DATA: u64 = 0x20_0000;
+        const STATUS: u64 = 0x30_0000;
+
+        fn mem() -> GuestMemory {
+            GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+        }
+
+        fn d(addr: u64, len: u32, write: bool) -> RawDescriptor {
+            RawDescriptor::from(Descriptor::new(addr, len, if write { 2 } else { 0 }, 0))
+        }
+
+        /// Runs one request built from `descs`; returns (bytes reported, status byte).
+        fn run(
+            mem: &GuestMemory,
+            disk: &Disk,
+            kind: u32,
+            sector: u64,
+            descs: &[RawDescriptor],
+        ) -> (u32, u8) {
+            mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+            mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+            mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+            let mock = MockSplitQueue::new(mem, 16);
+            let chain = mock.build_desc_chain(descs).unwrap();
+            let _ = mock
+                .create_queue::<virtio_queue::Queue>()
+                .unwrap()
+                .iter(mem);
+            let n = execute(mem, chain, disk, &mut Bounce::default());
+            (n, mem.read_obj(GuestAddress(STATUS)).unwrap())
+        }
+
+        #[test]
+        fn well_formed_read_and_write() {
+            let mem = mem();
+            let disk = disk(8);
+            mem.write_slice(&[0x5a; 1024], GuestAddress(DATA)).unwrap();
+            let out = [d(HDR, 16, false), d(DATA, 1024, false), d(STATUS, 1, true)];
+            assert_eq!(run(&mem, &disk, T_OUT, 2, &out), (1, S_OK));
+            mem.write_slice(&[0; 1024], GuestAddress(DATA)).unwrap();
+            let inn = [d(HDR, 16, false), d(DATA, 1024, true), d(STATUS, 1, true)];
+            assert_eq!(run(&mem, &disk, T_IN, 2, &inn), (1025, S_OK));
+            let mut back = [0u8; 1024];
+            mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+            assert_eq!(back, [0x5a; 1024]);
+        }
+
+        #[test]
+        fn malformed_requests_get_an_error_status_or_nothing() {
+            let mem = mem();
+            let disk = disk(8);
+            let inn = [d(HDR, 16, false), d(DATA, 1024, true), d(STATUS, 1, true)];
+            // Past the end of the image.
+            assert_eq!(run(&mem, &disk, T_IN, 7, &inn), (1, S_IOERR));
+            // Unknown request type.
+            assert_eq!(run(&mem, &disk, 77, 0, &inn), (1, S_UNSUPP));
+            // A header too short to hold a request.
+            let short = [d(HDR, 4, false), d(STATUS, 1, true)];
+            assert_eq!(run(&mem, &disk, T_IN, 0, &short), (1, S_IOERR));
+            // No writable byte for the status: nothing can be reported.
+            assert_eq!(run(&mem, &disk, T_IN, 0, &[d(HDR, 16, false)]).0, 0);
+            // Data outside guest memory.
+            let outside = [
+                d(HDR, 16, false),
+                d(0xffff_0000_0000, 512, true),
+                d(STATUS, 1, true),
+            ];
+            assert_eq!(run(&mem, &disk, T_IN, 0, &outside).0, 0);
+            // Zero-length data.
+            let empty = [d(HDR, 16, false), d(DATA, 0, true), d(STATUS, 1, true)];
+            assert_eq!(run(&mem, &disk, T_IN, 0, &empty), (1, S_OK));
+            // Writes to a read-only image.
+            let ro = Disk {
+                readonly: true,
+                ..disk
+            };
+            let out = [d(HDR, 16, false), d(DATA, 512, false), d(STATUS, 1, true)];
+            assert_eq!(run(&mem, &ro, T_OUT, 0, &out), (1, S_IOERR));
+        }
     }
 
     #[test]

@@ -139,6 +139,16 @@ fn process(
     Ok(())
 }
 
+/// [`process`], for the hostile-driver tests.
+#[cfg(test)]
+pub(crate) fn process_for_test(
+    q: &mut ActiveQueue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+) -> Result<(), worker::QueueError> {
+    process(q, mem, interrupt)
+}
+
 /// Fills the vectors with random bytes, up to [`MAX_REQUEST`]; returns how many.
 fn fill(iovs: &IoVecs) -> usize {
     let mut done = 0;
