@@ -1,6 +1,6 @@
 //! A small client for baton's API socket, used by `baton-remote` and the tests.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -41,7 +41,18 @@ pub fn request(
     endpoint: &str,
     body: Option<&[u8]>,
 ) -> Result<Response, ClientError> {
-    let mut stream =
+    request_with_fds(socket, method, endpoint, body, &[])
+}
+
+/// [`request`], passing `fds` with SCM_RIGHTS (TAP queues for `vm.create` and `vm.add-net`).
+pub fn request_with_fds(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<&[u8]>,
+    fds: &[std::os::fd::RawFd],
+) -> Result<Response, ClientError> {
+    let stream =
         UnixStream::connect(socket).map_err(|e| ClientError::Connect(socket.to_owned(), e))?;
     let body = body.unwrap_or_default();
     let head = format!(
@@ -50,9 +61,9 @@ pub fn request(
         crate::routes::PREFIX,
         body.len()
     );
-    let sent = stream
-        .write_all(head.as_bytes())
-        .and_then(|_| stream.write_all(body));
+    let mut message = head.into_bytes();
+    message.extend_from_slice(body);
+    let sent = crate::fds::send_with_fds(&stream, &message, fds);
     // A server that refuses a request early (an oversized body) answers and closes before
     // reading it all: its answer is still there to read.
     match read_response(&mut BufReader::new(stream)) {

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod device_config;
+pub mod fds;
 pub mod http;
 pub mod option_parser;
 pub mod request;

@@ -10,7 +10,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::VmConfig;
+use crate::fds::Fds;
+use crate::{NetConfig, VmConfig};
 
 /// What to do.
 #[derive(Debug)]
@@ -19,8 +20,10 @@ pub enum ApiAction {
     VmmPing,
     /// Shut the VM down (if any) and end the VMM.
     VmmShutdown,
-    /// Store a VM configuration.
-    VmCreate(Box<VmConfig>),
+    /// Store a VM configuration; TAP descriptors for its network cards may come along.
+    VmCreate(Box<VmConfig>, Fds),
+    /// Add a network card to a VM that has not booted; its TAP descriptors may come along.
+    VmAddNet(Box<NetConfig>, Fds),
     /// Boot the created VM.
     VmBoot,
     /// Report the VM's configuration and state.

@@ -19,6 +19,8 @@ pub enum Endpoint {
     VmInfo,
     /// `GET vm.counters`
     VmCounters,
+    /// `PUT vm.add-net`
+    VmAddNet,
     /// `PUT vm.pause`
     VmPause,
     /// `PUT vm.resume`
@@ -41,6 +43,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("vm.boot", "PUT", Endpoint::VmBoot),
     ("vm.info", "GET", Endpoint::VmInfo),
     ("vm.counters", "GET", Endpoint::VmCounters),
+    ("vm.add-net", "PUT", Endpoint::VmAddNet),
     ("vm.pause", "PUT", Endpoint::VmPause),
     ("vm.resume", "PUT", Endpoint::VmResume),
     ("vm.shutdown", "PUT", Endpoint::VmShutdown),

@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use crate::fds::{FdReader, Fds};
 use crate::http::{self, HttpError};
 use crate::request::{ApiAction, ApiError, ApiReply, ApiResponse, ApiSender};
 use crate::routes::{self, Endpoint, RouteError};
-use crate::VmConfig;
+use crate::{NetConfig, VmConfig};
 
 /// Errors setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -205,8 +206,19 @@ fn error_body(chain: &[String]) -> Vec<u8> {
     serde_json::to_vec(chain).expect("strings serialise")
 }
 
-/// The action for `endpoint` with `body`, or the error to answer.
-pub fn action_for(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, ApiError> {
+/// The action for `endpoint` with `body` and the descriptors that came with it, or the error
+/// to answer.
+pub fn action_for(endpoint: Endpoint, body: &[u8], fds: Fds) -> Result<ApiAction, ApiError> {
+    let takes_fds = matches!(endpoint, Endpoint::VmCreate | Endpoint::VmAddNet);
+    if !takes_fds && !fds.is_empty() {
+        return Err(ApiError::message(
+            400,
+            format!(
+                "{} file descriptor(s) came with a request that takes none",
+                fds.len()
+            ),
+        ));
+    }
     Ok(match endpoint {
         Endpoint::VmmPing => ApiAction::VmmPing,
         Endpoint::VmmShutdown => ApiAction::VmmShutdown,
@@ -218,7 +230,17 @@ pub fn action_for(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, ApiError
                     e.to_string(),
                 ],
             })?;
-            ApiAction::VmCreate(Box::new(config))
+            ApiAction::VmCreate(Box::new(config), fds)
+        }
+        Endpoint::VmAddNet => {
+            let net: NetConfig = serde_json::from_slice(body).map_err(|e| ApiError {
+                status: 400,
+                chain: vec![
+                    "Invalid network configuration in request body".to_string(),
+                    e.to_string(),
+                ],
+            })?;
+            ApiAction::VmAddNet(Box::new(net), fds)
         }
         Endpoint::VmBoot => ApiAction::VmBoot,
         Endpoint::VmInfo => ApiAction::VmInfo,
@@ -233,7 +255,11 @@ pub fn action_for(endpoint: Endpoint, body: &[u8]) -> Result<ApiAction, ApiError
 }
 
 /// Handles one parsed request end to end; also returns the method a 405 should allow.
-fn handle(sender: &ApiSender, request: &http::Request) -> (ApiResponse, Option<&'static str>) {
+fn handle(
+    sender: &ApiSender,
+    request: &http::Request,
+    fds: Fds,
+) -> (ApiResponse, Option<&'static str>) {
     let endpoint = match routes::route(&request.method, &request.path) {
         Ok(e) => e,
         Err(e) => {
@@ -245,7 +271,7 @@ fn handle(sender: &ApiSender, request: &http::Request) -> (ApiResponse, Option<&
         }
     };
     (
-        action_for(endpoint, &request.body).and_then(|a| sender.call(a)),
+        action_for(endpoint, &request.body, fds).and_then(|a| sender.call(a)),
         None,
     )
 }
@@ -254,7 +280,7 @@ fn serve_connection(stream: UnixStream, sender: &ApiSender, in_flight: &InFlight
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(FdReader::new(stream));
     let mut writer = BufWriter::new(write_half);
     loop {
         let request = match http::read_request(&mut reader) {
@@ -268,7 +294,9 @@ fn serve_connection(stream: UnixStream, sender: &ApiSender, in_flight: &InFlight
             }
         };
         in_flight.start();
-        let (response, allow) = handle(sender, &request);
+        // Descriptors sent with this request arrived with its first bytes.
+        let fds = reader.get_mut().take_fds();
+        let (response, allow) = handle(sender, &request, fds);
         let (status, body) = match response {
             Ok(ApiReply::Empty) => (204, None),
             Ok(ApiReply::Json(v)) => (
@@ -292,20 +320,30 @@ mod tests {
 
     #[test]
     fn create_body_errors_are_400_with_the_cause() {
-        let e = action_for(Endpoint::VmCreate, b"{not json").unwrap_err();
+        let e = action_for(Endpoint::VmCreate, b"{not json", Vec::new()).unwrap_err();
         assert_eq!(e.status, 400);
         assert_eq!(e.chain.len(), 2);
-        let e = action_for(Endpoint::VmCreate, br#"{"payload":{},"bogus":1}"#).unwrap_err();
+        let e = action_for(
+            Endpoint::VmCreate,
+            br#"{"payload":{},"bogus":1}"#,
+            Vec::new(),
+        )
+        .unwrap_err();
         assert!(e.chain[1].contains("bogus"), "{:?}", e.chain);
         let e = action_for(
             Endpoint::VmCreate,
             br#"{"payload":{},"cpus":{"boot_vcpus":"x","max_vcpus":1}}"#,
+            Vec::new(),
         )
         .unwrap_err();
         assert_eq!(e.status, 400);
         assert!(matches!(
-            action_for(Endpoint::VmCreate, br#"{"payload":{"kernel":"/k"}}"#),
-            Ok(ApiAction::VmCreate(_))
+            action_for(
+                Endpoint::VmCreate,
+                br#"{"payload":{"kernel":"/k"}}"#,
+                Vec::new()
+            ),
+            Ok(ApiAction::VmCreate(..))
         ));
     }
 

@@ -2,7 +2,7 @@
 //! creates its TAP and runs baton inside it, and the namespace is deleted when the test
 //! ends, so no guest traffic leaves it.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -84,6 +84,37 @@ impl NetNs {
             })
             .join()
             .expect("namespace thread panicked")
+        })
+    }
+}
+
+impl NetNs {
+    /// Opens one queue of TAP `name` in the namespace the way management software would
+    /// (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, multi-queue when asked), creating it if needed.
+    pub fn open_tap(&self, name: &str, multi_queue: bool) -> OwnedFd {
+        self.enter(|| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .expect("open /dev/net/tun");
+            let mut req = [0u8; 40];
+            req[..name.len()].copy_from_slice(name.as_bytes());
+            let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            if multi_queue {
+                flags |= libc::IFF_MULTI_QUEUE;
+            }
+            req[16..18].copy_from_slice(&(flags as i16).to_ne_bytes());
+            // SAFETY: TUNSETIFF reads and fills a 40-byte struct ifreq, which `req` is.
+            let rc =
+                unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, req.as_mut_ptr()) };
+            assert_eq!(
+                rc,
+                0,
+                "TUNSETIFF {name}: {}",
+                std::io::Error::last_os_error()
+            );
+            OwnedFd::from(file)
         })
     }
 }

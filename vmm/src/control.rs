@@ -158,7 +158,8 @@ impl Vmm {
                 after = After::Exit;
                 Ok(ApiReply::Empty)
             }
-            ApiAction::VmCreate(config) => self.create(*config),
+            ApiAction::VmCreate(config, fds) => self.create(*config, fds),
+            ApiAction::VmAddNet(net, fds) => self.add_net(*net, fds),
             ApiAction::VmBoot => self
                 .require(&[VmState::Created, VmState::Shutdown], "boot")
                 .and_then(|_| self.start_vm())
@@ -201,7 +202,31 @@ impl Vmm {
         (response, after)
     }
 
-    fn create(&mut self, config: VmConfig) -> ApiResponse {
+    fn add_net(&mut self, net: api::NetConfig, fds: api::fds::Fds) -> ApiResponse {
+        let state = self.state()?;
+        if !matches!(state, VmState::Created | VmState::Shutdown) {
+            return Err(conflict(format!(
+                "Cannot add a network card to a VM that is {state:?}: devices cannot be \
+                 hot-plugged; add it before vm.boot"
+            )));
+        }
+        let config = self.config.as_ref().expect("state() checked the VM exists");
+        // Check the card together with the rest, ids included, before touching the host.
+        let mut candidate = config.clone();
+        candidate.net.push(net);
+        candidate
+            .validate(&cpuid::feature_names())
+            .and_then(|_| candidate.assign_device_ids())
+            .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))?;
+        let net = candidate.net.last_mut().expect("pushed above");
+        self.backends
+            .add_net(net, fds)
+            .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
+        self.config = Some(candidate);
+        Ok(ApiReply::Empty)
+    }
+
+    fn create(&mut self, config: VmConfig, fds: api::fds::Fds) -> ApiResponse {
         if let Some(state) = self.config.as_ref().map(|_| self.state) {
             return Err(conflict(format!(
                 "A VM already exists ({state:?}); delete it first"
@@ -214,7 +239,7 @@ impl Vmm {
             .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))?;
         // TAPs and images are opened now, so a bad one is refused here, and they stay open
         // across reboots.
-        self.backends = Backends::open(&mut config)
+        self.backends = Backends::open(&mut config, fds)
             .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
         self.config = Some(config);
         self.state = VmState::Created;

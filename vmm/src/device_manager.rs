@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -44,6 +45,19 @@ pub enum Error {
     /// A PCI function could not be created or placed.
     #[error("Device '{0}': cannot put it on PCI")]
     Pci(String, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Fewer TAP descriptors came than the network cards without a TAP name need.
+    #[error("Network card '{id}' needs {need} TAP descriptor(s) (one per queue pair); {left} left of those passed")]
+    TooFewFds {
+        /// The card.
+        id: String,
+        /// Descriptors it needs.
+        need: usize,
+        /// Descriptors left.
+        left: usize,
+    },
+    /// More TAP descriptors came than any network card takes.
+    #[error("{0} TAP descriptor(s) passed but not used: only network cards without a tap name take descriptors, one per queue pair")]
+    UnusedFds(usize),
 }
 
 /// A network card's open TAP queues.
@@ -63,6 +77,17 @@ pub struct DiskBackend {
 pub struct Backends {
     nets: Vec<NetBackend>,
     disks: Vec<DiskBackend>,
+}
+
+/// A network card on TAP descriptors a caller passed.
+fn net_from_fds(config: &mut NetConfig, fds: Vec<OwnedFd>) -> Result<NetBackend, Error> {
+    let id = config.id.clone().unwrap_or_default();
+    let taps = Tap::from_fds(fds).map_err(|e| Error::Tap(id, e))?;
+    config.tap = Some(taps[0].name().to_string());
+    Ok(NetBackend {
+        config: config.clone(),
+        taps: taps.into_iter().map(Arc::new).collect(),
+    })
 }
 
 fn open_net(config: &mut NetConfig) -> Result<NetBackend, Error> {
@@ -127,20 +152,65 @@ fn open_disk(config: &api::DiskConfig) -> Result<DiskBackend, Error> {
 }
 
 impl Backends {
-    /// Opens every backend `config` names. Fills in what the host decided: random MACs, and
-    /// the names of TAPs baton created.
-    pub fn open(config: &mut VmConfig) -> Result<Self, Error> {
+    /// Opens every backend `config` names. Network cards without a TAP name take their TAP
+    /// queues from `fds` in order, one per queue pair, while any are left. Fills in what the
+    /// host decided: random MACs, and the names of the TAPs.
+    pub fn open(config: &mut VmConfig, fds: Vec<OwnedFd>) -> Result<Self, Error> {
         let mut backends = Backends::default();
+        let mut fds = fds.into_iter();
+        let passed = fds.len() > 0;
         for net in &mut config.net {
-            if net.mac.is_none() {
-                net.mac = Some(MacAddr::random());
-            }
-            backends.nets.push(open_net(net)?);
+            let taken: Vec<OwnedFd> = if net.tap.is_none() && passed {
+                let need = net.queue_pairs();
+                let taken: Vec<OwnedFd> = fds.by_ref().take(need).collect();
+                if taken.len() < need {
+                    return Err(Error::TooFewFds {
+                        id: net.id.clone().unwrap_or_default(),
+                        need,
+                        left: taken.len(),
+                    });
+                }
+                taken
+            } else {
+                Vec::new()
+            };
+            backends.nets.push(Self::net(net, taken)?);
+        }
+        if fds.len() > 0 {
+            return Err(Error::UnusedFds(fds.len()));
         }
         for disk in &config.disks {
             backends.disks.push(open_disk(disk)?);
         }
         Ok(backends)
+    }
+
+    fn net(config: &mut NetConfig, fds: Vec<OwnedFd>) -> Result<NetBackend, Error> {
+        if config.mac.is_none() {
+            config.mac = Some(MacAddr::random());
+        }
+        if fds.is_empty() {
+            open_net(config)
+        } else {
+            net_from_fds(config, fds)
+        }
+    }
+
+    /// Opens one more network card (vm.add-net): on `fds` if any came, else by TAP name.
+    pub fn add_net(&mut self, config: &mut NetConfig, fds: Vec<OwnedFd>) -> Result<(), Error> {
+        if !fds.is_empty() && fds.len() != config.queue_pairs() {
+            return Err(Error::TooFewFds {
+                id: config.id.clone().unwrap_or_default(),
+                need: config.queue_pairs(),
+                left: fds.len(),
+            });
+        }
+        if !fds.is_empty() && config.tap.is_some() {
+            // The descriptors name their interface; a second name could only disagree.
+            return Err(Error::UnusedFds(fds.len()));
+        }
+        self.nets.push(Self::net(config, fds)?);
+        Ok(())
     }
 }
 

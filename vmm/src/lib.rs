@@ -182,7 +182,10 @@ pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Ou
     };
     if let Some(config) = config {
         // The command line goes through the same internal API as HTTP requests.
-        for action in [ApiAction::VmCreate(Box::new(config)), ApiAction::VmBoot] {
+        for action in [
+            ApiAction::VmCreate(Box::new(config), Vec::new()),
+            ApiAction::VmBoot,
+        ] {
             vmm.handle(action).0.map_err(Error::Request)?;
         }
     }

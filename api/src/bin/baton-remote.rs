@@ -93,6 +93,30 @@ fn command() -> Command {
         cmd = cmd.subcommand(Command::new(*name).about(*help));
     }
     cmd.subcommand(
+        Command::new("add-net")
+            .about(
+                "Add a network card to a VM that has not booted (PUT vm.add-net); \
+                 TAP descriptors given with --fd travel with SCM_RIGHTS",
+            )
+            .arg(
+                Arg::new("net")
+                    .value_name("OPTIONS")
+                    .required(true)
+                    .help(api::NetConfig::SYNTAX),
+            )
+            .arg(
+                Arg::new("fd")
+                    .long("fd")
+                    .value_name("N")
+                    .action(clap::ArgAction::Append)
+                    .value_parser(clap::value_parser!(i32))
+                    .help(
+                        "An open TAP queue inherited by baton-remote (one per queue pair, \
+                         in order); baton gets its own copy",
+                    ),
+            ),
+    )
+    .subcommand(
         Command::new("create")
             .about("Create a VM from a JSON VmConfig (PUT vm.create)")
             .arg(
@@ -110,6 +134,10 @@ enum Error {
     ReadConfig(String, #[source] std::io::Error),
     #[error(transparent)]
     Client(#[from] client::ClientError),
+    #[error("Invalid network card options")]
+    Net(#[source] api::option_parser::OptionError),
+    #[error("--fd {0} is not an open descriptor")]
+    BadFd(i32),
 }
 
 fn read_config(arg: &str) -> Result<Vec<u8>, Error> {
@@ -126,6 +154,31 @@ fn read_config(arg: &str) -> Result<Vec<u8>, Error> {
 fn call(m: &ArgMatches) -> Result<Response, Error> {
     let socket = PathBuf::from(m.get_one::<String>("api-socket").expect("required"));
     let (name, sub) = m.subcommand().expect("subcommand required");
+    if name == "add-net" {
+        let net =
+            api::NetConfig::from_option_string(sub.get_one::<String>("net").expect("required"))
+                .map_err(Error::Net)?;
+        let fds: Vec<i32> = sub
+            .get_many::<i32>("fd")
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        for fd in &fds {
+            // SAFETY: F_GETFD only inspects the descriptor.
+            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                return Err(Error::BadFd(*fd));
+            }
+        }
+        let body = serde_json::to_vec(&net).expect("a NetConfig serialises");
+        return Ok(client::request_with_fds(
+            &socket,
+            "PUT",
+            "vm.add-net",
+            Some(&body),
+            &fds,
+        )?);
+    }
     if name == "create" {
         let body = read_config(sub.get_one::<String>("config").expect("required"))?;
         return Ok(client::request(&socket, "PUT", "vm.create", Some(&body))?);
@@ -197,7 +250,8 @@ mod tests {
             );
         }
         for (name, _, _) in api::routes::ROUTES {
-            let covered = *name == "vm.create" || SIMPLE.iter().any(|(_, _, e, _)| e == name);
+            let covered = ["vm.create", "vm.add-net"].contains(name)
+                || SIMPLE.iter().any(|(_, _, e, _)| e == name);
             assert!(covered, "no baton-remote command for {name}");
         }
         for sub in cmd.get_subcommands() {
