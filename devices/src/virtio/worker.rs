@@ -10,7 +10,87 @@ use vm_memory::{GuestMemory as _, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::GuestMemory;
+use super::{ActivateError, Activation, ActiveQueue, GuestMemory, Interrupt};
+
+/// Token of a single-queue device's notifications.
+const NOTIFY_TOKEN: u64 = 0;
+
+/// A chain handler: serves one descriptor chain and returns the bytes it wrote into it.
+pub type ServeChain = dyn FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32 + Send;
+
+/// Starts a worker for a device with one queue (queue 0) that serves each chain with
+/// `serve`. A broken queue parks the worker until the driver resets the device.
+pub fn spawn_single_queue(
+    name: &'static str,
+    activation: Activation,
+    mut serve: Box<ServeChain>,
+) -> Result<Worker, ActivateError> {
+    let Activation {
+        mem,
+        mut queues,
+        interrupt,
+        ..
+    } = activation;
+    let mut queue = queues
+        .get_mut(0)
+        .and_then(Option::take)
+        .ok_or(ActivateError::QueueMissing(0))?;
+    Worker::spawn(name.into(), move |events| {
+        if let Err(e) = events.add(queue.notify.as_raw_fd(), NOTIFY_TOKEN, EventSet::IN) {
+            log::warn!("{name}: cannot watch the queue: {e}");
+            return;
+        }
+        let mut tokens = Vec::new();
+        loop {
+            if let Err(e) = events.wait(&mut tokens) {
+                log::warn!("{name}: epoll: {e}");
+                return;
+            }
+            if tokens.contains(&STOP_TOKEN) {
+                return;
+            }
+            let _ = queue.notify.read();
+            if let Err(e) = serve_queue(&mut queue, &mem, &interrupt, &mut serve) {
+                log::warn!("{name}: {e}; the queue stops until the driver resets the device");
+                wait_for_stop(&events);
+                return;
+            }
+        }
+    })
+    .map_err(ActivateError::Worker)
+}
+
+/// Serves every available chain of `q`, then interrupts the driver if it wants that.
+pub fn serve_queue(
+    q: &mut ActiveQueue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+    serve: &mut ServeChain,
+) -> Result<(), QueueError> {
+    let mut used = false;
+    loop {
+        disable_notification(&mut q.queue, mem)?;
+        while let Some(chain) = pop(&mut q.queue, mem)? {
+            let head = chain.head_index();
+            let written = serve(chain, mem);
+            add_used(&mut q.queue, mem, head, written)?;
+            used = true;
+        }
+        if !enable_notification(&mut q.queue, mem)? {
+            break;
+        }
+    }
+    if used && needs_interrupt(&mut q.queue, mem) {
+        interrupt.queue(q.vector);
+    }
+    Ok(())
+}
+
+/// Parks a worker whose queue broke until it is told to stop.
+pub fn wait_for_stop(events: &Events) {
+    let mut tokens = Vec::new();
+    while events.wait(&mut tokens).is_ok() && !tokens.contains(&STOP_TOKEN) {}
+}
 
 /// Token of the stop eventfd in every worker's epoll set.
 pub const STOP_TOKEN: u64 = u64::MAX;

@@ -8,20 +8,16 @@
 mod request;
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use vmm_sys_util::epoll::EventSet;
-
-use super::worker::{self, Worker, STOP_TOKEN};
-use super::{ActivateError, Activation, ActiveQueue, GuestMemory, Interrupt, VirtioDevice};
+use super::worker::{self, Worker};
+use super::{ActivateError, Activation, GuestMemory, VirtioDevice};
 
 pub use request::SECTOR_SIZE;
 
 /// virtio device type of a block device.
 pub const DEVICE_TYPE: u16 = 2;
 const QUEUE_SIZE: u16 = 256;
-const NOTIFY_TOKEN: u64 = 0;
 
 /// Feature bits (virtio 1.2, 5.2.3).
 pub mod features {
@@ -112,26 +108,12 @@ impl VirtioDevice for Block {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            mem,
-            mut queues,
-            interrupt,
-            ..
-        } = activation;
-        let queue = queues
-            .get_mut(0)
-            .and_then(Option::take)
-            .ok_or(ActivateError::QueueMissing(0))?;
         let disk = self.disk.clone();
-        let worker = Worker::spawn("virtio-blk".into(), move |events| {
-            if let Err(e) = events.add(queue.notify.as_raw_fd(), NOTIFY_TOKEN, EventSet::IN) {
-                log::warn!("virtio-blk: cannot watch the queue: {e}");
-                return;
-            }
-            run(events, queue, &mem, &interrupt, &disk)
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
+        let mut bounce = request::Bounce::default();
+        let serve: Box<worker::ServeChain> = Box::new(move |chain, mem: &GuestMemory| {
+            request::execute(mem, chain, &disk, &mut bounce)
+        });
+        self.worker = Some(worker::spawn_single_queue("virtio-blk", activation, serve)?);
         Ok(())
     }
 
@@ -140,56 +122,4 @@ impl VirtioDevice for Block {
             w.stop();
         }
     }
-}
-
-fn run(
-    events: worker::Events,
-    mut q: ActiveQueue,
-    mem: &GuestMemory,
-    interrupt: &Interrupt,
-    disk: &request::Disk,
-) {
-    let mut tokens = Vec::new();
-    let mut bounce = request::Bounce::default();
-    loop {
-        if let Err(e) = events.wait(&mut tokens) {
-            log::warn!("virtio-blk: epoll: {e}");
-            return;
-        }
-        if tokens.contains(&STOP_TOKEN) {
-            return;
-        }
-        let _ = q.notify.read();
-        if let Err(e) = process(&mut q, mem, interrupt, disk, &mut bounce) {
-            log::warn!("virtio-blk: {e}; the queue stops until the driver resets the device");
-            super::rng::wait_for_stop(&events);
-            return;
-        }
-    }
-}
-
-fn process(
-    q: &mut ActiveQueue,
-    mem: &GuestMemory,
-    interrupt: &Interrupt,
-    disk: &request::Disk,
-    bounce: &mut request::Bounce,
-) -> Result<(), worker::QueueError> {
-    let mut used = false;
-    loop {
-        worker::disable_notification(&mut q.queue, mem)?;
-        while let Some(chain) = worker::pop(&mut q.queue, mem)? {
-            let head = chain.head_index();
-            let written = request::execute(mem, chain, disk, bounce);
-            worker::add_used(&mut q.queue, mem, head, written)?;
-            used = true;
-        }
-        if !worker::enable_notification(&mut q.queue, mem)? {
-            break;
-        }
-    }
-    if used && worker::needs_interrupt(&mut q.queue, mem) {
-        interrupt.queue(q.vector);
-    }
-    Ok(())
 }

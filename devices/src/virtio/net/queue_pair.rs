@@ -82,7 +82,7 @@ impl QueuePair {
 
     fn broken(&self, events: &Events, e: QueueError) {
         log::warn!("virtio-net: {e}; the device stops until the driver resets it");
-        crate::virtio::rng::wait_for_stop(events);
+        worker::wait_for_stop(events);
     }
 
     fn step(&mut self, tokens: &[u64]) -> Result<(), QueueError> {
