@@ -1,5 +1,5 @@
 //! virtio-net with the test guest, each test in a network namespace of its own with its
-//! own TAP: ping, TCP echo, 100 MiB sequence streams both ways, the UDP sequence feed,
+//! own TAP: ping both ways, TCP echo, 100 MiB sequence streams both ways, the UDP sequence feed,
 //! jumbo frames, offloads off, several queue pairs, and vm.counters.
 
 use std::io::{Read, Write};
@@ -90,10 +90,15 @@ fn wait_net(vm: &mut Vm, what: &str, done: impl Fn(&str) -> bool) -> String {
 }
 
 #[test]
-fn host_pings_guest_and_tcp_echo_works() {
+fn ping_both_ways_and_tcp_echo_works() {
     let ns = NetNs::new("ping");
     let mut vm = start(&ns, "");
     ping(&ns, &["-c", "20", "-i", "0.01"]);
+    let reply = vm.console().command("ping 10.0.0.1 10", "ping:", REPLY);
+    assert_eq!(reply, "ping: dst=10.0.0.1 sent=10 received=10");
+    // Nobody there: every request goes unanswered, and the guest says so.
+    let reply = vm.console().command("ping 10.0.0.99 2", "ping:", REPLY);
+    assert_eq!(reply, "ping: dst=10.0.0.99 sent=2 received=0");
     ns.enter(|| {
         let mut s = connect(7);
         let data: Vec<u8> = (0..MIB).map(|i| (i * 7 % 251) as u8).collect();

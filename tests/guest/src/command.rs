@@ -44,6 +44,13 @@ pub enum Command<'a> {
     },
     /// `rng N`: N bytes from the entropy device.
     Rng(u64),
+    /// `ping A.B.C.D [COUNT]`: COUNT echo requests (default 5) from the first card.
+    Ping {
+        /// Destination.
+        addr: [u8; 4],
+        /// Requests, 1 to 1000.
+        count: u64,
+    },
     /// A known command with arguments that do not parse: its usage.
     Usage(&'static str),
     /// Anything else: the first word.
@@ -74,6 +81,7 @@ pub fn parse(line: &[u8]) -> Option<Command<'_>> {
             n => parse_u64(n).map_or(Command::Usage("net [N]"), Command::Net),
         },
         b"disk" => parse_disk(rest),
+        b"ping" => parse_ping(rest),
         b"rng" => parse_u64(rest)
             .filter(|n| (1..=4096).contains(n))
             .map_or(Command::Usage("rng N (1 to 4096)"), Command::Rng),
@@ -104,6 +112,31 @@ fn parse_disk(rest: &[u8]) -> Command<'_> {
         _ => None,
     };
     command.unwrap_or(Command::Usage(DISK_USAGE))
+}
+
+fn parse_ping(rest: &[u8]) -> Command<'_> {
+    let usage = Command::Usage("ping A.B.C.D [COUNT (1 to 1000)]");
+    let mut w = words(rest);
+    let Some(cidr) = w.next().and_then(|a| {
+        let mut text = [0u8; 19];
+        let n = a.len().min(15);
+        text[..n].copy_from_slice(&a[..n]);
+        text[n..n + 3].copy_from_slice(b"/32");
+        (a.len() <= 15).then(|| crate::cmdline::Cidr::parse(&text[..n + 3]))?
+    }) else {
+        return usage;
+    };
+    let count = match w.next() {
+        None => 5,
+        Some(c) => match parse_u64(c).filter(|c| (1..=1000).contains(c)) {
+            Some(c) => c,
+            None => return usage,
+        },
+    };
+    Command::Ping {
+        addr: cidr.addr,
+        count,
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +189,25 @@ mod tests {
             assert_eq!(parse(bad), Some(Command::Usage(DISK_USAGE)), "{bad:?}");
         }
         assert_eq!(parse(b"rng 32"), Some(Command::Rng(32)));
+        assert_eq!(
+            parse(b"ping 10.0.0.1 3"),
+            Some(Command::Ping {
+                addr: [10, 0, 0, 1],
+                count: 3
+            })
+        );
+        assert!(matches!(
+            parse(b"ping 10.0.0.1"),
+            Some(Command::Ping { count: 5, .. })
+        ));
+        for bad in [
+            &b"ping"[..],
+            b"ping 10.0.0",
+            b"ping 10.0.0.1 0",
+            b"ping 1.2.3.4.5.6.7.8",
+        ] {
+            assert!(matches!(parse(bad), Some(Command::Usage(_))), "{bad:?}");
+        }
         assert!(matches!(parse(b"rng 0"), Some(Command::Usage(_))));
     }
 

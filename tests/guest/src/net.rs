@@ -15,13 +15,14 @@ use baton_test_guest::protocol::NetStatus;
 use baton_test_guest::stream::{Sink, Source};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
-use smoltcp::socket::{tcp, udp};
+use smoltcp::socket::{icmp, tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::pci::PciTransport;
 
 use crate::hal::IdentityHal;
+use crate::serial::emit;
 
 const QUEUE_SIZE: usize = 256;
 /// Receive buffers posted at once, and transmit buffers in flight.
@@ -192,6 +193,20 @@ struct Feed {
     seq: u64,
 }
 
+/// A `ping` command in progress.
+struct PingRun {
+    dst: [u8; 4],
+    count: u64,
+    sent: u64,
+    received: u64,
+    next_us: u64,
+    ident: u16,
+}
+
+/// Echo requests go out this far apart; replies are awaited this long after the last.
+const PING_INTERVAL_US: u64 = 10_000;
+const PING_WAIT_US: u64 = 1_000_000;
+
 /// One network card with its stack and services.
 pub struct Nic {
     device: Device,
@@ -207,6 +222,9 @@ struct Stack {
     source: Service,
     sink: Service,
     feed: Feed,
+    icmp: SocketHandle,
+    icmp_ident: u16,
+    ping: Option<PingRun>,
     source_state: Source,
     sink_state: Sink,
     status: NetStatus,
@@ -282,6 +300,12 @@ impl Nic {
             next_us: 0,
             seq: 0,
         };
+        let icmp_buffer =
+            || icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 16], vec![0u8; 4096]);
+        let ident = (crate::io::rdtsc() & 0xffff) as u16;
+        let mut icmp = icmp::Socket::new(icmp_buffer(), icmp_buffer());
+        let _ = icmp.bind(icmp::Endpoint::Ident(ident));
+        let icmp = sockets.add(icmp);
         Stack {
             iface,
             sockets,
@@ -289,6 +313,9 @@ impl Nic {
             source,
             sink,
             feed,
+            icmp,
+            icmp_ident: ident,
+            ping: None,
             source_state: Source::default(),
             sink_state: Sink::default(),
             status: NetStatus::default(),
@@ -310,6 +337,28 @@ impl Nic {
         stack.serve(now_us);
         // Send what the services queued without waiting for the next round.
         stack.iface.poll(now, &mut self.device, &mut stack.sockets);
+    }
+
+    /// Starts a `ping` run; its reply is printed when it ends.
+    pub fn start_ping(
+        &mut self,
+        dst: [u8; 4],
+        count: u64,
+        now_us: u64,
+    ) -> Result<(), &'static str> {
+        let stack = self.stack.as_mut().ok_or("the card has no address")?;
+        if stack.ping.is_some() {
+            return Err("a ping is already running");
+        }
+        stack.ping = Some(PingRun {
+            dst,
+            count,
+            sent: 0,
+            received: 0,
+            next_us: now_us,
+            ident: stack.icmp_ident,
+        });
+        Ok(())
     }
 
     /// The `net` reply.
@@ -347,6 +396,38 @@ fn keep_listening(sockets: &mut SocketSet<'static>, s: &mut Service) -> bool {
 }
 
 impl Stack {
+    fn serve_ping(&mut self, now_us: u64) {
+        let Some(run) = &mut self.ping else {
+            return;
+        };
+        let socket = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+        while let Ok((packet, _)) = socket.recv() {
+            if let Some((ident, seq)) = baton_test_guest::icmp::echo_reply(packet) {
+                if ident == run.ident && u64::from(seq) < run.sent {
+                    run.received += 1;
+                }
+            }
+        }
+        let [a, b, c, d] = run.dst;
+        while run.sent < run.count && now_us >= run.next_us && socket.can_send() {
+            let request = baton_test_guest::icmp::echo_request(run.ident, run.sent as u16);
+            if socket
+                .send_slice(&request, IpAddress::v4(a, b, c, d))
+                .is_err()
+            {
+                break;
+            }
+            run.sent += 1;
+            run.next_us = now_us + PING_INTERVAL_US;
+        }
+        let waited = run.sent == run.count && now_us >= run.next_us + PING_WAIT_US;
+        if run.received == run.count || waited {
+            let (dst, sent, received) = (run.dst, run.sent, run.received);
+            emit(|w| baton_test_guest::protocol::ping(w, dst, sent, received));
+            self.ping = None;
+        }
+    }
+
     fn serve(&mut self, now_us: u64) {
         let mut buf = [0u8; 16 * 1024];
         for s in [&mut self.echo, &mut self.source, &mut self.sink] {
@@ -397,6 +478,8 @@ impl Stack {
                 _ => break,
             }
         }
+
+        self.serve_ping(now_us);
 
         let feed = &mut self.feed;
         let udp = self.sockets.get_mut::<udp::Socket>(feed.handle);

@@ -45,12 +45,13 @@
 //! | `echo TEXT` | `echo: TEXT` (TEXT trimmed of surrounding blanks)          |
 //! | `poweroff`  | `poweroff: bye`, then ACPI S5                              |
 //! | `reboot`    | `reboot: bye`, then a reset                                |
-//! | `help`      | `help: status cpus mem echo net disk rng poweroff reboot help` |
+//! | `help`      | `help: status cpus mem echo net disk rng ping poweroff reboot help` |
 //! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=..` |
 //! | `disk info` | `disk: sectors=N readonly=0|1 id=ID`                       |
 //! | `disk read S C` | `disk: read sector=S count=C fnv=0xH` (FNV-1a 64 of the C sectors from S) |
 //! | `disk write S C B` | `disk: wrote sector=S count=C` (C sectors from S filled with byte B) |
 //! | `rng N`     | `rng: bytes=N hex=H` (N bytes read, H the first 32 in hex) |
+//! | `ping A [C]` | `ping: dst=A sent=C received=R` once C echo requests (default 5, 10 ms apart) went out from the first card and a second passed after the last |
 //! | other       | `error: unknown command 'WORD'`                            |
 //!
 //! A device command that cannot be done replies `error: TOPIC: PROBLEM`
@@ -238,6 +239,15 @@ pub fn disk_wrote(w: &mut impl Write, sector: u64, count: u64) -> fmt::Result {
     write!(w, "disk: wrote sector={sector} count={count}\r\n")
 }
 
+/// `ping: dst=A.B.C.D sent=N received=M`
+pub fn ping(w: &mut impl Write, dst: [u8; 4], sent: u64, received: u64) -> fmt::Result {
+    let [a, b, c, d] = dst;
+    write!(
+        w,
+        "ping: dst={a}.{b}.{c}.{d} sent={sent} received={received}\r\n"
+    )
+}
+
 /// `rng: bytes=N hex=H` (H: the first 32 bytes)
 pub fn rng(w: &mut impl Write, bytes: &[u8]) -> fmt::Result {
     write!(w, "rng: bytes={} hex=", bytes.len())?;
@@ -340,7 +350,7 @@ pub fn reply(w: &mut impl Write, command: &Command<'_>, s: &Status) -> Result<Ac
             return Ok(Action::Reboot);
         }
         Command::Help => {
-            w.write_str("help: status cpus mem echo net disk rng poweroff reboot help\r\n")?
+            w.write_str("help: status cpus mem echo net disk rng ping poweroff reboot help\r\n")?
         }
         Command::Usage(usage) => write!(w, "error: usage: {usage}\r\n")?,
         // Device commands are answered by the device code with the functions below.
@@ -348,7 +358,8 @@ pub fn reply(w: &mut impl Write, command: &Command<'_>, s: &Status) -> Result<Ac
         | Command::DiskInfo
         | Command::DiskRead { .. }
         | Command::DiskWrite { .. }
-        | Command::Rng(_) => return Ok(Action::Device),
+        | Command::Rng(_)
+        | Command::Ping { .. } => return Ok(Action::Device),
         Command::Unknown(word) => write!(w, "error: unknown command '{}'\r\n", Printable(word))?,
     }
     Ok(Action::Continue)
@@ -424,7 +435,7 @@ mod tests {
             (b"echo", "echo: \r\n"),
             (
                 b"help",
-                "help: status cpus mem echo net disk rng poweroff reboot help\r\n",
+                "help: status cpus mem echo net disk rng ping poweroff reboot help\r\n",
             ),
             (b"bogus\x1b arg", "error: unknown command 'bogus?'\r\n"),
         ];

@@ -103,7 +103,10 @@ fn execute(command: &Command<'_>, status: &Status, machine: &mut Machine) {
     let fadt = machine.fadt.as_ref();
     match action {
         Action::Continue => return,
-        Action::Device => return device_command(command, &mut machine.devices),
+        Action::Device => {
+            let now_us = machine.clock.uptime_us();
+            return device_command(command, &mut machine.devices, now_us);
+        }
         Action::Poweroff => power::poweroff(fadt, &machine.mem, &machine.clock),
         Action::Reboot => power::reboot(fadt, &machine.mem, &machine.clock),
     }
@@ -111,7 +114,7 @@ fn execute(command: &Command<'_>, status: &Status, machine: &mut Machine) {
 }
 
 /// Answers a device command.
-fn device_command(command: &Command<'_>, d: &mut Devices) {
+fn device_command(command: &Command<'_>, d: &mut Devices, now_us: u64) {
     let missing = |what: &'static str| emit(|w| protocol::device_error(w, what, &"none found"));
     match *command {
         Command::Net(n) => match d.nics.get(n as usize) {
@@ -133,6 +136,14 @@ fn device_command(command: &Command<'_>, d: &mut Devices) {
         } => match &mut d.disk {
             Some(disk) => devices::disk_write(disk, sector, count, byte),
             None => missing("disk"),
+        },
+        Command::Ping { addr, count } => match d.nics.first_mut() {
+            Some(nic) => {
+                if let Err(e) = nic.start_ping(addr, count, now_us) {
+                    emit(|w| protocol::device_error(w, "ping", &e));
+                }
+            }
+            None => emit(|w| protocol::device_error(w, "ping", &"no nic 0")),
         },
         Command::Rng(n) => match &mut d.rng {
             Some(rng) => devices::rng(rng, n as usize),
