@@ -17,6 +17,7 @@ pub mod acpi;
 pub mod bytes;
 pub mod cmdline;
 pub mod command;
+pub mod flow;
 pub mod icmp;
 pub mod line;
 pub mod periodic;

@@ -27,6 +27,7 @@ compile_error!(
 
 extern crate alloc;
 
+mod card;
 mod devices;
 mod entry;
 mod hal;

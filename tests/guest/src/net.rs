@@ -4,7 +4,6 @@
 
 extern crate alloc;
 
-use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -18,20 +17,13 @@ use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::{icmp, tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
-use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::pci::PciTransport;
 
-use crate::hal::IdentityHal;
+use crate::card::{Card, CardError, BUFFER_LEN, HEADER_LEN};
 use crate::serial::emit;
 
-const QUEUE_SIZE: usize = 256;
-/// Receive buffers posted at once, and transmit buffers in flight.
-const RX_BUFFERS: usize = 128;
-const TX_BUFFERS: usize = 128;
-/// Room for a 9000-byte MTU frame and the 12-byte header.
-const BUFFER_LEN: usize = 9216;
 /// Largest frame handed to smoltcp.
-const MTU: usize = BUFFER_LEN - 12;
+const MTU: usize = BUFFER_LEN - HEADER_LEN;
 const TCP_BUFFER: usize = 256 * 1024;
 const UDP_PERIOD_US: u64 = 1000;
 
@@ -40,89 +32,33 @@ const SOURCE_PORT: u16 = 5001;
 const SINK_PORT: u16 = 5002;
 const UDP_PORT: u16 = 5003;
 
-type Raw = VirtIONetRaw<IdentityHal, PciTransport, QUEUE_SIZE>;
-
-struct Inner {
-    raw: Raw,
-    rx: Vec<Box<[u8]>>,
-    /// Receive buffer index by descriptor token.
-    rx_slot: Vec<usize>,
-    tx: Vec<Box<[u8]>>,
-    tx_free: Vec<usize>,
-    /// Transmit buffer index by descriptor token.
-    tx_slot: Vec<usize>,
-    rx_frames: u64,
-    tx_frames: u64,
-}
-
-impl Inner {
-    fn post_rx(&mut self, index: usize) -> Result<(), virtio_drivers::Error> {
-        // SAFETY: the buffer is a boxed slice that stays put and is not
-        // touched again until the device returns it (`receive_complete`).
-        let token = unsafe { self.raw.receive_begin(&mut self.rx[index])? };
-        self.rx_slot[usize::from(token)] = index;
-        Ok(())
-    }
-
-    fn reclaim_tx(&mut self) {
-        while let Some(token) = self.raw.poll_transmit() {
-            let index = self.tx_slot[usize::from(token)];
-            // SAFETY: the token and buffer are the pair `transmit_begin` used.
-            if unsafe { self.raw.transmit_complete(token, &self.tx[index]) }.is_ok() {
-                self.tx_free.push(index);
-            }
-        }
-    }
-}
-
 /// smoltcp's view of the card.
-struct Device(Rc<RefCell<Inner>>);
+struct Device(Rc<RefCell<Card>>);
 
 struct RxToken {
-    inner: Rc<RefCell<Inner>>,
+    card: Rc<RefCell<Card>>,
+    pair: usize,
     index: usize,
-    start: usize,
     len: usize,
 }
 
-struct TxToken(Rc<RefCell<Inner>>);
+struct TxToken(Rc<RefCell<Card>>);
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
         // smoltcp may answer from inside `f` (the TxToken borrows the card too).
-        let buf = core::mem::take(&mut self.inner.borrow_mut().rx[self.index]);
-        let r = f(&buf[self.start..self.start + self.len]);
-        let mut inner = self.inner.borrow_mut();
-        inner.rx[self.index] = buf;
-        // A buffer that cannot be reposted is lost; the ring has more.
-        let _ = inner.post_rx(self.index);
+        let buf = self.card.borrow_mut().take_rx(self.pair, self.index);
+        let r = f(&buf[HEADER_LEN..HEADER_LEN + self.len]);
+        self.card.borrow_mut().return_rx(self.pair, self.index, buf);
         r
     }
 }
 
 impl phy::TxToken for TxToken {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut guard = self.0.borrow_mut();
-        let inner = &mut *guard;
-        inner.reclaim_tx();
-        let index = inner
-            .tx_free
-            .pop()
-            .expect("transmit() checked for a free buffer");
-        let mut buf = core::mem::take(&mut inner.tx[index]);
-        let hdr = inner.raw.fill_buffer_header(&mut buf).unwrap_or(12);
-        let r = f(&mut buf[hdr..hdr + len]);
-        inner.tx[index] = buf;
-        // SAFETY: the boxed buffer stays put and untouched until
-        // `transmit_complete` gives it back.
-        match unsafe { inner.raw.transmit_begin(&inner.tx[index][..hdr + len]) } {
-            Ok(token) => {
-                inner.tx_slot[usize::from(token)] = index;
-                inner.tx_frames += 1;
-            }
-            Err(_) => inner.tx_free.push(index),
-        }
-        r
+        let mut card = self.0.borrow_mut();
+        card.reclaim_tx();
+        card.send(len, f)
     }
 }
 
@@ -131,49 +67,35 @@ impl phy::Device for Device {
     type TxToken<'a> = TxToken;
 
     fn receive(&mut self, _now: Instant) -> Option<(RxToken, TxToken)> {
-        let mut inner = self.0.borrow_mut();
-        inner.reclaim_tx();
-        if inner.tx_free.is_empty() {
+        let mut card = self.0.borrow_mut();
+        card.reclaim_tx();
+        if !card.can_send() {
             return None;
         }
-        let token = inner.raw.poll_receive()?;
-        let index = inner.rx_slot[usize::from(token)];
-        let mut buf = core::mem::take(&mut inner.rx[index]);
-        // SAFETY: the token and buffer are the pair `receive_begin` used.
-        let done = unsafe { inner.raw.receive_complete(token, &mut buf) };
-        inner.rx[index] = buf;
-        match done {
-            Ok((start, len)) => {
-                inner.rx_frames += 1;
-                drop(inner);
-                Some((
-                    RxToken {
-                        inner: self.0.clone(),
-                        index,
-                        start,
-                        len,
-                    },
-                    TxToken(self.0.clone()),
-                ))
-            }
-            Err(_) => {
-                let _ = inner.post_rx(index);
-                None
-            }
-        }
+        let (pair, index, len) = card.receive()?;
+        drop(card);
+        Some((
+            RxToken {
+                card: self.0.clone(),
+                pair,
+                index,
+                len,
+            },
+            TxToken(self.0.clone()),
+        ))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken> {
-        let mut inner = self.0.borrow_mut();
-        inner.reclaim_tx();
-        (!inner.tx_free.is_empty()).then(|| TxToken(self.0.clone()))
+        let mut card = self.0.borrow_mut();
+        card.reclaim_tx();
+        card.can_send().then(|| TxToken(self.0.clone()))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MTU;
-        caps.max_burst_size = Some(TX_BUFFERS);
+        caps.max_burst_size = Some(64);
         caps
     }
 }
@@ -183,7 +105,14 @@ struct Service {
     handle: SocketHandle,
     port: u16,
     connected: bool,
+    /// Where this connection's stream is (source and sink ports).
+    source: Source,
+    sink: Sink,
 }
+
+/// Sockets listening on each TCP port: a client may connect again while the last
+/// connection is still closing.
+const SOCKETS_PER_PORT: usize = 4;
 
 /// The UDP sequence feed.
 struct Feed {
@@ -218,15 +147,11 @@ pub struct Nic {
 struct Stack {
     iface: Interface,
     sockets: SocketSet<'static>,
-    echo: Service,
-    source: Service,
-    sink: Service,
+    services: Vec<Service>,
     feed: Feed,
     icmp: SocketHandle,
     icmp_ident: u16,
     ping: Option<PingRun>,
-    source_state: Source,
-    sink_state: Sink,
     status: NetStatus,
 }
 
@@ -238,31 +163,11 @@ fn tcp_socket() -> tcp::Socket<'static> {
 
 impl Nic {
     /// Starts the driver; with an address, also the stack and its services.
-    pub fn new(
-        transport: PciTransport,
-        address: Option<Cidr>,
-    ) -> Result<Self, virtio_drivers::Error> {
-        let raw = Raw::new(transport)?;
-        let mac = raw.mac_address();
-        let mut inner = Inner {
-            raw,
-            rx: (0..RX_BUFFERS)
-                .map(|_| vec![0u8; BUFFER_LEN].into_boxed_slice())
-                .collect(),
-            rx_slot: vec![0; QUEUE_SIZE],
-            tx: (0..TX_BUFFERS)
-                .map(|_| vec![0u8; BUFFER_LEN].into_boxed_slice())
-                .collect(),
-            tx_free: (0..TX_BUFFERS).collect(),
-            tx_slot: vec![0; QUEUE_SIZE],
-            rx_frames: 0,
-            tx_frames: 0,
-        };
-        for i in 0..RX_BUFFERS {
-            inner.post_rx(i)?;
-        }
+    pub fn new(transport: PciTransport, address: Option<Cidr>) -> Result<Self, CardError> {
+        let card = Card::new(transport)?;
+        let mac = card.mac();
         let mut nic = Nic {
-            device: Device(Rc::new(RefCell::new(inner))),
+            device: Device(Rc::new(RefCell::new(card))),
             mac,
             address,
             stack: None,
@@ -282,14 +187,22 @@ impl Nic {
             let _ = addrs.push(IpCidr::new(IpAddress::v4(a, b, c, d), cidr.prefix));
         });
         let mut sockets = SocketSet::new(Vec::new());
-        let mut service = |port| Service {
-            handle: sockets.add(tcp_socket()),
-            port,
-            connected: false,
-        };
-        let echo = service(ECHO_PORT);
-        let source = service(SOURCE_PORT);
-        let sink = service(SINK_PORT);
+        let mut services = Vec::new();
+        for port in [ECHO_PORT, SOURCE_PORT, SINK_PORT] {
+            for _ in 0..SOCKETS_PER_PORT {
+                let mut service = Service {
+                    handle: sockets.add(tcp_socket()),
+                    port,
+                    connected: false,
+                    source: Source::default(),
+                    sink: Sink::default(),
+                };
+                // Listening before `ready` is printed, so a client that connects on `ready`
+                // finds the port open.
+                keep_listening(&mut sockets, &mut service);
+                services.push(service);
+            }
+        }
         let udp_buffer =
             || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0u8; 64 * 1024]);
         let mut udp = udp::Socket::new(udp_buffer(), udp_buffer());
@@ -309,15 +222,11 @@ impl Nic {
         Stack {
             iface,
             sockets,
-            echo,
-            source,
-            sink,
+            services,
             feed,
             icmp,
             icmp_ident: ident,
             ping: None,
-            source_state: Source::default(),
-            sink_state: Sink::default(),
             status: NetStatus::default(),
         }
     }
@@ -363,12 +272,18 @@ impl Nic {
 
     /// The `net` reply.
     pub fn status(&self) -> NetStatus {
-        let inner = self.device.0.borrow();
+        let card = self.device.0.borrow();
         let mut s = self.stack.as_ref().map(|s| s.status).unwrap_or_default();
         s.mac = self.mac;
         s.ip = self.address.map(|c| (c.addr, c.prefix));
-        s.rx_frames = inner.rx_frames;
-        s.tx_frames = inner.tx_frames;
+        s.pairs = card.pairs() as u64;
+        for (i, (rx, tx)) in card.frames().enumerate() {
+            s.rx_frames += rx;
+            s.tx_frames += tx;
+            if let Some(slot) = s.pair_rx_frames.get_mut(i) {
+                *slot = rx;
+            }
+        }
         s
     }
 }
@@ -392,6 +307,52 @@ fn keep_listening(sockets: &mut SocketSet<'static>, s: &mut Service) -> bool {
             true
         }
         _ => false,
+    }
+}
+
+fn echo(socket: &mut tcp::Socket, buf: &mut [u8], status: &mut NetStatus) {
+    while socket.can_recv() && socket.can_send() {
+        let room = socket.send_capacity() - socket.send_queue();
+        let want = room.min(buf.len());
+        match socket.recv_slice(&mut buf[..want]) {
+            Ok(n) if n > 0 => {
+                let _ = socket.send_slice(&buf[..n]);
+                status.echo_bytes += n as u64;
+            }
+            _ => break,
+        }
+    }
+}
+
+fn send_stream(
+    socket: &mut tcp::Socket,
+    buf: &mut [u8],
+    source: &mut Source,
+    status: &mut NetStatus,
+) {
+    while socket.may_send() && socket.can_send() {
+        source.peek(buf);
+        match socket.send_slice(buf) {
+            Ok(n) if n > 0 => {
+                source.advance(n);
+                status.source_bytes += n as u64;
+            }
+            _ => break,
+        }
+    }
+}
+
+fn check_stream(socket: &mut tcp::Socket, buf: &mut [u8], sink: &mut Sink, status: &mut NetStatus) {
+    while socket.can_recv() {
+        match socket.recv_slice(buf) {
+            Ok(n) if n > 0 => {
+                let before = sink.errors;
+                sink.check(&buf[..n]);
+                status.sink_bytes += n as u64;
+                status.sink_errors += sink.errors - before;
+            }
+            _ => break,
+        }
     }
 }
 
@@ -430,52 +391,18 @@ impl Stack {
 
     fn serve(&mut self, now_us: u64) {
         let mut buf = [0u8; 16 * 1024];
-        for s in [&mut self.echo, &mut self.source, &mut self.sink] {
-            if keep_listening(&mut self.sockets, s) {
+        for service in &mut self.services {
+            if keep_listening(&mut self.sockets, service) {
                 self.status.connections += 1;
-                if s.port == SOURCE_PORT {
-                    self.source_state = Source::default();
-                }
-                if s.port == SINK_PORT {
-                    self.sink_state = Sink::default();
-                }
+                service.source = Source::default();
+                service.sink = Sink::default();
             }
-        }
-
-        let echo = self.sockets.get_mut::<tcp::Socket>(self.echo.handle);
-        while echo.can_recv() && echo.can_send() {
-            let room = echo.send_capacity() - echo.send_queue();
-            let want = room.min(buf.len());
-            match echo.recv_slice(&mut buf[..want]) {
-                Ok(n) if n > 0 => {
-                    let _ = echo.send_slice(&buf[..n]);
-                    self.status.echo_bytes += n as u64;
-                }
-                _ => break,
-            }
-        }
-
-        let source = self.sockets.get_mut::<tcp::Socket>(self.source.handle);
-        while source.may_send() && source.can_send() {
-            self.source_state.peek(&mut buf);
-            match source.send_slice(&buf) {
-                Ok(n) if n > 0 => {
-                    self.source_state.advance(n);
-                    self.status.source_bytes += n as u64;
-                }
-                _ => break,
-            }
-        }
-
-        let sink = self.sockets.get_mut::<tcp::Socket>(self.sink.handle);
-        while sink.can_recv() {
-            match sink.recv_slice(&mut buf) {
-                Ok(n) if n > 0 => {
-                    self.sink_state.check(&buf[..n]);
-                    self.status.sink_bytes += n as u64;
-                    self.status.sink_errors = self.sink_state.errors;
-                }
-                _ => break,
+            let socket = self.sockets.get_mut::<tcp::Socket>(service.handle);
+            let status = &mut self.status;
+            match service.port {
+                ECHO_PORT => echo(socket, &mut buf, status),
+                SOURCE_PORT => send_stream(socket, &mut buf, &mut service.source, status),
+                _ => check_stream(socket, &mut buf, &mut service.sink, status),
             }
         }
 

@@ -46,7 +46,7 @@
 //! | `poweroff`  | `poweroff: bye`, then ACPI S5                              |
 //! | `reboot`    | `reboot: bye`, then a reset                                |
 //! | `help`      | `help: status cpus mem echo net disk rng ping poweroff reboot help` |
-//! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=..` |
+//! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=.. pairs=P pair_rx_frames=a/b/..` (frames received per queue pair) |
 //! | `disk info` | `disk: sectors=N readonly=0|1 id=ID`                       |
 //! | `disk read S C` | `disk: read sector=S count=C fnv=0xH` (FNV-1a 64 of the C sectors from S) |
 //! | `disk write S C B` | `disk: wrote sector=S count=C` (C sectors from S filled with byte B) |
@@ -67,8 +67,10 @@
 //! stream it receives (`sink_errors` counts wrong bytes). Over UDP, port 5003:
 //! a datagram from the host subscribes its sender to one datagram per
 //! millisecond, each holding the next u64 sequence number (little-endian);
-//! another datagram from the same sender unsubscribes it. One connection per
-//! TCP port at a time; a new one is accepted when the last closes.
+//! another datagram from the same sender unsubscribes it. Each TCP port takes
+//! up to four connections at once, each with its own stream from offset 0. A
+//! card with several queue pairs (MQ) uses them all: frames leave on the pair
+//! their TCP or UDP ports hash to.
 //!
 //! A line longer than 128 bytes is dropped with `error: line too long`. If the
 //! machine is still running about a second after `poweroff` or `reboot`, the
@@ -182,6 +184,10 @@ pub struct NetStatus {
     pub udp_sent: u64,
     /// TCP connections accepted.
     pub connections: u64,
+    /// Queue pairs in use.
+    pub pairs: u64,
+    /// Frames received on each of the first 8 pairs.
+    pub pair_rx_frames: [u64; 8],
 }
 
 /// `net: nic=N mac=M ip=A/P rx_frames=.. ...`
@@ -199,7 +205,7 @@ pub fn net(w: &mut impl Write, nic: u64, s: &NetStatus) -> fmt::Result {
     write!(
         w,
         " rx_frames={} tx_frames={} echo_bytes={} source_bytes={} sink_bytes={} sink_errors={} \
-         udp_sent={} connections={}\r\n",
+         udp_sent={} connections={} pairs={} pair_rx_frames=",
         s.rx_frames,
         s.tx_frames,
         s.echo_bytes,
@@ -207,8 +213,15 @@ pub fn net(w: &mut impl Write, nic: u64, s: &NetStatus) -> fmt::Result {
         s.sink_bytes,
         s.sink_errors,
         s.udp_sent,
-        s.connections
-    )
+        s.connections,
+        s.pairs
+    )?;
+    let shown = (s.pairs as usize).clamp(1, s.pair_rx_frames.len());
+    for (i, n) in s.pair_rx_frames[..shown].iter().enumerate() {
+        let sep = if i == 0 { "" } else { "/" };
+        write!(w, "{sep}{n}")?;
+    }
+    w.write_str("\r\n")
 }
 
 /// `error: TOPIC: PROBLEM`
