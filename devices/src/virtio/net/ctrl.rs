@@ -3,7 +3,7 @@
 //! filtering the device does not do anyway, and refused otherwise.
 
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use net_util::Tap;
 use virtio_queue::{Reader, Writer};
@@ -21,24 +21,39 @@ const MQ_VQ_PAIRS_SET: u8 = 0;
 const OK: u8 = 0;
 const ERR: u8 = 1;
 
+/// The TAP queues and which of them are attached (receive frames).
+pub(super) struct TapQueues {
+    pub taps: Vec<Arc<Tap>>,
+    pub attached: Mutex<Vec<bool>>,
+}
+
 /// The control queue and what its commands change.
 pub(super) struct Ctrl {
     pub queue: ActiveQueue,
-    pub taps: Vec<Arc<Tap>>,
+    pub taps: Arc<TapQueues>,
     pub status: Arc<AtomicU16>,
     pub interrupt: Arc<Interrupt>,
     pub max_pairs: usize,
 }
 
-/// Attaches the first `pairs` TAP queues and detaches the rest, so the kernel only queues
-/// frames where the driver reads.
-pub(super) fn set_active_pairs(taps: &[Arc<Tap>], pairs: usize) {
-    if taps.len() < 2 {
-        return;
-    }
-    for (i, tap) in taps.iter().enumerate() {
-        if let Err(e) = tap.set_queue_enabled(i < pairs) {
-            log::warn!("virtio-net: {}", crate::error_chain(&e));
+impl TapQueues {
+    /// Attaches the first `pairs` TAP queues and detaches the rest, so the kernel only
+    /// queues frames where the driver reads. Queues already in the wanted state are left
+    /// alone (the kernel refuses to attach an attached queue).
+    pub fn set_active_pairs(&self, pairs: usize) {
+        if self.taps.len() < 2 {
+            return;
+        }
+        let mut attached = self.attached.lock().expect("TAP queue lock poisoned");
+        for (i, tap) in self.taps.iter().enumerate() {
+            let want = i < pairs;
+            if attached[i] == want {
+                continue;
+            }
+            match tap.set_queue_enabled(want) {
+                Ok(()) => attached[i] = want,
+                Err(e) => log::warn!("virtio-net: {}", crate::error_chain(&e)),
+            }
         }
     }
 }
@@ -73,7 +88,7 @@ impl Ctrl {
         match (class, cmd) {
             (CLASS_MQ, MQ_VQ_PAIRS_SET) => match r.read_obj::<u16>() {
                 Ok(pairs) if (1..=self.max_pairs).contains(&usize::from(pairs)) => {
-                    set_active_pairs(&self.taps, usize::from(pairs));
+                    self.taps.set_active_pairs(usize::from(pairs));
                     OK
                 }
                 _ => ERR,

@@ -95,7 +95,7 @@ pub struct Counters {
 /// A virtio-net device over one TAP interface, one descriptor per queue pair.
 pub struct Net {
     params: NetParams,
-    taps: Vec<Arc<Tap>>,
+    taps: Arc<ctrl::TapQueues>,
     status: Arc<AtomicU16>,
     counters: Arc<Counters>,
     workers: Vec<Worker>,
@@ -104,9 +104,10 @@ pub struct Net {
 impl Net {
     /// A device over `taps`, one per queue pair.
     pub fn new(params: NetParams, taps: Vec<Arc<Tap>>) -> Self {
+        let attached = std::sync::Mutex::new(vec![true; taps.len()]);
         Net {
             params,
-            taps,
+            taps: Arc::new(ctrl::TapQueues { taps, attached }),
             status: Arc::new(AtomicU16::new(STATUS_LINK_UP)),
             counters: Arc::default(),
             workers: Vec::new(),
@@ -114,12 +115,12 @@ impl Net {
     }
 
     fn pairs(&self) -> usize {
-        self.taps.len()
+        self.taps.taps.len()
     }
 
     /// The interface behind the device.
     pub fn tap_name(&self) -> &str {
-        self.taps.first().map_or("", |t| t.name())
+        self.taps.taps.first().map_or("", |t| t.name())
     }
 
     /// The device's counters.
@@ -201,7 +202,7 @@ impl VirtioDevice for Net {
             interrupt,
         } = activation;
         let offloads = offloads_from(features);
-        for tap in &self.taps {
+        for tap in &self.taps.taps {
             tap.set_offloads(offloads)
                 .map_err(|e| ActivateError::Backend(std::io::Error::other(e)))?;
         }
@@ -219,9 +220,9 @@ impl VirtioDevice for Net {
                 1
             },
         });
-        ctrl::set_active_pairs(&self.taps, 1);
+        self.taps.set_active_pairs(1);
         let mut workers = Vec::new();
-        for (pair, tap) in self.taps.iter().enumerate() {
+        for (pair, tap) in self.taps.taps.iter().enumerate() {
             let rx = queues.get_mut(2 * pair).and_then(Option::take);
             let tx = queues.get_mut(2 * pair + 1).and_then(Option::take);
             let (Some(rx), Some(tx)) = (rx, tx) else {
