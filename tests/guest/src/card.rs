@@ -48,6 +48,8 @@ pub enum CardError {
     Queue(virtio_drivers::Error),
     /// The device refused the number of queue pairs.
     Pairs(u16),
+    /// The device refused an MSI-X vector for a queue.
+    Vector(u16),
 }
 
 impl core::fmt::Display for CardError {
@@ -56,6 +58,7 @@ impl core::fmt::Display for CardError {
             CardError::Features => f.write_str("the device refused the features"),
             CardError::Queue(e) => write!(f, "queue set-up: {e}"),
             CardError::Pairs(n) => write!(f, "the device refused {n} queue pairs"),
+            CardError::Vector(q) => write!(f, "the device refused an MSI-X vector for queue {q}"),
         }
     }
 }
@@ -84,7 +87,10 @@ pub struct Card {
 
 impl Card {
     /// Starts the card on `transport` with every queue pair it offers (up to [`MAX_PAIRS`]).
-    pub fn new(mut transport: PciTransport) -> Result<Self, CardError> {
+    pub fn new(
+        mut transport: PciTransport,
+        msix: Option<&crate::irq::Msix>,
+    ) -> Result<Self, CardError> {
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = transport.read_device_features();
@@ -139,6 +145,14 @@ impl Card {
         } else {
             None
         };
+        if let Some(m) = msix {
+            let queues = (0..2 * use_pairs as u16).chain(ctrl.as_ref().map(|_| ctrl_index));
+            for q in queues {
+                if !m.assign_queue(q) {
+                    return Err(CardError::Vector(q));
+                }
+            }
+        }
         transport.set_status(ok | DeviceStatus::DRIVER_OK);
         let mut card = Card {
             transport,

@@ -5,6 +5,7 @@
 //! | key            | value                                      | default |
 //! |----------------|--------------------------------------------|---------|
 //! | `heartbeat_ms` | period of the `heartbeat N` line; 0 = none | 1000    |
+//! | `virtio`       | `poll`: look at the virtio rings all the time; `irq`: when an MSI-X interrupt came (and every 10 ms) | `poll` |
 //! | `net`          | `A.B.C.D/P[,A.B.C.D/P…]`: the address of each network card, in PCI order | none |
 //!
 //! A VMM may add options meant for Linux (`console=ttyS0`, ...), so unknown
@@ -48,6 +49,8 @@ pub struct Options {
     pub heartbeat_ms: u64,
     /// Each network card's address, in PCI order.
     pub net: [Option<Cidr>; MAX_NICS],
+    /// Network cards signal with MSI-X interrupts instead of being polled.
+    pub interrupts: bool,
 }
 
 impl Default for Options {
@@ -55,6 +58,7 @@ impl Default for Options {
         Self {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             net: [None; MAX_NICS],
+            interrupts: false,
         }
     }
 }
@@ -101,6 +105,12 @@ pub fn parse<'a>(cmdline: &'a [u8], mut warn: impl FnMut(Warning<'a>)) -> Option
                     value: value.unwrap_or_default(),
                 }),
             },
+            (b"virtio", Some(b"poll")) => options.interrupts = false,
+            (b"virtio", Some(b"irq")) => options.interrupts = true,
+            (b"virtio", value) => warn(Warning::BadValue {
+                key,
+                value: value.unwrap_or_default(),
+            }),
             (b"net", value) => match value.and_then(parse_net) {
                 Some(net) => options.net = net,
                 None => warn(Warning::BadValue {
@@ -139,6 +149,16 @@ mod tests {
             parse_all(b"heartbeat_ms=1 heartbeat_ms=2").0.heartbeat_ms,
             2
         );
+    }
+
+    #[test]
+    fn virtio_mode() {
+        assert!(!parse_all(b"").0.interrupts);
+        assert!(parse_all(b"virtio=irq").0.interrupts);
+        assert!(!parse_all(b"virtio=irq virtio=poll").0.interrupts);
+        let (o, w) = parse_all(b"virtio=msi");
+        assert!(!o.interrupts);
+        assert_eq!(w.len(), 1);
     }
 
     #[test]

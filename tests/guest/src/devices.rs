@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use baton_test_guest::protocol;
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::device::rng::VirtIORng;
-use virtio_drivers::transport::pci::bus::{Cam, Command, MmioCam, PciRoot};
+use virtio_drivers::transport::pci::bus::{Cam, Command, ConfigurationAccess, MmioCam, PciRoot};
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::{DeviceType, Transport};
 
@@ -34,12 +34,22 @@ pub struct Devices {
 }
 
 /// Enumerates bus 0 and starts a driver for each virtio device on it.
-pub fn probe(ecam: u64, addresses: &[Option<baton_test_guest::cmdline::Cidr>]) -> Devices {
+pub fn probe(
+    ecam: u64,
+    addresses: &[Option<baton_test_guest::cmdline::Cidr>],
+    interrupts: bool,
+) -> Devices {
     // SAFETY: the MCFG names this identity-mapped window for bus 0 onwards;
     // only bus 0 (the first 1 MiB) is ever touched, and nothing else in the
     // guest uses it.
     let cam = unsafe { MmioCam::new(ecam as *mut u8, Cam::Ecam) };
+    // SAFETY: the copy is used only between uses of `root`, never at the same time (one CPU,
+    // no interrupts touching PCI), for the MSI-X capability `PciRoot` does not expose.
+    let mut cam2 = unsafe { cam.unsafe_clone() };
     let mut root = PciRoot::new(cam);
+    if interrupts {
+        crate::irq::enable();
+    }
     let mut found = Devices::default();
     let functions: Vec<_> = root.enumerate_bus(0).collect();
     for (df, info) in functions {
@@ -47,6 +57,15 @@ pub fn probe(ecam: u64, addresses: &[Option<baton_test_guest::cmdline::Cidr>]) -
             continue;
         };
         root.set_command(df, Command::MEMORY_SPACE | Command::BUS_MASTER);
+        let msix = if interrupts && kind == DeviceType::Network {
+            let m = crate::irq::setup(&mut root, &mut cam2, df);
+            if m.is_none() {
+                emit(|w| protocol::warning(w, "pci", &format_args!("{df}: no MSI-X")));
+            }
+            m
+        } else {
+            None
+        };
         let transport = match PciTransport::new::<IdentityHal, _>(&mut root, df) {
             Ok(t) => t,
             Err(e) => {
@@ -57,7 +76,7 @@ pub fn probe(ecam: u64, addresses: &[Option<baton_test_guest::cmdline::Cidr>]) -
         match (kind, transport.device_type()) {
             (DeviceType::Network, _) => {
                 let address = addresses.get(found.nics.len()).copied().flatten();
-                match Nic::new(transport, address) {
+                match Nic::new(transport, address, msix) {
                     Ok(nic) => found.nics.push(nic),
                     Err(e) => emit(|w| protocol::warning(w, "net", &e)),
                 }

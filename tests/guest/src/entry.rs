@@ -19,7 +19,7 @@
 //!
 //! Exceptions (vectors 0–31) enter small CPL0 handlers on the TSS stack that
 //! print `EXCEPTION vec=V err=0xE rip=0xR cs=0xC rsp=0xS cr2=0xA` on COM1 and
-//! halt, except for two kinds of general protection fault (#GP) raised at
+//! halt, except for three kinds of general protection fault (#GP) raised at
 //! CPL3 on purpose:
 //!
 //! - `in`/`out` with the port in `%dx`: IOPL 3 lets CPL3 do port I/O on
@@ -29,6 +29,11 @@
 //!   (`int n`) would be the obvious gate, but PVM turns them into #UD.
 //! - `hlt`: the way CPL3 asks to halt for good (after a panic); the handler
 //!   halts without printing anything.
+//! - `sti` (interrupt mode, `virtio=irq`): PVM ignores IOPL here too; the
+//!   handler sets IF in the interrupted code's RFLAGS.
+//!
+//! Vector 48 is the MSI vector of virtio devices in interrupt mode: its
+//! handler counts the interrupt (`msi_count`) and writes the xAPIC EOI.
 
 use core::arch::global_asm;
 
@@ -75,6 +80,8 @@ global_asm!(
     .set LSR_THR_EMPTY, 0x20
 
     .set STUB_SIZE, 16
+    /* The vector virtio MSI-X messages carry; see crate::irq. */
+    .set MSI_VECTOR, 48
 
     /* ---- PVH entry: 32-bit protected mode, paging off ---- */
     .pushsection .text.pvh_entry, "ax"
@@ -131,6 +138,12 @@ long_mode:
     addq $16, %rsi
     decl %ecx
     jnz .Lfill_idt
+    /* The MSI vector (see msi_handler). */
+    movl $msi_handler, %eax
+    movl $(idt + MSI_VECTOR * 16), %esi
+    movw %ax, (%rsi)
+    shrl $16, %eax
+    movw %ax, 6(%rsi)
     lidt idt_ptr
 
     pushq $(USER_DS | 3)
@@ -188,6 +201,8 @@ gp_handler:
     je .Lgp_outb
     cmpb $0xf4, (%rsi)
     je halt_forever_cpl0
+    cmpb $0xfb, (%rsi)
+    je .Lgp_sti
     cmpb $0xed, (%rsi)
     je .Lgp_inl
     cmpb $0xef, (%rsi)
@@ -202,6 +217,10 @@ gp_handler:
     jmp exception_common
 .Lgp_inb:
     inb %dx, %al
+    jmp .Lgp_done1
+.Lgp_sti:
+    /* Interrupts on for the interrupted code: IF in its saved RFLAGS. */
+    orq $0x200, 32(%rsp)
     jmp .Lgp_done1
 .Lgp_outb:
     outb %al, %dx
@@ -223,6 +242,19 @@ gp_handler:
     incq 16(%rsp)
     popq %rsi
     addq $8, %rsp
+    iretq
+
+    /*
+     * An MSI from a virtio device: count it and end the interrupt at the
+     * local APIC (xAPIC EOI register). A handful of instructions, because KVM
+     * interprets CPL0 code on the hosts the tests run on.
+     */
+msi_handler:
+    lock incq msi_count
+    pushq %rax
+    movl $0xfee000b0, %eax
+    movl $0, (%rax)
+    popq %rax
     iretq
 
     /* Stack: vector, error code, then the CPU's frame: rip, cs, rflags, rsp, ss. */
@@ -403,7 +435,15 @@ idt:
     .word 0, KERNEL_CS, 0x8e00, 0   /* interrupt gate, DPL 0 */
     .quad 0
     .endr
+    .fill (MSI_VECTOR - 32) * 2, 8, 0   /* not present */
+    .word 0, KERNEL_CS, 0x8e00, 0   /* the MSI vector */
+    .quad 0
 idt_end:
+
+    .balign 8
+    .globl msi_count
+msi_count:
+    .quad 0
 idt_ptr:
     .word idt_end - idt - 1
     .quad idt

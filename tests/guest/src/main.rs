@@ -33,6 +33,7 @@ mod entry;
 mod hal;
 mod heap;
 mod io;
+mod irq;
 mod mem;
 mod net;
 mod phys;
@@ -92,7 +93,7 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
 
     init_heap(&mem, memmap.unwrap_or_default());
     let devices = match tables.ecam {
-        Some(ecam) => devices::probe(ecam, &options.net),
+        Some(ecam) => devices::probe(ecam, &options.net, options.interrupts),
         None => {
             emit(|w| protocol::warning(w, "acpi", &"no MCFG: no PCI devices"));
             devices::Devices::default()
@@ -122,6 +123,7 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
         mem,
         clock,
         devices,
+        interrupts: options.interrupts,
     })
 }
 

@@ -163,8 +163,12 @@ fn tcp_socket() -> tcp::Socket<'static> {
 
 impl Nic {
     /// Starts the driver; with an address, also the stack and its services.
-    pub fn new(transport: PciTransport, address: Option<Cidr>) -> Result<Self, CardError> {
-        let card = Card::new(transport)?;
+    pub fn new(
+        transport: PciTransport,
+        address: Option<Cidr>,
+        msix: Option<crate::irq::Msix>,
+    ) -> Result<Self, CardError> {
+        let card = Card::new(transport, msix.as_ref())?;
         let mac = card.mac();
         let mut nic = Nic {
             device: Device(Rc::new(RefCell::new(card))),
@@ -277,6 +281,7 @@ impl Nic {
         s.mac = self.mac;
         s.ip = self.address.map(|c| (c.addr, c.prefix));
         s.pairs = card.pairs() as u64;
+        s.irqs = crate::irq::count();
         for (i, (rx, tx)) in card.frames().enumerate() {
             s.rx_frames += rx;
             s.tx_frames += tx;

@@ -46,7 +46,7 @@
 //! | `poweroff`  | `poweroff: bye`, then ACPI S5                              |
 //! | `reboot`    | `reboot: bye`, then a reset                                |
 //! | `help`      | `help: status cpus mem echo net disk rng ping poweroff reboot help` |
-//! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=.. pairs=P pair_rx_frames=a/b/..` (frames received per queue pair) |
+//! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=.. pairs=P pair_rx_frames=a/b/.. irqs=I` (frames received per queue pair; MSI-X interrupts taken) |
 //! | `disk info` | `disk: sectors=N readonly=0|1 id=ID`                       |
 //! | `disk read S C` | `disk: read sector=S count=C fnv=0xH` (FNV-1a 64 of the C sectors from S) |
 //! | `disk write S C B` | `disk: wrote sector=S count=C` (C sectors from S filled with byte B) |
@@ -188,6 +188,8 @@ pub struct NetStatus {
     pub pairs: u64,
     /// Frames received on each of the first 8 pairs.
     pub pair_rx_frames: [u64; 8],
+    /// MSI-X interrupts the guest took (all devices).
+    pub irqs: u64,
 }
 
 /// `net: nic=N mac=M ip=A/P rx_frames=.. ...`
@@ -221,7 +223,7 @@ pub fn net(w: &mut impl Write, nic: u64, s: &NetStatus) -> fmt::Result {
         let sep = if i == 0 { "" } else { "/" };
         write!(w, "{sep}{n}")?;
     }
-    w.write_str("\r\n")
+    write!(w, " irqs={}\r\n", s.irqs)
 }
 
 /// `error: TOPIC: PROBLEM`

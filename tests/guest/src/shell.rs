@@ -38,6 +38,8 @@ pub struct Machine {
     pub clock: Clock,
     /// virtio devices.
     pub devices: Devices,
+    /// Devices signal with MSI-X rather than being polled.
+    pub interrupts: bool,
 }
 
 /// Runs forever (until the machine powers off or resets).
@@ -49,6 +51,8 @@ pub fn run(mut machine: Machine) -> ! {
     let mut poll_timer = Periodic::new(now, clock.ticks(INPUT_POLL_MS));
     let mut button_timer = Periodic::new(now, clock.ticks(POWER_BUTTON_POLL_MS));
     let mut heartbeat = 0u64;
+    let mut seen_irqs = 0u64;
+    let mut timer_poll = Periodic::new(now, clock.ticks(10));
     let mut lines = LineBuffer::new();
     loop {
         let now = clock.now();
@@ -63,8 +67,15 @@ pub fn run(mut machine: Machine) -> ! {
             execute(&Command::Poweroff, &status, &mut machine);
         }
         let uptime_us = clock.uptime_us();
-        for nic in &mut machine.devices.nics {
-            nic.poll(uptime_us);
+        // In interrupt mode the rings are looked at when an interrupt came, and every
+        // 10 ms for smoltcp's timers.
+        let irqs = crate::irq::count();
+        let due = !machine.interrupts || irqs != seen_irqs || timer_poll.due(now);
+        if due {
+            seen_irqs = irqs;
+            for nic in &mut machine.devices.nics {
+                nic.poll(uptime_us);
+            }
         }
         if poll_timer.due(now) {
             while let Some(byte) = serial::read_byte() {
