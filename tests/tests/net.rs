@@ -211,6 +211,24 @@ fn traffic_spreads_over_four_queue_pairs() {
 }
 
 #[test]
+fn guest_runs_only_the_services_its_command_line_names() {
+    let ns = NetNs::new("services");
+    let _vm = start_with(&ns, "", &format!("{CMDLINE} services=echo"));
+    ns.enter(|| {
+        let mut s = connect(7);
+        s.write_all(b"still here").unwrap();
+        let mut back = [0u8; 10];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"still here");
+        let refused = TcpStream::connect_timeout(&format!("{GUEST}:5001").parse().unwrap(), REPLY);
+        assert!(
+            refused.is_err(),
+            "the stream service runs though not asked for"
+        );
+    });
+}
+
+#[test]
 fn msix_interrupts_carry_traffic() {
     let ns = NetNs::new("irq");
     let mut vm = start_with(&ns, ",num_queues=4", &format!("{CMDLINE} virtio=irq"));

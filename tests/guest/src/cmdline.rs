@@ -6,6 +6,7 @@
 //! |----------------|--------------------------------------------|---------|
 //! | `heartbeat_ms` | period of the `heartbeat N` line; 0 = none | 1000    |
 //! | `virtio`       | `poll`: look at the virtio rings all the time; `irq`: when an MSI-X interrupt came (and every 10 ms) | `poll` |
+//! | `services`     | which network services run: a comma-separated subset of `echo,source,sink,udp`, or `none` | all |
 //! | `net`          | `A.B.C.D/P[,A.B.C.D/P…]`: the address of each network card, in PCI order | none |
 //!
 //! A VMM may add options meant for Linux (`console=ttyS0`, ...), so unknown
@@ -51,6 +52,8 @@ pub struct Options {
     pub net: [Option<Cidr>; MAX_NICS],
     /// Network cards signal with MSI-X interrupts instead of being polled.
     pub interrupts: bool,
+    /// The network services to run.
+    pub services: Services,
 }
 
 impl Default for Options {
@@ -59,7 +62,53 @@ impl Default for Options {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             net: [None; MAX_NICS],
             interrupts: false,
+            services: Services::ALL,
         }
+    }
+}
+
+/// The network services a card with an address runs (ping is always answered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Services {
+    /// TCP echo on port 7.
+    pub echo: bool,
+    /// The sequence stream sent on TCP port 5001.
+    pub source: bool,
+    /// The sequence stream checked on TCP port 5002.
+    pub sink: bool,
+    /// The UDP sequence feed on port 5003.
+    pub udp: bool,
+}
+
+impl Services {
+    /// Every service.
+    pub const ALL: Services = Services {
+        echo: true,
+        source: true,
+        sink: true,
+        udp: true,
+    };
+
+    fn parse(value: &[u8]) -> Option<Self> {
+        let mut s = Services {
+            echo: false,
+            source: false,
+            sink: false,
+            udp: false,
+        };
+        if value == b"none" {
+            return Some(s);
+        }
+        for name in value.split(|&b| b == b',') {
+            match name {
+                b"echo" => s.echo = true,
+                b"source" => s.source = true,
+                b"sink" => s.sink = true,
+                b"udp" => s.udp = true,
+                _ => return None,
+            }
+        }
+        Some(s)
     }
 }
 
@@ -111,6 +160,13 @@ pub fn parse<'a>(cmdline: &'a [u8], mut warn: impl FnMut(Warning<'a>)) -> Option
                 key,
                 value: value.unwrap_or_default(),
             }),
+            (b"services", value) => match value.and_then(Services::parse) {
+                Some(s) => options.services = s,
+                None => warn(Warning::BadValue {
+                    key,
+                    value: value.unwrap_or_default(),
+                }),
+            },
             (b"net", value) => match value.and_then(parse_net) {
                 Some(net) => options.net = net,
                 None => warn(Warning::BadValue {
@@ -149,6 +205,20 @@ mod tests {
             parse_all(b"heartbeat_ms=1 heartbeat_ms=2").0.heartbeat_ms,
             2
         );
+    }
+
+    #[test]
+    fn services() {
+        assert_eq!(parse_all(b"").0.services, Services::ALL);
+        let s = parse_all(b"services=echo,udp").0.services;
+        assert!(s.echo && s.udp && !s.source && !s.sink);
+        assert_eq!(
+            parse_all(b"services=none").0.services,
+            Services::parse(b"none").unwrap()
+        );
+        let (o, w) = parse_all(b"services=echo,telnet");
+        assert_eq!(o.services, Services::ALL);
+        assert_eq!(w.len(), 1);
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub struct Devices {
 pub fn probe(
     ecam: u64,
     addresses: &[Option<baton_test_guest::cmdline::Cidr>],
+    services: baton_test_guest::cmdline::Services,
     interrupts: bool,
 ) -> Devices {
     // SAFETY: the MCFG names this identity-mapped window for bus 0 onwards;
@@ -76,7 +77,7 @@ pub fn probe(
         match (kind, transport.device_type()) {
             (DeviceType::Network, _) => {
                 let address = addresses.get(found.nics.len()).copied().flatten();
-                match Nic::new(transport, address, msix) {
+                match Nic::new(transport, address, services, msix) {
                     Ok(nic) => found.nics.push(nic),
                     Err(e) => emit(|w| protocol::warning(w, "net", &e)),
                 }

@@ -93,7 +93,7 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
 
     init_heap(&mem, memmap.unwrap_or_default());
     let devices = match tables.ecam {
-        Some(ecam) => devices::probe(ecam, &options.net, options.interrupts),
+        Some(ecam) => devices::probe(ecam, &options.net, options.services, options.interrupts),
         None => {
             emit(|w| protocol::warning(w, "acpi", &"no MCFG: no PCI devices"));
             devices::Devices::default()

@@ -9,7 +9,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use baton_test_guest::cmdline::Cidr;
+use baton_test_guest::cmdline::{Cidr, Services};
 use baton_test_guest::protocol::NetStatus;
 use baton_test_guest::stream::{Sink, Source};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -141,6 +141,7 @@ pub struct Nic {
     device: Device,
     mac: [u8; 6],
     address: Option<Cidr>,
+    services: Services,
     stack: Option<Stack>,
 }
 
@@ -166,6 +167,7 @@ impl Nic {
     pub fn new(
         transport: PciTransport,
         address: Option<Cidr>,
+        services: Services,
         msix: Option<crate::irq::Msix>,
     ) -> Result<Self, CardError> {
         let card = Card::new(transport, msix.as_ref())?;
@@ -174,6 +176,7 @@ impl Nic {
             device: Device(Rc::new(RefCell::new(card))),
             mac,
             address,
+            services,
             stack: None,
         };
         if let Some(cidr) = address {
@@ -192,7 +195,12 @@ impl Nic {
         });
         let mut sockets = SocketSet::new(Vec::new());
         let mut services = Vec::new();
-        for port in [ECHO_PORT, SOURCE_PORT, SINK_PORT] {
+        let wanted = [
+            (ECHO_PORT, self.services.echo),
+            (SOURCE_PORT, self.services.source),
+            (SINK_PORT, self.services.sink),
+        ];
+        for port in wanted.iter().filter(|(_, on)| *on).map(|(p, _)| *p) {
             for _ in 0..SOCKETS_PER_PORT {
                 let mut service = Service {
                     handle: sockets.add(tcp_socket()),
@@ -210,7 +218,9 @@ impl Nic {
         let udp_buffer =
             || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0u8; 64 * 1024]);
         let mut udp = udp::Socket::new(udp_buffer(), udp_buffer());
-        let _ = udp.bind(UDP_PORT);
+        if self.services.udp {
+            let _ = udp.bind(UDP_PORT);
+        }
         let feed = Feed {
             handle: sockets.add(udp),
             subscriber: None,

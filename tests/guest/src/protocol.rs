@@ -61,7 +61,7 @@
 //! # Network services
 //!
 //! Every network card with an address (`net=` on the command line) answers
-//! ARP and ping, and serves, over TCP: port 7, echo; port 5001, the sequence
+//! ARP and ping, and serves (all unless `services=` names fewer), over TCP: port 7, echo; port 5001, the sequence
 //! stream ([`crate::stream`]) sent from offset 0 to whoever connects, as fast
 //! as the connection takes it; port 5002, a sink that checks the sequence
 //! stream it receives (`sink_errors` counts wrong bytes). Over UDP, port 5003:
