@@ -11,7 +11,7 @@
 //! that registration failed does the write come here and get forwarded to the same eventfd.
 
 use std::io;
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
@@ -58,12 +58,21 @@ pub struct Interrupt {
     isr: Arc<AtomicU8>,
     irqfds: Vec<EventFd>,
     config_vector: AtomicU16,
+    /// A worker found the driver's rings unusable: the device needs a reset.
+    broken: AtomicBool,
 }
 
 impl Interrupt {
     /// Signals that queue work completed on `vector`.
     pub fn queue(&self, vector: u16) {
         self.raise(vector, ISR_QUEUE);
+    }
+
+    /// A worker found a queue unusable (rings outside memory, an impossible index): the
+    /// device reports DEVICE_NEEDS_RESET and tells the driver with a configuration interrupt.
+    pub fn device_broken(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.config();
     }
 
     /// Signals that the device configuration changed.
@@ -92,6 +101,7 @@ impl Interrupt {
                 .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
                 .collect(),
             config_vector: AtomicU16::new(NO_VECTOR),
+            broken: AtomicBool::new(false),
         }
     }
 
@@ -163,6 +173,7 @@ impl VirtioPciDevice {
             isr: pci.isr(),
             irqfds,
             config_vector: AtomicU16::new(NO_VECTOR),
+            broken: AtomicBool::new(false),
         });
         Ok(VirtioPciDevice {
             id,
@@ -199,6 +210,7 @@ impl VirtioPciDevice {
                 if std::mem::take(&mut self.active) {
                     self.pci.device_mut().reset();
                 }
+                self.interrupt.broken.store(false, Ordering::Release);
                 self.interrupt
                     .config_vector
                     .store(NO_VECTOR, Ordering::Release);
@@ -310,6 +322,9 @@ impl VirtioPciDevice {
 
 impl BusDevice for VirtioPciDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if self.interrupt.broken.load(Ordering::Acquire) {
+            self.pci.common_mut().set_needs_reset();
+        }
         self.pci.bar_read(offset, data);
     }
 

@@ -52,6 +52,7 @@ pub fn spawn_single_queue(
             let _ = queue.notify.read();
             if let Err(e) = serve_queue(&mut queue, &mem, &interrupt, &mut serve) {
                 log::warn!("{name}: {e}; the queue stops until the driver resets the device");
+                interrupt.device_broken();
                 wait_for_stop(&events);
                 return;
             }

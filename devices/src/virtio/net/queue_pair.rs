@@ -82,6 +82,7 @@ impl QueuePair {
 
     fn broken(&self, events: &Events, e: QueueError) {
         log::warn!("virtio-net: {e}; the device stops until the driver resets it");
+        self.interrupt.device_broken();
         worker::wait_for_stop(events);
     }
 
