@@ -1,5 +1,6 @@
 //! virtio-blk and virtio-rng with the test guest: data written on one side is read on the
-//! other, read-only disks refuse writes, and entropy arrives.
+//! other, read-only disks refuse writes, entropy arrives, and a hostile driver's malformed
+//! descriptor chains leave baton working.
 
 use std::time::Duration;
 
@@ -90,6 +91,25 @@ fn entropy_device_gives_random_bytes() {
     assert_eq!(hex(&a).len(), 64, "the first 32 bytes in hex: {a}");
     assert_ne!(hex(&a), hex(&b), "two draws were equal");
     assert_ne!(hex(&a), "0".repeat(64));
+}
+
+#[test]
+fn hostile_driver_gets_chains_back_and_a_reset_request_and_baton_carries_on() {
+    let mut vm = Vm::start_test_guest(&["--rng", "on"], "heartbeat_ms=0");
+    let c = vm.console();
+    c.wait_for(READY, BOOT);
+    let report = c.command("chaos", "chaos:", REPLY);
+    // Every malformed chain came back used; the runaway index got DEVICE_NEEDS_RESET.
+    assert_eq!(report, "chaos: posted=5 used=5 needs_reset=1");
+    // Reset and started again, the device serves an honest driver.
+    let a = c.command("rng 32", "rng:", REPLY);
+    assert_eq!(num(&a, "bytes"), 32, "{a}");
+    // And again: nothing in baton was left broken.
+    assert_eq!(
+        c.command("chaos", "chaos:", REPLY),
+        "chaos: posted=5 used=5 needs_reset=1"
+    );
+    assert!(c.command("status", "status:", REPLY).starts_with("status:"));
 }
 
 #[test]

@@ -51,6 +51,8 @@ pub enum Command<'a> {
         /// Requests, 1 to 1000.
         count: u64,
     },
+    /// `chaos`: post malformed descriptor chains to the entropy device, then reset it.
+    Chaos,
     /// A known command with arguments that do not parse: its usage.
     Usage(&'static str),
     /// Anything else: the first word.
@@ -82,6 +84,7 @@ pub fn parse(line: &[u8]) -> Option<Command<'_>> {
         },
         b"disk" => parse_disk(rest),
         b"ping" => parse_ping(rest),
+        b"chaos" => Command::Chaos,
         b"rng" => parse_u64(rest)
             .filter(|n| (1..=4096).contains(n))
             .map_or(Command::Usage("rng N (1 to 4096)"), Command::Rng),

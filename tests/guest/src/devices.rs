@@ -25,6 +25,10 @@ pub type Rng = VirtIORng<IdentityHal, PciTransport>;
 /// What was found.
 #[derive(Default)]
 pub struct Devices {
+    /// The PCI bus, kept for the `chaos` command.
+    pub root: Option<PciRoot<MmioCam<'static>>>,
+    /// Where the entropy device is.
+    pub rng_at: Option<virtio_drivers::transport::pci::bus::DeviceFunction>,
     /// Network cards, in PCI order.
     pub nics: Vec<Nic>,
     /// The first disk.
@@ -87,13 +91,35 @@ pub fn probe(
                 Err(e) => emit(|w| protocol::warning(w, "disk", &e)),
             },
             (DeviceType::EntropySource, _) if found.rng.is_none() => match Rng::new(transport) {
-                Ok(r) => found.rng = Some(r),
+                Ok(r) => {
+                    found.rng = Some(r);
+                    found.rng_at = Some(df);
+                }
                 Err(e) => emit(|w| protocol::warning(w, "rng", &e)),
             },
             _ => {}
         }
     }
+    found.root = Some(root);
     found
+}
+
+/// `chaos`: a hostile driver on the entropy device, then a fresh driver.
+pub fn chaos(d: &mut Devices, clock: &crate::time::Clock) {
+    let (Some(root), Some(df)) = (d.root.as_mut(), d.rng_at) else {
+        emit(|w| protocol::device_error(w, "chaos", &"no rng"));
+        return;
+    };
+    // The old driver goes first: its rings are about to be replaced.
+    d.rng = None;
+    match crate::chaos::run(root, df, clock) {
+        Ok(r) => emit(|w| protocol::chaos(w, r.posted, r.used, r.needs_reset)),
+        Err(e) => emit(|w| protocol::device_error(w, "chaos", &e)),
+    }
+    match PciTransport::new::<IdentityHal, _>(root, df).map(Rng::new) {
+        Ok(Ok(rng)) => d.rng = Some(rng),
+        _ => emit(|w| protocol::device_error(w, "rng", &"cannot start again")),
+    }
 }
 
 /// Most sectors moved per request.

@@ -28,6 +28,7 @@ compile_error!(
 extern crate alloc;
 
 mod card;
+mod chaos;
 mod devices;
 mod entry;
 mod hal;

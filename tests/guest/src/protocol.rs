@@ -51,6 +51,7 @@
 //! | `disk read S C` | `disk: read sector=S count=C fnv=0xH` (FNV-1a 64 of the C sectors from S) |
 //! | `disk write S C B` | `disk: wrote sector=S count=C` (C sectors from S filled with byte B) |
 //! | `rng N`     | `rng: bytes=N hex=H` (N bytes read, H the first 32 in hex) |
+//! | `chaos`     | `chaos: posted=N used=U needs_reset=0|1`: a hostile driver posted N malformed chains (a loop, memory that does not exist, a zero length, a read-only buffer, a `next` outside the table) to the entropy device, which returned U of them; then an available index far past the ring, after which the device asked for a reset (1) or not; then the guest resets the device and starts its driver again |
 //! | `ping A [C]` | `ping: dst=A sent=C received=R` once C echo requests (default 5, 10 ms apart) went out from the first card and a second passed after the last |
 //! | other       | `error: unknown command 'WORD'`                            |
 //!
@@ -263,6 +264,15 @@ pub fn ping(w: &mut impl Write, dst: [u8; 4], sent: u64, received: u64) -> fmt::
     )
 }
 
+/// `chaos: posted=N used=U needs_reset=0|1`
+pub fn chaos(w: &mut impl Write, posted: u16, used: u16, needs_reset: bool) -> fmt::Result {
+    write!(
+        w,
+        "chaos: posted={posted} used={used} needs_reset={}\r\n",
+        u8::from(needs_reset)
+    )
+}
+
 /// `rng: bytes=N hex=H` (H: the first 32 bytes)
 pub fn rng(w: &mut impl Write, bytes: &[u8]) -> fmt::Result {
     write!(w, "rng: bytes={} hex=", bytes.len())?;
@@ -374,7 +384,8 @@ pub fn reply(w: &mut impl Write, command: &Command<'_>, s: &Status) -> Result<Ac
         | Command::DiskRead { .. }
         | Command::DiskWrite { .. }
         | Command::Rng(_)
-        | Command::Ping { .. } => return Ok(Action::Device),
+        | Command::Ping { .. }
+        | Command::Chaos => return Ok(Action::Device),
         Command::Unknown(word) => write!(w, "error: unknown command '{}'\r\n", Printable(word))?,
     }
     Ok(Action::Continue)

@@ -115,8 +115,8 @@ fn execute(command: &Command<'_>, status: &Status, machine: &mut Machine) {
     match action {
         Action::Continue => return,
         Action::Device => {
-            let now_us = machine.clock.uptime_us();
-            return device_command(command, &mut machine.devices, now_us);
+            let clock = machine.clock;
+            return device_command(command, &mut machine.devices, &clock);
         }
         Action::Poweroff => power::poweroff(fadt, &machine.mem, &machine.clock),
         Action::Reboot => power::reboot(fadt, &machine.mem, &machine.clock),
@@ -125,7 +125,8 @@ fn execute(command: &Command<'_>, status: &Status, machine: &mut Machine) {
 }
 
 /// Answers a device command.
-fn device_command(command: &Command<'_>, d: &mut Devices, now_us: u64) {
+fn device_command(command: &Command<'_>, d: &mut Devices, clock: &Clock) {
+    let now_us = clock.uptime_us();
     let missing = |what: &'static str| emit(|w| protocol::device_error(w, what, &"none found"));
     match *command {
         Command::Net(n) => match d.nics.get(n as usize) {
@@ -156,6 +157,7 @@ fn device_command(command: &Command<'_>, d: &mut Devices, now_us: u64) {
             }
             None => emit(|w| protocol::device_error(w, "ping", &"no nic 0")),
         },
+        Command::Chaos => devices::chaos(d, clock),
         Command::Rng(n) => match &mut d.rng {
             Some(rng) => devices::rng(rng, n as usize),
             None => missing("rng"),
