@@ -64,12 +64,16 @@ impl Bus {
         Ok(())
     }
 
-    /// Removes the device whose range starts at `base`, if any.
-    pub fn remove(&self, base: u64) {
-        self.devices
-            .write()
-            .expect("bus lock poisoned")
-            .remove(&base);
+    /// Removes `device` from the range starting at `base`, if it is there (another device
+    /// there stays).
+    pub fn remove(&self, base: u64, device: &Arc<Mutex<dyn BusDevice>>) {
+        let mut devices = self.devices.write().expect("bus lock poisoned");
+        if devices
+            .get(&base)
+            .is_some_and(|(_, d)| Arc::ptr_eq(d, device))
+        {
+            devices.remove(&base);
+        }
     }
 
     fn find(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
@@ -135,5 +139,13 @@ mod tests {
         assert!(!bus.read(0x0f, &mut b));
         assert!(bus.write(0x18, &[7]));
         assert_eq!(dev.lock().unwrap().0, vec![(0, 7)]);
+
+        // Removing checks whose range it is.
+        let other: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Echo(Vec::new())));
+        bus.remove(0x10, &other);
+        assert!(bus.read(0x13, &mut b), "another device's range stays");
+        let dev: Arc<Mutex<dyn BusDevice>> = dev;
+        bus.remove(0x10, &dev);
+        assert!(!bus.read(0x13, &mut b));
     }
 }

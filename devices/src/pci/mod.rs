@@ -125,7 +125,8 @@ impl PciBus {
         };
         // A guest may move a BAR anywhere, even onto another device: then it stays unmapped
         // until moved somewhere free.
-        self.mmio.remove(mv.old);
+        // The old range is this function's only if it was mapped there.
+        self.mmio.remove(mv.old, bars);
         match self.mmio.insert(bars.clone(), mv.new, mv.size) {
             Ok(()) => config.bar_moved(&mv),
             Err(e) => log::warn!("PCI {dev:02x}.0: BAR {} not mapped: {e}", mv.index),
@@ -272,5 +273,72 @@ mod tests {
         assert_eq!(d, [0; 4]);
         io.read(4, &mut d);
         assert_eq!(d, [0xff; 4]);
+    }
+
+    /// A function with one 32-bit memory BAR whose reads answer `tag`.
+    struct Function {
+        config: PciConfiguration,
+        tag: u8,
+    }
+
+    impl PciDevice for Function {
+        fn read_config(&self, reg: usize) -> u32 {
+            self.config.read_reg(reg)
+        }
+        fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+            self.config.write_reg(reg, offset, data)
+        }
+    }
+
+    impl BusDevice for Function {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(self.tag);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    fn function(addr: u64, tag: u8) -> (Arc<Mutex<Function>>, Bar) {
+        let mut config = PciConfiguration::new(Identity {
+            vendor: 0x1af4,
+            device: 0x1044,
+            class: [0xff, 0, 0],
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        let bar = Bar {
+            addr,
+            size: 0x1000,
+            kind: BarKind::Memory32,
+        };
+        config.add_bar(0, bar).unwrap();
+        (Arc::new(Mutex::new(Function { config, tag })), bar)
+    }
+
+    #[test]
+    fn moved_bars_follow_on_the_mmio_bus_and_never_take_anothers_range() {
+        let mmio = Arc::new(Bus::new());
+        let mut pci = PciBus::new(mmio.clone());
+        let (a, bar_a) = function(0xc000_0000, 0xaa);
+        let (b, bar_b) = function(0xc000_4000, 0xbb);
+        assert_eq!(pci.add(a.clone(), a, bar_a).unwrap(), 1);
+        assert_eq!(pci.add(b.clone(), b, bar_b).unwrap(), 2);
+        let mut byte = [0u8; 1];
+        let at = |addr: u64| {
+            let mut byte = [0u8; 1];
+            mmio.read(addr, &mut byte).then_some(byte[0])
+        };
+        // BAR 0 of 00:01.0 is dword 4; a size probe first, which moves nothing.
+        pci.write(0, 1, 0, 0x10, &u32::MAX.to_le_bytes());
+        assert_eq!(at(0xc000_0000), Some(0xaa));
+        pci.write(0, 1, 0, 0x10, &0xc000_2000u32.to_le_bytes());
+        assert_eq!((at(0xc000_0000), at(0xc000_2000)), (None, Some(0xaa)));
+        // Onto 00:02.0's range: it stays there and 00:01.0 is unmapped...
+        pci.write(0, 1, 0, 0x10, &0xc000_4000u32.to_le_bytes());
+        assert_eq!((at(0xc000_2000), at(0xc000_4000)), (None, Some(0xbb)));
+        // ...and moving 00:01.0 away again leaves 00:02.0 alone.
+        pci.write(0, 1, 0, 0x10, &0xc000_8000u32.to_le_bytes());
+        assert_eq!((at(0xc000_4000), at(0xc000_8000)), (Some(0xbb), Some(0xaa)));
+        pci.read(0, 1, 0, 0x10, &mut byte);
     }
 }
