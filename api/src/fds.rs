@@ -18,6 +18,8 @@ const PER_MESSAGE: usize = 253;
 pub struct FdReader {
     stream: UnixStream,
     fds: Fds,
+    /// Room for one message's ancillary data, reused by every read.
+    control: Vec<u64>,
 }
 
 impl FdReader {
@@ -26,6 +28,7 @@ impl FdReader {
         FdReader {
             stream,
             fds: Vec::new(),
+            control: vec![0u64; cmsg_space(PER_MESSAGE).div_ceil(8)],
         }
     }
 
@@ -42,7 +45,7 @@ fn cmsg_space(fds: usize) -> usize {
 
 impl Read for FdReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut control = vec![0u64; cmsg_space(PER_MESSAGE).div_ceil(8)];
+        let control = &mut self.control;
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
