@@ -40,6 +40,14 @@ fn conflict(msg: String) -> ApiError {
     ApiError::message(409, msg)
 }
 
+/// Validates `config` and names its devices, or says why not (400).
+fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
+    config
+        .validate(&cpuid::feature_names())
+        .and_then(|_| config.assign_device_ids())
+        .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))
+}
+
 fn no_vm() -> ApiError {
     ApiError::message(404, "No VM has been created (use vm.create)")
 }
@@ -214,10 +222,7 @@ impl Vmm {
         // Check the card together with the rest, ids included, before touching the host.
         let mut candidate = config.clone();
         candidate.net.push(net);
-        candidate
-            .validate(&cpuid::feature_names())
-            .and_then(|_| candidate.assign_device_ids())
-            .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))?;
+        check_and_name(&mut candidate)?;
         let net = candidate.net.last_mut().expect("pushed above");
         self.backends
             .add_net(net, fds)
@@ -233,10 +238,7 @@ impl Vmm {
             )));
         }
         let mut config = config;
-        config
-            .validate(&cpuid::feature_names())
-            .and_then(|_| config.assign_device_ids())
-            .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))?;
+        check_and_name(&mut config)?;
         // TAPs and images are opened now, so a bad one is refused here, and they stay open
         // across reboots.
         self.backends = Backends::open(&mut config, fds)

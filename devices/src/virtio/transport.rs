@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::common_config::{QueueConfig, NO_VECTOR};
 use super::pci::{Event, VirtioPci, ISR_CONFIG, ISR_QUEUE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET};
-use super::{status, Activation, ActiveQueue, GuestMemory, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use super::{Activation, ActiveQueue, GuestMemory, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use crate::pci::msix::{Fire, Msix, MsixEntry};
 use crate::pci::{Bar, BarMove, PciDevice};
 use crate::BusDevice;
@@ -188,11 +188,6 @@ impl VirtioPciDevice {
         })
     }
 
-    /// The device's name.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// BAR 0 as it is now.
     pub fn bar(&self) -> Bar {
         self.pci.bar()
@@ -312,11 +307,6 @@ impl VirtioPciDevice {
         }
         self.pci.common_mut().set_needs_reset();
         self.interrupt.config();
-    }
-
-    /// Whether the driver has the device running.
-    pub fn is_active(&self) -> bool {
-        self.active && self.pci.common().status() & status::DEVICE_NEEDS_RESET == 0
     }
 }
 

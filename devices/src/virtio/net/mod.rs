@@ -118,16 +118,6 @@ impl Net {
         self.taps.taps.len()
     }
 
-    /// The interface behind the device.
-    pub fn tap_name(&self) -> &str {
-        self.taps.taps.first().map_or("", |t| t.name())
-    }
-
-    /// The device's counters.
-    pub fn counters(&self) -> Arc<Counters> {
-        self.counters.clone()
-    }
-
     fn config_bytes(&self) -> [u8; 12] {
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.params.mac);
