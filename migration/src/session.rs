@@ -1,0 +1,439 @@
+//! A whole session over a [`Channel`], minus the VM: the destination's request loop, which the
+//! VMM drives through the [`Destination`] trait, and the source's opening handshake.
+//!
+//! Keeping the loop here means the strict protocol handling (checks before reads, one
+//! response per request, an Error response on any failure) is tested without KVM, and the VMM
+//! only supplies what each request does to its VM.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use crate::protocol::{
+    self, check_transport, parse_json, to_json, Command, FdsHeader, Limits, MemoryRegion,
+    ProtocolError, Receiver, Response, Start, StartReply,
+};
+use crate::transport::Channel;
+use crate::BoxError;
+
+/// What a destination VMM does with each request. Every method may fail; the session then
+/// answers Error and ends, and the VMM drops whatever it built, including the descriptors it
+/// was given.
+pub trait Destination {
+    /// Start passed the version, transport and sanity checks. Returns the ids of the proposed
+    /// devices whose backends this destination takes; the others take the ordinary path.
+    fn start(&mut self, start: &Start) -> Result<Vec<String>, BoxError>;
+    /// The shared guest memory of a local migration: one descriptor per region, in order.
+    fn memory_fds(&mut self, regions: Vec<MemoryRegion>, fds: Vec<OwnedFd>)
+        -> Result<(), BoxError>;
+    /// The VM configuration, as the source's VMM encoded it.
+    fn config(&mut self, config: Vec<u8>) -> Result<(), BoxError>;
+    /// Guest memory contents: must refuse ranges outside guest memory.
+    fn write_memory(&mut self, gpa: u64, data: &[u8]) -> io::Result<()>;
+    /// vCPU and device state, a [`snapshot`](crate::snapshot) blob.
+    fn state(&mut self, state: Vec<u8>) -> Result<(), BoxError>;
+    /// An accepted device's backend descriptors, in the order the source sent them.
+    fn backend_fds(&mut self, id: &str, fds: Vec<OwnedFd>) -> Result<(), BoxError>;
+    /// Build the devices from their state, resume, announce. The source learns of success
+    /// only when this returns.
+    fn complete(&mut self) -> Result<(), BoxError>;
+}
+
+/// How a session that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The VM runs here now.
+    Completed,
+    /// The source gave up; nothing should be kept.
+    Abandoned,
+}
+
+/// Serves one session on `channel`, from Start to Complete or Abandon. On failure, the
+/// source is sent the error chain (if it still listens) and the error is returned. Set read
+/// and write timeouts on the channel first if a silent source must not hold the destination.
+pub fn receive(
+    channel: &mut Channel,
+    limits: Limits,
+    destination: &mut impl Destination,
+) -> Result<Outcome, ProtocolError> {
+    let mut receiver = Receiver::new(limits);
+    loop {
+        match step(channel, &mut receiver, destination) {
+            Ok(None) => {}
+            Ok(Some(outcome)) => return Ok(outcome),
+            Err(e) => {
+                // Best effort: the source may be gone, which is then the error to report.
+                let _ = channel.send_response(&Response::error(&e));
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// One request and its response.
+fn step(
+    channel: &mut Channel,
+    receiver: &mut Receiver,
+    destination: &mut impl Destination,
+) -> Result<Option<Outcome>, ProtocolError> {
+    let header = channel.recv_request_header()?;
+    receiver.check(&header)?;
+    let command = header.command;
+    log::debug!("migration: {command} request, {} bytes", header.length);
+    let applying = |source| ProtocolError::Destination { command, source };
+    let mut reply = Vec::new();
+    let mut outcome = None;
+    match command {
+        Command::Start => {
+            let start: Start = parse_json(command, &channel.read_payload(header.length)?)?;
+            check_transport(&start, channel.is_unix())?;
+            receiver.started(&start)?;
+            let ids = destination.start(&start).map_err(applying)?;
+            reply = to_json(&receiver.accept(&ids)?);
+        }
+        Command::MemoryFds => {
+            let regions: Vec<MemoryRegion> =
+                parse_json(command, &channel.read_payload(header.length)?)?;
+            receiver.memory_fds(&regions)?;
+            let fds = channel
+                .recv_fds(regions.len())
+                .map_err(|e| ProtocolError::Io("receiving memory descriptors", e))?;
+            destination.memory_fds(regions, fds).map_err(applying)?;
+        }
+        Command::Config => {
+            let config = channel.read_payload(header.length)?;
+            destination.config(config).map_err(applying)?;
+        }
+        Command::Memory => {
+            protocol::recv_memory(channel, &header, receiver.limits(), |gpa, data| {
+                destination.write_memory(gpa, data)
+            })?;
+        }
+        Command::State => {
+            let state = channel.read_payload(header.length)?;
+            destination.state(state).map_err(applying)?;
+        }
+        Command::Fds => {
+            let fds_header: FdsHeader = parse_json(command, &channel.read_payload(header.length)?)?;
+            receiver.fds(&fds_header)?;
+            let fds = channel
+                .recv_fds(fds_header.count as usize)
+                .map_err(|e| ProtocolError::Io("receiving backend descriptors", e))?;
+            destination
+                .backend_fds(&fds_header.id, fds)
+                .map_err(applying)?;
+        }
+        Command::Complete => {
+            destination.complete().map_err(applying)?;
+            outcome = Some(Outcome::Completed);
+        }
+        Command::Abandon => outcome = Some(Outcome::Abandoned),
+    }
+    channel.send_response(&Response::Ok(reply))?;
+    Ok(outcome)
+}
+
+/// The source's opening: checks that the channel can carry what `start` asks, sends it, and
+/// returns the destination's checked reply.
+pub fn start(channel: &mut Channel, start: &Start) -> Result<StartReply, ProtocolError> {
+    check_transport(start, channel.is_unix())?;
+    let reply: StartReply = parse_json(
+        Command::Start,
+        &channel.request(Command::Start, &to_json(start))?,
+    )?;
+    start.check_reply(&reply)?;
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{MemoryRanges, ProposedBackend, PROTOCOL_VERSION};
+    use std::fs::File;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    const GUEST: usize = 64 << 10;
+
+    /// A destination that records what it is given, and refuses one command if told to.
+    struct Recorder {
+        memory: Vec<u8>,
+        config: Vec<u8>,
+        state: Vec<u8>,
+        memory_fds: usize,
+        backends: Vec<(String, usize)>,
+        completed: bool,
+        refuse: Option<Command>,
+    }
+
+    impl Recorder {
+        fn new() -> Self {
+            Recorder {
+                memory: vec![0; GUEST],
+                config: vec![],
+                state: vec![],
+                memory_fds: 0,
+                backends: vec![],
+                completed: false,
+                refuse: None,
+            }
+        }
+
+        fn refuse(&self, command: Command) -> Result<(), BoxError> {
+            match self.refuse == Some(command) {
+                true => Err("no room".into()),
+                false => Ok(()),
+            }
+        }
+    }
+
+    impl Destination for Recorder {
+        fn start(&mut self, start: &Start) -> Result<Vec<String>, BoxError> {
+            self.refuse(Command::Start)?;
+            Ok(start
+                .devices
+                .iter()
+                .filter(|d| d.kind == "virtio-net-tap")
+                .map(|d| d.id.clone())
+                .collect())
+        }
+
+        fn memory_fds(
+            &mut self,
+            regions: Vec<MemoryRegion>,
+            fds: Vec<OwnedFd>,
+        ) -> Result<(), BoxError> {
+            assert_eq!(regions.len(), fds.len());
+            self.memory_fds = fds.len();
+            self.refuse(Command::MemoryFds)
+        }
+
+        fn config(&mut self, config: Vec<u8>) -> Result<(), BoxError> {
+            self.refuse(Command::Config)?;
+            self.config = config;
+            Ok(())
+        }
+
+        fn write_memory(&mut self, gpa: u64, data: &[u8]) -> io::Result<()> {
+            let start = usize::try_from(gpa).unwrap_or(usize::MAX);
+            self.memory
+                .get_mut(start..start.saturating_add(data.len()))
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "outside the guest"))?
+                .copy_from_slice(data);
+            Ok(())
+        }
+
+        fn state(&mut self, state: Vec<u8>) -> Result<(), BoxError> {
+            self.state = state;
+            self.refuse(Command::State)
+        }
+
+        fn backend_fds(&mut self, id: &str, fds: Vec<OwnedFd>) -> Result<(), BoxError> {
+            self.backends.push((id.to_string(), fds.len()));
+            self.refuse(Command::Fds)
+        }
+
+        fn complete(&mut self) -> Result<(), BoxError> {
+            self.refuse(Command::Complete)?;
+            self.completed = true;
+            Ok(())
+        }
+    }
+
+    /// Runs `source` against `receive` over a UNIX socket pair.
+    fn run<T: Send + 'static>(
+        mut destination: Recorder,
+        source: impl FnOnce(&mut Channel) -> T + Send + 'static,
+    ) -> (Result<Outcome, ProtocolError>, Recorder, T) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let source = thread::spawn(move || source(&mut Channel::from(a)));
+        let mut channel = Channel::from(b);
+        let result = receive(&mut channel, Limits::default(), &mut destination);
+        drop(channel);
+        (result, destination, source.join().unwrap())
+    }
+
+    fn start_msg(local: bool, devices: &[(&str, &str, u32)]) -> Start {
+        Start {
+            version: PROTOCOL_VERSION,
+            local,
+            backend_transfer: !devices.is_empty(),
+            devices: devices
+                .iter()
+                .map(|(id, kind, fds)| ProposedBackend {
+                    id: id.to_string(),
+                    kind: kind.to_string(),
+                    fds: *fds,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn copying_session() {
+        let (result, dest, sent) = run(Recorder::new(), |ch| {
+            let reply = start(ch, &start_msg(false, &[])).unwrap();
+            assert!(reply.accepted.is_empty());
+            ch.request(Command::Config, b"{\"cpus\":1}").unwrap();
+            let mut sent = 0;
+            for pass in 0..2u8 {
+                let ranges = MemoryRanges(vec![(0, 4096), (8192 + u64::from(pass), 5000)]);
+                sent += ch
+                    .send_memory(&ranges, |_, buf| {
+                        buf.fill(pass + 1);
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+            ch.request(Command::State, b"state").unwrap();
+            ch.request(Command::Complete, b"").unwrap();
+            sent
+        });
+        assert_eq!(result.unwrap(), Outcome::Completed);
+        assert_eq!(sent, 2 * (4096 + 5000));
+        assert!(dest.completed);
+        assert_eq!(dest.config, b"{\"cpus\":1}");
+        assert_eq!(dest.state, b"state");
+        // The second pass overwrote the first.
+        assert!(dest.memory[..4096].iter().all(|&b| b == 2));
+        assert_eq!(dest.memory[8192], 1);
+        assert!(dest.memory[8193..8193 + 5000].iter().all(|&b| b == 2));
+        assert_eq!(dest.memory[8193 + 5000], 0);
+    }
+
+    #[test]
+    fn local_session_with_backend_transfer() {
+        let (result, dest, ()) = run(Recorder::new(), |ch| {
+            let devices = [("net0", "virtio-net-tap", 2), ("blk0", "raw-file", 1)];
+            let reply = start(ch, &start_msg(true, &devices)).unwrap();
+            assert_eq!(reply.accepted, vec!["net0".to_string()]);
+            let file = File::open("/dev/null").unwrap();
+            let regions = vec![
+                MemoryRegion {
+                    gpa: 0,
+                    len: 1 << 20,
+                },
+                MemoryRegion {
+                    gpa: 1 << 32,
+                    len: 1 << 20,
+                },
+            ];
+            ch.request_with_fds(Command::MemoryFds, &to_json(&regions), &[file.as_fd(); 2])
+                .unwrap();
+            ch.request(Command::Config, b"{}").unwrap();
+            ch.request(Command::State, b"s").unwrap();
+            let fds = FdsHeader {
+                id: "net0".into(),
+                count: 2,
+            };
+            ch.request_with_fds(Command::Fds, &to_json(&fds), &[file.as_fd(); 2])
+                .unwrap();
+            ch.request(Command::Complete, b"").unwrap();
+        });
+        assert_eq!(result.unwrap(), Outcome::Completed);
+        assert_eq!(dest.memory_fds, 2);
+        assert_eq!(dest.backends, vec![("net0".to_string(), 2)]);
+    }
+
+    #[test]
+    fn a_destination_failure_reaches_the_source() {
+        let mut recorder = Recorder::new();
+        recorder.refuse = Some(Command::Config);
+        let (result, dest, e) = run(recorder, |ch| {
+            start(ch, &start_msg(false, &[])).unwrap();
+            ch.request(Command::Config, b"{}").unwrap_err()
+        });
+        assert!(
+            matches!(&e, ProtocolError::Remote(m) if m == "Cannot apply Config: no room"),
+            "{e}"
+        );
+        assert!(matches!(
+            result,
+            Err(ProtocolError::Destination {
+                command: Command::Config,
+                ..
+            })
+        ));
+        assert!(!dest.completed);
+    }
+
+    #[test]
+    fn a_protocol_violation_reaches_the_source() {
+        let (result, _, e) = run(Recorder::new(), |ch| {
+            start(ch, &start_msg(false, &[])).unwrap();
+            let ranges = MemoryRanges(vec![(0, 10)]);
+            ch.send_memory(&ranges, |_, _| Ok(())).unwrap_err()
+        });
+        assert_eq!(
+            e.to_string(),
+            "The other side failed: Unexpected Memory request after Start; \
+             expected Config (memory is copied, not shared) or Abandon"
+        );
+        assert!(matches!(result, Err(ProtocolError::Unexpected { .. })));
+    }
+
+    #[test]
+    fn memory_outside_the_guest_is_refused() {
+        let (result, _, e) = run(Recorder::new(), |ch| {
+            start(ch, &start_msg(false, &[])).unwrap();
+            ch.request(Command::Config, b"{}").unwrap();
+            let ranges = MemoryRanges(vec![(GUEST as u64 - 1, 2)]);
+            ch.send_memory(&ranges, |_, _| Ok(())).unwrap_err()
+        });
+        assert!(
+            e.to_string()
+                .contains("Cannot access guest memory at 0xffff: outside the guest"),
+            "{e}"
+        );
+        assert!(matches!(result, Err(ProtocolError::MemoryAccess { .. })));
+    }
+
+    #[test]
+    fn abandon() {
+        let (result, dest, ()) = run(Recorder::new(), |ch| {
+            start(ch, &start_msg(false, &[])).unwrap();
+            ch.request(Command::Config, b"{}").unwrap();
+            ch.request(Command::Abandon, b"").unwrap();
+        });
+        assert_eq!(result.unwrap(), Outcome::Abandoned);
+        assert!(!dest.completed);
+    }
+
+    #[test]
+    fn a_vanished_source_is_an_error() {
+        let (result, _, ()) = run(Recorder::new(), |ch| {
+            start(ch, &start_msg(false, &[])).unwrap();
+        });
+        assert!(matches!(
+            result,
+            Err(ProtocolError::Io("reading the request header", _))
+        ));
+    }
+
+    #[test]
+    fn tcp_cannot_carry_local_migration_or_backends() {
+        let listener = crate::Listener::bind_tcp("127.0.0.1:0").unwrap();
+        let url = listener.local_url().unwrap();
+        let mut client = Channel::connect(&url).unwrap();
+        let mut server = listener.accept().unwrap();
+        // The source refuses before sending anything.
+        let e = start(&mut client, &start_msg(true, &[])).unwrap_err();
+        assert!(matches!(e, ProtocolError::NeedsUnix(_)));
+        // A source that does not check is refused by the destination.
+        let source = thread::spawn(move || {
+            let msg = start_msg(false, &[("net0", "virtio-net-tap", 1)]);
+            client.request(Command::Start, &to_json(&msg)).unwrap_err()
+        });
+        let result = receive(&mut server, Limits::default(), &mut Recorder::new());
+        assert!(matches!(
+            result,
+            Err(ProtocolError::NeedsUnix("Backend transfer"))
+        ));
+        let e = source.join().unwrap();
+        assert!(
+            e.to_string()
+                .contains("Backend transfer needs a UNIX domain socket"),
+            "{e}"
+        );
+    }
+}
