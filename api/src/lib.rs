@@ -14,6 +14,7 @@ pub mod client;
 pub mod device_config;
 pub mod fds;
 pub mod http;
+pub mod migration_config;
 pub mod option_parser;
 pub mod request;
 pub mod routes;
@@ -21,6 +22,9 @@ pub mod server;
 pub mod vm_config;
 
 pub use device_config::{DiskConfig, MacAddr, NetConfig, RngConfig};
+pub use migration_config::{
+    NetFds, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig, SnapshotConfig,
+};
 pub use vm_config::{
     ConfigError, ConsoleConfig, ConsoleMode, CpuTemplate, CpusConfig, MemoryConfig, PayloadConfig,
     VmConfig,

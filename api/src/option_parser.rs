@@ -30,6 +30,9 @@ pub enum OptionError {
     /// An empty key (`=value`) or an empty option string.
     #[error("Empty option in '{0}'")]
     Empty(String),
+    /// A key that must be given is not.
+    #[error("Option '{0}' is required")]
+    Required(&'static str),
     /// A value that does not parse as what the key expects.
     #[error("Invalid value '{value}' for option '{key}': {reason}")]
     InvalidValue {
@@ -129,6 +132,11 @@ impl OptionParser {
     /// The raw value of `key`, if given.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(String::as_str)
+    }
+
+    /// The raw value of `key`, which must be given.
+    pub fn required(&self, key: &'static str) -> Result<&str, OptionError> {
+        self.get(key).ok_or(OptionError::Required(key))
     }
 
     /// The value of `key` converted with `convert`, which explains a rejection in its error.

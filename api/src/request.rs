@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::fds::Fds;
-use crate::{NetConfig, VmConfig};
+use crate::{
+    NetConfig, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig, SnapshotConfig, VmConfig,
+};
 
 /// What to do.
 #[derive(Debug)]
@@ -42,6 +44,14 @@ pub enum ApiAction {
     VmPowerButton,
     /// Shut down and forget the VM.
     VmDelete,
+    /// Write a snapshot of the paused VM.
+    VmSnapshot(SnapshotConfig),
+    /// Build the VM from a snapshot; TAP descriptors for its network cards may come along.
+    VmRestore(RestoreConfig, Fds),
+    /// Migrate the VM to another baton.
+    VmSendMigration(SendMigrationConfig),
+    /// Wait for a VM migrated from another baton; TAP descriptors may come along.
+    VmReceiveMigration(ReceiveMigrationConfig, Fds),
 }
 
 /// A successful answer.

@@ -33,6 +33,14 @@ pub enum Endpoint {
     VmPowerButton,
     /// `PUT vm.delete`
     VmDelete,
+    /// `PUT vm.snapshot`
+    VmSnapshot,
+    /// `PUT vm.restore`
+    VmRestore,
+    /// `PUT vm.send-migration`
+    VmSendMigration,
+    /// `PUT vm.receive-migration`
+    VmReceiveMigration,
 }
 
 /// Every route: (name under [`PREFIX`], method, endpoint).
@@ -50,6 +58,10 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("vm.reboot", "PUT", Endpoint::VmReboot),
     ("vm.power-button", "PUT", Endpoint::VmPowerButton),
     ("vm.delete", "PUT", Endpoint::VmDelete),
+    ("vm.snapshot", "PUT", Endpoint::VmSnapshot),
+    ("vm.restore", "PUT", Endpoint::VmRestore),
+    ("vm.send-migration", "PUT", Endpoint::VmSendMigration),
+    ("vm.receive-migration", "PUT", Endpoint::VmReceiveMigration),
 ];
 
 /// Why a request matches no route.

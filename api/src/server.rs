@@ -206,10 +206,27 @@ fn error_body(chain: &[String]) -> Vec<u8> {
     serde_json::to_vec(chain).expect("strings serialise")
 }
 
+/// `body` as the JSON of a `what` request.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError {
+        status: 400,
+        chain: vec![
+            format!("Invalid {what} configuration in request body"),
+            e.to_string(),
+        ],
+    })
+}
+
 /// The action for `endpoint` with `body` and the descriptors that came with it, or the error
 /// to answer.
 pub fn action_for(endpoint: Endpoint, body: &[u8], fds: Fds) -> Result<ApiAction, ApiError> {
-    let takes_fds = matches!(endpoint, Endpoint::VmCreate | Endpoint::VmAddNet);
+    let takes_fds = matches!(
+        endpoint,
+        Endpoint::VmCreate
+            | Endpoint::VmAddNet
+            | Endpoint::VmRestore
+            | Endpoint::VmReceiveMigration
+    );
     if !takes_fds && !fds.is_empty() {
         return Err(ApiError::message(
             400,
@@ -241,6 +258,14 @@ pub fn action_for(endpoint: Endpoint, body: &[u8], fds: Fds) -> Result<ApiAction
                 ],
             })?;
             ApiAction::VmAddNet(Box::new(net), fds)
+        }
+        Endpoint::VmSnapshot => ApiAction::VmSnapshot(parse_body(body, "snapshot")?),
+        Endpoint::VmRestore => ApiAction::VmRestore(parse_body(body, "restore")?, fds),
+        Endpoint::VmSendMigration => {
+            ApiAction::VmSendMigration(parse_body(body, "send-migration")?)
+        }
+        Endpoint::VmReceiveMigration => {
+            ApiAction::VmReceiveMigration(parse_body(body, "receive-migration")?, fds)
         }
         Endpoint::VmBoot => ApiAction::VmBoot,
         Endpoint::VmInfo => ApiAction::VmInfo,

@@ -110,6 +110,16 @@ impl Ged {
         Ged { pending: 0, irq }
     }
 
+    /// A GED with `pending` events not yet read by the guest (from a snapshot).
+    pub fn with_pending(irq: crate::Trigger, pending: u8) -> Self {
+        Ged { pending, irq }
+    }
+
+    /// Events not yet read by the guest.
+    pub fn pending(&self) -> u8 {
+        self.pending
+    }
+
     /// Records `event` and interrupts the guest.
     pub fn notify(&mut self, event: u8) -> std::io::Result<()> {
         self.pending |= event;

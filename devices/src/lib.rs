@@ -34,6 +34,19 @@ impl vm_superio::Trigger for Trigger {
     }
 }
 
+/// Saved state that does not fit the device it is restored into (another layout, another
+/// version, or a corrupted snapshot): the message says which field and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StateError(pub String);
+
+impl StateError {
+    /// `what` was wrong.
+    pub fn new(what: impl Into<String>) -> Self {
+        StateError(what.into())
+    }
+}
+
 /// `err` and its causes, outer first, joined by ": " (for log lines).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut parts = vec![err.to_string()];

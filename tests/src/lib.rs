@@ -9,7 +9,7 @@ pub mod netns;
 
 pub use netns::NetNs;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -499,4 +499,67 @@ pub fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// A TCP connection to one of the test guest's sequence-stream ports, remembering where the
+/// stream is: port 5001 sends the stream (every byte read is checked), port 5002 takes it
+/// (the guest checks). Made for following a stream across a pause, snapshot or migration.
+pub struct SeqStream {
+    socket: std::net::TcpStream,
+    /// Bytes moved so far.
+    pub offset: u64,
+}
+
+impl SeqStream {
+    /// Connects to `addr:port` (call inside the guest's network namespace).
+    pub fn connect(addr: &str, port: u16, timeout: Duration) -> Self {
+        let to = format!("{addr}:{port}").parse().expect("socket address");
+        let socket = std::net::TcpStream::connect_timeout(&to, timeout)
+            .unwrap_or_else(|e| panic!("connect to {addr}:{port}: {e}"));
+        socket.set_read_timeout(Some(timeout)).expect("timeout");
+        socket.set_write_timeout(Some(timeout)).expect("timeout");
+        SeqStream { socket, offset: 0 }
+    }
+
+    /// Reads `len` more bytes of the guest's stream, checking each.
+    pub fn read(&mut self, len: u64) {
+        let mut buf = vec![0u8; 256 << 10];
+        let end = self.offset + len;
+        while self.offset < end {
+            let want = buf.len().min((end - self.offset) as usize);
+            let n = self.socket.read(&mut buf[..want]).unwrap_or_else(|e| {
+                panic!("read the guest's stream at offset {}: {e}", self.offset)
+            });
+            assert!(n > 0, "the guest closed its stream at {}", self.offset);
+            for (i, b) in buf[..n].iter().enumerate() {
+                let at = self.offset + i as u64;
+                assert_eq!(*b, stream_byte(at), "wrong byte at offset {at}");
+            }
+            self.offset += n as u64;
+        }
+    }
+
+    /// Writes `len` more bytes of the stream to the guest.
+    pub fn write(&mut self, len: u64) {
+        let mut buf = vec![0u8; 256 << 10];
+        let end = self.offset + len;
+        while self.offset < end {
+            let n = buf.len().min((end - self.offset) as usize);
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = stream_byte(self.offset + i as u64);
+            }
+            self.socket.write_all(&buf[..n]).unwrap_or_else(|e| {
+                panic!(
+                    "write the stream to the guest at offset {}: {e}",
+                    self.offset
+                )
+            });
+            self.offset += n as u64;
+        }
+    }
+}
+
+/// The number of a `heartbeat N` console line.
+pub fn heartbeat_number(line: &str) -> Option<u64> {
+    line.strip_prefix("heartbeat ")?.trim().parse().ok()
 }

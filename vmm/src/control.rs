@@ -12,9 +12,9 @@ use api::VmConfig;
 use kvm_ioctls::Kvm;
 
 use crate::console::Console;
-use crate::cpuid;
 use crate::device_manager::Backends;
-use crate::vm::{Vm, VmEvents};
+use crate::vm::{Start, Vm, VmEvents};
+use crate::{cpuid, snapshot};
 
 /// What the control loop should do after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,6 +46,52 @@ fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
         .validate(&cpuid::feature_names())
         .and_then(|_| config.assign_device_ids())
         .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))
+}
+
+/// Lines up descriptors that came for network cards (`net_fds`, in the order listed) with
+/// the cards of `config`: those cards take descriptors instead of opening their TAP by name,
+/// in configuration order, which is how [`Backends::open`] hands them out.
+fn net_fds_in_order(
+    config: &mut VmConfig,
+    net_fds: &[api::NetFds],
+    fds: api::fds::Fds,
+) -> Result<api::fds::Fds, ApiError> {
+    let wanted: usize = net_fds.iter().map(|n| n.num_fds).sum();
+    if wanted != fds.len() {
+        return Err(ApiError::message(
+            400,
+            format!(
+                "net_fds lists {wanted} descriptor(s), but {} came with the request",
+                fds.len()
+            ),
+        ));
+    }
+    let mut fds = fds.into_iter();
+    let mut by_card: Vec<Option<api::fds::Fds>> = config.net.iter().map(|_| None).collect();
+    for entry in net_fds {
+        let Some(i) = config
+            .net
+            .iter()
+            .position(|n| n.id.as_deref() == Some(entry.id.as_str()))
+        else {
+            return Err(ApiError::message(
+                400,
+                format!(
+                    "net_fds names '{}', which is no network card of this VM",
+                    entry.id
+                ),
+            ));
+        };
+        if by_card[i].is_some() {
+            return Err(ApiError::message(
+                400,
+                format!("net_fds names '{}' twice", entry.id),
+            ));
+        }
+        by_card[i] = Some(fds.by_ref().take(entry.num_fds).collect());
+        config.net[i].tap = None;
+    }
+    Ok(by_card.into_iter().flatten().flatten().collect())
 }
 
 fn no_vm() -> ApiError {
@@ -86,6 +132,12 @@ impl Vmm {
 
     /// Builds and starts the VM from its configuration.
     fn start_vm(&mut self) -> Result<(), ApiError> {
+        self.build_vm(Start::Boot)
+    }
+
+    /// Builds the VM from its configuration: booted, or restored (and then paused).
+    fn build_vm(&mut self, start: Start) -> Result<(), ApiError> {
+        let restoring = matches!(start, Start::Restore(..));
         let config = self.config.as_ref().ok_or_else(no_vm)?;
         if self
             .console
@@ -99,22 +151,34 @@ impl Vmm {
         }
         let (_, console) = self.console.as_ref().expect("console set above");
         let started = std::time::Instant::now();
-        let vm = Vm::start(&self.kvm, config, &self.backends, console, &self.events)
-            .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)))?;
+        let vm = Vm::start(
+            &self.kvm,
+            config,
+            &self.backends,
+            console,
+            &self.events,
+            start,
+        )
+        .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)))?;
         log::info!(
-            "VM started with {} vCPUs: built in {} us",
+            "VM {} with {} vCPUs: built in {} us",
+            if restoring { "restored" } else { "started" },
             config.cpus.boot_vcpus,
             started.elapsed().as_micros()
         );
         self.vm = Some(vm);
-        self.state = VmState::Running;
+        self.state = if restoring {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         Ok(())
     }
 
     /// Stops and drops the running VM, if any, and forgets what its guest last signalled:
     /// a reset or power-off raced by the stop must not act on the next VM.
     fn stop_vm(&mut self) {
-        if let Some(mut vm) = self.vm.take() {
+        if let Some(vm) = self.vm.take() {
             vm.stop();
         }
         for evt in [&self.events.exit, &self.events.reset, &self.events.fail] {
@@ -200,6 +264,11 @@ impl Vmm {
                 .and_then(|_| self.running())
                 .and_then(|vm| vm.power_button().map_err(|e| ApiError::new(500, &e)))
                 .map(|_| ApiReply::Empty),
+            ApiAction::VmSnapshot(cfg) => self.snapshot(&cfg),
+            ApiAction::VmRestore(cfg, fds) => self.restore(cfg, fds),
+            ApiAction::VmSendMigration(_) | ApiAction::VmReceiveMigration(..) => Err(
+                ApiError::message(501, "Live migration is not implemented yet"),
+            ),
             ApiAction::VmDelete => self.state().map(|_| {
                 self.stop_vm();
                 self.config = None;
@@ -245,6 +314,67 @@ impl Vmm {
             .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
         self.config = Some(config);
         self.state = VmState::Created;
+        Ok(ApiReply::Empty)
+    }
+
+    fn snapshot(&self, cfg: &api::SnapshotConfig) -> ApiResponse {
+        cfg.validate().map_err(|e| ApiError::new(400, &e))?;
+        self.require(&[VmState::Paused], "snapshot")?;
+        let dir = snapshot::dir_of(&cfg.destination_url).map_err(|e| ApiError::new(400, &e))?;
+        let vm = self.running()?;
+        let config = self
+            .config
+            .as_ref()
+            .expect("require() checked the VM exists");
+        let started = std::time::Instant::now();
+        let state = vm
+            .state()
+            .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)))?;
+        snapshot::save(&dir, config, &state, vm.memory()).map_err(|e| {
+            let status = if matches!(e, snapshot::Error::Exists(_)) {
+                409
+            } else {
+                500
+            };
+            ApiError::new(status, &crate::Error::Snapshot(e))
+        })?;
+        log::info!(
+            "snapshot written to {} in {} ms",
+            dir.display(),
+            started.elapsed().as_millis()
+        );
+        Ok(ApiReply::Empty)
+    }
+
+    fn restore(&mut self, cfg: api::RestoreConfig, fds: api::fds::Fds) -> ApiResponse {
+        if let Some(state) = self.config.as_ref().map(|_| self.state) {
+            return Err(conflict(format!(
+                "A VM already exists ({state:?}); delete it before restoring one"
+            )));
+        }
+        cfg.validate().map_err(|e| ApiError::new(400, &e))?;
+        let dir = snapshot::dir_of(&cfg.source_url).map_err(|e| ApiError::new(400, &e))?;
+        let bad = |e: snapshot::Error| ApiError::new(400, &crate::Error::Snapshot(e));
+        let (mut config, state) = snapshot::load(&dir).map_err(bad)?;
+        check_and_name(&mut config)?;
+        let fds = net_fds_in_order(&mut config, &cfg.net_fds, fds)?;
+        let backends = Backends::open(&mut config, fds)
+            .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
+        let mem = crate::memory::create(config.memory.size, config.memory.shared)
+            .map_err(|e| ApiError::new(500, &crate::Error::Vm(crate::vm::Error::Memory(e))))?;
+        snapshot::load_memory(&dir, &mem).map_err(bad)?;
+        self.config = Some(config);
+        self.backends = backends;
+        self.state = VmState::Created;
+        if let Err(e) = self.build_vm(Start::Restore(Box::new(state), mem)) {
+            self.config = None;
+            self.backends = Backends::default();
+            return Err(e);
+        }
+        if cfg.resume {
+            self.running()?.resume();
+            self.state = VmState::Running;
+        }
         Ok(ApiReply::Empty)
     }
 

@@ -16,9 +16,10 @@ use api::{MacAddr, NetConfig, VmConfig};
 use devices::pci::allocator::AddressAllocator;
 use devices::pci::PciBus;
 use devices::virtio::block::{Block, BlockParams};
-use devices::virtio::net::{Net, NetParams};
+use devices::virtio::net::{Net, NetParams, NetState};
 use devices::virtio::pci::BAR_SIZE;
 use devices::virtio::rng::Rng;
+use devices::virtio::transport::TransportState;
 use devices::virtio::{GuestMemory, VirtioDevice, VirtioPciDevice, VmOps};
 use net_util::Tap;
 
@@ -55,6 +56,9 @@ pub enum Error {
         /// Descriptors left.
         left: usize,
     },
+    /// The saved state has no entry for a configured device, or a bad one.
+    #[error("Device '{0}': {1}")]
+    State(String, String),
     /// More TAP descriptors came than any network card takes.
     #[error("{0} TAP descriptor(s) passed but not used: only network cards without a tap name take descriptors, one per queue pair")]
     UnusedFds(usize),
@@ -217,14 +221,34 @@ impl Backends {
 /// A device on PCI, by id.
 pub type PciDeviceHandle = (String, Arc<Mutex<VirtioPciDevice>>);
 
-/// Builds the virtio devices of `config` on `backends` and puts them on `pci`.
+/// Builds the virtio devices of `config` on `backends` and puts them on `pci`: at power-on,
+/// or as `saved` describes them (same devices, same order).
 pub fn create(
     config: &VmConfig,
     backends: &Backends,
     mem: &GuestMemory,
     vm: Arc<dyn VmOps>,
     pci: &mut PciBus,
+    saved: Option<&[(String, TransportState)]>,
 ) -> Result<Vec<PciDeviceHandle>, Error> {
+    let saved_state = |id: &str| -> Result<Option<&TransportState>, Error> {
+        let Some(saved) = saved else { return Ok(None) };
+        saved
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, s)| Some(s))
+            .ok_or_else(|| Error::State(id.into(), "the saved state has no such device".into()))
+    };
+    if let Some(saved) = saved {
+        let configured =
+            backends.nets.len() + backends.disks.len() + usize::from(config.rng.is_some());
+        if saved.len() != configured {
+            return Err(Error::State(
+                String::new(),
+                format!("{} devices saved, {configured} configured", saved.len()),
+            ));
+        }
+    }
     let mut bars = AddressAllocator::new(MEM_32BIT_DEVICES_START, MEM_32BIT_DEVICES_SIZE);
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for net in &backends.nets {
@@ -237,10 +261,15 @@ pub fn create(
             offload_tso: c.offload_tso,
             offload_ufo: c.offload_ufo,
         };
-        devices.push((
-            c.id.clone().unwrap_or_default(),
-            Box::new(Net::new(params, net.taps.clone())),
-        ));
+        let id = c.id.clone().unwrap_or_default();
+        let state = match saved_state(&id)? {
+            Some(s) => Some(
+                serde_json::from_value::<NetState>(s.device.clone())
+                    .map_err(|e| Error::State(id.clone(), format!("network state: {e}")))?,
+            ),
+            None => None,
+        };
+        devices.push((id, Box::new(Net::new(params, net.taps.clone(), state))));
     }
     for disk in &backends.disks {
         let id = disk.config.id.clone().unwrap_or_default();
@@ -266,14 +295,19 @@ pub fn create(
         let addr = bars
             .allocate(BAR_SIZE, BAR_SIZE)
             .ok_or_else(|| Error::BarSpace(id.clone()))?;
-        let function = VirtioPciDevice::new(id.clone(), device, addr, mem.clone(), vm.clone())
-            .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
+        let function = match saved_state(&id)? {
+            None => VirtioPciDevice::new(id.clone(), device, addr, mem.clone(), vm.clone()),
+            Some(s) => {
+                VirtioPciDevice::restore(id.clone(), device, s.clone(), mem.clone(), vm.clone())
+            }
+        }
+        .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
         let bar = function.bar();
         let function = Arc::new(Mutex::new(function));
         let slot = pci
             .add(function.clone(), function.clone(), bar)
             .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
-        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR 0 at {addr:#x}");
+        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR 0 at {:#x}", bar.addr);
         handles.push((id, function));
     }
     Ok(handles)

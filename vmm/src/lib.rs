@@ -17,6 +17,8 @@ pub mod layout;
 pub mod logger;
 pub mod memory;
 pub mod regs;
+pub mod snapshot;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
@@ -60,6 +62,9 @@ pub enum Error {
     /// Opening device backends.
     #[error("Cannot open the VM's devices")]
     Devices(#[source] device_manager::Error),
+    /// Writing or reading a snapshot.
+    #[error("Snapshot")]
+    Snapshot(#[source] snapshot::Error),
     /// Control loop plumbing.
     #[error("Control loop failure")]
     Loop(#[source] std::io::Error),
@@ -155,11 +160,21 @@ fn check_kvm(kvm: &Kvm) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs the VMM: boots `config` if given, serves the API on `api_socket` if given, and
-/// handles guest and API events until the guest powers off, a signal arrives, `vmm.shutdown`
-/// is requested, or a vCPU fails. Guest resets rebuild the VM in place.
-pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Outcome, Error> {
-    if let Some(config) = &config {
+/// What baton does before it serves requests.
+pub enum Initial {
+    /// Nothing: wait for vm.create, vm.restore or vm.receive-migration.
+    Wait,
+    /// Create and boot this VM.
+    Boot(Box<VmConfig>),
+    /// Restore this snapshot.
+    Restore(api::RestoreConfig),
+}
+
+/// Runs the VMM: boots or restores the VM `initial` names, serves the API on `api_socket` if
+/// given, and handles guest and API events until the guest powers off, a signal arrives,
+/// `vmm.shutdown` is requested, or a vCPU fails. Guest resets rebuild the VM in place.
+pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, Error> {
+    if let Initial::Boot(config) = &initial {
         // Before touching /dev/kvm, so a bad command line gets its own message everywhere.
         config
             .validate(&cpuid::feature_names())
@@ -180,14 +195,14 @@ pub fn run(config: Option<VmConfig>, api_socket: Option<ApiSocket>) -> Result<Ou
         }
         None => None,
     };
-    if let Some(config) = config {
-        // The command line goes through the same internal API as HTTP requests.
-        for action in [
-            ApiAction::VmCreate(Box::new(config), Vec::new()),
-            ApiAction::VmBoot,
-        ] {
-            vmm.handle(action).0.map_err(Error::Request)?;
-        }
+    // The command line goes through the same internal API as HTTP requests.
+    let actions = match initial {
+        Initial::Wait => Vec::new(),
+        Initial::Boot(config) => vec![ApiAction::VmCreate(config, Vec::new()), ApiAction::VmBoot],
+        Initial::Restore(restore) => vec![ApiAction::VmRestore(restore, Vec::new())],
+    };
+    for action in actions {
+        vmm.handle(action).0.map_err(Error::Request)?;
     }
 
     loop {

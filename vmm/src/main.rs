@@ -97,6 +97,13 @@ fn command() -> Command {
                 .help(RngConfig::SYNTAX),
         )
         .arg(
+            Arg::new("restore")
+                .long("restore")
+                .value_name("OPTIONS")
+                .conflicts_with_all(VM_OPTIONS)
+                .help(api::RestoreConfig::SYNTAX),
+        )
+        .arg(
             Arg::new("verbose")
                 .short('v')
                 .long("verbose")
@@ -204,12 +211,20 @@ fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
 fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
     let given = |o: &str| m.value_source(o).is_some();
     let wants_vm = VM_OPTIONS.iter().any(|o| given(o)) || !given("api-socket");
-    let config = if wants_vm {
-        Some(config_from(m).map_err(vmm::Error::Config)?)
+    let initial = if let Some(spec) = m.get_one::<String>("restore") {
+        let restore = api::RestoreConfig::from_option_string(spec).map_err(|source| {
+            vmm::Error::Config(api::ConfigError::Option {
+                option: "restore",
+                source,
+            })
+        })?;
+        vmm::Initial::Restore(restore)
+    } else if wants_vm {
+        vmm::Initial::Boot(Box::new(config_from(m).map_err(vmm::Error::Config)?))
     } else {
-        None
+        vmm::Initial::Wait
     };
-    vmm::run(config, api_socket(m)?)
+    vmm::run(initial, api_socket(m)?)
 }
 
 fn main() -> ExitCode {

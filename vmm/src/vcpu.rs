@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::memory::GuestMemory;
+use crate::state::VcpuState;
 
 /// Errors starting vCPU threads.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,15 @@ pub enum Error {
     /// The thread could not be spawned.
     #[error("Cannot start vCPU thread")]
     Spawn(#[source] std::io::Error),
+    /// A vCPU's state could not be read.
+    #[error("Cannot save the state of vCPU {0}")]
+    Save(usize, #[source] crate::state::Error),
+    /// A vCPU had stopped for good (the guest powered off or failed).
+    #[error("vCPU {0} has stopped; its state cannot be saved")]
+    Ended(usize),
+    /// State can only be saved while paused.
+    #[error("The vCPUs are running; pause them before saving their state")]
+    NotPaused,
 }
 
 /// The real-time signal offset used to kick vCPUs.
@@ -62,6 +72,12 @@ struct ControlState {
     parked: usize,
     /// Threads whose run has ended (stopped, or the guest ended it).
     ended: usize,
+    /// Per vCPU: its state is wanted (set by [`Vcpus::save_state`], taken by the thread).
+    save_wanted: Vec<bool>,
+    /// Per vCPU: its saved state, once the thread has read it.
+    saved: Vec<Option<Result<VcpuState, crate::state::Error>>>,
+    /// Per vCPU: its thread has ended.
+    gone: Vec<bool>,
 }
 
 /// Pause and stop requests shared by a VM's vCPU threads.
@@ -78,14 +94,26 @@ impl Control {
         self.state.lock().expect("vCPU control lock poisoned")
     }
 
-    /// Called by a vCPU thread when attention is set: parks while paused. Returns false when
-    /// the thread must end.
-    fn check_in(&self) -> bool {
+    /// Called by vCPU `id`'s thread when attention is set: parks while paused, saving its
+    /// state with `save` when asked. Returns false when the thread must end.
+    fn check_in(
+        &self,
+        id: usize,
+        save: &mut dyn FnMut() -> Result<VcpuState, crate::state::Error>,
+    ) -> bool {
         let mut st = self.lock();
         if st.pause && !st.stop {
             st.parked += 1;
             self.changed.notify_all();
             while st.pause && !st.stop {
+                if std::mem::take(&mut st.save_wanted[id]) {
+                    drop(st);
+                    let state = save();
+                    st = self.lock();
+                    st.saved[id] = Some(state);
+                    self.changed.notify_all();
+                    continue;
+                }
                 st = self.changed.wait(st).expect("vCPU control lock poisoned");
             }
             st.parked -= 1;
@@ -93,21 +121,28 @@ impl Control {
         !st.stop
     }
 
-    fn ended(&self) {
-        self.lock().ended += 1;
+    fn ended(&self, id: usize) {
+        let mut st = self.lock();
+        st.ended += 1;
+        st.gone[id] = true;
         self.changed.notify_all();
     }
 }
 
 /// The vCPU threads of one VM.
 pub struct Vcpus {
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Number of threads started.
+    count: usize,
     control: Arc<Control>,
 }
 
 struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    /// What to save: the MSR indices and the XSAVE size.
+    msrs: Arc<Vec<u32>>,
+    xsave: usize,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: VcpuEvents,
@@ -181,11 +216,33 @@ impl Vcpu {
         }
     }
 
+    /// Finishes the I/O exit KVM_RUN last returned without running guest code: until then
+    /// the vCPU's registers do not reflect it (KVM completes it on the next KVM_RUN).
+    fn complete_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => log::warn!("vCPU {}: completing I/O before a pause: {e}", self.id),
+            Ok(exit) => log::warn!("vCPU {}: unexpected exit {exit:?} before a pause", self.id),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Parks while paused; false when the thread must end.
+    fn check_in(&mut self) -> bool {
+        if self.control.lock().pause {
+            self.complete_io();
+        }
+        let (fd, msrs, xsave) = (&self.fd, &self.msrs, self.xsave);
+        let mut save = || crate::state::save_vcpu(fd, msrs, xsave);
+        self.control.check_in(usize::from(self.id), &mut save)
+    }
+
     /// Runs until stopped, parking while paused; returns after signalling an event if the
     /// guest ends its run.
     fn run(&mut self) {
         loop {
-            if self.control.attention.load(Ordering::Acquire) && !self.control.check_in() {
+            if self.control.attention.load(Ordering::Acquire) && !self.check_in() {
                 return;
             }
             match self.fd.run() {
@@ -271,24 +328,53 @@ impl Vcpu {
     }
 }
 
+/// What vCPU threads need besides their fds.
+pub struct VcpuSetup<'a> {
+    /// Port I/O bus.
+    pub pio: &'a Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: &'a Arc<Bus>,
+    /// Guest memory.
+    pub mem: &'a GuestMemory,
+    /// The MSRs a saved state holds.
+    pub msrs: Vec<u32>,
+    /// Bytes of the XSAVE area.
+    pub xsave: usize,
+    /// Start parked, as after [`Vcpus::pause`] (a restored VM waits for vm.resume).
+    pub paused: bool,
+}
+
 impl Vcpus {
     /// Starts one thread per vCPU in `fds` (vCPU id = index); `events` makes each thread's
     /// eventfds.
     pub fn start(
         fds: Vec<VcpuFd>,
-        pio: &Arc<Bus>,
-        mmio: &Arc<Bus>,
-        mem: &GuestMemory,
+        setup: VcpuSetup<'_>,
         mut events: impl FnMut() -> std::io::Result<VcpuEvents>,
     ) -> Result<Self, Error> {
+        let n = fds.len();
+        let control = Control::default();
+        {
+            let mut st = control.lock();
+            st.save_wanted = vec![false; n];
+            st.saved = (0..n).map(|_| None).collect();
+            st.gone = vec![false; n];
+            st.pause = setup.paused;
+            control.attention.store(setup.paused, Ordering::Release);
+        }
         let mut vcpus = Vcpus {
-            threads: Vec::with_capacity(fds.len()),
-            control: Arc::new(Control::default()),
+            threads: Mutex::new(Vec::with_capacity(n)),
+            count: 0,
+            control: Arc::new(control),
         };
+        let msrs = Arc::new(setup.msrs);
+        let (pio, mmio, mem) = (setup.pio, setup.mmio, setup.mem);
         for (id, fd) in fds.into_iter().enumerate() {
             let mut vcpu = Vcpu {
                 id: id as u8,
                 fd,
+                msrs: msrs.clone(),
+                xsave: setup.xsave,
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 events: events().map_err(Error::Spawn)?,
@@ -300,16 +386,21 @@ impl Vcpus {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     vcpu.run();
-                    control.ended();
+                    control.ended(id);
                 })
                 .map_err(Error::Spawn)?;
-            vcpus.threads.push(handle);
+            vcpus.lock_threads().push(handle);
+            vcpus.count += 1;
         }
         Ok(vcpus)
     }
 
+    fn lock_threads(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().expect("vCPU thread list poisoned")
+    }
+
     fn kick(&self) {
-        for t in self.threads.iter().filter(|t| !t.is_finished()) {
+        for t in self.lock_threads().iter().filter(|t| !t.is_finished()) {
             if let Err(e) = t.kill(SIGRTMIN() + KICK_SIGNAL) {
                 log::debug!("vCPU kick failed: {e}");
             }
@@ -341,8 +432,45 @@ impl Vcpus {
             st.pause = true;
             self.control.attention.store(true, Ordering::Release);
         }
-        let n = self.threads.len();
+        let n = self.count;
         self.kick_until(|st| st.parked + st.ended == n);
+    }
+
+    /// Each vCPU's state; they must be paused. Each parked thread reads its own.
+    pub fn save_state(&self) -> Result<Vec<VcpuState>, Error> {
+        let n = self.count;
+        let mut st = self.control.lock();
+        if !st.pause {
+            return Err(Error::NotPaused);
+        }
+        if let Some(id) = st.gone.iter().position(|g| *g) {
+            return Err(Error::Ended(id));
+        }
+        st.save_wanted = vec![true; n];
+        st.saved = (0..n).map(|_| None).collect();
+        self.control.changed.notify_all();
+        loop {
+            if let Some(id) = (0..n).find(|&i| st.saved[i].is_none() && st.gone[i]) {
+                return Err(Error::Ended(id));
+            }
+            if st.saved.iter().all(Option::is_some) {
+                break;
+            }
+            st = self
+                .control
+                .changed
+                .wait(st)
+                .expect("vCPU control lock poisoned");
+        }
+        st.saved
+            .iter_mut()
+            .enumerate()
+            .map(|(id, s)| {
+                s.take()
+                    .expect("checked above")
+                    .map_err(|e| Error::Save(id, e))
+            })
+            .collect()
     }
 
     /// Lets paused vCPUs run again.
@@ -354,8 +482,8 @@ impl Vcpus {
     }
 
     /// Ends every vCPU thread and waits for them.
-    pub fn stop(&mut self) {
-        if self.threads.is_empty() {
+    pub fn stop(&self) {
+        if self.lock_threads().is_empty() {
             return;
         }
         {
@@ -364,9 +492,10 @@ impl Vcpus {
             self.control.attention.store(true, Ordering::Release);
             self.control.changed.notify_all();
         }
-        let n = self.threads.len();
+        let n = self.count;
         self.kick_until(|st| st.ended == n);
-        for t in self.threads.drain(..) {
+        let threads: Vec<_> = self.lock_threads().drain(..).collect();
+        for t in threads {
             if t.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use api::VmConfig;
 use devices::acpi::Ged;
-use devices::legacy::{Cmos, Serial, I8042};
+use devices::legacy::{Cmos, CmosState, Serial, SerialState, I8042};
 use devices::pci::{PciBus, PciConfigIo, PciEcam};
+use devices::virtio::transport::TransportState;
 use devices::{Bus, Trigger};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -22,8 +23,9 @@ use crate::device_manager::{self, Backends, PciDeviceHandle};
 use crate::interrupt::Interrupts;
 use crate::layout::*;
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::{VcpuEvents, Vcpus};
-use crate::{acpi, boot, regs, vcpu};
+use crate::state::{KvmVmState, VcpuState};
+use crate::vcpu::{VcpuEvents, VcpuSetup, Vcpus};
+use crate::{acpi, boot, regs, state, vcpu};
 
 /// Errors building or starting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,75 @@ pub enum Error {
     /// virtio devices.
     #[error("Cannot create devices")]
     Devices(#[source] device_manager::Error),
+    /// KVM state could not be saved or restored.
+    #[error("Cannot {0} the VM's KVM state")]
+    State(&'static str, #[source] state::Error),
+    /// A legacy device's saved state does not fit.
+    #[error("Cannot restore the {0}")]
+    DeviceState(&'static str, #[source] devices::StateError),
+    /// The saved state is for another machine than the configuration describes.
+    #[error("The saved state does not match the configuration: {0}")]
+    Mismatch(String),
+    /// A device was still running when its state was wanted.
+    #[error("Cannot save device state")]
+    NotPaused(#[source] devices::virtio::transport::NotPaused),
+}
+
+/// Everything a paused VM holds besides its memory and configuration: the state a snapshot
+/// or a migration carries. Devices are rebuilt from it, not created and then patched.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// Each vCPU, by id.
+    pub vcpus: Vec<VcpuState>,
+    /// The in-kernel PICs, IOAPIC, PIT and clock.
+    pub kvm: KvmVmState,
+    /// The serial port.
+    pub serial: SerialState,
+    /// The CMOS.
+    pub cmos: CmosState,
+    /// ACPI GED events the guest has not read.
+    pub ged: u8,
+    /// The virtio PCI devices, in the order they sit on the bus.
+    pub devices: Vec<(String, TransportState)>,
+}
+
+/// How a VM starts.
+pub enum Start {
+    /// From its payload, at power-on.
+    Boot,
+    /// From saved state and memory that already holds the guest; the VM stays paused.
+    Restore(Box<VmState>, GuestMemory),
+}
+
+/// Sets up a new vCPU for power-on: CPUID from what KVM supports, adjusted by the
+/// configuration, and the registers every vCPU starts with.
+fn setup_vcpu(kvm: &Kvm, config: &VmConfig, fd: &kvm_ioctls::VcpuFd, id: u8) -> Result<(), Error> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::Kvm("get supported CPUID", e))?;
+    let mut masked: Vec<&str> = config
+        .cpus
+        .template
+        .map(cpuid::template_mask)
+        .unwrap_or_default()
+        .to_vec();
+    masked.extend(config.cpus.mask.iter().map(String::as_str));
+    let mut entries = supported.as_slice().to_vec();
+    cpuid::adjust(
+        &mut entries,
+        &VcpuCpuid {
+            apic_id: id,
+            cpu_count: config.cpus.boot_vcpus,
+            tsc_khz: fd.get_tsc_khz().ok(),
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            masked: &masked,
+        },
+    );
+    let cpuid = CpuId::from_entries(&entries).map_err(|e| Error::Cpuid(entries.len(), e))?;
+    fd.set_cpuid2(&cpuid)
+        .map_err(|e| Error::Kvm("set CPUID", e))?;
+    regs::setup_common(fd).map_err(|e| Error::Regs(id, e))
 }
 
 /// Wall time of each phase of building a VM, for `-vv` (where start-up time goes).
@@ -126,11 +197,13 @@ impl VmEvents {
 pub struct Vm {
     vcpus: Vcpus,
     ged: Arc<Mutex<Ged>>,
+    serial: Arc<Mutex<Serial>>,
+    cmos: Arc<Mutex<Cmos>>,
     // Dropped after the vCPUs stop; dropping a device stops its workers.
     devices: Vec<PciDeviceHandle>,
     // Dropped after the vCPUs stop: they run on this memory and VM.
-    _memory: GuestMemory,
-    _vm_fd: Arc<VmFd>,
+    memory: GuestMemory,
+    vm_fd: Arc<VmFd>,
 }
 
 fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
@@ -157,10 +230,18 @@ struct Buses {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     ged: Arc<Mutex<Ged>>,
+    serial: Arc<Mutex<Serial>>,
+    cmos: Arc<Mutex<Cmos>>,
     pci: Arc<Mutex<PciBus>>,
 }
 
-fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<Buses, Error> {
+/// Builds the platform devices, at power-on or as `saved` left them.
+fn create_devices(
+    vm_fd: &VmFd,
+    console: &Console,
+    events: &VmEvents,
+    saved: Option<&VmState>,
+) -> Result<Buses, Error> {
     let clone = |e: &EventFd| e.try_clone().map_err(Error::EventFd);
     let pio = Bus::new();
     let mmio = Arc::new(Bus::new());
@@ -169,15 +250,25 @@ fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<
     vm_fd
         .register_irqfd(&irq, COM1_IRQ)
         .map_err(|e| Error::Kvm("wire the serial interrupt", e))?;
-    let serial = Arc::new(Mutex::new(Serial::new(Trigger::new(irq), console.output())));
+    let serial = match saved {
+        None => Serial::new(Trigger::new(irq), console.output()),
+        Some(s) => Serial::from_state(Trigger::new(irq), console.output(), &s.serial)
+            .map_err(|e| Error::DeviceState("serial port", e))?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     console.attach(serial.clone());
-    pio.insert(serial, COM1_PORT, 8)
+    pio.insert(serial.clone(), COM1_PORT, 8)
         .map_err(|e| Error::Bus("serial", e))?;
 
     let i8042 = I8042::new(clone(&events.reset)?);
     pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, 5)
         .map_err(|e| Error::Bus("i8042", e))?;
-    pio.insert(Arc::new(Mutex::new(Cmos::default())), CMOS_PORT, 2)
+    let cmos = match saved {
+        None => Cmos::default(),
+        Some(s) => Cmos::from_state(&s.cmos).map_err(|e| Error::DeviceState("CMOS", e))?,
+    };
+    let cmos = Arc::new(Mutex::new(cmos));
+    pio.insert(cmos.clone(), CMOS_PORT, 2)
         .map_err(|e| Error::Bus("CMOS", e))?;
     let pm = devices::acpi::AcpiPm::new(clone(&events.exit)?, clone(&events.reset)?);
     pio.insert(
@@ -191,7 +282,11 @@ fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<
     vm_fd
         .register_irqfd(&ged_irq, ACPI_GED_IRQ)
         .map_err(|e| Error::Kvm("wire the GED interrupt", e))?;
-    let ged = Arc::new(Mutex::new(Ged::new(Trigger::new(ged_irq))));
+    let pending = saved.map_or(0, |s| s.ged);
+    let ged = Arc::new(Mutex::new(Ged::with_pending(
+        Trigger::new(ged_irq),
+        pending,
+    )));
     mmio.insert(ged.clone(), ACPI_GED_START, devices::acpi::GED_LEN)
         .map_err(|e| Error::Bus("ACPI GED", e))?;
 
@@ -213,20 +308,38 @@ fn create_devices(vm_fd: &VmFd, console: &Console, events: &VmEvents) -> Result<
         pio: Arc::new(pio),
         mmio,
         ged,
+        serial,
+        cmos,
         pci,
     })
 }
 
 impl Vm {
-    /// Builds the VM described by `config` and starts its vCPUs.
+    /// Builds the VM described by `config` and starts its vCPUs: from its payload, or
+    /// restored (and left paused) from saved state and memory.
     pub fn start(
         kvm: &Kvm,
         config: &VmConfig,
         backends: &Backends,
         console: &Console,
         events: &VmEvents,
+        start: Start,
     ) -> Result<Self, Error> {
         let mut timer = PhaseTimer::new();
+        let (saved, mem) = match start {
+            Start::Boot => (None, None),
+            Start::Restore(state, mem) => (Some(state), Some(mem)),
+        };
+        let saved = saved.as_deref();
+        if let Some(s) = saved {
+            if s.vcpus.len() != usize::from(config.cpus.boot_vcpus) {
+                return Err(Error::Mismatch(format!(
+                    "{} vCPUs saved, {} configured",
+                    s.vcpus.len(),
+                    config.cpus.boot_vcpus
+                )));
+            }
+        }
         let vm_fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?);
         vm_fd
             .set_identity_map_address(KVM_IDENTITY_MAP_START)
@@ -246,11 +359,15 @@ impl Vm {
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
 
         timer.mark("KVM VM");
-        let mem =
-            memory::create(config.memory.size, config.memory.shared).map_err(Error::Memory)?;
+        let mem = match mem {
+            Some(mem) => mem,
+            None => {
+                memory::create(config.memory.size, config.memory.shared).map_err(Error::Memory)?
+            }
+        };
         register_memory(&vm_fd, &mem)?;
         timer.mark("memory");
-        let buses = create_devices(&vm_fd, console, events)?;
+        let buses = create_devices(&vm_fd, console, events, saved)?;
         let interrupts = Arc::new(Interrupts::new(vm_fd.clone()));
         let devices = device_manager::create(
             config,
@@ -258,79 +375,120 @@ impl Vm {
             &mem,
             interrupts,
             &mut buses.pci.lock().expect("PCI lock poisoned"),
+            saved.map(|s| s.devices.as_slice()),
         )
         .map_err(Error::Devices)?;
 
         timer.mark("devices");
         let cpus = config.cpus.boot_vcpus;
-        let tables = acpi::build(cpus).map_err(Error::Acpi)?;
-        tables.write(&mem).map_err(Error::Acpi)?;
-        let map = memory::memory_map(config.memory.size);
-        let entry =
-            boot::load(&mem, &config.payload, &map, tables.rsdp_addr()).map_err(Error::Boot)?;
+        let entry = match saved {
+            Some(_) => None,
+            None => {
+                let tables = acpi::build(cpus).map_err(Error::Acpi)?;
+                tables.write(&mem).map_err(Error::Acpi)?;
+                let map = memory::memory_map(config.memory.size);
+                Some(
+                    boot::load(&mem, &config.payload, &map, tables.rsdp_addr())
+                        .map_err(Error::Boot)?,
+                )
+            }
+        };
 
         timer.mark("ACPI and payload");
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Error::Kvm("get supported CPUID", e))?;
-        let mut masked: Vec<&str> = config
-            .cpus
-            .template
-            .map(cpuid::template_mask)
-            .unwrap_or_default()
-            .to_vec();
-        masked.extend(config.cpus.mask.iter().map(String::as_str));
-        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-
+        let xsave = state::xsave_size(&vm_fd);
         let mut fds = Vec::with_capacity(usize::from(cpus));
         for id in 0..cpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(|e| Error::Kvm("create a vCPU", e))?;
-            let mut entries = supported.as_slice().to_vec();
-            cpuid::adjust(
-                &mut entries,
-                &VcpuCpuid {
-                    apic_id: id,
-                    cpu_count: cpus,
-                    tsc_khz: fd.get_tsc_khz().ok(),
-                    tsc_deadline,
-                    masked: &masked,
-                },
-            );
-            let cpuid =
-                CpuId::from_entries(&entries).map_err(|e| Error::Cpuid(entries.len(), e))?;
-            fd.set_cpuid2(&cpuid)
-                .map_err(|e| Error::Kvm("set CPUID", e))?;
-            regs::setup_common(&fd).map_err(|e| Error::Regs(id, e))?;
-            if id == 0 {
-                regs::setup_boot_vcpu(&fd, &mem, entry).map_err(|e| Error::Regs(id, e))?;
+            match (saved, entry) {
+                (Some(s), _) => state::restore_vcpu(&fd, &s.vcpus[usize::from(id)], xsave)
+                    .map_err(|e| Error::State("restore", e))?,
+                (None, entry) => {
+                    setup_vcpu(kvm, config, &fd, id)?;
+                    if let (0, Some(entry)) = (id, entry) {
+                        regs::setup_boot_vcpu(&fd, &mem, entry).map_err(|e| Error::Regs(id, e))?;
+                    }
+                }
             }
             fds.push(fd);
         }
+        if let Some(s) = saved {
+            state::restore_vm(&vm_fd, &s.kvm).map_err(|e| Error::State("restore", e))?;
+        }
+        let msrs = match fds.first() {
+            Some(fd) => state::saveable_msrs(kvm, fd).map_err(|e| Error::State("list", e))?,
+            None => Vec::new(),
+        };
 
         timer.mark("vCPU setup");
-        let vcpus = Vcpus::start(fds, &buses.pio, &buses.mmio, &mem, || events.for_vcpu())
-            .map_err(Error::Vcpu)?;
+        let setup = VcpuSetup {
+            pio: &buses.pio,
+            mmio: &buses.mmio,
+            mem: &mem,
+            msrs,
+            xsave,
+            paused: saved.is_some(),
+        };
+        let vcpus = Vcpus::start(fds, setup, || events.for_vcpu()).map_err(Error::Vcpu)?;
         timer.mark("vCPU threads");
         log::debug!("VM build time: {}", timer.report());
         Ok(Vm {
             vcpus,
             ged: buses.ged,
+            serial: buses.serial,
+            cmos: buses.cmos,
             devices,
-            _memory: mem,
-            _vm_fd: vm_fd,
+            memory: mem,
+            vm_fd,
         })
     }
 
+    /// The state of the paused VM: vCPUs, in-kernel devices, platform and virtio devices.
+    pub fn state(&self) -> Result<VmState, Error> {
+        let vcpus = self.vcpus.save_state().map_err(Error::Vcpu)?;
+        let kvm = state::save_vm(&self.vm_fd).map_err(|e| Error::State("save", e))?;
+        let mut devices = Vec::new();
+        for (id, d) in &self.devices {
+            let s = d
+                .lock()
+                .expect("device lock poisoned")
+                .state()
+                .map_err(Error::NotPaused)?;
+            devices.push((id.clone(), s));
+        }
+        Ok(VmState {
+            vcpus,
+            kvm,
+            serial: self.serial.lock().expect("serial lock poisoned").state(),
+            cmos: self.cmos.lock().expect("CMOS lock poisoned").state(),
+            ged: self.ged.lock().expect("GED lock poisoned").pending(),
+            devices,
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The KVM VM (dirty logging during migration).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
     /// Stops every vCPU for good.
-    pub fn stop(&mut self) {
+    pub fn stop(&self) {
         self.vcpus.stop();
     }
 
-    /// Stops every vCPU until [`Vm::resume`]; returns once none runs guest code.
+    /// Stops every vCPU, then every device, until [`Vm::resume`]; returns once no vCPU
+    /// runs guest code and no device touches guest memory or its backend.
     pub fn pause(&self) {
         self.vcpus.pause();
+        for (_, d) in &self.devices {
+            d.lock().expect("device lock poisoned").pause();
+        }
     }
 
     /// Presses the ACPI power button.
@@ -353,8 +511,11 @@ impl Vm {
             .collect()
     }
 
-    /// Restarts the vCPUs after [`Vm::pause`].
+    /// Restarts the devices, then the vCPUs, after [`Vm::pause`] (or a restore).
     pub fn resume(&self) {
+        for (_, d) in &self.devices {
+            d.lock().expect("device lock poisoned").resume();
+        }
         self.vcpus.resume();
     }
 }

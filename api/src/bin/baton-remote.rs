@@ -72,6 +72,47 @@ const SIMPLE: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
+/// Commands whose argument is an option string turned into a JSON body:
+/// (command, endpoint, argument help, help, parser).
+type Parse = fn(&str) -> Result<serde_json::Value, api::option_parser::OptionError>;
+
+fn json<T: serde::Serialize>(v: T) -> serde_json::Value {
+    serde_json::to_value(v).expect("configurations serialise")
+}
+
+const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
+    (
+        "snapshot",
+        "vm.snapshot",
+        "URL: file:///dir (a new or empty directory), or destination_url=file:///dir",
+        "Write a snapshot of the paused VM (PUT vm.snapshot)",
+        |s| api::SnapshotConfig::from_option_string(s).map(json),
+    ),
+    (
+        "restore",
+        "vm.restore",
+        "source_url=file:///dir[,resume=on]",
+        "Build the VM from a snapshot; it stays paused unless resume=on (PUT vm.restore)",
+        |s| api::RestoreConfig::from_option_string(s).map(json),
+    ),
+    (
+        "send-migration",
+        "vm.send-migration",
+        "destination_url=unix:/path|tcp:host:port[,local=on][,downtime_ms=N][,timeout_s=N]\
+         [,backend_transfer=on]",
+        "Migrate the VM to a baton waiting in receive-migration; shows progress while it \
+         runs (PUT vm.send-migration)",
+        |s| api::SendMigrationConfig::from_option_string(s).map(json),
+    ),
+    (
+        "receive-migration",
+        "vm.receive-migration",
+        "receiver_url=unix:/path|tcp:host:port[,backend_transfer=on]",
+        "Wait for a VM migrated from another baton (PUT vm.receive-migration)",
+        |s| api::ReceiveMigrationConfig::from_option_string(s).map(json),
+    ),
+];
+
 fn command() -> Command {
     let mut cmd = Command::new("baton-remote")
         .version(env!("CARGO_PKG_VERSION"))
@@ -91,6 +132,16 @@ fn command() -> Command {
         .arg_required_else_help(true);
     for (name, _, _, help) in SIMPLE {
         cmd = cmd.subcommand(Command::new(*name).about(*help));
+    }
+    for (name, _, arg_help, help, _) in WITH_OPTIONS {
+        cmd = cmd.subcommand(
+            Command::new(*name).about(*help).arg(
+                Arg::new("options")
+                    .value_name("OPTIONS")
+                    .required(true)
+                    .help(*arg_help),
+            ),
+        );
     }
     cmd.subcommand(
         Command::new("add-net")
@@ -136,6 +187,8 @@ enum Error {
     Client(#[from] client::ClientError),
     #[error("Invalid network card options")]
     Net(#[source] api::option_parser::OptionError),
+    #[error("Invalid {0} options")]
+    Options(&'static str, #[source] api::option_parser::OptionError),
     #[error("--fd {0} is not an open descriptor")]
     BadFd(i32),
 }
@@ -178,6 +231,12 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
             Some(&body),
             &fds,
         )?);
+    }
+    if let Some((name, endpoint, _, _, parse)) = WITH_OPTIONS.iter().find(|c| c.0 == name) {
+        let options = sub.get_one::<String>("options").expect("required");
+        let body = parse(options).map_err(|e| Error::Options(name, e))?;
+        let body = serde_json::to_vec(&body).expect("JSON values serialise");
+        return Ok(client::request(&socket, "PUT", endpoint, Some(&body))?);
     }
     if name == "create" {
         let body = read_config(sub.get_one::<String>("config").expect("required"))?;
@@ -251,7 +310,8 @@ mod tests {
         }
         for (name, _, _) in api::routes::ROUTES {
             let covered = ["vm.create", "vm.add-net"].contains(name)
-                || SIMPLE.iter().any(|(_, _, e, _)| e == name);
+                || SIMPLE.iter().any(|(_, _, e, _)| e == name)
+                || WITH_OPTIONS.iter().any(|c| c.1 == *name);
             assert!(covered, "no baton-remote command for {name}");
         }
         for sub in cmd.get_subcommands() {

@@ -56,7 +56,36 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
+/// The CMOS index register and RAM, for snapshots (the clock registers follow the host).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmosState {
+    /// Selected register.
+    pub index: u8,
+    /// The 128 bytes of RAM.
+    pub ram: Vec<u8>,
+}
+
 impl Cmos {
+    /// The state to save.
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        }
+    }
+
+    /// A CMOS in the state `state`.
+    pub fn from_state(state: &CmosState) -> Result<Self, crate::StateError> {
+        let ram = state.ram.as_slice().try_into().map_err(|_| {
+            crate::StateError(format!("CMOS RAM of {} bytes, not 128", state.ram.len()))
+        })?;
+        Ok(Cmos {
+            index: state.index,
+            ram,
+        })
+    }
+
     /// The clock register at `index` for the time `secs` since the epoch.
     fn clock_register(index: usize, secs: u64) -> Option<u8> {
         let days = secs / 86_400;

@@ -4,6 +4,6 @@ mod cmos;
 mod i8042;
 mod serial;
 
-pub use cmos::Cmos;
+pub use cmos::{Cmos, CmosState};
 pub use i8042::I8042;
-pub use serial::Serial;
+pub use serial::{Serial, SerialState};

@@ -7,6 +7,30 @@ use std::io::Write;
 
 use crate::{BusDevice, Trigger};
 
+/// The UART's registers and receive FIFO, for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialState {
+    /// Divisor latch, low and high bytes.
+    pub divisor: [u8; 2],
+    /// Interrupt enable.
+    pub ier: u8,
+    /// Interrupt identification.
+    pub iir: u8,
+    /// Line control.
+    pub lcr: u8,
+    /// Line status.
+    pub lsr: u8,
+    /// Modem control.
+    pub mcr: u8,
+    /// Modem status.
+    pub msr: u8,
+    /// Scratch.
+    pub scr: u8,
+    /// Bytes received and not yet read by the guest.
+    pub input: Vec<u8>,
+}
+
 /// The serial port as a bus device.
 pub struct Serial {
     inner: vm_superio::Serial<Trigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
@@ -17,6 +41,45 @@ impl Serial {
     pub fn new(irq: Trigger, out: Box<dyn Write + Send>) -> Self {
         Serial {
             inner: vm_superio::Serial::new(irq, out),
+        }
+    }
+
+    /// A UART in the state `state`, raising `irq` and writing to `out`.
+    pub fn from_state(
+        irq: Trigger,
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> Result<Self, crate::StateError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.divisor[0],
+            baud_divisor_high: state.divisor[1],
+            interrupt_enable: state.ier,
+            interrupt_identification: state.iir,
+            line_control: state.lcr,
+            line_status: state.lsr,
+            modem_control: state.mcr,
+            modem_status: state.msr,
+            scratch: state.scr,
+            in_buffer: state.input.clone(),
+        };
+        let inner = vm_superio::Serial::from_state(&s, irq, vm_superio::serial::NoEvents, out)
+            .map_err(|e| crate::StateError(format!("serial port: {e:?}")))?;
+        Ok(Serial { inner })
+    }
+
+    /// The registers and receive FIFO.
+    pub fn state(&self) -> SerialState {
+        let s = self.inner.state();
+        SerialState {
+            divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scr: s.scratch,
+            input: s.in_buffer,
         }
     }
 

@@ -77,6 +77,16 @@ pub enum ConfigError {
     CapabilitySpace(usize),
 }
 
+/// A function's configuration space as the guest left it, for snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigState {
+    /// Every dword.
+    pub regs: Vec<u32>,
+    /// Each BAR's address (None where no BAR is declared).
+    pub bars: Vec<Option<u64>>,
+}
+
 /// Identity of a function.
 #[derive(Clone, Copy, Debug)]
 pub struct Identity {
@@ -260,6 +270,46 @@ impl PciConfiguration {
             BarKind::Memory32 => 32,
             BarKind::Io => 32,
         }
+    }
+
+    /// What the guest set: every register and where each BAR is.
+    pub fn state(&self) -> ConfigState {
+        ConfigState {
+            regs: self.regs.to_vec(),
+            bars: self.bars.iter().map(|b| b.map(|b| b.addr)).collect(),
+        }
+    }
+
+    /// Puts back what the guest had set in a function laid out like this one. Read-only
+    /// bits must match (the same device, the same capabilities) or the state is refused.
+    pub fn restore(&mut self, state: &ConfigState) -> Result<(), crate::StateError> {
+        if state.regs.len() != CONFIG_DWORDS || state.bars.len() != NUM_BARS {
+            return Err(crate::StateError::new(
+                "PCI configuration state has the wrong size",
+            ));
+        }
+        for (reg, (&saved, &now)) in state.regs.iter().zip(self.regs.iter()).enumerate() {
+            let fixed = !self.writable[reg];
+            if saved & fixed != now & fixed {
+                return Err(crate::StateError(format!(
+                    "PCI configuration register {reg:#x} is {saved:#x} in the state, but this \
+                     device has {now:#x} in its read-only bits"
+                )));
+            }
+        }
+        for (i, addr) in state.bars.iter().enumerate() {
+            match (&mut self.bars[i], addr) {
+                (Some(bar), Some(addr)) => bar.addr = *addr,
+                (None, None) => {}
+                _ => {
+                    return Err(crate::StateError(format!(
+                        "BAR {i} is declared on one side only"
+                    )))
+                }
+            }
+        }
+        self.regs.copy_from_slice(&state.regs);
+        Ok(())
     }
 
     /// BAR `index` as it is now.

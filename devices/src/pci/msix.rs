@@ -18,7 +18,7 @@ const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
 const VECTOR_MASKED: u32 = 1;
 
 /// One table entry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsixEntry {
     /// Message address, low half.
     pub addr_lo: u32,
@@ -58,8 +58,9 @@ pub enum Fire {
     Invalid,
 }
 
-/// A function's MSI-X state.
-#[derive(Clone, Debug)]
+/// A function's MSI-X state; serialised as it is for snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Msix {
     table: Vec<MsixEntry>,
     pending: Vec<u64>,
@@ -81,6 +82,22 @@ impl Msix {
             pending: vec![0; usize::from(vectors).div_ceil(64)],
             control: vectors - 1,
         }
+    }
+
+    /// The state `saved` for a function with `vectors` vectors, refused if it has another
+    /// number of vectors.
+    pub fn from_state(vectors: u16, saved: Msix) -> Result<Self, crate::StateError> {
+        let fresh = Msix::new(vectors);
+        if saved.table.len() != fresh.table.len()
+            || saved.pending.len() != fresh.pending.len()
+            || saved.control & !(CONTROL_ENABLE | CONTROL_FUNCTION_MASK) != fresh.control
+        {
+            return Err(crate::StateError(format!(
+                "MSI-X state has {} vectors, the device has {vectors}",
+                saved.table.len()
+            )));
+        }
+        Ok(saved)
     }
 
     /// Number of vectors.

@@ -27,7 +27,8 @@ pub const SIZE: u64 = 56;
 pub const NO_VECTOR: u16 = 0xffff;
 
 /// One queue as the driver set it up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Largest size the device supports.
     pub max_size: u16,
@@ -70,8 +71,9 @@ pub enum Event {
     Reset,
 }
 
-/// The common configuration of one device.
-#[derive(Clone, Debug)]
+/// The common configuration of one device; serialised as it is for snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CommonConfig {
     device_features: u64,
     driver_features: u64,
@@ -102,6 +104,38 @@ impl CommonConfig {
                 .map(|m| QueueConfig::new(*m))
                 .collect(),
         }
+    }
+
+    /// The state `saved` for a device offering `features` with queues of these maximum
+    /// sizes; refused if it belongs to another device or holds what no guest could set.
+    pub fn from_state(
+        features: u64,
+        queue_max_sizes: &[u16],
+        saved: CommonConfig,
+    ) -> Result<Self, crate::StateError> {
+        let fresh = CommonConfig::new(features, queue_max_sizes);
+        if saved.device_features != fresh.device_features {
+            return Err(crate::StateError(format!(
+                "the device offers features {:#x}, the state {:#x}",
+                fresh.device_features, saved.device_features
+            )));
+        }
+        if saved.queues.len() != fresh.queues.len() {
+            return Err(crate::StateError(format!(
+                "the device has {} queues, the state {}",
+                fresh.queues.len(),
+                saved.queues.len()
+            )));
+        }
+        for (i, (q, f)) in saved.queues.iter().zip(&fresh.queues).enumerate() {
+            if q.max_size != f.max_size || !q.size.is_power_of_two() || q.size > q.max_size {
+                return Err(crate::StateError(format!(
+                    "queue {i} has size {} of at most {} in the state; the device allows {}",
+                    q.size, q.max_size, f.max_size
+                )));
+            }
+        }
+        Ok(saved)
     }
 
     /// Features both sides agreed on.

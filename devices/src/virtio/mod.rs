@@ -102,6 +102,15 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops processing; returns once no worker touches guest memory any more.
     fn reset(&mut self);
+    /// Stops processing without resetting anything, and hands back the running queues by
+    /// index with their positions intact (nothing when the device is not running). Once it
+    /// returns, no worker touches guest memory or the backend; [`VirtioDevice::activate`]
+    /// with the same queues carries on where the device stopped.
+    fn pause(&mut self) -> Vec<Option<ActiveQueue>>;
+    /// What a snapshot must carry for this device besides its transport and queues.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// Named counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

@@ -16,7 +16,9 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::pci::configuration::{Bar, BarKind, BarMove, ConfigError, Identity, PciConfiguration};
+use crate::pci::configuration::{
+    Bar, BarKind, BarMove, ConfigError, ConfigState, Identity, PciConfiguration,
+};
 use crate::pci::msix::{Msix, MsixWrite};
 
 use super::common_config::{self, CommonConfig};
@@ -67,6 +69,20 @@ pub enum Event {
     VectorChanged(u16),
     /// MSI-X vector N was pending and may now be delivered.
     Deliver(u16),
+}
+
+/// What the guest set up in a virtio PCI function, for snapshots.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioPciState {
+    /// Configuration space, BAR addresses included.
+    pub config: ConfigState,
+    /// Features, status and queue set-up.
+    pub common: CommonConfig,
+    /// The MSI-X table, pending bits and control.
+    pub msix: Msix,
+    /// The ISR status byte.
+    pub isr: u8,
 }
 
 /// A virtio device on PCI.
@@ -145,6 +161,41 @@ impl VirtioPci {
             device,
             events: Vec::new(),
         })
+    }
+
+    /// The function for `device` as `state` describes it, refused if the state belongs to
+    /// a function of another shape.
+    pub fn from_state(
+        device: Box<dyn VirtioDevice>,
+        state: VirtioPciState,
+    ) -> Result<Self, crate::StateError> {
+        let bar = state
+            .config
+            .bars
+            .first()
+            .copied()
+            .flatten()
+            .ok_or_else(|| crate::StateError::new("the state has no BAR 0"))?;
+        let features = device.features();
+        let sizes = device.queue_max_sizes();
+        let mut pci = VirtioPci::new(device, bar)
+            .map_err(|e| crate::StateError(format!("BAR 0 at {bar:#x}: {e}")))?;
+        pci.config.restore(&state.config)?;
+        pci.common = CommonConfig::from_state(features, &sizes, state.common)?;
+        let vectors = pci.lock_msix().vectors();
+        *pci.lock_msix() = Msix::from_state(vectors, state.msix)?;
+        pci.isr.store(state.isr, Ordering::Release);
+        Ok(pci)
+    }
+
+    /// What the guest set up.
+    pub fn state(&self) -> VirtioPciState {
+        VirtioPciState {
+            config: self.config.state(),
+            common: self.common.clone(),
+            msix: self.lock_msix().clone(),
+            isr: self.isr.load(Ordering::Acquire),
+        }
     }
 
     /// The transport's common configuration (features, status, queues).
@@ -288,6 +339,9 @@ mod tests {
             Ok(())
         }
         fn reset(&mut self) {}
+        fn pause(&mut self) -> Vec<Option<crate::virtio::ActiveQueue>> {
+            Vec::new()
+        }
         fn device_type(&self) -> u16 {
             4
         }

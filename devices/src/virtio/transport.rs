@@ -19,7 +19,9 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::common_config::{QueueConfig, NO_VECTOR};
-use super::pci::{Event, VirtioPci, ISR_CONFIG, ISR_QUEUE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET};
+use super::pci::{
+    Event, VirtioPci, VirtioPciState, ISR_CONFIG, ISR_QUEUE, NOTIFY_MULTIPLIER, NOTIFY_OFFSET,
+};
 use super::{Activation, ActiveQueue, GuestMemory, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use crate::pci::msix::{Fire, Msix, MsixEntry};
 use crate::pci::{Bar, BarMove, PciDevice};
@@ -49,7 +51,44 @@ pub enum Error {
     /// No interrupt number is left.
     #[error("Cannot allocate an interrupt")]
     Gsi(#[source] io::Error),
+    /// Saved state does not fit the device.
+    #[error("Cannot restore the device")]
+    State(#[source] crate::StateError),
 }
+
+/// Where a running queue is: what was saved of it, not re-derived from the rings, so no
+/// chain is lost or served twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuePosition {
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+}
+
+/// A virtio PCI device's whole state, for snapshots and migration.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportState {
+    /// The PCI function as the guest set it up.
+    pub pci: VirtioPciState,
+    /// MSI-X vector of configuration interrupts.
+    pub config_vector: u16,
+    /// A worker had found the queues unusable.
+    pub broken: bool,
+    /// The device was running (the driver set DRIVER_OK and activation worked).
+    pub active: bool,
+    /// Each queue's position while running, by index.
+    pub queues: Vec<Option<QueuePosition>>,
+    /// The device's own state.
+    pub device: serde_json::Value,
+}
+
+/// Why a device's state cannot be taken now.
+#[derive(Debug, thiserror::Error)]
+#[error("Device {0} is running: pause it before saving its state")]
+pub struct NotPaused(pub String);
 
 /// Raises a device's interrupts: MSI-X messages when the guest enabled and unmasked them,
 /// otherwise pending bits, and the ISR byte either way.
@@ -126,6 +165,15 @@ pub struct VirtioPciDevice {
     interrupt: Arc<Interrupt>,
     gsis: Vec<u32>,
     active: bool,
+    /// The running queues while paused.
+    paused: Option<Vec<Option<ActiveQueue>>>,
+}
+
+fn position(q: &ActiveQueue) -> QueuePosition {
+    QueuePosition {
+        next_avail: q.queue.next_avail(),
+        next_used: q.queue.next_used(),
+    }
 }
 
 fn notify_addr(bar: u64, queue: usize) -> u64 {
@@ -142,6 +190,89 @@ impl VirtioPciDevice {
         vm: Arc<dyn VmOps>,
     ) -> Result<Self, Error> {
         let pci = VirtioPci::new(device, bar_addr).map_err(Error::Config)?;
+        Self::with_function(id, pci, mem, vm)
+    }
+
+    /// Builds `device` as `state` describes it: the function as the guest set it up, its
+    /// MSI-X routes, and, if it was running, its queues at their saved positions.
+    pub fn restore(
+        id: String,
+        device: Box<dyn VirtioDevice>,
+        state: TransportState,
+        mem: GuestMemory,
+        vm: Arc<dyn VmOps>,
+    ) -> Result<Self, Error> {
+        let pci = VirtioPci::from_state(device, state.pci).map_err(Error::State)?;
+        let mut dev = Self::with_function(id, pci, mem, vm)?;
+        dev.interrupt
+            .config_vector
+            .store(state.config_vector, Ordering::Release);
+        dev.interrupt.broken.store(state.broken, Ordering::Release);
+        let vectors = dev.interrupt.irqfds.len() as u16;
+        for v in 0..vectors {
+            let programmed = dev
+                .interrupt
+                .msix
+                .lock()
+                .expect("MSI-X lock poisoned")
+                .entry(v)
+                .is_some_and(|e| e.addr_lo != 0 || e.addr_hi != 0);
+            if programmed {
+                dev.handle(Event::VectorChanged(v));
+            }
+        }
+        if state.active {
+            // The device waits, paused, for the VM to resume.
+            dev.paused = Some(dev.saved_queues(&state.queues).map_err(Error::State)?);
+            dev.active = true;
+        }
+        Ok(dev)
+    }
+
+    /// The running queues at `positions`.
+    fn saved_queues(
+        &self,
+        positions: &[Option<QueuePosition>],
+    ) -> Result<Vec<Option<ActiveQueue>>, crate::StateError> {
+        let common = self.pci.common();
+        let event_idx = common.acked_features() & VIRTIO_RING_F_EVENT_IDX != 0;
+        if positions.len() != common.queues().len() {
+            return Err(crate::StateError(format!(
+                "{} queue positions for {} queues",
+                positions.len(),
+                common.queues().len()
+            )));
+        }
+        let mut queues = Vec::new();
+        for (i, (config, pos)) in common.queues().iter().zip(positions).enumerate() {
+            let Some(pos) = pos else {
+                queues.push(None);
+                continue;
+            };
+            let mut queue = self
+                .build_queue(i, config, event_idx)
+                .ok_or_else(|| crate::StateError(format!("queue {i} in the state cannot run")))?;
+            queue.set_next_avail(pos.next_avail);
+            queue.set_next_used(pos.next_used);
+            let notify = self.notify[i]
+                .try_clone()
+                .map_err(|e| crate::StateError(format!("queue {i}'s eventfd: {e}")))?;
+            queues.push(Some(ActiveQueue {
+                queue,
+                notify,
+                vector: config.msix_vector,
+            }));
+        }
+        Ok(queues)
+    }
+
+    fn with_function(
+        id: String,
+        pci: VirtioPci,
+        mem: GuestMemory,
+        vm: Arc<dyn VmOps>,
+    ) -> Result<Self, Error> {
+        let bar_addr = pci.bar().addr;
         let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
         let queues = pci.common().queues().len();
         let notify = (0..queues)
@@ -185,6 +316,45 @@ impl VirtioPciDevice {
             interrupt,
             gsis,
             active: false,
+            paused: None,
+        })
+    }
+
+    /// Stops the device's workers, keeping its queues where they are; nothing touches
+    /// guest memory or the backend until [`VirtioPciDevice::resume`].
+    pub fn pause(&mut self) {
+        if self.active && self.paused.is_none() {
+            self.paused = Some(self.pci.device_mut().pause());
+        }
+    }
+
+    /// Restarts what [`VirtioPciDevice::pause`] stopped.
+    pub fn resume(&mut self) {
+        if let Some(queues) = self.paused.take() {
+            self.active = false;
+            self.start(queues);
+        }
+    }
+
+    /// The device's whole state; it must be paused (or not running).
+    pub fn state(&self) -> Result<TransportState, NotPaused> {
+        let queues = match (&self.paused, self.active) {
+            (Some(queues), _) => {
+                let mut positions: Vec<Option<QueuePosition>> =
+                    queues.iter().map(|q| q.as_ref().map(position)).collect();
+                positions.resize(self.pci.common().queues().len(), None);
+                positions
+            }
+            (None, true) => return Err(NotPaused(self.id.clone())),
+            (None, false) => Vec::new(),
+        };
+        Ok(TransportState {
+            pci: self.pci.state(),
+            config_vector: self.interrupt.config_vector.load(Ordering::Acquire),
+            broken: self.interrupt.broken.load(Ordering::Acquire),
+            active: self.active,
+            queues,
+            device: self.pci.device().state(),
         })
     }
 
@@ -202,6 +372,7 @@ impl VirtioPciDevice {
         match event {
             Event::Activate => self.activate(),
             Event::Reset => {
+                self.paused = None;
                 if std::mem::take(&mut self.active) {
                     self.pci.device_mut().reset();
                 }
@@ -260,25 +431,24 @@ impl VirtioPciDevice {
 
     fn activate(&mut self) {
         let common = self.pci.common();
-        let features = common.acked_features();
-        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        self.interrupt
+            .config_vector
+            .store(common.config_msix_vector(), Ordering::Release);
+        let event_idx = common.acked_features() & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues = Vec::new();
-        let mut broken = false;
         for (i, config) in common.queues().iter().enumerate() {
             if !config.enabled {
                 queues.push(None);
                 continue;
             }
             let Some(queue) = self.build_queue(i, config, event_idx) else {
-                broken = true;
-                break;
+                return self.failed();
             };
             let notify = match self.notify[i].try_clone() {
                 Ok(fd) => fd,
                 Err(e) => {
                     log::warn!("{}: cannot clone queue {i}'s eventfd: {e}", self.id);
-                    broken = true;
-                    break;
+                    return self.failed();
                 }
             };
             queues.push(Some(ActiveQueue {
@@ -287,24 +457,28 @@ impl VirtioPciDevice {
                 vector: config.msix_vector,
             }));
         }
-        self.interrupt
-            .config_vector
-            .store(common.config_msix_vector(), Ordering::Release);
-        if !broken {
-            let activation = Activation {
-                mem: self.mem.clone(),
-                features,
-                queues,
-                interrupt: self.interrupt.clone(),
-            };
-            match self.pci.device_mut().activate(activation) {
-                Ok(()) => {
-                    self.active = true;
-                    return;
-                }
-                Err(e) => log::warn!("{}: cannot start: {}", self.id, crate::error_chain(&e)),
+        self.start(queues);
+    }
+
+    /// Runs the device on `queues`.
+    fn start(&mut self, queues: Vec<Option<ActiveQueue>>) {
+        let activation = Activation {
+            mem: self.mem.clone(),
+            features: self.pci.common().acked_features(),
+            queues,
+            interrupt: self.interrupt.clone(),
+        };
+        match self.pci.device_mut().activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                log::warn!("{}: cannot start: {}", self.id, crate::error_chain(&e));
+                self.failed();
             }
         }
+    }
+
+    /// The device cannot run: the driver must reset it.
+    fn failed(&mut self) {
         self.pci.common_mut().set_needs_reset();
         self.interrupt.config();
     }
@@ -349,9 +523,11 @@ impl PciDevice for VirtioPciDevice {
 }
 
 impl Drop for VirtioPciDevice {
+    /// Stops the workers without resetting the device: a reset would change the backend
+    /// (detach TAP queues), which may live on in another VM after a migration.
     fn drop(&mut self) {
         if self.active {
-            self.pci.device_mut().reset();
+            self.pci.device_mut().pause();
         }
     }
 }

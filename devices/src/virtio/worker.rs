@@ -19,12 +19,13 @@ const NOTIFY_TOKEN: u64 = 0;
 pub type ServeChain = dyn FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32 + Send;
 
 /// Starts a worker for a device with one queue (queue 0) that serves each chain with
-/// `serve`. A broken queue parks the worker until the driver resets the device.
+/// `serve`. A broken queue parks the worker until the driver resets the device. Stopped, the
+/// worker hands the queue back where it left it.
 pub fn spawn_single_queue(
     name: &'static str,
     activation: Activation,
     mut serve: Box<ServeChain>,
-) -> Result<Worker, ActivateError> {
+) -> Result<Worker<ActiveQueue>, ActivateError> {
     let Activation {
         mem,
         mut queues,
@@ -38,27 +39,41 @@ pub fn spawn_single_queue(
     Worker::spawn(name.into(), move |events| {
         if let Err(e) = events.add(queue.notify.as_raw_fd(), NOTIFY_TOKEN, EventSet::IN) {
             log::warn!("{name}: cannot watch the queue: {e}");
-            return;
+            return queue;
         }
-        let mut tokens = Vec::new();
+        // Chains may have been made available while the device was paused.
+        let mut tokens = vec![NOTIFY_TOKEN];
         loop {
+            if tokens.contains(&STOP_TOKEN) {
+                return queue;
+            }
+            if tokens.contains(&NOTIFY_TOKEN) {
+                let _ = queue.notify.read();
+                if let Err(e) = serve_queue(&mut queue, &mem, &interrupt, &mut serve) {
+                    log::warn!("{name}: {e}; the queue stops until the driver resets the device");
+                    interrupt.device_broken();
+                    wait_for_stop(&events);
+                    return queue;
+                }
+            }
             if let Err(e) = events.wait(&mut tokens) {
                 log::warn!("{name}: epoll: {e}");
-                return;
-            }
-            if tokens.contains(&STOP_TOKEN) {
-                return;
-            }
-            let _ = queue.notify.read();
-            if let Err(e) = serve_queue(&mut queue, &mem, &interrupt, &mut serve) {
-                log::warn!("{name}: {e}; the queue stops until the driver resets the device");
-                interrupt.device_broken();
-                wait_for_stop(&events);
-                return;
+                return queue;
             }
         }
     })
     .map_err(ActivateError::Worker)
+}
+
+/// Stops a single-queue worker, if running, and hands back its queue as the queue list a
+/// paused device returns.
+pub fn stop_single_queue(worker: &mut Option<Worker<ActiveQueue>>) -> Vec<Option<ActiveQueue>> {
+    worker
+        .take()
+        .and_then(Worker::stop)
+        .map(Some)
+        .into_iter()
+        .collect()
 }
 
 /// Serves every available chain of `q`, then interrupts the driver if it wants that.
@@ -96,16 +111,20 @@ pub fn wait_for_stop(events: &Events) {
 /// Token of the stop eventfd in every worker's epoll set.
 pub const STOP_TOKEN: u64 = u64::MAX;
 
-/// A device worker thread that stops when asked.
-pub struct Worker {
+/// A device worker thread that stops when asked, and then hands back what it worked on
+/// (its queues), so the device can be paused and resumed without losing its place.
+pub struct Worker<T: Send + 'static = ()> {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<T>>,
 }
 
-impl Worker {
+impl<T: Send + 'static> Worker<T> {
     /// Runs `body` on a thread named `name`; `body` gets an epoll set that already watches
     /// the stop eventfd under [`STOP_TOKEN`], and must return when that fires.
-    pub fn spawn(name: String, body: impl FnOnce(Events) + Send + 'static) -> io::Result<Self> {
+    pub fn spawn(
+        name: String,
+        body: impl FnOnce(Events) -> T + Send + 'static,
+    ) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let events = Events::new()?;
         events.add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
@@ -118,22 +137,26 @@ impl Worker {
         })
     }
 
-    /// Asks the thread to stop and waits until it has.
-    pub fn stop(mut self) {
-        self.stop_and_join();
+    /// Asks the thread to stop, waits until it has, and returns what it handed back
+    /// (nothing if it panicked).
+    pub fn stop(mut self) -> Option<T> {
+        self.stop_and_join()
     }
 
-    fn stop_and_join(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = self.stop.write(1);
-            if thread.join().is_err() {
+    fn stop_and_join(&mut self) -> Option<T> {
+        let thread = self.thread.take()?;
+        let _ = self.stop.write(1);
+        match thread.join() {
+            Ok(t) => Some(t),
+            Err(_) => {
                 log::error!("A device worker panicked");
+                None
             }
         }
     }
 }
 
-impl Drop for Worker {
+impl<T: Send + 'static> Drop for Worker<T> {
     fn drop(&mut self) {
         self.stop_and_join();
     }

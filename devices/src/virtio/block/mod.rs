@@ -11,7 +11,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use super::worker::{self, Worker};
-use super::{ActivateError, Activation, GuestMemory, VirtioDevice};
+use super::{ActivateError, Activation, ActiveQueue, GuestMemory, VirtioDevice};
 
 pub use request::SECTOR_SIZE;
 
@@ -47,7 +47,7 @@ pub struct BlockParams {
 /// A virtio-blk device.
 pub struct Block {
     disk: Arc<request::Disk>,
-    worker: Option<Worker>,
+    worker: Option<Worker<ActiveQueue>>,
 }
 
 impl Block {
@@ -121,5 +121,9 @@ impl VirtioDevice for Block {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+    }
+
+    fn pause(&mut self) -> Vec<Option<ActiveQueue>> {
+        worker::stop_single_queue(&mut self.worker)
     }
 }

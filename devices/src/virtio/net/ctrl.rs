@@ -37,6 +37,12 @@ pub(super) struct Ctrl {
 }
 
 impl TapQueues {
+    /// How many queue pairs are attached (always the first ones).
+    pub fn active_pairs(&self) -> usize {
+        let attached = self.attached.lock().expect("TAP queue lock poisoned");
+        attached.iter().take_while(|a| **a).count()
+    }
+
     /// Attaches the first `pairs` TAP queues and detaches the rest, so the kernel only
     /// queues frames where the driver reads. Queues already in the wanted state are left
     /// alone (the kernel refuses to attach an attached queue).

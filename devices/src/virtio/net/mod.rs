@@ -14,7 +14,7 @@ use std::sync::Arc;
 use net_util::{Offloads, Tap};
 
 use super::worker::Worker;
-use super::{ActivateError, Activation, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use super::{ActivateError, Activation, ActiveQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 
 /// virtio device type of a network card.
 pub const DEVICE_TYPE: u16 = 1;
@@ -92,26 +92,44 @@ pub struct Counters {
     pub tx_frames: AtomicU64,
 }
 
+/// What a network device carries across a snapshot or migration besides its queues.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    /// Queue pairs the driver uses (their TAP queues are attached, the others detached).
+    pub active_pairs: usize,
+    /// The configuration status field (link up, announce requested).
+    pub status: u16,
+}
+
 /// A virtio-net device over one TAP interface, one descriptor per queue pair.
 pub struct Net {
     params: NetParams,
     taps: Arc<ctrl::TapQueues>,
     status: Arc<AtomicU16>,
     counters: Arc<Counters>,
-    workers: Vec<Worker>,
+    workers: Vec<Worker<queue_pair::QueuePair>>,
 }
 
 impl Net {
-    /// A device over `taps`, one per queue pair.
-    pub fn new(params: NetParams, taps: Vec<Arc<Tap>>) -> Self {
+    /// A device over `taps`, one per queue pair, freshly opened (every TAP queue attached),
+    /// in the state `state` describes, or as at power-on.
+    pub fn new(params: NetParams, taps: Vec<Arc<Tap>>, state: Option<NetState>) -> Self {
         let attached = std::sync::Mutex::new(vec![true; taps.len()]);
-        Net {
+        let state = state.unwrap_or(NetState {
+            active_pairs: 1,
+            status: STATUS_LINK_UP,
+        });
+        let net = Net {
             params,
             taps: Arc::new(ctrl::TapQueues { taps, attached }),
-            status: Arc::new(AtomicU16::new(STATUS_LINK_UP)),
+            status: Arc::new(AtomicU16::new(state.status)),
             counters: Arc::default(),
             workers: Vec::new(),
-        }
+        };
+        // Until the driver asks for more, frames only queue where it reads.
+        net.taps.set_active_pairs(state.active_pairs.max(1));
+        net
     }
 
     fn pairs(&self) -> usize {
@@ -210,7 +228,6 @@ impl VirtioDevice for Net {
                 1
             },
         });
-        self.taps.set_active_pairs(1);
         let mut workers = Vec::new();
         for (pair, tap) in self.taps.taps.iter().enumerate() {
             let rx = queues.get_mut(2 * pair).and_then(Option::take);
@@ -244,6 +261,32 @@ impl VirtioDevice for Net {
             w.stop();
         }
         self.status.store(STATUS_LINK_UP, Ordering::Release);
+        self.taps.set_active_pairs(1);
+    }
+
+    fn pause(&mut self) -> Vec<Option<ActiveQueue>> {
+        if self.workers.is_empty() {
+            return Vec::new();
+        }
+        let mut queues: Vec<Option<ActiveQueue>> = (0..=2 * self.pairs()).map(|_| None).collect();
+        let ctrl_index = 2 * self.pairs();
+        for (pair, w) in self.workers.drain(..).enumerate() {
+            let Some(qp) = w.stop() else { continue };
+            queues[2 * pair] = Some(qp.rx);
+            queues[2 * pair + 1] = Some(qp.tx);
+            if let Some(c) = qp.ctrl {
+                queues[ctrl_index] = Some(c.queue);
+            }
+        }
+        queues
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let state = NetState {
+            active_pairs: self.taps.active_pairs(),
+            status: self.status.load(Ordering::Acquire),
+        };
+        serde_json::to_value(state).expect("net state serialises")
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -274,7 +317,7 @@ mod tests {
 
     #[test]
     fn config_space_and_features() {
-        let net = Net::new(params(), Vec::new());
+        let net = Net::new(params(), Vec::new(), None);
         let mut b = [0u8; 12];
         net.read_config(0, &mut b);
         assert_eq!(&b[..6], &[0x52, 0x54, 0, 1, 2, 3]);
@@ -295,6 +338,7 @@ mod tests {
                 ..params()
             },
             Vec::new(),
+            None,
         );
         assert_eq!(
             plain.features() & (features::GUEST_TSO4 | features::CSUM),

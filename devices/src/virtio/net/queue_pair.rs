@@ -56,26 +56,27 @@ impl QueuePair {
         Ok(())
     }
 
-    pub fn run(mut self, events: Events) {
+    /// Runs until stopped; hands itself back, queues where they are.
+    pub fn run(mut self, events: Events) -> Self {
         if let Err(e) = self.watch(&events) {
             log::warn!("virtio-net: cannot watch queues: {e}");
-            return;
+            return self;
         }
-        // Frames may have queued before the guest was ready; buffers may already be there.
-        if let Err(e) = self.step(&[RX_TOKEN, TX_TOKEN, CTRL_TOKEN]) {
-            return self.broken(&events, e);
-        }
-        let mut tokens = Vec::new();
+        // Frames may have queued before the guest was ready (or while the device was
+        // paused); buffers may already be there.
+        self.tap_pending = true;
+        let mut tokens = vec![RX_TOKEN, TX_TOKEN, CTRL_TOKEN];
         loop {
-            if let Err(e) = events.wait(&mut tokens) {
-                log::warn!("virtio-net: epoll: {e}");
-                return;
-            }
             if tokens.contains(&STOP_TOKEN) {
-                return;
+                return self;
             }
             if let Err(e) = self.step(&tokens) {
-                return self.broken(&events, e);
+                self.broken(&events, e);
+                return self;
+            }
+            if let Err(e) = events.wait(&mut tokens) {
+                log::warn!("virtio-net: epoll: {e}");
+                return self;
             }
         }
     }

@@ -2,9 +2,9 @@
 //! kernel's `getrandom`.
 
 use super::worker::{self, IoVecs, Worker};
-use super::{ActivateError, Activation, GuestMemory, VirtioDevice};
 #[cfg(test)]
-use super::{ActiveQueue, Interrupt};
+use super::Interrupt;
+use super::{ActivateError, Activation, ActiveQueue, GuestMemory, VirtioDevice};
 
 /// virtio device type of an entropy source.
 pub const DEVICE_TYPE: u16 = 4;
@@ -15,7 +15,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 /// The entropy device.
 #[derive(Default)]
 pub struct Rng {
-    worker: Option<Worker>,
+    worker: Option<Worker<ActiveQueue>>,
 }
 
 impl Rng {
@@ -68,6 +68,10 @@ impl VirtioDevice for Rng {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+    }
+
+    fn pause(&mut self) -> Vec<Option<ActiveQueue>> {
+        worker::stop_single_queue(&mut self.worker)
     }
 }
 
