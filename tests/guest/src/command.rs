@@ -10,7 +10,7 @@ use crate::text::{is_blank, parse_u64, trim, words};
 pub enum Command<'a> {
     /// `status`: counters in one line.
     Status,
-    /// `cpus`: enabled processors in the MADT.
+    /// `cpus`: enabled processors in the MADT, and each one's loop counter.
     Cpus,
     /// `mem`: RAM in the PVH memory map.
     Mem,
@@ -53,6 +53,17 @@ pub enum Command<'a> {
     },
     /// `chaos`: post malformed descriptor chains to the entropy device, then reset it.
     Chaos,
+    /// `dirty`: the memory dirtier's state.
+    DirtyStatus,
+    /// `dirty MIB RATE`: keep rewriting a MIB MiB buffer at RATE MiB/s (0: stop).
+    Dirty {
+        /// Buffer size in MiB, 1 to [`MAX_DIRTY_MIB`].
+        mib: u64,
+        /// MiB/s; 0 stops the writer.
+        rate: u64,
+    },
+    /// `dirty check`: compare every page of the buffer with what was written.
+    DirtyCheck,
     /// A known command with arguments that do not parse: its usage.
     Usage(&'static str),
     /// Anything else: the first word.
@@ -85,11 +96,37 @@ pub fn parse(line: &[u8]) -> Option<Command<'_>> {
         b"disk" => parse_disk(rest),
         b"ping" => parse_ping(rest),
         b"chaos" => Command::Chaos,
+        b"dirty" => parse_dirty(rest),
         b"rng" => parse_u64(rest)
             .filter(|n| (1..=4096).contains(n))
             .map_or(Command::Usage("rng N (1 to 4096)"), Command::Rng),
         _ => Command::Unknown(word),
     })
+}
+
+/// Largest `dirty` buffer: the page stamp holds 23 bits of page index.
+pub const MAX_DIRTY_MIB: u64 = crate::dirty::MAX_PAGES / crate::dirty::PAGES_PER_MIB;
+/// Highest `dirty` rate, MiB/s (far beyond what memory takes).
+pub const MAX_DIRTY_RATE: u64 = 1 << 20;
+
+const DIRTY_USAGE: &str = "dirty [MIB RATE | check] (MIB 1 to 32768, RATE MiB/s, 0 stops)";
+
+fn parse_dirty(rest: &[u8]) -> Command<'_> {
+    let mut w = words(rest);
+    let command = match (w.next(), w.next(), w.next()) {
+        (None, _, _) => Some(Command::DirtyStatus),
+        (Some(b"check"), None, _) => Some(Command::DirtyCheck),
+        (Some(mib), Some(rate), None) => match (parse_u64(mib), parse_u64(rate)) {
+            (Some(mib), Some(rate))
+                if (1..=MAX_DIRTY_MIB).contains(&mib) && rate <= MAX_DIRTY_RATE =>
+            {
+                Some(Command::Dirty { mib, rate })
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    command.unwrap_or(Command::Usage(DIRTY_USAGE))
 }
 
 const DISK_USAGE: &str = "disk info | disk read SECTOR COUNT | disk write SECTOR COUNT BYTE";
@@ -212,6 +249,39 @@ mod tests {
             assert!(matches!(parse(bad), Some(Command::Usage(_))), "{bad:?}");
         }
         assert!(matches!(parse(b"rng 0"), Some(Command::Usage(_))));
+    }
+
+    #[test]
+    fn dirty_commands() {
+        assert_eq!(parse(b"dirty"), Some(Command::DirtyStatus));
+        assert_eq!(parse(b"dirty check"), Some(Command::DirtyCheck));
+        assert_eq!(
+            parse(b"dirty 64 200"),
+            Some(Command::Dirty { mib: 64, rate: 200 })
+        );
+        assert_eq!(
+            parse(b" dirty  1\t0 "),
+            Some(Command::Dirty { mib: 1, rate: 0 })
+        );
+        assert_eq!(
+            parse(b"dirty 32768 1048576"),
+            Some(Command::Dirty {
+                mib: 32768,
+                rate: 1 << 20
+            })
+        );
+        for bad in [
+            &b"dirty 64"[..],
+            b"dirty 0 10",
+            b"dirty 32769 10",
+            b"dirty 64 1048577",
+            b"dirty 64 -1",
+            b"dirty 64 10 x",
+            b"dirty check now",
+            b"dirty stop",
+        ] {
+            assert_eq!(parse(bad), Some(Command::Usage(DIRTY_USAGE)), "{bad:?}");
+        }
     }
 
     #[test]

@@ -34,6 +34,21 @@
 //!
 //! Vector 48 is the MSI vector of virtio devices in interrupt mode: its
 //! handler counts the interrupt (`msi_count`) and writes the xAPIC EOI.
+//!
+//! The other processors (APs, started by [`crate::cpus`]) take a second way
+//! in, about forty interpreted instructions each:
+//!
+//! 1. `ap_trampoline`, copied to a page below 1 MiB, runs in real mode at
+//!    `CS = page >> 4`: it loads the boot GDT through a pointer of its own
+//!    (DS = CS) and far-jumps to the GDT's 32-bit code segment with
+//!    protection on.
+//! 2. `ap_start32` enters long mode on the same page tables as step 2 above,
+//!    with immediates only, since DS still holds its real-mode base.
+//! 3. `ap_long_mode` reads its APIC ID from the xAPIC, finds its
+//!    [`crate::cpus::CpuBlock`] in [`crate::cpus::AP_BLOCKS`] (or halts if it
+//!    has none), loads the block's GDT (which holds the AP's own TSS) and TR,
+//!    shares the IDT, and `iretq`s to CPL3 on the block's user stack in
+//!    [`crate::cpus::ap_main`], with its CPU index.
 
 use core::arch::global_asm;
 
@@ -53,6 +68,8 @@ global_asm!(
     .set USER_DS, 0x18
     .set USER_CS, 0x20
     .set TSS_SEL, 0x28
+    /* 32-bit code, for the APs' way from real mode. */
+    .set KERNEL_CS32, 0x38
 
     .set CR0_PE, 1 << 0
     .set CR0_MP, 1 << 1
@@ -80,6 +97,8 @@ global_asm!(
     .set LSR_THR_EMPTY, 0x20
 
     .set STUB_SIZE, 16
+    /* The xAPIC ID register (ID in bits 31:24). */
+    .set LAPIC_ID, 0xfee00020
     /* The vector virtio MSI-X messages carry; see crate::irq. */
     .set MSI_VECTOR, 48
 
@@ -162,6 +181,55 @@ user_start:
     rep stosb
     movl %ebx, %edi
     call {main}
+    ud2
+
+    /* ---- AP entry, from ap_trampoline: 32-bit protected mode, paging off ---- */
+    .code32
+ap_start32:
+    /* DS still has the trampoline's real-mode base: immediates only. */
+    movl $pml4, %eax
+    movl %eax, %cr3
+    movl $(CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT), %eax
+    movl %eax, %cr4
+    movl $MSR_EFER, %ecx
+    rdmsr
+    orl $EFER_LME, %eax
+    wrmsr
+    movl $(CR0_PG | CR0_NE | CR0_ET | CR0_MP | CR0_PE), %eax
+    movl %eax, %cr0
+    ljmp $KERNEL_CS, $ap_long_mode
+
+    .code64
+ap_long_mode:
+    movl $LAPIC_ID, %eax
+    movl (%rax), %eax
+    shrl $24, %eax
+    movq {ap_blocks}(,%rax,8), %rbx
+    testq %rbx, %rbx
+    jz halt_forever_cpl0
+    /* The block's GDT has the same segments, and this AP's own TSS. */
+    lgdt {block_gdt_ptr}(%rbx)
+    movl $KERNEL_DS, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    xorl %eax, %eax
+    movl %eax, %fs
+    movl %eax, %gs
+    movw $TSS_SEL, %ax
+    ltr %ax
+    lidt idt_ptr
+    movq {block_rsp0}(%rbx), %rsp
+    movq {block_index}(%rbx), %rdi
+    pushq $(USER_DS | 3)
+    pushq {block_user_rsp}(%rbx)
+    pushq $USER_RFLAGS
+    pushq $(USER_CS | 3)
+    pushq $ap_user_start
+    iretq
+
+ap_user_start:
+    call {ap_main}
     ud2
 
     /* ---- CPL0 exception handlers ---- */
@@ -369,6 +437,32 @@ msg_eol:
     .asciz "\r\n"
     .popsection
 
+    /*
+     * ---- AP trampoline: copied to a page below 1 MiB, entered in real mode
+     * at CS:0 by a STARTUP IPI ----
+     */
+    .pushsection .rodata.ap_trampoline, "a"
+    .code16
+    .balign 16
+    .globl ap_trampoline
+ap_trampoline:
+    cli
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl ap_trampoline_gdt_ptr - ap_trampoline
+    /* PE alone: this also clears the CD and NW bits that INIT leaves set. */
+    movl $CR0_PE, %eax
+    movl %eax, %cr0
+    ljmpl $KERNEL_CS32, $ap_start32
+    .balign 8
+ap_trampoline_gdt_ptr:
+    .word gdt_end - gdt - 1
+    .long gdt
+    .globl ap_trampoline_end
+ap_trampoline_end:
+    .code64
+    .popsection
+
     /* ---- PVH note: the 32-bit physical entry point ---- */
     .pushsection .note.Xen, "a", @note
     .balign 4
@@ -404,8 +498,12 @@ pd:
     .set addr, addr + 0x200000
     .endr
 
-    /* Accessed bits preset so the CPU never writes the GDT. */
+    /*
+     * Accessed bits preset so the CPU never writes the GDT (APs copy the
+     * first five entries: see crate::cpus).
+     */
     .balign 16
+    .globl gdt
 gdt:
     .quad 0
     .quad 0x00af9b000000ffff    /* KERNEL_CS: 64-bit code, DPL 0 */
@@ -416,6 +514,7 @@ gdt_tss:
     .word 0x67, 0               /* limit; base 15:0 filled at boot */
     .byte 0, 0x89, 0, 0         /* base 23:16; available 64-bit TSS; base 31:24 */
     .long 0, 0                  /* base 63:32; reserved */
+    .quad 0x00cf9b000000ffff    /* KERNEL_CS32: 32-bit code, DPL 0 */
 gdt_end:
 gdt_ptr:
     .word gdt_end - gdt - 1
@@ -459,5 +558,11 @@ ustack_top:
     .popsection
 "#,
     main = sym crate::baton_main,
+    ap_main = sym crate::cpus::ap_main,
+    ap_blocks = sym crate::cpus::AP_BLOCKS,
+    block_gdt_ptr = const crate::cpus::BLOCK_GDT_PTR,
+    block_rsp0 = const crate::cpus::BLOCK_RSP0,
+    block_user_rsp = const crate::cpus::BLOCK_USER_RSP,
+    block_index = const crate::cpus::BLOCK_INDEX,
     options(att_syntax)
 );

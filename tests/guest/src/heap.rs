@@ -1,8 +1,8 @@
 //! The heap: RAM right after the image, for the virtio drivers' rings and
 //! buffers and smoltcp's sockets.
 //!
-//! One CPU runs guest code and nothing interrupts it, so the allocator needs
-//! no lock.
+//! Only the boot CPU allocates (the other CPUs run code that never does, see
+//! [`crate::cpus`]) and nothing interrupts it, so the allocator needs no lock.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
@@ -15,8 +15,8 @@ pub const MAX_HEAP: u64 = 256 << 20;
 
 struct Allocator(UnsafeCell<Heap>);
 
-// SAFETY: only the boot CPU runs guest code, with interrupts off, so the heap
-// is never used from two places at once.
+// SAFETY: only the boot CPU allocates or frees, with interrupts off (the
+// other CPUs never do), so the heap is never used from two places at once.
 unsafe impl Sync for Allocator {}
 
 #[global_allocator]

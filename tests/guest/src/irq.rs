@@ -11,8 +11,7 @@ use virtio_drivers::transport::pci::bus::{BarInfo, ConfigurationAccess, DeviceFu
 
 /// The vector virtio MSI-X messages carry (the entry stub's MSI_VECTOR).
 pub const VECTOR: u32 = 48;
-const LAPIC: usize = 0xfee0_0000;
-const LAPIC_SVR: usize = 0xf0;
+const LAPIC: usize = crate::lapic::BASE;
 const CAP_MSIX: u8 = 0x11;
 const CAP_VENDOR: u8 = 0x09;
 const VIRTIO_COMMON_CFG: u8 = 1;
@@ -29,16 +28,13 @@ pub fn count() -> u64 {
     unsafe { msi_count.load(Ordering::Acquire) }
 }
 
-/// Enables the local APIC (spurious vector register) and interrupts at CPL3 (IOPL 3 allows
-/// `sti` there).
+/// Enables the local APIC and interrupts at CPL3 (IOPL 3 allows `sti` there).
 pub fn enable() {
-    // SAFETY: the local APIC page is identity-mapped for the guest (2 MiB pages, uncached);
-    // setting bit 8 of the SVR software-enables the APIC, with 0xff as the spurious vector.
-    unsafe {
-        let svr = (LAPIC + LAPIC_SVR) as *mut u32;
-        svr.write_volatile(svr.read_volatile() | 0x1ff);
-        core::arch::asm!("sti", options(nomem, nostack));
-    }
+    crate::lapic::enable();
+    // SAFETY: `sti` only sets IF (through the entry stub's #GP handler where the
+    // hypervisor ignores IOPL); the MSI handler it lets in touches only `msi_count` and
+    // the APIC.
+    unsafe { core::arch::asm!("sti", options(nomem, nostack)) }
 }
 
 /// A device's virtio common configuration, once its MSI-X entry 0 is set up.

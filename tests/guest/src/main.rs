@@ -29,12 +29,15 @@ extern crate alloc;
 
 mod card;
 mod chaos;
+mod cpus;
 mod devices;
+mod dirtier;
 mod entry;
 mod hal;
 mod heap;
 mod io;
 mod irq;
+mod lapic;
 mod mem;
 mod net;
 mod phys;
@@ -102,6 +105,17 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
     };
 
     let clock = time::Clock::calibrate();
+    // What the start-up code of the other CPUs must not overwrite: the
+    // command line is printed below, the rest is kept for good measure.
+    let boot_info = [
+        start_info_paddr..start_info_paddr + start_info::SIZE as u64,
+        info.memmap_paddr..info.memmap_paddr + info.memmap_len() as u64,
+        info.cmdline_paddr..info.cmdline_paddr + cmdline.len() as u64 + 1,
+    ];
+    let memmap = memmap.unwrap_or_default();
+    cpus::start(&clock, tables.apic_ids.as_slice(), memmap, &boot_info);
+    // CPU 1 dirties memory if it is there, so that the main loop stays responsive.
+    dirtier::init(clock.khz(), usize::from(cpus::running(1)));
     let cpus = tables.cpus.unwrap_or(0);
     emit(|w| {
         protocol::ready(

@@ -13,7 +13,8 @@
 //! ```
 //!
 //! `booting` is printed first thing at CPL3. `cpus` counts enabled processors
-//! in the ACPI MADT (0 if there is none); `mem_bytes` sums the RAM (type 1)
+//! in the ACPI MADT (0 if there is none), which the guest starts before
+//! `ready` (see Processors below); `mem_bytes` sums the RAM (type 1)
 //! entries of the PVH memory map; `tsc_source` is `hypervisor` (CPUID leaf
 //! 0x40000010), `pit` (calibrated against PIT channel 2) or `assumed` (neither
 //! worked; 1 GHz assumed). `C` is the kernel command line with non-printable
@@ -24,7 +25,22 @@
 //! `warning: acpi: no power button` means the DSDT has no Generic Event Device
 //! (see below), and `warning: acpi: power button register 0xA is not
 //! accessible` that its register is outside what the guest may touch; either
-//! way the guest does not watch for the power button.
+//! way the guest does not watch for the power button. `warning: smp: …` says
+//! that some processor was not started (below).
+//!
+//! # Processors
+//!
+//! Before `ready`, the boot CPU starts every other enabled processor in the
+//! MADT (INIT and STARTUP IPIs through its xAPIC) and waits up to a second for
+//! them all. Each one enters CPL3 and loops forever incrementing its own
+//! 64-bit counter; the boot CPU counts its main-loop iterations. CPU index 0
+//! is the boot CPU, then the others in MADT order. One that did not start in
+//! time gets `warning: smp: cpu I (apic id A) did not start` (it may still
+//! start later); one that cannot be asked gets `warning: smp: cpu I (apic id
+//! A) cannot be started: …` (an APIC ID of 255 or more, no memory for its
+//! stacks). A `warning: smp: …` that names no CPU means none was started:
+//! there is no free page below 1 MiB for the start-up code, or the boot CPU's
+//! APIC ID is not in the MADT (its APIC is not an xAPIC at 0xfee00000).
 //!
 //! # Heartbeat
 //!
@@ -39,13 +55,13 @@
 //!
 //! | command     | reply                                                      |
 //! |-------------|------------------------------------------------------------|
-//! | `status`    | `status: cpus=N mem_bytes=B heartbeat=N uptime_ms=T`       |
-//! | `cpus`      | `cpus: N`                                                  |
+//! | `status`    | `status: cpus=N mem_bytes=B heartbeat=N uptime_ms=T uptime_us=U` (T and U: time since just before `ready`, from the TSC; not corrected, so they go back if the TSC does) |
+//! | `cpus`      | `cpus: n=N started=S counts=C0,C1,…` (N from the MADT; S processors running, the boot CPU included; Ci the loop counter of CPU i, 0 for one that never started; at least one entry, at most 256) |
 //! | `mem`       | `mem: bytes=B mib=M` (M = B / 2^20, rounded down)          |
 //! | `echo TEXT` | `echo: TEXT` (TEXT trimmed of surrounding blanks)          |
 //! | `poweroff`  | `poweroff: bye`, then ACPI S5                              |
 //! | `reboot`    | `reboot: bye`, then a reset                                |
-//! | `help`      | `help: status cpus mem echo net disk rng ping poweroff reboot help` |
+//! | `help`      | `help: status cpus mem echo net disk rng ping dirty poweroff reboot help` |
 //! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=.. pairs=P pair_rx_frames=a/b/.. irqs=I` (frames received per queue pair; MSI-X interrupts taken) |
 //! | `disk info` | `disk: sectors=N readonly=0|1 id=ID`                       |
 //! | `disk read S C` | `disk: read sector=S count=C fnv=0xH` (FNV-1a 64 of the C sectors from S) |
@@ -53,11 +69,41 @@
 //! | `rng N`     | `rng: bytes=N hex=H` (N bytes read, H the first 32 in hex) |
 //! | `chaos`     | `chaos: posted=N used=U needs_reset=0|1`: a hostile driver posted N malformed chains (a loop, memory that does not exist, a zero length, a read-only buffer, a `next` outside the table) to the entropy device, which returned U of them; then an available index far past the ring, after which the device asked for a reset (1) or not; then the guest resets the device and starts its driver again |
 //! | `ping A [C]` | `ping: dst=A sent=C received=R` once C echo requests (default 5, 10 ms apart) went out from the first card and a second passed after the last |
+//! | `dirty`     | `dirty: mib=M rate=R pages=N passes=P cursor=C written=W cpu=I` (the memory dirtier's state, see below) |
+//! | `dirty M R` | the same line, once the buffer is M MiB and the writer runs at R MiB/s (0: stopped) |
+//! | `dirty check` | `dirty: ok pages=N checked=K passes=P cursor=C`, or `dirty: bad pages=N checked=K bad_pages=B page=I word=W want=0xH got=0xH want_gen=G got_page=J got_gen=H passes=P cursor=C` (K pages written so far and checked, B of them wrong; the first is page I, word W) |
 //! | other       | `error: unknown command 'WORD'`                            |
 //!
 //! A device command that cannot be done replies `error: TOPIC: PROBLEM`
 //! (`error: disk: no disk`, `error: net: no nic 1` ...); one with bad
 //! arguments replies `error: usage: …`.
+//!
+//! # Memory dirtier
+//!
+//! `dirty M R` allocates an M MiB buffer from the heap (1 to 32768; the first
+//! time, or when M changes, which starts over with a new buffer) and keeps
+//! rewriting its 4 KiB pages in order, page 0 to the last and again, at about
+//! R MiB/s (paced on the TSC; after a stall it does not catch up). Pass P
+//! (from 0, the first write of each page) writes generation P into every u64
+//! of each page, as [`crate::dirty::stamp`]. `dirty M 0` stops the writer and
+//! keeps the buffer; `dirty M R` with the same M changes the rate and goes on
+//! where the writer was. The writer runs on CPU 1 when it started (`cpu=1`),
+//! otherwise in slices of at most 64 pages in the boot CPU's main loop
+//! (`cpu=0`). In the state line, N is the buffer's pages, P the passes
+//! completed, C the next page to write, W the pages written since the buffer
+//! was allocated (W / 256 / seconds is the rate achieved). The first pass may
+//! fall behind R: the hypervisor provides memory at the first touch of a page.
+//!
+//! `dirty check` holds the writer back and compares every page written so far
+//! with what was last written there: generation P before page C, P - 1 from C
+//! on (nothing from C on during the first pass). It runs on the boot CPU,
+//! which serves nothing else meanwhile; it reads at native speed (GiB/s).
+//! A wrong page is reported with what its first wrong word should hold
+//! (`want`, generation `want_gen`) and holds (`got`, decoded as page
+//! `got_page` and generation `got_gen`; generations modulo 2^32): an older
+//! generation means a write was lost. `error: dirty: no buffer` before the
+//! first `dirty M R`, and `error: dirty: cannot allocate M MiB` when the heap
+//! (up to 256 MiB, less what the devices and CPUs use) cannot hold it.
 //!
 //! # Network services
 //!
@@ -98,6 +144,7 @@ use core::fmt::{self, Display, Write};
 
 use crate::cmdline::Warning;
 use crate::command::Command;
+use crate::dirty::{self, Mismatch, Progress};
 use crate::text::Printable;
 
 /// Where the TSC frequency came from.
@@ -145,8 +192,8 @@ pub struct Status {
     pub mem_bytes: u64,
     /// The last heartbeat number printed (0 before the first).
     pub heartbeat: u64,
-    /// Milliseconds since the guest started timing (just before `ready`).
-    pub uptime_ms: u64,
+    /// Microseconds since the guest started timing (just before `ready`).
+    pub uptime_us: u64,
 }
 
 /// What the caller must do after a reply.
@@ -158,7 +205,8 @@ pub enum Action {
     Poweroff,
     /// Reset the machine.
     Reboot,
-    /// A device command: the device code replies.
+    /// A command about the machine (devices, processors, the memory
+    /// dirtier): the code that drives it replies.
     Device,
 }
 
@@ -225,6 +273,80 @@ pub fn net(w: &mut impl Write, nic: u64, s: &NetStatus) -> fmt::Result {
         write!(w, "{sep}{n}")?;
     }
     write!(w, " irqs={}\r\n", s.irqs)
+}
+
+/// `cpus: n=N started=S counts=C0,C1,…`; `counts` has one entry per CPU
+/// index, 0 for one that is not running.
+pub fn cpus(w: &mut impl Write, n: u32, counts: &[u64]) -> fmt::Result {
+    let started = counts.iter().filter(|&&c| c != 0).count();
+    write!(w, "cpus: n={n} started={started} counts=")?;
+    for (i, c) in counts.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        write!(w, "{sep}{c}")?;
+    }
+    w.write_str("\r\n")
+}
+
+/// The memory dirtier's state, for the `dirty` replies.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DirtyStatus {
+    /// Buffer size in MiB (0: no buffer yet).
+    pub mib: u64,
+    /// Rate in MiB/s; 0 when stopped.
+    pub rate: u64,
+    /// Where the writer is.
+    pub progress: Progress,
+    /// Pages written since the buffer was allocated.
+    pub written: u64,
+    /// The CPU index that runs the writer.
+    pub cpu: u32,
+}
+
+/// `dirty: mib=M rate=R pages=N passes=P cursor=C written=W cpu=I`
+pub fn dirty_status(w: &mut impl Write, s: &DirtyStatus) -> fmt::Result {
+    let p = s.progress;
+    write!(
+        w,
+        "dirty: mib={} rate={} pages={} passes={} cursor={} written={} cpu={}\r\n",
+        s.mib, s.rate, p.pages, p.passes, p.cursor, s.written, s.cpu
+    )
+}
+
+/// The first wrong page `dirty check` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadPage {
+    /// Its index.
+    pub page: u64,
+    /// Its first wrong word.
+    pub mismatch: Mismatch,
+}
+
+/// `dirty: ok pages=N checked=K passes=P cursor=C` or `dirty: bad pages=N
+/// checked=K bad_pages=B page=I word=W want=0xH got=0xH want_gen=G got_page=J
+/// got_gen=H passes=P cursor=C`, for `bad_pages` wrong pages among the
+/// written ones, the first of them `first`.
+pub fn dirty_check(
+    w: &mut impl Write,
+    p: &Progress,
+    bad_pages: u64,
+    first: Option<BadPage>,
+) -> fmt::Result {
+    let (pages, checked, passes, cursor) = (p.pages, p.written(), p.passes, p.cursor);
+    let Some(BadPage { page, mismatch: m }) = first else {
+        return write!(
+            w,
+            "dirty: ok pages={pages} checked={checked} passes={passes} cursor={cursor}\r\n"
+        );
+    };
+    let (got_page, got_gen, _) = dirty::decode(m.got);
+    let want_gen = p.generation(page).unwrap_or_default() & 0xffff_ffff;
+    write!(
+        w,
+        "dirty: bad pages={pages} checked={checked} bad_pages={bad_pages} page={page} word={} \
+         want={:#018x} got={:#018x} want_gen={want_gen} got_page={got_page} got_gen={got_gen} \
+         passes={passes} cursor={cursor}\r\n",
+        m.word, m.want, m.got
+    )
 }
 
 /// `error: TOPIC: PROBLEM`
@@ -355,10 +477,13 @@ pub fn reply(w: &mut impl Write, command: &Command<'_>, s: &Status) -> Result<Ac
     match command {
         Command::Status => write!(
             w,
-            "status: cpus={} mem_bytes={} heartbeat={} uptime_ms={}\r\n",
-            s.cpus, s.mem_bytes, s.heartbeat, s.uptime_ms
+            "status: cpus={} mem_bytes={} heartbeat={} uptime_ms={} uptime_us={}\r\n",
+            s.cpus,
+            s.mem_bytes,
+            s.heartbeat,
+            s.uptime_us / 1000,
+            s.uptime_us
         )?,
-        Command::Cpus => write!(w, "cpus: {}\r\n", s.cpus)?,
         Command::Mem => write!(
             w,
             "mem: bytes={} mib={}\r\n",
@@ -374,9 +499,9 @@ pub fn reply(w: &mut impl Write, command: &Command<'_>, s: &Status) -> Result<Ac
             w.write_str("reboot: bye\r\n")?;
             return Ok(Action::Reboot);
         }
-        Command::Help => {
-            w.write_str("help: status cpus mem echo net disk rng ping poweroff reboot help\r\n")?
-        }
+        Command::Help => w.write_str(
+            "help: status cpus mem echo net disk rng ping dirty poweroff reboot help\r\n",
+        )?,
         Command::Usage(usage) => write!(w, "error: usage: {usage}\r\n")?,
         // Device commands are answered by the device code with the functions below.
         Command::Net(_)
@@ -385,7 +510,11 @@ pub fn reply(w: &mut impl Write, command: &Command<'_>, s: &Status) -> Result<Ac
         | Command::DiskWrite { .. }
         | Command::Rng(_)
         | Command::Ping { .. }
-        | Command::Chaos => return Ok(Action::Device),
+        | Command::Chaos
+        | Command::Cpus
+        | Command::DirtyStatus
+        | Command::Dirty { .. }
+        | Command::DirtyCheck => return Ok(Action::Device),
         Command::Unknown(word) => write!(w, "error: unknown command '{}'\r\n", Printable(word))?,
     }
     Ok(Action::Continue)
@@ -400,7 +529,7 @@ mod tests {
         cpus: 4,
         mem_bytes: 512 << 20,
         heartbeat: 7,
-        uptime_ms: 1234,
+        uptime_us: 1_234_567,
     };
 
     fn run(line: &[u8]) -> (String, Action) {
@@ -450,24 +579,99 @@ mod tests {
 
     #[test]
     fn replies() {
-        let cases: [(&[u8], &str); 7] = [
+        let cases: [(&[u8], &str); 6] = [
             (
                 b"status",
-                "status: cpus=4 mem_bytes=536870912 heartbeat=7 uptime_ms=1234\r\n",
+                "status: cpus=4 mem_bytes=536870912 heartbeat=7 uptime_ms=1234 \
+                 uptime_us=1234567\r\n",
             ),
-            (b"cpus", "cpus: 4\r\n"),
             (b"mem", "mem: bytes=536870912 mib=512\r\n"),
             (b"echo hi  there ", "echo: hi  there\r\n"),
             (b"echo", "echo: \r\n"),
             (
                 b"help",
-                "help: status cpus mem echo net disk rng ping poweroff reboot help\r\n",
+                "help: status cpus mem echo net disk rng ping dirty poweroff reboot help\r\n",
             ),
             (b"bogus\x1b arg", "error: unknown command 'bogus?'\r\n"),
         ];
         for (line, expected) in cases {
             assert_eq!(run(line), (expected.to_string(), Action::Continue));
         }
+    }
+
+    #[test]
+    fn machine_commands_are_left_to_the_caller() {
+        for line in [
+            &b"cpus"[..],
+            b"dirty",
+            b"dirty 64 200",
+            b"dirty check",
+            b"net",
+        ] {
+            assert_eq!(run(line), (String::new(), Action::Device), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn cpus_line() {
+        let mut out = String::new();
+        cpus(&mut out, 4, &[123, 456, 0, 1011]).unwrap();
+        cpus(&mut out, 0, &[7]).unwrap();
+        assert_eq!(
+            out,
+            "cpus: n=4 started=3 counts=123,456,0,1011\r\ncpus: n=0 started=1 counts=7\r\n"
+        );
+    }
+
+    #[test]
+    fn dirty_lines() {
+        let progress = Progress {
+            pages: 16384,
+            passes: 3,
+            cursor: 100,
+        };
+        let mut out = String::new();
+        dirty_status(&mut out, &DirtyStatus::default()).unwrap();
+        dirty_status(
+            &mut out,
+            &DirtyStatus {
+                mib: 64,
+                rate: 200,
+                progress,
+                written: 49252,
+                cpu: 1,
+            },
+        )
+        .unwrap();
+        dirty_check(&mut out, &progress, 0, None).unwrap();
+        let first_pass = Progress {
+            passes: 0,
+            ..progress
+        };
+        dirty_check(&mut out, &first_pass, 0, None).unwrap();
+        // Page 5 should be in generation 3 but still holds generation 2: a lost write.
+        let bad = BadPage {
+            page: 5,
+            mismatch: Mismatch {
+                word: 0,
+                want: dirty::stamp(5, 3, 0),
+                got: dirty::stamp(5, 2, 0),
+            },
+        };
+        dirty_check(&mut out, &progress, 2, Some(bad)).unwrap();
+        assert_eq!(
+            out,
+            format!(
+                "dirty: mib=0 rate=0 pages=0 passes=0 cursor=0 written=0 cpu=0\r\n\
+                 dirty: mib=64 rate=200 pages=16384 passes=3 cursor=100 written=49252 cpu=1\r\n\
+                 dirty: ok pages=16384 checked=16384 passes=3 cursor=100\r\n\
+                 dirty: ok pages=16384 checked=100 passes=0 cursor=100\r\n\
+                 dirty: bad pages=16384 checked=16384 bad_pages=2 page=5 word=0 want={:#018x} \
+                 got={:#018x} want_gen=3 got_page=5 got_gen=2 passes=3 cursor=100\r\n",
+                dirty::stamp(5, 3, 0),
+                dirty::stamp(5, 2, 0)
+            )
+        );
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! The main loop: heartbeat, serial input, commands, power button.
+//! The main loop: heartbeat, serial input, commands, power button, and the
+//! memory dirtier when no other CPU runs it.
 //!
 //! Interrupts stay off; the loop spins on the TSC (native speed at CPL3) and
 //! only touches the UART about once a millisecond and the power button's
 //! event register about every 10 ms, since every port or MMIO access is a VM
-//! exit.
+//! exit. Each iteration counts on the boot CPU's counter (`cpus`).
 
-use baton_test_guest::acpi::Fadt;
+use baton_test_guest::acpi::{Fadt, MAX_CPUS};
 use baton_test_guest::command::{self, Command};
 use baton_test_guest::line::{Event, LineBuffer};
 use baton_test_guest::periodic::Periodic;
@@ -55,6 +56,8 @@ pub fn run(mut machine: Machine) -> ! {
     let mut timer_poll = Periodic::new(now, clock.ticks(10));
     let mut lines = LineBuffer::new();
     loop {
+        crate::cpus::tick_boot_cpu();
+        crate::dirtier::step(0);
         let now = clock.now();
         if heartbeat_timer.as_mut().is_some_and(|t| t.due(now)) {
             heartbeat += 1;
@@ -100,7 +103,7 @@ fn status(machine: &Machine, heartbeat: u64) -> Status {
         cpus: machine.cpus,
         mem_bytes: machine.mem_bytes,
         heartbeat,
-        uptime_ms: machine.clock.uptime_ms(),
+        uptime_us: machine.clock.uptime_us(),
     }
 }
 
@@ -116,7 +119,7 @@ fn execute(command: &Command<'_>, status: &Status, machine: &mut Machine) {
         Action::Continue => return,
         Action::Device => {
             let clock = machine.clock;
-            return device_command(command, &mut machine.devices, &clock);
+            return device_command(command, machine.cpus, &mut machine.devices, &clock);
         }
         Action::Poweroff => power::poweroff(fadt, &machine.mem, &machine.clock),
         Action::Reboot => power::reboot(fadt, &machine.mem, &machine.clock),
@@ -124,8 +127,8 @@ fn execute(command: &Command<'_>, status: &Status, machine: &mut Machine) {
     emit(|w| protocol::action_failed(w, action));
 }
 
-/// Answers a device command.
-fn device_command(command: &Command<'_>, d: &mut Devices, clock: &Clock) {
+/// Answers a command about the machine.
+fn device_command(command: &Command<'_>, cpus: u32, d: &mut Devices, clock: &Clock) {
     let now_us = clock.uptime_us();
     let missing = |what: &'static str| emit(|w| protocol::device_error(w, what, &"none found"));
     match *command {
@@ -158,6 +161,15 @@ fn device_command(command: &Command<'_>, d: &mut Devices, clock: &Clock) {
             None => emit(|w| protocol::device_error(w, "ping", &"no nic 0")),
         },
         Command::Chaos => devices::chaos(d, clock),
+        Command::Cpus => {
+            let mut counts = [0u64; MAX_CPUS];
+            let counts = &mut counts[..crate::cpus::slots()];
+            crate::cpus::counts(counts);
+            emit(|w| protocol::cpus(w, cpus, counts));
+        }
+        Command::DirtyStatus => crate::dirtier::status(),
+        Command::Dirty { mib, rate } => crate::dirtier::set(mib, rate),
+        Command::DirtyCheck => crate::dirtier::check(),
         Command::Rng(n) => match &mut d.rng {
             Some(rng) => devices::rng(rng, n as usize),
             None => missing("rng"),

@@ -78,11 +78,6 @@ impl Clock {
         ms.saturating_mul(self.khz)
     }
 
-    /// Milliseconds since [`Clock::calibrate`].
-    pub fn uptime_ms(&self) -> u64 {
-        rdtsc().saturating_sub(self.start) / self.khz
-    }
-
     /// Spins for `ms` milliseconds.
     pub fn delay_ms(&self, ms: u64) {
         let start = rdtsc();
@@ -133,8 +128,12 @@ fn pit_khz() -> Option<u64> {
 }
 
 impl Clock {
-    /// Microseconds since [`Clock::calibrate`] (smoltcp's clock).
+    /// Microseconds since [`Clock::calibrate`] (smoltcp's clock, and the
+    /// `status` line's): the TSC as it is, so it goes back (to 0 at worst) if
+    /// the TSC does.
     pub fn uptime_us(&self) -> u64 {
-        rdtsc().saturating_sub(self.start).saturating_mul(1000) / self.khz
+        let ticks = rdtsc().saturating_sub(self.start);
+        let us = u128::from(ticks) * 1000 / u128::from(self.khz);
+        u64::try_from(us).unwrap_or(u64::MAX)
     }
 }

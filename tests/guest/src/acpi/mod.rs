@@ -1,11 +1,11 @@
 //! Finding and validating the ACPI tables the guest needs.
 //!
 //! From the RSDP (`start_info.rsdp_paddr`) through the XSDT (RSDP revision 2+)
-//! or RSDT (revision 0, or a bad XSDT) to the MADT, which gives the processor
-//! count, and the FADT, which gives the power-off and reset registers. The
-//! FADT points to the DSDT, which is scanned for the `\_S5` sleep type and for
-//! the event register of a Generic Event Device, where the VMM signals the
-//! power button.
+//! or RSDT (revision 0, or a bad XSDT) to the MADT, which gives the processors
+//! (their count and APIC IDs), and the FADT, which gives the power-off and
+//! reset registers. The FADT points to the DSDT, which is scanned for the
+//! `\_S5` sleep type and for the event register of a Generic Event Device,
+//! where the VMM signals the power button.
 //!
 //! Tables come from the VMM and are not trusted: every signature, length and
 //! checksum is checked before a table is used, lengths are capped, and memory
@@ -18,6 +18,7 @@ mod madt;
 use core::fmt;
 
 pub use fadt::{reset_writes, Fadt, Gas, RegWrite};
+pub use madt::{ApicIds, MAX_CPUS};
 
 use crate::bytes::{u32_at, u64_at, u8_at};
 use crate::text::Printable;
@@ -44,6 +45,8 @@ const RSDP_MAX_SIZE: usize = 4096;
 pub struct Tables {
     /// Enabled processors in the first valid MADT, if there is one.
     pub cpus: Option<u32>,
+    /// Their APIC IDs, in MADT order.
+    pub apic_ids: ApicIds,
     /// The first valid FADT.
     pub fadt: Option<Fadt>,
     /// Physical address of the Generic Event Device's event register (one
@@ -155,7 +158,9 @@ pub fn parse(
             }
         };
         if header.signature.0 == *b"APIC" {
-            tables.cpus = Some(madt::enabled_cpus(table));
+            let (cpus, ids) = madt::enabled_cpus(table);
+            tables.cpus = Some(cpus);
+            tables.apic_ids = ids;
         } else if header.signature.0 == *b"MCFG" {
             tables.ecam = mcfg_segment0(table);
         } else {

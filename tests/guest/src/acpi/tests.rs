@@ -168,6 +168,7 @@ fn hw_reduced_xsdt() {
     let tables = tables.unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(tables.cpus, Some(3));
+    assert_eq!(tables.apic_ids.as_slice(), [0, 1, 300]);
     let fadt = tables.fadt.unwrap();
     assert_eq!(fadt.s5, Some((5, 5)));
     assert_eq!(
@@ -323,12 +324,23 @@ fn root_entries_pointing_nowhere_are_skipped() {
 fn madt_walk_stops_at_impossible_entries() {
     let zero_len = [0u8, 0, 0, 0];
     let t = madt(&[&local_apic(0, 1), &zero_len, &local_apic(1, 1)]);
-    assert_eq!(madt::enabled_cpus(&t), 1);
+    assert_eq!(madt::enabled_cpus(&t).0, 1);
     let mut overlong = local_apic(1, 1);
     overlong[1] = 200;
     let t = madt(&[&local_apic(0, 1), &overlong]);
-    assert_eq!(madt::enabled_cpus(&t), 1);
-    assert_eq!(madt::enabled_cpus(&t[..10]), 0);
+    assert_eq!(madt::enabled_cpus(&t).0, 1);
+    assert_eq!(madt::enabled_cpus(&t).1.as_slice(), [0]);
+    assert_eq!(madt::enabled_cpus(&t[..10]).0, 0);
+}
+
+#[test]
+fn madt_keeps_the_first_apic_ids_and_counts_all() {
+    let cpus: Vec<Vec<u8>> = (0..300).map(|id| local_x2apic(id, 1)).collect();
+    let cpus: Vec<&[u8]> = cpus.iter().map(Vec::as_slice).collect();
+    let (count, ids) = madt::enabled_cpus(&madt(&cpus));
+    assert_eq!(count, 300);
+    assert_eq!(ids.as_slice().len(), MAX_CPUS);
+    assert_eq!(ids.as_slice()[255], 255);
 }
 
 #[test]
