@@ -184,6 +184,9 @@ pub struct VmInfoResponse {
     pub state: VmState,
     /// Guest RAM in bytes.
     pub memory_actual_size: u64,
+    /// (+) Where an outgoing migration is, while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

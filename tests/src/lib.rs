@@ -409,6 +409,18 @@ impl ApiVmm {
         }
     }
 
+    /// baton's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.0.id()
+    }
+
+    /// Sends `signal` to baton.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill baton: {}", std::io::Error::last_os_error());
+    }
+
     /// A scratch directory that lives as long as this baton.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -58,9 +58,9 @@ fn four_cpus_and_five_gib() {
     let five_gib = 5u64 << 30;
     // All of it but the legacy BIOS area below 1 MiB.
     assert!(mem <= five_gib && mem > five_gib - (1 << 20), "{ready}");
-    vm.console().send("cpus");
-    let line = vm.console().wait_for("cpus: ", BOOT);
-    assert_eq!(line, "cpus: 4");
+    let line = vm.console().command("cpus", "cpus:", BOOT);
+    assert_eq!(baton_tests::num(&line, "n"), 4, "{line}");
+    assert_eq!(baton_tests::num(&line, "started"), 4, "{line}");
 }
 
 #[test]

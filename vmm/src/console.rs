@@ -96,6 +96,17 @@ impl Write for ConsoleOutput {
 struct Input {
     device: Mutex<Option<Arc<Mutex<Serial>>>>,
     closed: AtomicBool,
+    /// (device, inode) of the socket file this console bound, once bound: at the end only
+    /// that file is removed, not one another baton bound at the same path since.
+    socket_file: Mutex<Option<(u64, u64)>>,
+}
+
+/// (device, inode) of the file at `path`.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 type InputTarget = Arc<Input>;
@@ -113,6 +124,17 @@ pub struct Console {
 impl Console {
     /// Sets up the console described by `config`.
     pub fn new(config: &ConsoleConfig) -> Result<Self, Error> {
+        Self::build(config, false)
+    }
+
+    /// Sets up the console of a VM migrated from another baton on this host, which may
+    /// still serve the same socket path until it exits: the socket is then taken over as soon
+    /// as the other baton lets go of it (guest output waits in the backlog meanwhile).
+    pub fn taking_over(config: &ConsoleConfig) -> Result<Self, Error> {
+        Self::build(config, true)
+    }
+
+    fn build(config: &ConsoleConfig, take_over: bool) -> Result<Self, Error> {
         let mut target = InputTarget::default();
         let sink = match config.mode {
             ConsoleMode::Off => Sink::Discard,
@@ -152,9 +174,27 @@ impl Console {
                 .socket
                 .as_deref()
                 .expect("validated: socket mode has a path");
-            let listener = bind(path)?;
+            let listener = match bind(path) {
+                Err(Error::SocketInUse(_)) if take_over => None,
+                other => Some(other?),
+            };
+            if listener.is_some() {
+                *target.socket_file.lock().expect("console lock poisoned") = file_identity(path);
+            }
             let out = output.clone();
+            let owned = path.to_owned();
             spawn_input("serial-socket", target.clone(), move |t| {
+                let listener = match listener {
+                    Some(l) => l,
+                    None => match wait_and_bind(&owned, &t) {
+                        Some(l) => {
+                            *t.socket_file.lock().expect("console lock poisoned") =
+                                file_identity(&owned);
+                            l
+                        }
+                        None => return,
+                    },
+                };
                 serve(listener, out, t)
             })?;
             socket = Some(path.to_owned());
@@ -191,9 +231,49 @@ impl Drop for Console {
                 let _ = c.shutdown(std::net::Shutdown::Both);
             }
         }
+        let ours = *self
+            .target
+            .socket_file
+            .lock()
+            .expect("console lock poisoned");
+        if ours.is_none() || ours != file_identity(&path) {
+            // Never bound, or the path is another baton's now (it took the VM over).
+            return;
+        }
         // Wake the accept loop so it sees the console closed and drops the listener.
         let _ = UnixStream::connect(&path);
         let _ = api::server::remove_stale_socket(&path);
+    }
+}
+
+/// Waits for the baton serving `path` to let go of it, then binds it; None if the console
+/// closed first. The path is watched, not probed: a probe connection would replace the
+/// other baton's console client. Only a file left for seconds is probed (its owner died).
+fn wait_and_bind(path: &Path, target: &Input) -> Option<UnixListener> {
+    let started = std::time::Instant::now();
+    let mut last_probe = started;
+    loop {
+        if target.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let probe = started.elapsed() > Duration::from_secs(5)
+            && last_probe.elapsed() > Duration::from_secs(1);
+        if !path.exists() || probe {
+            last_probe = std::time::Instant::now();
+            match bind(path) {
+                Ok(l) => {
+                    log::info!("serial socket {} taken over", path.display());
+                    return Some(l);
+                }
+                Err(Error::SocketInUse(_)) => {}
+                Err(e) if path.exists() => log::debug!("serial socket: {e}"),
+                Err(e) => {
+                    log::warn!("serial socket: {e}");
+                    return None;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

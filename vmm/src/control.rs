@@ -8,8 +8,14 @@
 use api::request::{
     ApiAction, ApiError, ApiReply, ApiResponse, VmInfoResponse, VmState, VmmPingResponse,
 };
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
 use api::VmConfig;
 use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::migrate::{self, Progress};
 
 use crate::console::Console;
 use crate::device_manager::Backends;
@@ -25,15 +31,35 @@ pub enum After {
     Exit,
 }
 
+/// A migration in progress, on its own thread.
+enum Job {
+    /// This VM is being sent.
+    Sending(Arc<Progress>),
+    /// A VM is being received.
+    Receiving,
+}
+
+/// What a migration thread reports when it ends.
+pub enum Done {
+    /// The VM was sent (it runs there now) or not (it runs here as before).
+    Sent(Result<migrate::Stats, migrate::Error>),
+    /// A VM arrived (None: the source abandoned), or receiving failed.
+    Received(Result<Option<Box<migrate::Arrived>>, String>),
+}
+
 /// The VMM's VM, if any.
 pub struct Vmm {
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     events: VmEvents,
     config: Option<VmConfig>,
     state: VmState,
-    vm: Option<Vm>,
+    vm: Option<Arc<Vm>>,
     backends: Backends,
     console: Option<(api::ConsoleConfig, Console)>,
+    job: Option<(Job, Sender<ApiResponse>)>,
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
+    done_evt: EventFd,
 }
 
 fn conflict(msg: String) -> ApiError {
@@ -41,7 +67,7 @@ fn conflict(msg: String) -> ApiError {
 }
 
 /// Validates `config` and names its devices, or says why not (400).
-fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
+pub(crate) fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
     config
         .validate(&cpuid::feature_names())
         .and_then(|_| config.assign_device_ids())
@@ -51,7 +77,7 @@ fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
 /// Lines up descriptors that came for network cards (`net_fds`, in the order listed) with
 /// the cards of `config`: those cards take descriptors instead of opening their TAP by name,
 /// in configuration order, which is how [`Backends::open`] hands them out.
-fn net_fds_in_order(
+pub(crate) fn net_fds_in_order(
     config: &mut VmConfig,
     net_fds: &[api::NetFds],
     fds: api::fds::Fds,
@@ -94,22 +120,221 @@ fn net_fds_in_order(
     Ok(by_card.into_iter().flatten().flatten().collect())
 }
 
+/// Accepts one source on `listener` and serves its session into `incoming`; true if the VM
+/// arrived, false if the source abandoned.
+fn receive(
+    listener: &migration::Listener,
+    incoming: &mut migrate::Incoming,
+) -> Result<bool, String> {
+    let mut channel = listener
+        .accept()
+        .map_err(|e| format!("Cannot accept the source: {e}"))?;
+    let timeout = Some(std::time::Duration::from_secs(60));
+    if let Err(e) = channel
+        .set_read_timeout(timeout)
+        .and_then(|_| channel.set_write_timeout(timeout))
+    {
+        return Err(format!("Cannot set up the migration socket: {e}"));
+    }
+    match migration::session::receive(&mut channel, Default::default(), incoming) {
+        Ok(outcome) => Ok(outcome == migration::Outcome::Completed),
+        Err(e) => Err(api::request::error_chain(&e).join(": ")),
+    }
+}
+
 fn no_vm() -> ApiError {
     ApiError::message(404, "No VM has been created (use vm.create)")
 }
 
 impl Vmm {
     /// A VMM without a VM.
-    pub fn new(kvm: Kvm, events: VmEvents) -> Self {
-        Vmm {
-            kvm,
+    pub fn new(kvm: Kvm, events: VmEvents) -> std::io::Result<Self> {
+        let (done_tx, done_rx) = channel();
+        Ok(Vmm {
+            kvm: Arc::new(kvm),
             events,
             config: None,
             state: VmState::Created,
             vm: None,
             backends: Backends::default(),
             console: None,
+            job: None,
+            done_tx,
+            done_rx,
+            done_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Signalled when a migration thread ends: call [`Vmm::migration_done`].
+    pub fn migration_event(&self) -> &EventFd {
+        &self.done_evt
+    }
+
+    /// Refuses what cannot happen while a migration runs.
+    fn not_migrating(&self) -> Result<(), ApiError> {
+        match &self.job {
+            None => Ok(()),
+            Some((Job::Sending(_), _)) => Err(conflict(
+                "The VM is being migrated; wait for vm.send-migration to answer".into(),
+            )),
+            Some((Job::Receiving, _)) => Err(conflict(
+                "A migration is being received; wait for vm.receive-migration to answer".into(),
+            )),
         }
+    }
+
+    /// Starts sending the VM; `reply` gets the answer when the migration ends.
+    pub fn send_migration(&mut self, cfg: api::SendMigrationConfig, reply: Sender<ApiResponse>) {
+        match self.start_send(cfg) {
+            Ok(job) => self.job = Some((job, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn start_send(&mut self, cfg: api::SendMigrationConfig) -> Result<Job, ApiError> {
+        self.not_migrating()?;
+        cfg.validate().map_err(|e| ApiError::new(400, &e))?;
+        self.require(&[VmState::Running], "migrate")?;
+        let config = self
+            .config
+            .clone()
+            .expect("require() checked the VM exists");
+        migrate::check_send(&config, &cfg)
+            .map_err(|e| ApiError::new(400, &crate::Error::Migration(e)))?;
+        let vm = self.vm.clone().expect("a running VM exists");
+        let progress = Arc::new(Progress::default());
+        let (p, tx, evt) = (progress.clone(), self.done_tx.clone(), self.wake()?);
+        std::thread::Builder::new()
+            .name("migration-send".into())
+            .spawn(move || {
+                let result = migrate::send(&vm, &config, &cfg, &p);
+                let _ = tx.send(Done::Sent(result));
+                let _ = evt.write(1);
+            })
+            .map_err(|e| ApiError::new(500, &e))?;
+        Ok(Job::Sending(progress))
+    }
+
+    fn wake(&self) -> Result<EventFd, ApiError> {
+        self.done_evt
+            .try_clone()
+            .map_err(|e| ApiError::new(500, &e))
+    }
+
+    /// Starts receiving a VM; `reply` gets the answer when the migration ends.
+    pub fn receive_migration(
+        &mut self,
+        cfg: api::ReceiveMigrationConfig,
+        fds: api::fds::Fds,
+        reply: Sender<ApiResponse>,
+    ) {
+        match self.start_receive(cfg, fds) {
+            Ok(job) => self.job = Some((job, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn start_receive(
+        &mut self,
+        cfg: api::ReceiveMigrationConfig,
+        fds: api::fds::Fds,
+    ) -> Result<Job, ApiError> {
+        self.not_migrating()?;
+        if let Some(state) = self.config.as_ref().map(|_| self.state) {
+            return Err(conflict(format!(
+                "A VM already exists ({state:?}); delete it before receiving one"
+            )));
+        }
+        cfg.validate().map_err(|e| ApiError::new(400, &e))?;
+        if cfg.backend_transfer {
+            return Err(ApiError::new(
+                400,
+                &crate::Error::Migration(migrate::Error::BackendTransfer),
+            ));
+        }
+        let url: migration::MigrationUrl = cfg
+            .receiver_url
+            .parse()
+            .map_err(|e| ApiError::new(400, &crate::Error::Migration(migrate::Error::Url(e))))?;
+        let listener = migration::Listener::bind(&url).map_err(|e| {
+            ApiError::new(
+                400,
+                &crate::Error::Migration(migrate::Error::Listen(cfg.receiver_url.clone(), e)),
+            )
+        })?;
+        let events = self
+            .events
+            .try_clone()
+            .map_err(|e| ApiError::new(500, &e))?;
+        let mut incoming = migrate::Incoming::new(self.kvm.clone(), events, cfg.net_fds, fds);
+        let (tx, evt) = (self.done_tx.clone(), self.wake()?);
+        std::thread::Builder::new()
+            .name("migration-receive".into())
+            .spawn(move || {
+                let result = receive(&listener, &mut incoming).map(|completed| {
+                    completed
+                        .then(|| incoming.arrived.take().map(Box::new))
+                        .flatten()
+                });
+                let _ = tx.send(Done::Received(result));
+                let _ = evt.write(1);
+            })
+            .map_err(|e| ApiError::new(500, &e))?;
+        log::info!("waiting for a migration on {}", cfg.receiver_url);
+        Ok(Job::Receiving)
+    }
+
+    /// A migration thread ended: answers its request and installs or drops the VM.
+    pub fn migration_done(&mut self) -> After {
+        let Ok(done) = self.done_rx.try_recv() else {
+            return After::Continue;
+        };
+        let Some((_, reply)) = self.job.take() else {
+            return After::Continue;
+        };
+        let (response, after) = match done {
+            Done::Sent(Ok(stats)) => {
+                // The VM runs at the destination now; this one stays paused and goes.
+                self.stop_vm();
+                self.state = VmState::Shutdown;
+                let body = serde_json::to_value(&stats).expect("stats serialise");
+                (Ok(ApiReply::Json(body)), After::Exit)
+            }
+            Done::Sent(Err(e)) => (
+                Err(ApiError::new(500, &crate::Error::Migration(e))),
+                After::Continue,
+            ),
+            Done::Received(Ok(Some(arrived))) => {
+                let arrived = *arrived;
+                log::info!("migration received: the VM runs here now");
+                self.console = Some((arrived.config.serial.clone(), arrived.console));
+                self.config = Some(arrived.config);
+                self.backends = arrived.backends;
+                self.vm = Some(Arc::new(arrived.vm));
+                self.state = VmState::Running;
+                (Ok(ApiReply::Empty), After::Continue)
+            }
+            Done::Received(Ok(None)) => (
+                Err(ApiError::message(
+                    500,
+                    "The source abandoned the migration; nothing was kept",
+                )),
+                After::Continue,
+            ),
+            Done::Received(Err(e)) => (
+                Err(ApiError {
+                    status: 500,
+                    chain: vec!["Receiving the migration failed; nothing was kept".into(), e],
+                }),
+                After::Continue,
+            ),
+        };
+        let _ = reply.send(response);
+        after
     }
 
     /// The eventfds the VM's devices and vCPUs signal.
@@ -166,7 +391,7 @@ impl Vmm {
             config.cpus.boot_vcpus,
             started.elapsed().as_micros()
         );
-        self.vm = Some(vm);
+        self.vm = Some(Arc::new(vm));
         self.state = if restoring {
             VmState::Paused
         } else {
@@ -195,7 +420,7 @@ impl Vmm {
     /// The running (or paused) VM, or a 409 saying why there is none.
     fn running(&self) -> Result<&Vm, ApiError> {
         self.vm
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| conflict(format!("The VM is not running ({:?})", self.state)))
     }
 
@@ -215,6 +440,15 @@ impl Vmm {
     /// Handles one request.
     pub fn handle(&mut self, action: ApiAction) -> (ApiResponse, After) {
         let mut after = After::Continue;
+        let read_only = matches!(
+            action,
+            ApiAction::VmmPing | ApiAction::VmInfo | ApiAction::VmCounters
+        );
+        if !read_only {
+            if let Err(e) = self.not_migrating() {
+                return (Err(e), after);
+            }
+        }
         let response = match action {
             ApiAction::VmmPing => Ok(ApiReply::Json(
                 serde_json::to_value(VmmPingResponse {
@@ -267,7 +501,7 @@ impl Vmm {
             ApiAction::VmSnapshot(cfg) => self.snapshot(&cfg),
             ApiAction::VmRestore(cfg, fds) => self.restore(cfg, fds),
             ApiAction::VmSendMigration(_) | ApiAction::VmReceiveMigration(..) => Err(
-                ApiError::message(501, "Live migration is not implemented yet"),
+                ApiError::message(400, "Migrations are only taken through the REST API"),
             ),
             ApiAction::VmDelete => self.state().map(|_| {
                 self.stop_vm();
@@ -383,7 +617,7 @@ impl Vmm {
         let counters: serde_json::Map<String, serde_json::Value> = self
             .vm
             .as_ref()
-            .map(Vm::counters)
+            .map(|vm| vm.counters())
             .unwrap_or_default()
             .into_iter()
             .map(|(id, c)| {
@@ -406,6 +640,12 @@ impl Vmm {
                 config,
                 state,
                 memory_actual_size,
+                migration: match &self.job {
+                    Some((Job::Sending(p), _)) => {
+                        Some(serde_json::to_value(p.report()).expect("progress serialises"))
+                    }
+                    _ => None,
+                },
             })
             .expect("info serialises"),
         ))

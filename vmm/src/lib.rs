@@ -16,6 +16,7 @@ pub mod interrupt;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod migrate;
 pub mod regs;
 pub mod snapshot;
 pub mod state;
@@ -62,6 +63,9 @@ pub enum Error {
     /// Opening device backends.
     #[error("Cannot open the VM's devices")]
     Devices(#[source] device_manager::Error),
+    /// A live migration.
+    #[error("Live migration")]
+    Migration(#[source] migrate::Error),
     /// Writing or reading a snapshot.
     #[error("Snapshot")]
     Snapshot(#[source] snapshot::Error),
@@ -82,6 +86,8 @@ pub enum Outcome {
     Signalled,
     /// `vmm.shutdown` was requested.
     ApiShutdown,
+    /// The VM was migrated to another baton.
+    Migrated,
 }
 
 /// Eventfd written by the SIGTERM/SIGINT handler (-1 until installed).
@@ -185,7 +191,7 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
     vcpu::install_kick_handler().map_err(|e| Error::Vm(vm::Error::Vcpu(e)))?;
     let terminate = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Loop)?;
     install_terminate_handler(&terminate).map_err(Error::Loop)?;
-    let mut vmm = Vmm::new(kvm, VmEvents::new().map_err(Error::Vm)?);
+    let mut vmm = Vmm::new(kvm, VmEvents::new().map_err(Error::Vm)?).map_err(Error::Loop)?;
 
     let api = match api_socket {
         Some(socket) => {
@@ -208,7 +214,13 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
     loop {
         let which = {
             let events = vmm.events();
-            let mut fds = vec![&events.exit, &events.reset, &events.fail, &terminate];
+            let mut fds = vec![
+                &events.exit,
+                &events.reset,
+                &events.fail,
+                &terminate,
+                vmm.migration_event(),
+            ];
             if let Some((_, wake, _)) = &api {
                 fds.push(wake);
             }
@@ -236,10 +248,30 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
                 vmm.shutdown();
                 return Ok(Outcome::Signalled);
             }
+            4 => {
+                if vmm.migration_done() == After::Exit {
+                    log::info!("the VM was migrated: exiting");
+                    if let Some((_, _, server)) = &api {
+                        server.drain(Duration::from_secs(2));
+                    }
+                    return Ok(Outcome::Migrated);
+                }
+            }
             _ => {
-                let (requests, _, server) = api.as_ref().expect("index 4 is the API eventfd");
+                let (requests, _, server) = api.as_ref().expect("index 5 is the API eventfd");
                 while let Ok(request) = requests.try_recv() {
-                    let (response, after) = vmm.handle(request.action);
+                    let (response, after) = match request.action {
+                        // Migrations answer when they end, from their own thread.
+                        ApiAction::VmSendMigration(cfg) => {
+                            vmm.send_migration(cfg, request.reply);
+                            continue;
+                        }
+                        ApiAction::VmReceiveMigration(cfg, fds) => {
+                            vmm.receive_migration(cfg, fds, request.reply);
+                            continue;
+                        }
+                        action => vmm.handle(action),
+                    };
                     // A client that hung up does not need its answer.
                     let _ = request.reply.send(response);
                     if after == After::Exit {

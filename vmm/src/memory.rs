@@ -8,8 +8,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 
 use crate::layout::*;
 
-/// Guest memory as baton uses it everywhere.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as baton uses it everywhere (with the bitmap of pages devices wrote).
+pub type GuestMemory = devices::virtio::GuestMemory;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +159,47 @@ pub fn create(size: u64, shared: bool) -> Result<GuestMemory, Error> {
         regions.push(GuestRegionMmap::new(mapping, start).expect("RAM ranges never overflow"));
     }
     GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)
+}
+
+/// Guest RAM for `size` bytes on shared memory another baton handed over (a local
+/// migration): one descriptor per RAM range, in order, each at least that range's size.
+pub fn from_fds(size: u64, fds: Vec<std::os::fd::OwnedFd>) -> Result<GuestMemory, Error> {
+    let ranges = ram_ranges(size);
+    if fds.len() != ranges.len() {
+        return Err(Error::Memfd(std::io::Error::other(format!(
+            "{} memory descriptors for {} RAM ranges",
+            fds.len(),
+            ranges.len()
+        ))));
+    }
+    let mut regions = Vec::new();
+    for ((start, len), fd) in ranges.into_iter().zip(fds) {
+        let file = File::from(fd);
+        let actual = file.metadata().map_err(Error::Memfd)?.len();
+        if actual < len {
+            return Err(Error::Memfd(std::io::Error::other(format!(
+                "a memory descriptor of {actual} bytes for a RAM range of {len}"
+            ))));
+        }
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(Error::Mmap)?;
+        regions.push(GuestRegionMmap::new(mapping, start).expect("RAM ranges never overflow"));
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)
+}
+
+/// The shared-memory descriptor behind each RAM range, in order; None if memory is private.
+pub fn fds(mem: &GuestMemory) -> Option<Vec<std::os::fd::BorrowedFd<'_>>> {
+    use std::os::fd::AsFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .map(|r| r.file_offset().map(|f| f.file().as_fd()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -12,7 +12,10 @@ use devices::legacy::{Cmos, CmosState, Serial, SerialState, I8042};
 use devices::pci::{PciBus, PciConfigIo, PciEcam};
 use devices::virtio::transport::TransportState;
 use devices::{Bus, Trigger};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -73,6 +76,9 @@ pub enum Error {
     #[error("Cannot save device state")]
     NotPaused(#[source] devices::virtio::transport::NotPaused),
 }
+
+/// Granularity of dirty-page tracking.
+pub const PAGE_SIZE: u64 = 4096;
 
 /// Everything a paused VM holds besides its memory and configuration: the state a snapshot
 /// or a migration carries. Devices are rebuilt from it, not created and then patched.
@@ -174,6 +180,15 @@ pub struct VmEvents {
 }
 
 impl VmEvents {
+    /// The same eventfds, for a VM built on another thread (an incoming migration).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(VmEvents {
+            exit: self.exit.try_clone()?,
+            reset: self.reset.try_clone()?,
+            fail: self.fail.try_clone()?,
+        })
+    }
+
     /// Three new non-blocking eventfds.
     pub fn new() -> Result<Self, Error> {
         let new = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
@@ -207,13 +222,18 @@ pub struct Vm {
 }
 
 fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
+    set_memory_flags(vm_fd, mem, 0)
+}
+
+/// (Re-)registers every RAM region as KVM memory slot `index` with `flags`.
+fn set_memory_flags(vm_fd: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
             .expect("region start is inside guest memory");
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -472,9 +492,48 @@ impl Vm {
         &self.memory
     }
 
-    /// The KVM VM (dirty logging during migration).
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm_fd
+    /// Starts or stops recording which pages change: KVM logs the vCPUs' writes, each
+    /// region's bitmap the devices'. Starting forgets what was recorded before.
+    pub fn dirty_logging(&self, on: bool) -> Result<(), Error> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        set_memory_flags(&self.vm_fd, &self.memory, flags)?;
+        for region in self.memory.iter() {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
+        Ok(())
+    }
+
+    /// The pages written since the last call (or since logging started), as sorted
+    /// guest-physical (address, length) ranges; clears the record.
+    pub fn take_dirty(&self) -> Result<Vec<(u64, u64)>, Error> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let kvm = self
+                .vm_fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|e| Error::Kvm("read the dirty log", e))?;
+            let devices = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            let words = kvm.len().max(devices.len());
+            let base = region.start_addr().0;
+            for w in 0..words {
+                let mut bits =
+                    kvm.get(w).copied().unwrap_or(0) | devices.get(w).copied().unwrap_or(0);
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let page = w as u64 * 64 + bit;
+                    let addr = base + page * PAGE_SIZE;
+                    if addr >= base + region.len() {
+                        break;
+                    }
+                    match ranges.last_mut() {
+                        Some((start, len)) if *start + *len == addr => *len += PAGE_SIZE,
+                        _ => ranges.push((addr, PAGE_SIZE)),
+                    }
+                }
+            }
+        }
+        Ok(ranges)
     }
 
     /// Stops every vCPU for good.

@@ -24,8 +24,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use transport::{Interrupt, VirtioPciDevice, VmOps};
 
-/// Guest memory as devices see it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as devices see it. Each region carries a bitmap of the pages written through
+/// it (by devices: vCPU writes are KVM's dirty log), which live migration sends again.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// The bitmap slice of a piece of [`GuestMemory`], as chain readers and writers carry it.
+pub type MemSlice<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {

@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::Bitmap as _;
 use vm_memory::{GuestMemory as _, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -311,6 +312,11 @@ impl IoVecs {
                 .map_err(|_| bad.clone())?;
             for slice in slices {
                 let slice = slice.map_err(|_| bad.clone())?;
+                if writable {
+                    // The device writes here behind vm-memory's back: record it for the
+                    // dirty-page tracking of live migration.
+                    slice.bitmap().mark_dirty(0, slice.len());
+                }
                 v.iovs.push(libc::iovec {
                     iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                     iov_len: slice.len(),

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 
 use virtio_queue::{DescriptorChain, Reader, Writer};
 
-use crate::virtio::GuestMemory;
+use crate::virtio::{GuestMemory, MemSlice};
 
 /// Bytes per sector, the unit of request offsets.
 pub const SECTOR_SIZE: u64 = 512;
@@ -125,8 +125,8 @@ fn range(disk: &Disk, sector: u64, len: usize) -> Option<u64> {
 fn run(
     kind: u32,
     sector: u64,
-    reader: &mut Reader<'_>,
-    writer: &mut Writer<'_>,
+    reader: &mut Reader<'_, MemSlice<'_>>,
+    writer: &mut Writer<'_, MemSlice<'_>>,
     disk: &Disk,
     bounce: &mut Bounce,
 ) -> (u8, usize) {

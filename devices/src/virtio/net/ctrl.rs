@@ -10,7 +10,7 @@ use virtio_queue::{Reader, Writer};
 
 use super::STATUS_ANNOUNCE;
 use crate::virtio::worker::{self, QueueError};
-use crate::virtio::{ActiveQueue, GuestMemory, Interrupt};
+use crate::virtio::{ActiveQueue, GuestMemory, Interrupt, MemSlice};
 
 const CLASS_RX: u8 = 0;
 const CLASS_MAC: u8 = 1;
@@ -87,7 +87,7 @@ impl Ctrl {
         Ok(())
     }
 
-    fn command(&mut self, r: &mut Reader<'_>) -> u8 {
+    fn command(&mut self, r: &mut Reader<'_, MemSlice<'_>>) -> u8 {
         let (Ok(class), Ok(cmd)) = (r.read_obj::<u8>(), r.read_obj::<u8>()) else {
             return ERR;
         };

@@ -1,0 +1,568 @@
+//! Live migration between batons with the test guest: over UNIX copying memory and sharing
+//! it (local=on), and over TCP on 127.0.0.1. The guest must not notice beyond a pause: its
+//! heartbeat counter, its clock, every vCPU's counter, the pages it keeps rewriting and its
+//! TCP streams carry on. Failures (nobody listening, either side killed mid-stream, a wrong
+//! protocol version, local=on where it cannot work) each give a clear error and leave the
+//! surviving side working.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use baton_tests::{
+    field, heartbeat_number, num, ApiVmm, Console, NetNs, SeqStream, TempDir, READY,
+};
+
+const BOOT: Duration = Duration::from_secs(60);
+const REPLY: Duration = Duration::from_secs(30);
+const MIB: u64 = 1 << 20;
+
+/// A guest with `cpus` vCPUs, `mem` MiB of RAM (shared or not), its serial console on
+/// `serial`, and optionally a network card on TAP `tap`.
+fn config(serial: &Path, cpus: u8, mem: u64, shared: bool, tap: Option<&str>) -> String {
+    let mut c = serde_json::json!({
+        "cpus": {"boot_vcpus": cpus, "max_vcpus": cpus},
+        "memory": {"size": mem << 20, "shared": shared},
+        "payload": {"kernel": baton_tests::guest_bin(), "cmdline": "heartbeat_ms=20 net=10.0.0.2/24"},
+        "serial": {"mode": "Socket", "socket": serial},
+    });
+    if let Some(tap) = tap {
+        c["net"] = serde_json::json!([{"id": "net0", "tap": tap}]);
+    }
+    c.to_string()
+}
+
+fn boot(vmm: &mut ApiVmm, config: &str, serial: &Path) -> Console {
+    vmm.expect("PUT", "vm.create", Some(config), 204);
+    vmm.expect("PUT", "vm.boot", None, 204);
+    let mut console = vmm.console(serial);
+    console.wait_for(READY, BOOT);
+    console.wait_for("heartbeat 2", REPLY);
+    console
+}
+
+/// Starts vm.receive-migration on `dst` (it answers when the migration ends).
+fn receive(dst: &ApiVmm, url: &str) -> std::thread::JoinHandle<api::client::Response> {
+    let body = serde_json::json!({ "receiver_url": url }).to_string();
+    let socket = dst.socket.clone();
+    std::thread::spawn(move || {
+        api::client::request(
+            &socket,
+            "PUT",
+            "vm.receive-migration",
+            Some(body.as_bytes()),
+        )
+        .expect("receive-migration request")
+    })
+}
+
+/// Sends the VM from `src`, retrying while the destination is not listening yet; returns
+/// the answer's status and body.
+fn send(src: &ApiVmm, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + REPLY;
+    loop {
+        let r = src.http("PUT", "vm.send-migration", Some(&body.to_string()));
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        if r.status != 200 && text.contains("Cannot connect") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let json = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::String(text));
+        return (r.status, json);
+    }
+}
+
+/// Migrates from `src` to `dst` over `url`; checks both answers and that the source exits.
+fn migrate(src: ApiVmm, dst: &ApiVmm, url: &str, local: bool) -> serde_json::Value {
+    let receiving = receive(dst, url);
+    let (status, stats) = send(
+        &src,
+        serde_json::json!({ "destination_url": url, "local": local }),
+    );
+    assert_eq!(status, 200, "send-migration: {stats}");
+    let r = receiving.join().unwrap();
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let (exit, stderr) = src.wait_exit(REPLY);
+    assert!(exit.success(), "the source did not exit cleanly: {stderr}");
+    let info = dst.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
+    stats
+}
+
+/// Reads the console until it is quiet; the last heartbeat seen.
+fn last_heartbeat(console: &mut Console) -> u64 {
+    let mut last = 0;
+    while let Some(line) = console.try_next(Duration::from_millis(200)) {
+        last = heartbeat_number(&line).unwrap_or(last);
+    }
+    last
+}
+
+/// The guest's heartbeat goes on from `last` without a gap or a reboot; returns the last.
+fn heartbeat_continues(console: &mut Console, last: u64, count: u64) -> u64 {
+    let mut prev = None;
+    for _ in 0..count {
+        let line = console.wait_for_match(
+            |l| heartbeat_number(l).is_some() || l.contains(READY) || l.contains("booting"),
+            "a heartbeat",
+            REPLY,
+        );
+        let n = heartbeat_number(&line)
+            .unwrap_or_else(|| panic!("the guest started over: {line}\n{}", console.tail()));
+        match prev {
+            None => assert!(
+                n > last && n <= last + 2,
+                "heartbeat {n} after {last}: {}",
+                console.tail()
+            ),
+            Some(p) => assert_eq!(n, p + 1, "heartbeat gap: {}", console.tail()),
+        }
+        prev = Some(n);
+    }
+    prev.unwrap_or(last)
+}
+
+/// Each vCPU's counter, from the guest's `cpus` line.
+fn cpu_counts(console: &mut Console) -> Vec<u64> {
+    let line = console.command("cpus", "cpus:", REPLY);
+    field(&line, "counts")
+        .unwrap_or_else(|| panic!("no counts in {line}"))
+        .split(',')
+        .map(|c| c.parse().expect("a count"))
+        .collect()
+}
+
+/// Everything the guest shows keeps going: heartbeat, clock, every vCPU.
+struct Watch {
+    heartbeat: u64,
+    uptime_us: u64,
+    counts: Vec<u64>,
+}
+
+fn watch(console: &mut Console) -> Watch {
+    let status = console.command("status", "status:", REPLY);
+    let counts = cpu_counts(console);
+    Watch {
+        heartbeat: 0,
+        uptime_us: num(&status, "uptime_us"),
+        counts,
+    }
+}
+
+/// After a migration: nothing went back, every vCPU still counts, the heartbeat has no gap.
+fn still_going(console: &mut Console, before: &Watch) -> Watch {
+    let heartbeat = heartbeat_continues(console, before.heartbeat, 5);
+    let mut now = watch(console);
+    now.heartbeat = heartbeat;
+    assert!(
+        now.uptime_us > before.uptime_us,
+        "the guest's clock went back: {} then {}",
+        before.uptime_us,
+        now.uptime_us
+    );
+    assert_eq!(now.counts.len(), before.counts.len());
+    // Every vCPU runs: its counter grows between two looks a heartbeat apart (the boot
+    // CPU counts main-loop passes, and two commands typed quickly may share one).
+    console.wait_for_match(|l| heartbeat_number(l).is_some(), "a heartbeat", REPLY);
+    let later = cpu_counts(console);
+    for (i, (a, b)) in now.counts.iter().zip(&later).enumerate() {
+        assert!(b > a, "vCPU {i} stopped counting: {a} then {b}");
+    }
+    for (i, (a, b)) in before.counts.iter().zip(&now.counts).enumerate() {
+        assert!(b > a, "vCPU {i}'s counter went back: {a} then {b}");
+    }
+    now
+}
+
+fn urls(dir: &Path, name: &str) -> String {
+    format!("unix:{}", dir.join(name).display())
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn guest_carries_on_across_unix_copy_unix_shared_and_tcp() {
+    let files = TempDir::new("mig-chain");
+    let serial = files.path().join("serial.sock");
+    let mut a = ApiVmm::start(&[]);
+    let mut console = boot(&mut a, &config(&serial, 2, 256, true, None), &serial);
+    // The guest keeps rewriting 32 MiB while it moves.
+    console.command("dirty 32 50", "dirty:", REPLY);
+    let mut before = watch(&mut console);
+    assert_eq!(before.counts.len(), 2);
+
+    let hops: Vec<(&str, bool)> = match std::env::var("HOPS").as_deref() {
+        Ok("shared") => vec![("unix", true), ("unix", true)],
+        Ok("copy") => vec![("unix", false), ("unix", false)],
+        _ => vec![("unix", false), ("unix", true), ("tcp", false)],
+    };
+    let mut src = a;
+    for (i, (kind, local)) in hops.into_iter().enumerate() {
+        let dst = ApiVmm::start(&[]);
+        let url = match kind {
+            "unix" => urls(files.path(), &format!("m{i}.sock")),
+            _ => format!("tcp:127.0.0.1:{}", free_tcp_port()),
+        };
+        before.heartbeat = 0;
+        let stats = migrate(src, &dst, &url, local);
+        before.heartbeat = last_heartbeat(&mut console);
+        for key in ["total_ms", "downtime_ms", "memory_bytes", "iterations"] {
+            assert!(stats[key].is_u64(), "{key} missing: {stats}");
+        }
+        if local {
+            assert_eq!(
+                stats["memory_bytes"], 0,
+                "local=on copies no memory: {stats}"
+            );
+        } else {
+            assert!(stats["memory_bytes"].as_u64().unwrap() > MIB, "{stats}");
+            assert!(stats["iterations"].as_u64().unwrap() >= 1, "{stats}");
+        }
+        let mut next = dst;
+        console = next.console(&serial);
+        before = still_going(&mut console, &before);
+        let check = console.command("dirty check", "dirty:", REPLY);
+        assert!(check.starts_with("dirty: ok"), "after {url}: {check}");
+        src = next;
+    }
+}
+
+/// A running guest, alone: for the failure cases.
+fn lone_guest(files: &TempDir, shared: bool) -> (ApiVmm, Console, PathBuf) {
+    let serial = files.path().join("serial.sock");
+    let mut vmm = ApiVmm::start(&[]);
+    let console = boot(&mut vmm, &config(&serial, 1, 128, shared, None), &serial);
+    (vmm, console, serial)
+}
+
+fn still_beating(console: &mut Console) {
+    let last = console.wait_for_match(|l| heartbeat_number(l).is_some(), "a heartbeat", REPLY);
+    heartbeat_continues(console, heartbeat_number(&last).unwrap(), 3);
+}
+
+#[test]
+fn refused_migrations_say_why_and_the_vm_runs_on() {
+    let files = TempDir::new("mig-refused");
+    let (vmm, mut console, _) = lone_guest(&files, false);
+    let nobody = urls(files.path(), "nobody.sock");
+    let cases = [
+        (
+            serde_json::json!({"destination_url": nobody}),
+            500,
+            "Cannot connect",
+        ),
+        (
+            serde_json::json!({"destination_url": nobody, "local": true}),
+            400,
+            "shared=on",
+        ),
+        (
+            serde_json::json!({"destination_url": "tcp:127.0.0.1:1", "local": true}),
+            400,
+            "unix:",
+        ),
+        (
+            serde_json::json!({"destination_url": "file:///tmp/x"}),
+            400,
+            "unix:/path",
+        ),
+        (
+            serde_json::json!({"destination_url": "tcp:127.0.0.1"}),
+            400,
+            "tcp:",
+        ),
+        (
+            serde_json::json!({"destination": nobody}),
+            400,
+            "unknown field",
+        ),
+    ];
+    for (body, status, why) in cases {
+        let r = vmm.http("PUT", "vm.send-migration", Some(&body.to_string()));
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, status, "{body}: {text}");
+        assert!(text.contains(why), "{body}: {text}");
+        still_beating(&mut console);
+    }
+    // A destination that already has a VM refuses to receive one.
+    let r = vmm.http(
+        "PUT",
+        "vm.receive-migration",
+        Some(&serde_json::json!({"receiver_url": nobody}).to_string()),
+    );
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running");
+}
+
+#[test]
+fn a_destination_killed_mid_stream_leaves_the_source_running() {
+    let files = TempDir::new("mig-dst-killed");
+    let (src, mut console, _) = lone_guest(&files, false);
+    // Memory changes faster than it can be sent: pre-copy keeps going until timeout_s.
+    console.command("dirty 64 4000", "dirty:", REPLY);
+    let dst = ApiVmm::start(&[]);
+    let url = urls(files.path(), "m.sock");
+    let _receiving = receive(&dst, &url);
+    let body = serde_json::json!({"destination_url": url, "downtime_ms": 1, "timeout_s": 60});
+    let sender = {
+        let socket = src.socket.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + REPLY;
+            loop {
+                let r = api::client::request(
+                    &socket,
+                    "PUT",
+                    "vm.send-migration",
+                    Some(body.to_string().as_bytes()),
+                )
+                .unwrap();
+                let text = String::from_utf8_lossy(&r.body).into_owned();
+                if text.contains("Cannot connect") && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                return (r.status, text);
+            }
+        })
+    };
+    // Wait until pre-copy runs, then kill the destination.
+    let deadline = Instant::now() + REPLY;
+    loop {
+        let info = src.expect("GET", "vm.info", None, 200).unwrap();
+        if info["migration"]["iteration"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pre-copy never got going: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.signal(libc::SIGKILL);
+    let (status, text) = sender.join().unwrap();
+    assert_eq!(status, 500, "{text}");
+    assert!(text.contains("Migration protocol"), "{text}");
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
+    assert!(info.get("migration").is_none(), "{info}");
+    still_beating(&mut console);
+    console.command("dirty 64 0", "dirty:", REPLY);
+}
+
+#[test]
+fn a_source_killed_mid_stream_leaves_the_destination_empty_and_usable() {
+    let files = TempDir::new("mig-src-killed");
+    let (src, mut console, serial) = lone_guest(&files, false);
+    console.command("dirty 64 4000", "dirty:", REPLY);
+    let dst = ApiVmm::start(&[]);
+    let url = urls(files.path(), "m.sock");
+    let receiving = receive(&dst, &url);
+    let body = serde_json::json!({"destination_url": url, "downtime_ms": 1, "timeout_s": 60});
+    let socket = src.socket.clone();
+    std::thread::spawn(move || {
+        let _ = api::client::request(
+            &socket,
+            "PUT",
+            "vm.send-migration",
+            Some(body.to_string().as_bytes()),
+        );
+    });
+    let deadline = Instant::now() + REPLY;
+    loop {
+        let info = src.expect("GET", "vm.info", None, 200).unwrap();
+        if info["migration"]["iteration"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pre-copy never got going: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.signal(libc::SIGKILL);
+    let r = receiving.join().unwrap();
+    let text = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 500, "{text}");
+    assert!(text.contains("nothing was kept"), "{text}");
+    dst.expect("GET", "vm.info", None, 404);
+    // The destination can take a VM again.
+    drop(src);
+    let mut again = dst;
+    let _ = std::fs::remove_file(&serial);
+    let c = boot(&mut again, &config(&serial, 1, 128, false, None), &serial);
+    drop(c);
+}
+
+#[test]
+fn a_source_speaking_another_protocol_version_is_refused() {
+    let files = TempDir::new("mig-version");
+    let dst = ApiVmm::start(&[]);
+    let url = urls(files.path(), "m.sock");
+    let receiving = receive(&dst, &url);
+    let parsed: migration::MigrationUrl = url.parse().unwrap();
+    let deadline = Instant::now() + REPLY;
+    let mut channel = loop {
+        match migration::Channel::connect(&parsed) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let start = migration::protocol::Start {
+        version: migration::protocol::PROTOCOL_VERSION + 1,
+        local: false,
+        backend_transfer: false,
+        devices: Vec::new(),
+    };
+    let e = channel
+        .request(
+            migration::Command::Start,
+            &migration::protocol::to_json(&start),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("version") || format!("{e:?}").contains("version"),
+        "{e:?}"
+    );
+    let r = receiving.join().unwrap();
+    let text = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 500, "{text}");
+    assert!(text.contains("version"), "{text}");
+    dst.expect("GET", "vm.info", None, 404);
+}
+
+#[test]
+fn pre_copy_that_cannot_converge_times_out_and_the_vm_runs_on() {
+    let files = TempDir::new("mig-timeout");
+    let (src, mut console, _) = lone_guest(&files, false);
+    console.command("dirty 64 4000", "dirty:", REPLY);
+    let dst = ApiVmm::start(&[]);
+    let url = urls(files.path(), "m.sock");
+    let receiving = receive(&dst, &url);
+    // downtime_ms 0: pause only once nothing is dirty; timeout_s 0: give up after the first
+    // pass, which leaves pages dirty while the guest keeps writing.
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination_url": url, "downtime_ms": 0, "timeout_s": 0}),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(body.to_string().contains("timeout_s"), "{body}");
+    let r = receiving.join().unwrap();
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    still_beating(&mut console);
+    // The same guest, dirtying slower, converges with the default downtime.
+    console.command("dirty 64 20", "dirty:", REPLY);
+    let receiving = receive(&dst, &url);
+    let (status, stats) = send(&src, serde_json::json!({"destination_url": url}));
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(receiving.join().unwrap().status, 204);
+    src.wait_exit(REPLY);
+    let mut dst = dst;
+    let mut console = dst.console(&files.path().join("serial.sock"));
+    still_beating(&mut console);
+    let check = console.command("dirty check", "dirty:", REPLY);
+    assert!(check.starts_with("dirty: ok"), "{check}");
+}
+
+/// vm.receive-migration with TAP descriptors for card `net0`, as management passes them
+/// when the source still holds its TAP.
+fn receive_with_tap(
+    dst: &ApiVmm,
+    url: &str,
+    tap: std::os::fd::OwnedFd,
+) -> std::thread::JoinHandle<api::client::Response> {
+    use std::os::fd::AsRawFd;
+    let body = serde_json::json!({
+        "receiver_url": url,
+        "net_fds": [{"id": "net0", "num_fds": 1}],
+    })
+    .to_string();
+    let socket = dst.socket.clone();
+    std::thread::spawn(move || {
+        let r = api::client::request_with_fds(
+            &socket,
+            "PUT",
+            "vm.receive-migration",
+            Some(body.as_bytes()),
+            &[tap.as_raw_fd()],
+        )
+        .expect("receive-migration request");
+        drop(tap);
+        r
+    })
+}
+
+#[test]
+fn tcp_streams_both_ways_carry_on_across_migrations_to_a_new_tap() {
+    let ns = NetNs::new("migtcp");
+    ns.run(&["ip", "link", "add", "br0", "type", "bridge"]);
+    ns.run(&["ip", "addr", "add", "10.0.0.1/24", "dev", "br0"]);
+    ns.run(&["ip", "link", "set", "br0", "up"]);
+    for tap in ["tap0", "tap1"] {
+        ns.run(&["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+        ns.run(&["ip", "link", "set", tap, "master", "br0"]);
+        ns.run(&["ip", "link", "set", tap, "up"]);
+    }
+    let files = TempDir::new("mig-tcp");
+    let serial = files.path().join("serial.sock");
+    let mut a = ApiVmm::start_in(Some(&ns), &[]);
+    let mut console = boot(
+        &mut a,
+        &config(&serial, 1, 256, true, Some("tap0")),
+        &serial,
+    );
+    let (mut from_guest, mut to_guest) = ns.enter(|| {
+        let mut r = SeqStream::connect("10.0.0.2", 5001, REPLY);
+        let mut w = SeqStream::connect("10.0.0.2", 5002, REPLY);
+        r.read(4 * MIB);
+        w.write(4 * MIB);
+        (r, w)
+    });
+    let mut src = a;
+    // Management creates a new TAP on the bridge for each destination (the source holds
+    // its own) and passes it with receive-migration.
+    for (i, (tap, local)) in [("tap1", false), ("tap0", true)].into_iter().enumerate() {
+        let dst = ApiVmm::start_in(Some(&ns), &[]);
+        let url = urls(files.path(), &format!("m{i}.sock"));
+        let receiving = receive_with_tap(&dst, &url, ns.open_tap(tap, false));
+        let (status, stats) = send(
+            &src,
+            serde_json::json!({"destination_url": url, "local": local}),
+        );
+        assert_eq!(status, 200, "{stats}");
+        let r = receiving.join().unwrap();
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+        src.wait_exit(REPLY);
+        let info = dst.expect("GET", "vm.info", None, 200).unwrap();
+        assert_eq!(info["config"]["net"][0]["tap"], tap, "{info}");
+        (from_guest, to_guest) = ns.enter(move || {
+            from_guest.read(8 * MIB);
+            to_guest.write(8 * MIB);
+            (from_guest, to_guest)
+        });
+        src = dst;
+        console = src.console(&serial);
+    }
+    // The guest got every byte sent to it, in order.
+    let deadline = Instant::now() + REPLY;
+    loop {
+        let net = console.command("net", "net:", REPLY);
+        assert_eq!(num(&net, "sink_errors"), 0, "{net}");
+        if num(&net, "sink_bytes") == to_guest.offset {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's sink is short: {net}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

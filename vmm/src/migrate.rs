@@ -1,0 +1,501 @@
+//! Live migration between two batons: the source's side ([`send`]) and the destination's
+//! ([`Incoming`], driven by [`migration::session::receive`]). Both run on a migration thread
+//! of their own, so the control loop keeps answering the API meanwhile.
+//!
+//! Source, in order (see the `migration` crate for the wire protocol):
+//! 1. Start (protocol version, local or not); the destination checks and answers.
+//! 2. `local=on`: the shared-memory descriptors of guest RAM (nothing is copied later).
+//! 3. Config: the VM configuration; the destination opens backends and prepares memory.
+//! 4. `local=off`: pre-copy. Dirty logging starts, every non-zero page goes, then each pass
+//!    sends what was written meanwhile (KVM's log of vCPU writes plus the pages devices
+//!    wrote), until what is left fits `downtime_ms` at the bandwidth of the last pass.
+//!    Past `timeout_s` the migration is abandoned and the VM runs on here.
+//! 5. Pause (vCPUs, then devices), the last dirty pages, State, Complete. The destination
+//!    builds the VM from that state, resumes it, and only then answers Complete: until
+//!    that answer any failure resumes the VM here as it was.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use api::{SendMigrationConfig, VmConfig};
+use migration::protocol::{self, Command, MemoryRanges, Start, PROTOCOL_VERSION};
+use migration::{BoxError, Channel, Limits, MigrationUrl, ProtocolError};
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::device_manager::Backends;
+use crate::memory::{self, GuestMemory};
+use crate::vm::{self, Vm, VmEvents, VmState, PAGE_SIZE};
+
+/// How long either side waits for the other before giving up.
+const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The URL does not parse.
+    #[error("Invalid migration URL")]
+    Url(#[source] migration::UrlError),
+    /// `local=on` needs memory whose descriptors can be handed over.
+    #[error("local=on needs guest memory created with shared=on")]
+    LocalNeedsShared,
+    /// `local=on` needs a channel that carries descriptors.
+    #[error("local=on needs a unix: URL: memory descriptors cannot travel over TCP")]
+    LocalNeedsUnix,
+    /// Backend transfer is the next step.
+    #[error("backend_transfer is not supported by this baton yet")]
+    BackendTransfer,
+    /// Nobody listens at the URL.
+    #[error("Cannot connect to {0}")]
+    Connect(String, #[source] std::io::Error),
+    /// Cannot listen at the URL.
+    #[error("Cannot listen on {0}")]
+    Listen(String, #[source] std::io::Error),
+    /// The protocol failed (the destination refused, the stream broke ...).
+    #[error("Migration protocol")]
+    Protocol(#[source] ProtocolError),
+    /// Pre-copy did not converge in time.
+    #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
+    Timeout(u64),
+    /// The VM could not be paused, saved or logged.
+    #[error("VM")]
+    Vm(#[source] vm::Error),
+    /// The state would not encode.
+    #[error("Cannot encode the VM state")]
+    Encode(#[source] migration::SnapshotError),
+}
+
+impl From<ProtocolError> for Error {
+    fn from(e: ProtocolError) -> Self {
+        Error::Protocol(e)
+    }
+}
+
+/// What `vm.send-migration` answers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    /// From the request to the destination's final answer.
+    pub total_ms: u64,
+    /// From pausing here to the destination resuming.
+    pub downtime_ms: u64,
+    /// Guest memory bytes sent (0 with local=on).
+    pub memory_bytes: u64,
+    /// Pre-copy passes, the first (whole memory) included.
+    pub iterations: u64,
+    /// Devices whose backends the destination took over.
+    pub transferred_backends: Vec<String>,
+}
+
+/// Where a running migration is, for `vm.info` and `baton-remote`'s progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    phase: Mutex<&'static str>,
+    iteration: AtomicU64,
+    bytes: AtomicU64,
+    remaining: AtomicU64,
+}
+
+/// A snapshot of [`Progress`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgressReport {
+    /// connecting, memory, pre-copy, downtime, completing.
+    pub phase: String,
+    /// Current pre-copy pass.
+    pub iteration: u64,
+    /// Memory bytes sent so far.
+    pub bytes_sent: u64,
+    /// Bytes the current pass sends.
+    pub bytes_in_pass: u64,
+}
+
+impl Progress {
+    fn phase(&self, phase: &'static str) {
+        *self.phase.lock().expect("progress lock poisoned") = phase;
+    }
+
+    /// The current figures.
+    pub fn report(&self) -> ProgressReport {
+        ProgressReport {
+            phase: self
+                .phase
+                .lock()
+                .expect("progress lock poisoned")
+                .to_string(),
+            iteration: self.iteration.load(Ordering::Relaxed),
+            bytes_sent: self.bytes.load(Ordering::Relaxed),
+            bytes_in_pass: self.remaining.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Checks a send request before anything moves.
+pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<MigrationUrl, Error> {
+    let url: MigrationUrl = cfg.destination_url.parse().map_err(Error::Url)?;
+    if cfg.backend_transfer {
+        return Err(Error::BackendTransfer);
+    }
+    if cfg.local && !url.is_unix() {
+        return Err(Error::LocalNeedsUnix);
+    }
+    if cfg.local && !config.memory.shared {
+        return Err(Error::LocalNeedsShared);
+    }
+    Ok(url)
+}
+
+/// The non-zero pages of guest memory, as ranges: the first pre-copy pass (the destination's
+/// memory starts zeroed).
+fn nonzero_ranges(mem: &GuestMemory) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut page = [0u8; PAGE_SIZE as usize];
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        for offset in (0..region.len()).step_by(PAGE_SIZE as usize) {
+            let addr = base + offset;
+            if mem.read_slice(&mut page, GuestAddress(addr)).is_err()
+                || page.iter().all(|b| *b == 0)
+            {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some((start, len)) if *start + *len == addr => *len += PAGE_SIZE,
+                _ => ranges.push((addr, PAGE_SIZE)),
+            }
+        }
+    }
+    ranges
+}
+
+fn bytes_of(ranges: &[(u64, u64)]) -> u64 {
+    ranges.iter().map(|(_, l)| l).sum()
+}
+
+/// Sends `ranges` of guest memory; returns the bytes sent.
+fn send_ranges(
+    channel: &mut Channel,
+    mem: &GuestMemory,
+    ranges: Vec<(u64, u64)>,
+    progress: &Progress,
+) -> Result<u64, Error> {
+    let mut sent = 0;
+    for batch in MemoryRanges::batches(ranges, &Limits::default())? {
+        let n = channel.send_memory(&batch, |gpa, buf| {
+            mem.read_slice(buf, GuestAddress(gpa))
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })?;
+        sent += n;
+        progress.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    Ok(sent)
+}
+
+/// Pre-copy until the rest fits `downtime_ms`; returns the last dirty set (to send paused).
+fn precopy(
+    vm: &Vm,
+    channel: &mut Channel,
+    cfg: &SendMigrationConfig,
+    started: Instant,
+    progress: &Progress,
+    stats: &mut Stats,
+) -> Result<(), Error> {
+    progress.phase("pre-copy");
+    vm.dirty_logging(true).map_err(Error::Vm)?;
+    let mut pass = nonzero_ranges(vm.memory());
+    let deadline = started + Duration::from_secs(cfg.timeout_s);
+    let downtime = Duration::from_millis(cfg.downtime_ms);
+    loop {
+        stats.iterations += 1;
+        progress
+            .iteration
+            .store(stats.iterations, Ordering::Relaxed);
+        progress.remaining.store(bytes_of(&pass), Ordering::Relaxed);
+        let t = Instant::now();
+        let sent = send_ranges(channel, vm.memory(), pass, progress)?;
+        stats.memory_bytes += sent;
+        // Bytes per second of this pass; a tiny pass says little, so assume at least 100 MB/s.
+        let rate = (sent as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(100e6);
+        pass = vm.take_dirty().map_err(Error::Vm)?;
+        let left = bytes_of(&pass) as f64 / rate;
+        log::debug!(
+            "pre-copy pass {}: {sent} bytes at {:.0} MB/s; {} bytes dirty",
+            stats.iterations,
+            rate / 1e6,
+            bytes_of(&pass)
+        );
+        if left <= downtime.as_secs_f64() {
+            // This pass still goes while the guest runs; what it leaves dirty goes paused.
+            let last = send_ranges(channel, vm.memory(), pass, progress)?;
+            stats.memory_bytes += last;
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout(cfg.timeout_s));
+        }
+    }
+}
+
+/// Sends the VM to the destination `cfg` names. On success the VM runs there (this one is
+/// paused for good and should be dropped); on failure it runs here as before.
+pub fn send(
+    vm: &Vm,
+    config: &VmConfig,
+    cfg: &SendMigrationConfig,
+    progress: &Progress,
+) -> Result<Stats, Error> {
+    let started = Instant::now();
+    let url = check_send(config, cfg)?;
+    progress.phase("connecting");
+    let mut channel =
+        Channel::connect(&url).map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
+    let timeouts = channel
+        .set_read_timeout(Some(PEER_TIMEOUT))
+        .and_then(|_| channel.set_write_timeout(Some(PEER_TIMEOUT)));
+    timeouts.map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
+    let mut stats = Stats::default();
+    let result = send_on(vm, config, cfg, &mut channel, started, progress, &mut stats);
+    let logging_off = vm.dirty_logging(false);
+    match result {
+        Ok(()) => {
+            stats.total_ms = started.elapsed().as_millis() as u64;
+            Ok(stats)
+        }
+        Err(e) => {
+            // Tell the destination to drop what it built (it may be gone already).
+            let _ = channel.request(Command::Abandon, &[]);
+            if let Err(e) = logging_off {
+                log::warn!("cannot stop dirty logging: {e}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn send_on(
+    vm: &Vm,
+    config: &VmConfig,
+    cfg: &SendMigrationConfig,
+    channel: &mut Channel,
+    started: Instant,
+    progress: &Progress,
+    stats: &mut Stats,
+) -> Result<(), Error> {
+    let start = Start {
+        version: PROTOCOL_VERSION,
+        local: cfg.local,
+        backend_transfer: false,
+        devices: Vec::new(),
+    };
+    migration::session::start(channel, &start)?;
+    if cfg.local {
+        progress.phase("memory");
+        let fds = memory::fds(vm.memory()).ok_or(Error::LocalNeedsShared)?;
+        let regions: Vec<protocol::MemoryRegion> = vm
+            .memory()
+            .iter()
+            .map(|r| protocol::MemoryRegion {
+                gpa: r.start_addr().0,
+                len: r.len(),
+            })
+            .collect();
+        channel.request_with_fds(Command::MemoryFds, &protocol::to_json(&regions), &fds)?;
+    }
+    channel.request(
+        Command::Config,
+        &serde_json::to_vec(config).expect("configurations serialise"),
+    )?;
+    if !cfg.local {
+        precopy(vm, channel, cfg, started, progress, stats)?;
+    }
+
+    progress.phase("downtime");
+    let paused_at = Instant::now();
+    vm.pause();
+    let result = (|| {
+        if !cfg.local {
+            let last = vm.take_dirty().map_err(Error::Vm)?;
+            stats.memory_bytes += send_ranges(channel, vm.memory(), last, progress)?;
+        }
+        let state = vm.state().map_err(Error::Vm)?;
+        let state = migration::snapshot::encode(&state).map_err(Error::Encode)?;
+        channel.request(Command::State, &state)?;
+        progress.phase("completing");
+        channel.request(Command::Complete, &[])?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            stats.downtime_ms = paused_at.elapsed().as_millis() as u64;
+            log::info!(
+                "migration done: {} ms, {} ms down, {} bytes in {} passes",
+                started.elapsed().as_millis(),
+                stats.downtime_ms,
+                stats.memory_bytes,
+                stats.iterations
+            );
+            Ok(())
+        }
+        Err(e) => {
+            log::warn!("migration failed while paused; resuming here");
+            vm.resume();
+            Err(e)
+        }
+    }
+}
+
+/// A VM that arrived: what the control loop installs.
+pub struct Arrived {
+    /// Its configuration (device ids assigned).
+    pub config: VmConfig,
+    /// Its backends.
+    pub backends: Backends,
+    /// Its console.
+    pub console: crate::console::Console,
+    /// The VM, running.
+    pub vm: Vm,
+}
+
+/// The destination's side, fed by [`migration::session::receive`].
+pub struct Incoming {
+    kvm: Arc<kvm_ioctls::Kvm>,
+    events: VmEvents,
+    net_fds: Vec<api::NetFds>,
+    fds: Vec<OwnedFd>,
+    local: bool,
+    shared_memory: Option<Vec<OwnedFd>>,
+    config: Option<VmConfig>,
+    backends: Option<Backends>,
+    memory: Option<GuestMemory>,
+    state: Option<VmState>,
+    /// The VM once Complete built it.
+    pub arrived: Option<Arrived>,
+}
+
+impl Incoming {
+    /// A destination that opens net backends by name, or from `fds` as `net_fds` says.
+    pub fn new(
+        kvm: Arc<kvm_ioctls::Kvm>,
+        events: VmEvents,
+        net_fds: Vec<api::NetFds>,
+        fds: Vec<OwnedFd>,
+    ) -> Self {
+        Incoming {
+            kvm,
+            events,
+            net_fds,
+            fds,
+            local: false,
+            shared_memory: None,
+            config: None,
+            backends: None,
+            memory: None,
+            state: None,
+            arrived: None,
+        }
+    }
+
+    fn missing(what: &str) -> BoxError {
+        format!("no {what} before this request").into()
+    }
+}
+
+impl migration::Destination for Incoming {
+    fn start(&mut self, start: &Start) -> Result<Vec<String>, BoxError> {
+        self.local = start.local;
+        // No backend is taken over yet: every device takes the ordinary path.
+        Ok(Vec::new())
+    }
+
+    fn memory_fds(
+        &mut self,
+        _regions: Vec<protocol::MemoryRegion>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), BoxError> {
+        // Mapped once the configuration says how large RAM is (and checks the regions).
+        self.shared_memory = Some(fds);
+        Ok(())
+    }
+
+    fn config(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
+        let mut config: VmConfig = serde_json::from_slice(&bytes)?;
+        crate::control::check_and_name(&mut config)
+            .map_err(|e| -> BoxError { e.chain.join(": ").into() })?;
+        let fds = crate::control::net_fds_in_order(
+            &mut config,
+            &self.net_fds,
+            std::mem::take(&mut self.fds),
+        )
+        .map_err(|e| -> BoxError { e.chain.join(": ").into() })?;
+        let backends = Backends::open(&mut config, fds)?;
+        let mem = match self.shared_memory.take() {
+            Some(fds) => {
+                if !config.memory.shared {
+                    return Err("memory descriptors came for a VM without shared memory".into());
+                }
+                memory::from_fds(config.memory.size, fds)?
+            }
+            None if self.local => return Err(Self::missing("memory descriptors")),
+            None => memory::create(config.memory.size, config.memory.shared)?,
+        };
+        self.config = Some(config);
+        self.backends = Some(backends);
+        self.memory = Some(mem);
+        Ok(())
+    }
+
+    fn write_memory(&mut self, gpa: u64, data: &[u8]) -> std::io::Result<()> {
+        let mem = self
+            .memory
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("memory before the configuration"))?;
+        mem.write_slice(data, GuestAddress(gpa)).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} bytes at {gpa:#x}: {e}", data.len()),
+            )
+        })
+    }
+
+    fn state(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
+        self.state = Some(migration::snapshot::decode(&bytes)?);
+        Ok(())
+    }
+
+    fn backend_fds(&mut self, id: &str, _fds: Vec<OwnedFd>) -> Result<(), BoxError> {
+        Err(format!("backend descriptors for {id} were not asked for").into())
+    }
+
+    fn complete(&mut self) -> Result<(), BoxError> {
+        let config = self
+            .config
+            .take()
+            .ok_or_else(|| Self::missing("configuration"))?;
+        let backends = self
+            .backends
+            .take()
+            .ok_or_else(|| Self::missing("configuration"))?;
+        let mem = self
+            .memory
+            .take()
+            .ok_or_else(|| Self::missing("configuration"))?;
+        let state = self.state.take().ok_or_else(|| Self::missing("state"))?;
+        let console = crate::console::Console::taking_over(&config.serial)?;
+        let vm = Vm::start(
+            &self.kvm,
+            &config,
+            &backends,
+            &console,
+            &self.events,
+            vm::Start::Restore(Box::new(state), mem),
+        )?;
+        vm.resume();
+        self.arrived = Some(Arrived {
+            config,
+            backends,
+            console,
+            vm,
+        });
+        Ok(())
+    }
+}
