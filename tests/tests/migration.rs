@@ -88,13 +88,15 @@ fn migrate(src: ApiVmm, dst: &ApiVmm, url: &str, local: bool) -> serde_json::Val
     stats
 }
 
-/// Reads the console until it is quiet; the last heartbeat seen.
+/// Reads the console until it is quiet; the last heartbeat it showed.
 fn last_heartbeat(console: &mut Console) -> u64 {
-    let mut last = 0;
-    while let Some(line) = console.try_next(Duration::from_millis(200)) {
-        last = heartbeat_number(&line).unwrap_or(last);
-    }
-    last
+    while console.try_next(Duration::from_millis(200)).is_some() {}
+    console
+        .seen
+        .iter()
+        .rev()
+        .find_map(|l| heartbeat_number(l))
+        .expect("the guest printed a heartbeat")
 }
 
 /// The guest's heartbeat goes on from `last` without a gap or a reboot; returns the last.
@@ -300,103 +302,103 @@ fn refused_migrations_say_why_and_the_vm_runs_on() {
     assert_eq!(info["state"], "Running");
 }
 
-#[test]
-fn a_destination_killed_mid_stream_leaves_the_source_running() {
-    let files = TempDir::new("mig-dst-killed");
-    let (src, mut console, _) = lone_guest(&files, false);
-    // Memory changes faster than it can be sent: pre-copy keeps going until timeout_s.
-    console.command("dirty 64 4000", "dirty:", REPLY);
-    let dst = ApiVmm::start(&[]);
-    let url = urls(files.path(), "m.sock");
-    let _receiving = receive(&dst, &url);
-    let body = serde_json::json!({"destination_url": url, "downtime_ms": 1, "timeout_s": 60});
-    let sender = {
-        let socket = src.socket.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + REPLY;
-            loop {
-                let r = api::client::request(
-                    &socket,
-                    "PUT",
-                    "vm.send-migration",
-                    Some(body.to_string().as_bytes()),
-                )
-                .unwrap();
-                let text = String::from_utf8_lossy(&r.body).into_owned();
-                if text.contains("Cannot connect") && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                }
-                return (r.status, text);
-            }
-        })
-    };
-    // Wait until pre-copy runs, then kill the destination.
+/// Connects to a destination's migration socket, waiting for it to listen.
+fn connect(url: &str) -> migration::Channel {
+    let parsed: migration::MigrationUrl = url.parse().unwrap();
     let deadline = Instant::now() + REPLY;
     loop {
-        let info = src.expect("GET", "vm.info", None, 200).unwrap();
-        if info["migration"]["iteration"].as_u64().unwrap_or(0) >= 2 {
-            break;
+        match migration::Channel::connect(&parsed) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{url}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "pre-copy never got going: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
-    dst.signal(libc::SIGKILL);
-    let (status, text) = sender.join().unwrap();
-    assert_eq!(status, 500, "{text}");
-    assert!(text.contains("Migration protocol"), "{text}");
+}
+
+#[test]
+fn a_destination_that_dies_mid_stream_leaves_the_source_running() {
+    let files = TempDir::new("mig-dst-dies");
+    let (src, mut console, _) = lone_guest(&files, false);
+    console.command("dirty 16 50", "dirty:", REPLY);
+    let url = urls(files.path(), "m.sock");
+    // A destination that takes Start and Config, reads part of the memory, and dies.
+    let listener = std::os::unix::net::UnixListener::bind(files.path().join("m.sock")).unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut channel = migration::Channel::from(listener.accept().unwrap().0);
+        for _ in 0..2 {
+            let h = channel.recv_request_header().unwrap();
+            channel.read_payload(h.length).unwrap();
+            let reply = match h.command {
+                migration::Command::Start => br#"{"accepted":[]}"#.to_vec(),
+                _ => Vec::new(),
+            };
+            channel
+                .send_response(&migration::Response::Ok(reply))
+                .unwrap();
+        }
+        let h = channel.recv_request_header().unwrap();
+        assert_eq!(h.command, migration::Command::Memory);
+        channel.read_payload(h.length.min(MIB)).unwrap();
+        // Gone, like a killed process: the socket closes mid-message.
+    });
+    let (status, body) = send(&src, serde_json::json!({"destination_url": url}));
+    peer.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.to_string().contains("Migration protocol"), "{body}");
     let info = src.expect("GET", "vm.info", None, 200).unwrap();
     assert_eq!(info["state"], "Running", "{info}");
     assert!(info.get("migration").is_none(), "{info}");
     still_beating(&mut console);
-    console.command("dirty 64 0", "dirty:", REPLY);
+    let check = console.command("dirty check", "dirty:", REPLY);
+    assert!(check.starts_with("dirty: ok"), "{check}");
+    // It can still migrate for real.
+    let dst = ApiVmm::start(&[]);
+    migrate(src, &dst, &urls(files.path(), "again.sock"), false);
 }
 
 #[test]
-fn a_source_killed_mid_stream_leaves_the_destination_empty_and_usable() {
-    let files = TempDir::new("mig-src-killed");
-    let (src, mut console, serial) = lone_guest(&files, false);
-    console.command("dirty 64 4000", "dirty:", REPLY);
+fn a_source_that_dies_mid_stream_leaves_the_destination_empty_and_usable() {
+    let files = TempDir::new("mig-src-dies");
+    let serial = files.path().join("serial.sock");
     let dst = ApiVmm::start(&[]);
     let url = urls(files.path(), "m.sock");
     let receiving = receive(&dst, &url);
-    let body = serde_json::json!({"destination_url": url, "downtime_ms": 1, "timeout_s": 60});
-    let socket = src.socket.clone();
-    std::thread::spawn(move || {
-        let _ = api::client::request(
-            &socket,
-            "PUT",
-            "vm.send-migration",
-            Some(body.to_string().as_bytes()),
-        );
-    });
-    let deadline = Instant::now() + REPLY;
-    loop {
-        let info = src.expect("GET", "vm.info", None, 200).unwrap();
-        if info["migration"]["iteration"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pre-copy never got going: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    {
+        // A source that sends Start and Config, then part of the memory, and dies.
+        let mut channel = connect(&url);
+        let start = migration::protocol::Start {
+            version: migration::protocol::PROTOCOL_VERSION,
+            local: false,
+            backend_transfer: false,
+            devices: Vec::new(),
+        };
+        migration::session::start(&mut channel, &start).unwrap();
+        let config = config(&serial, 1, 128, false, None);
+        channel
+            .request(migration::Command::Config, config.as_bytes())
+            .unwrap();
+        let ranges = migration::protocol::MemoryRanges(vec![(0, 64 * MIB)]);
+        let header = migration::protocol::RequestHeader {
+            command: migration::Command::Memory,
+            length: ranges.payload_len().unwrap(),
+        };
+        use std::io::Write;
+        channel.write_all(&header.encode()).unwrap();
+        channel.write_all(&ranges.encode_table()).unwrap();
+        channel.write_all(&vec![7u8; MIB as usize]).unwrap();
     }
-    src.signal(libc::SIGKILL);
     let r = receiving.join().unwrap();
     let text = String::from_utf8_lossy(&r.body);
     assert_eq!(r.status, 500, "{text}");
     assert!(text.contains("nothing was kept"), "{text}");
     dst.expect("GET", "vm.info", None, 404);
-    // The destination can take a VM again.
-    drop(src);
+    // The destination can take a VM again, and its memory is its own (fresh).
     let mut again = dst;
     let _ = std::fs::remove_file(&serial);
-    let c = boot(&mut again, &config(&serial, 1, 128, false, None), &serial);
-    drop(c);
+    let mut console = boot(&mut again, &config(&serial, 1, 128, false, None), &serial);
+    still_beating(&mut console);
 }
 
 #[test]
@@ -405,17 +407,7 @@ fn a_source_speaking_another_protocol_version_is_refused() {
     let dst = ApiVmm::start(&[]);
     let url = urls(files.path(), "m.sock");
     let receiving = receive(&dst, &url);
-    let parsed: migration::MigrationUrl = url.parse().unwrap();
-    let deadline = Instant::now() + REPLY;
-    let mut channel = loop {
-        match migration::Channel::connect(&parsed) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let mut channel = connect(&url);
     let start = migration::protocol::Start {
         version: migration::protocol::PROTOCOL_VERSION + 1,
         local: false,
@@ -565,4 +557,86 @@ fn tcp_streams_both_ways_carry_on_across_migrations_to_a_new_tap() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn five_migrations_back_and_forth() {
+    let files = TempDir::new("mig-five");
+    let serial = files.path().join("serial.sock");
+    let mut a = ApiVmm::start(&[]);
+    let mut console = boot(&mut a, &config(&serial, 2, 128, true, None), &serial);
+    console.command("dirty 16 20", "dirty:", REPLY);
+    let mut before = watch(&mut console);
+    let mut src = a;
+    for i in 0..5 {
+        let dst = ApiVmm::start(&[]);
+        // Back and forth between two socket paths, copying and sharing memory in turn.
+        let url = urls(
+            files.path(),
+            if i % 2 == 0 {
+                "there.sock"
+            } else {
+                "back.sock"
+            },
+        );
+        migrate(src, &dst, &url, i % 2 == 1);
+        before.heartbeat = last_heartbeat(&mut console);
+        let mut next = dst;
+        console = next.console(&serial);
+        before = still_going(&mut console, &before);
+        src = next;
+    }
+    let check = console.command("dirty check", "dirty:", REPLY);
+    assert!(check.starts_with("dirty: ok"), "{check}");
+}
+
+#[test]
+fn a_disk_write_in_flight_during_migration_lands() {
+    let files = TempDir::new("mig-disk");
+    let serial = files.path().join("serial.sock");
+    let image = files.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(128 * MIB)
+        .unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&config(&serial, 1, 256, false, None)).unwrap();
+    c["disks"] = serde_json::json!([{"path": image}]);
+    let mut src = ApiVmm::start(&[]);
+    let mut old = boot(&mut src, &c.to_string(), &serial);
+    // 64 MiB in 32 KiB requests: still going while the memory is copied (most of the time;
+    // either way it must land, once).
+    const SECTORS: u64 = 64 * MIB / 512;
+    old.send(&format!("disk write 0 {SECTORS} 171"));
+    let dst = ApiVmm::start(&[]);
+    migrate(src, &dst, &urls(files.path(), "m.sock"), false);
+    let mut dst = dst;
+    let mut console = dst.console(&serial);
+    while old.try_next(Duration::from_millis(200)).is_some() {}
+    let done_before: Vec<&String> = old
+        .seen
+        .iter()
+        .filter(|l| l.contains("disk: wrote"))
+        .collect();
+    let wrote = match done_before.first() {
+        Some(line) => line.to_string(),
+        None => console.wait_for("disk: wrote", REPLY),
+    };
+    assert_eq!(wrote, format!("disk: wrote sector=0 count={SECTORS}"));
+    let data = std::fs::read(&image).unwrap();
+    let (written, rest) = data.split_at((64 * MIB) as usize);
+    assert!(
+        written.iter().all(|b| *b == 171),
+        "part of the write is missing"
+    );
+    assert!(
+        rest.iter().all(|b| *b == 0),
+        "a write landed outside its range"
+    );
+    // The device carries on after the move.
+    let wrote = console.command("disk write 0 8 172", "disk:", REPLY);
+    assert_eq!(wrote, "disk: wrote sector=0 count=8");
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[..4096].iter().all(|b| *b == 172));
+    assert!(data[4096..8192].iter().all(|b| *b == 171));
 }
