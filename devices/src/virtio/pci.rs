@@ -431,6 +431,47 @@ mod tests {
     }
 
     #[test]
+    fn state_round_trips_and_refuses_another_device() {
+        let mut f = function();
+        // The guest programs the function: queue 0, MSI-X vector 0, status, a BAR move.
+        f.bar_write(22, &0u16.to_le_bytes());
+        f.bar_write(24, &64u16.to_le_bytes());
+        f.bar_write(32, &0x1000u64.to_le_bytes());
+        f.bar_write(MSIX_TABLE_OFFSET, &0xfee0_0000u32.to_le_bytes());
+        f.bar_write(MSIX_TABLE_OFFSET + 8, &0x31u32.to_le_bytes());
+        f.bar_write(20, &[1]);
+        f.write_config(4, 0, &0xd000_0004u32.to_le_bytes());
+        f.isr().store(ISR_CONFIG, Ordering::Release);
+        let saved = f.state();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back =
+            VirtioPci::from_state(Box::new(Rng), serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(back.bar().addr, 0xd000_0000);
+        for reg in 0..64 {
+            assert_eq!(back.read_config(reg), f.read_config(reg), "register {reg}");
+        }
+        assert_eq!(*back.common(), *f.common());
+        assert_eq!(*back.msix().lock().unwrap(), *f.msix().lock().unwrap());
+        assert_eq!(back.isr().load(Ordering::Acquire), ISR_CONFIG);
+
+        // A state with another device id, more queues, or a misaligned BAR is refused.
+        let mut other = saved.clone();
+        other.config.regs[0] = 0x1041_1af4;
+        assert!(VirtioPci::from_state(Box::new(Rng), other).is_err());
+        let mut queues = saved.clone();
+        let json = serde_json::to_value(&queues.common).unwrap();
+        let mut json = json;
+        let extra = json["queues"][0].clone();
+        json["queues"].as_array_mut().unwrap().push(extra);
+        queues.common = serde_json::from_value(json).unwrap();
+        let e = VirtioPci::from_state(Box::new(Rng), queues).err().unwrap();
+        assert!(e.to_string().contains("queues"), "{e}");
+        let mut bar = saved;
+        bar.config.bars[0] = Some(0xd000_0010);
+        assert!(VirtioPci::from_state(Box::new(Rng), bar).is_err());
+    }
+
+    #[test]
     fn msix_enable_through_config_space_delivers_pending() {
         let mut f = function();
         let caps = capabilities(&f);
