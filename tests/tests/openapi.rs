@@ -1,6 +1,7 @@
 //! api/openapi.yaml against the server: the document names exactly the routes baton serves,
-//! and a real baton, driven through every VM state, answers each endpoint with the success and
-//! error codes the document lists for it.
+//! and a real baton, driven through every VM state (and through a snapshot, a restore and a
+//! migration to a second baton), answers each endpoint with the success and error codes the
+//! document lists for it.
 //!
 //! There is no YAML crate in the workspace, so a small extractor reads the subset of YAML the
 //! document keeps to (see its header): block mappings by indentation, `- ` sequence items,
@@ -9,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_tests::{guest_config_json, ApiVmm, READY};
 use serde_json::Value;
@@ -208,6 +209,18 @@ impl Checker {
         body: Option<&str>,
         want: u16,
     ) -> Option<Value> {
+        let r = vmm.http(method, endpoint, body);
+        self.check(method, endpoint, &r, want)
+    }
+
+    /// Checks an answer `r` to `method endpoint` as [`Checker::call`] does.
+    fn check(
+        &mut self,
+        method: &str,
+        endpoint: &str,
+        r: &api::client::Response,
+        want: u16,
+    ) -> Option<Value> {
         let (_, op) = self.doc.operation(endpoint);
         assert!(
             op.codes.contains(&want),
@@ -215,7 +228,6 @@ impl Checker {
              {:?})",
             op.codes
         );
-        let r = vmm.http(method, endpoint, body);
         let text = String::from_utf8_lossy(&r.body);
         assert_eq!(r.status, want, "{method} {endpoint}: {text}");
         self.seen.insert((endpoint.to_string(), want));
@@ -267,6 +279,38 @@ impl Checker {
             .expect("200 has a body");
         assert_eq!(info["state"], state, "{info}");
     }
+}
+
+/// Sends `method endpoint` with `body` to the baton on `socket` on a thread of its own: for
+/// requests that answer only when a migration ends.
+fn in_background(
+    socket: &Path,
+    endpoint: &'static str,
+    body: String,
+) -> std::thread::JoinHandle<api::client::Response> {
+    let socket = socket.to_owned();
+    std::thread::spawn(move || {
+        api::client::request(&socket, "PUT", endpoint, Some(body.as_bytes()))
+            .unwrap_or_else(|e| panic!("PUT {endpoint}: {e}"))
+    })
+}
+
+/// Waits until `path` exists (a migration listener was bound there).
+fn wait_for_path(path: &Path) {
+    let deadline = Instant::now() + BOOT;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `{"<field>": "<url>"}` body.
+fn url_body(field: &str, url: &str) -> String {
+    serde_json::json!({ field: url }).to_string()
 }
 
 /// The test guest's configuration with its kernel at `kernel`.
@@ -354,6 +398,56 @@ fn document_matches_the_routes_and_the_server() {
 
     c.call(&vmm, "PUT", "vm.add-net", Some("{}"), 404);
 
+    // Snapshots and outgoing migrations need a VM; restore and receive-migration refuse a VM.
+    let snap = vmm.dir().join("snap");
+    let snap_url = format!("file://{}", snap.display());
+    let snapshot = url_body("destination_url", &snap_url);
+    let restore = url_body("source_url", &snap_url);
+    let nobody = url_body(
+        "destination_url",
+        &format!("unix:{}", vmm.dir().join("nobody.sock").display()),
+    );
+    let migration_sock = vmm.dir().join("m.sock");
+    let migration_url = format!("unix:{}", migration_sock.display());
+    let receive = url_body("receiver_url", &migration_url);
+    c.call(&vmm, "PUT", "vm.snapshot", Some(&snapshot), 404);
+    c.call(&vmm, "PUT", "vm.send-migration", Some(&nobody), 404);
+    // Nothing was written there yet.
+    c.call(&vmm, "PUT", "vm.restore", Some(&restore), 400);
+    for (name, field) in [
+        ("vm.snapshot", "destination_url"),
+        ("vm.send-migration", "destination_url"),
+        ("vm.receive-migration", "receiver_url"),
+    ] {
+        c.call(&vmm, "PUT", name, Some(&url_body(field, "/no/scheme")), 400);
+    }
+
+    // A migration being received: only vmm.ping, vm.info and vm.counters are served until it
+    // ends; a source that abandons it leaves the baton empty and usable.
+    let receiving = in_background(&vmm.socket, "vm.receive-migration", receive.clone());
+    wait_for_path(&migration_sock);
+    let url: migration::MigrationUrl = migration_url.parse().expect("a unix: URL");
+    let mut source = migration::Channel::connect(&url).expect("connect to the receiver");
+    c.call(&vmm, "GET", "vmm.ping", None, 200);
+    c.call(&vmm, "GET", "vm.info", None, 404);
+    for (name, body) in [
+        ("vmm.shutdown", None),
+        ("vm.delete", None),
+        ("vm.create", Some(config.as_str())),
+        ("vm.snapshot", Some(snapshot.as_str())),
+        ("vm.restore", Some(restore.as_str())),
+        ("vm.send-migration", Some(nobody.as_str())),
+        ("vm.receive-migration", Some(receive.as_str())),
+    ] {
+        c.call(&vmm, "PUT", name, body, 409);
+    }
+    source
+        .request(migration::Command::Abandon, &[])
+        .expect("the receiver takes Abandon");
+    let r = receiving.join().expect("receive-migration thread");
+    c.check("PUT", "vm.receive-migration", &r, 500);
+    c.call(&vmm, "GET", "vm.info", None, 404);
+
     // Bodies baton refuses.
     c.call(&vmm, "PUT", "vm.create", Some("{not json"), 400);
     let too_big = format!("{{\"pad\":\"{}\"}}", "x".repeat(api::http::MAX_BODY_BYTES));
@@ -390,6 +484,10 @@ fn document_matches_the_routes_and_the_server() {
     ] {
         c.call(&vmm, "PUT", name, None, 409);
     }
+    c.call(&vmm, "PUT", "vm.snapshot", Some(&snapshot), 409);
+    c.call(&vmm, "PUT", "vm.send-migration", Some(&nobody), 409);
+    c.call(&vmm, "PUT", "vm.restore", Some(&restore), 409);
+    c.call(&vmm, "PUT", "vm.receive-migration", Some(&receive), 409);
 
     c.call(&vmm, "PUT", "vm.boot", None, 204);
     let mut console = vmm.console(&serial);
@@ -399,10 +497,25 @@ fn document_matches_the_routes_and_the_server() {
     c.call(&vmm, "PUT", "vm.add-net", Some(r#"{"tap":"tap0"}"#), 409);
     c.call(&vmm, "PUT", "vm.boot", None, 409);
     c.call(&vmm, "PUT", "vm.resume", None, 409);
+    // Nobody listens: the VM runs on.
+    c.call(&vmm, "PUT", "vm.send-migration", Some(&nobody), 500);
+    c.expect_state(&vmm, "Running");
 
     c.call(&vmm, "PUT", "vm.pause", None, 204);
     c.expect_state(&vmm, "Paused");
     c.call(&vmm, "PUT", "vm.pause", None, 409);
+    c.call(&vmm, "PUT", "vm.send-migration", Some(&nobody), 409);
+    c.call(&vmm, "PUT", "vm.snapshot", Some(&snapshot), 204);
+    c.call(&vmm, "PUT", "vm.snapshot", Some(&snapshot), 409);
+    let under_a_file = format!("file://{}", kernel.join("snap").display());
+    c.call(
+        &vmm,
+        "PUT",
+        "vm.snapshot",
+        Some(&url_body("destination_url", &under_a_file)),
+        500,
+    );
+    c.expect_state(&vmm, "Paused");
     c.call(&vmm, "PUT", "vm.power-button", None, 409);
     c.call(&vmm, "PUT", "vm.boot", None, 409);
     c.call(&vmm, "PUT", "vm.resume", None, 204);
@@ -424,8 +537,61 @@ fn document_matches_the_routes_and_the_server() {
     c.call(&vmm, "PUT", "vm.delete", None, 204);
     c.call(&vmm, "GET", "vm.info", None, 404);
 
-    c.call(&vmm, "PUT", "vmm.shutdown", None, 204);
+    // A snapshot whose configuration no longer fits its state cannot be built.
+    let bad = vmm.dir().join("snap-bad");
+    std::fs::create_dir(&bad).expect("mkdir");
+    for file in ["state.bin", "memory.bin"] {
+        std::fs::hard_link(snap.join(file), bad.join(file)).expect("link the snapshot");
+    }
+    let mut bad_config: Value = serde_json::from_slice(
+        &std::fs::read(snap.join("config.json")).expect("the snapshot's config.json"),
+    )
+    .expect("config.json is JSON");
+    bad_config["cpus"] = serde_json::json!({"boot_vcpus": 2, "max_vcpus": 2});
+    std::fs::write(bad.join("config.json"), bad_config.to_string()).expect("write");
+    let bad_url = format!("file://{}", bad.display());
+    c.call(
+        &vmm,
+        "PUT",
+        "vm.restore",
+        Some(&url_body("source_url", &bad_url)),
+        500,
+    );
+    c.call(&vmm, "GET", "vm.info", None, 404);
+
+    // The snapshot itself comes back paused (its kernel file is gone: it is not read again).
+    c.call(&vmm, "PUT", "vm.restore", Some(&restore), 204);
+    c.expect_state(&vmm, "Paused");
+    c.call(&vmm, "PUT", "vm.resume", None, 204);
+
+    // It moves to another baton, and this one ends.
+    let dst = ApiVmm::start(&[]);
+    let dst_sock = dst.dir().join("m.sock");
+    let dst_url = format!("unix:{}", dst_sock.display());
+    let receiving = in_background(
+        &dst.socket,
+        "vm.receive-migration",
+        url_body("receiver_url", &dst_url),
+    );
+    wait_for_path(&dst_sock);
+    let stats = c
+        .call(
+            &vmm,
+            "PUT",
+            "vm.send-migration",
+            Some(&url_body("destination_url", &dst_url)),
+            200,
+        )
+        .expect("200 has a body");
+    assert!(stats["iterations"].as_u64() >= Some(1), "{stats}");
+    let r = receiving.join().expect("receive-migration thread");
+    c.check("PUT", "vm.receive-migration", &r, 204);
     let (status, stderr) = vmm.wait_exit(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    c.expect_state(&dst, "Running");
+
+    c.call(&dst, "PUT", "vmm.shutdown", None, 204);
+    let (status, stderr) = dst.wait_exit(EXIT);
     assert_eq!(status.code(), Some(0), "{stderr}");
 
     // Every documented code was checked, but the ones no test can provoke.

@@ -1,8 +1,10 @@
 //! `baton-remote`: drive a running baton through its API socket, one command per endpoint.
 
-use std::io::Read;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
 use api::client::{self, Response};
 use clap::{Arg, ArgMatches, Command};
@@ -100,8 +102,8 @@ const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
         "vm.send-migration",
         "destination_url=unix:/path|tcp:host:port[,local=on][,downtime_ms=N][,timeout_s=N]\
          [,backend_transfer=on]",
-        "Migrate the VM to a baton waiting in receive-migration; shows progress while it \
-         runs (PUT vm.send-migration)",
+        "Migrate the VM to a baton waiting in receive-migration; shows progress on standard \
+         error while it runs (PUT vm.send-migration)",
         |s| api::SendMigrationConfig::from_option_string(s).map(json),
     ),
     (
@@ -236,6 +238,9 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
         let options = sub.get_one::<String>("options").expect("required");
         let body = parse(options).map_err(|e| Error::Options(name, e))?;
         let body = serde_json::to_vec(&body).expect("JSON values serialise");
+        if *endpoint == "vm.send-migration" {
+            return send_migration(&socket, body);
+        }
         return Ok(client::request(&socket, "PUT", endpoint, Some(&body))?);
     }
     if name == "create" {
@@ -247,6 +252,112 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
         .find(|(n, ..)| *n == name)
         .expect("clap only accepts known commands");
     Ok(client::request(&socket, method, endpoint, None)?)
+}
+
+/// How often `send-migration` asks for progress.
+const PROGRESS_POLL: Duration = Duration::from_millis(200);
+
+/// Sends `body` to vm.send-migration on a thread of its own; until the answer comes, polls
+/// vm.info on other connections and shows the migration's progress on standard error, so
+/// that standard output still carries only the answer.
+fn send_migration(socket: &Path, body: Vec<u8>) -> Result<Response, Error> {
+    let (tx, rx) = mpsc::channel();
+    let to = socket.to_owned();
+    std::thread::spawn(move || {
+        let _ = tx.send(client::request(
+            &to,
+            "PUT",
+            "vm.send-migration",
+            Some(&body),
+        ));
+    });
+    let mut shown = ProgressDisplay::new(std::io::stderr().is_terminal());
+    loop {
+        match rx.recv_timeout(PROGRESS_POLL) {
+            Ok(answer) => {
+                shown.finish();
+                return Ok(answer?);
+            }
+            Err(RecvTimeoutError::Timeout) => shown.show(poll_progress(socket)),
+            Err(RecvTimeoutError::Disconnected) => {
+                unreachable!("the request thread sends its answer before it ends")
+            }
+        }
+    }
+}
+
+/// The progress line for the migration vm.info reports, if one runs. Errors are ignored:
+/// the answer to the migration request says what went wrong.
+fn poll_progress(socket: &Path) -> Option<String> {
+    let r = client::request(socket, "GET", "vm.info", None).ok()?;
+    let info: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+    progress_line(info.get("migration")?)
+}
+
+/// `n` bytes in MiB, or KiB under one MiB.
+fn size(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{} KiB", n.div_ceil(1 << 10))
+    }
+}
+
+/// A line for vm.info's `migration` object: `migration: pre-copy pass 3, 512 MiB sent, 12 MiB
+/// in this pass`.
+fn progress_line(m: &serde_json::Value) -> Option<String> {
+    let phase = m.get("phase")?.as_str().filter(|p| !p.is_empty())?;
+    let number = |key: &str| m.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let sent = number("bytes_sent");
+    Some(match phase {
+        // The first pass is being worked out.
+        "pre-copy" if number("iteration") == 0 => "migration: pre-copy starting".to_string(),
+        "pre-copy" => format!(
+            "migration: pre-copy pass {}, {} sent, {} in this pass",
+            number("iteration"),
+            size(sent),
+            size(number("bytes_in_pass"))
+        ),
+        _ if sent == 0 => format!("migration: {phase}"),
+        _ => format!("migration: {phase}, {} sent", size(sent)),
+    })
+}
+
+/// Prints progress lines when they change: on a terminal over one another, elsewhere one per
+/// line.
+struct ProgressDisplay {
+    terminal: bool,
+    last: Option<String>,
+}
+
+impl ProgressDisplay {
+    fn new(terminal: bool) -> Self {
+        ProgressDisplay {
+            terminal,
+            last: None,
+        }
+    }
+
+    fn show(&mut self, line: Option<String>) {
+        let Some(line) = line else { return };
+        if self.last.as_ref() == Some(&line) {
+            return;
+        }
+        if self.terminal {
+            // Back to the start of the line and clear it.
+            eprint!("\r\x1b[K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        self.last = Some(line);
+    }
+
+    /// Ends a line left open on a terminal.
+    fn finish(&self) {
+        if self.terminal && self.last.is_some() {
+            eprintln!();
+        }
+    }
 }
 
 fn print_chain(chain: &[String]) {
@@ -317,5 +428,53 @@ mod tests {
         for sub in cmd.get_subcommands() {
             assert!(sub.get_about().is_some(), "{} has no help", sub.get_name());
         }
+    }
+
+    #[test]
+    fn progress_lines() {
+        let line = |v: serde_json::Value| progress_line(&v);
+        assert_eq!(
+            line(serde_json::json!({
+                "phase": "pre-copy", "iteration": 3,
+                "bytes_sent": 512u64 << 20, "bytes_in_pass": (12u64 << 20) + 5,
+            }))
+            .as_deref(),
+            Some("migration: pre-copy pass 3, 512 MiB sent, 12 MiB in this pass")
+        );
+        assert_eq!(
+            line(serde_json::json!({
+                "phase": "pre-copy", "iteration": 9, "bytes_sent": 1u64 << 30, "bytes_in_pass": 4097,
+            }))
+            .as_deref(),
+            Some("migration: pre-copy pass 9, 1024 MiB sent, 5 KiB in this pass")
+        );
+        assert_eq!(
+            line(serde_json::json!({
+                "phase": "downtime", "iteration": 4, "bytes_sent": 300u64 << 20, "bytes_in_pass": 0,
+            }))
+            .as_deref(),
+            Some("migration: downtime, 300 MiB sent")
+        );
+        // local=on copies no memory.
+        assert_eq!(
+            line(serde_json::json!({
+                "phase": "memory", "iteration": 0, "bytes_sent": 0, "bytes_in_pass": 0,
+            }))
+            .as_deref(),
+            Some("migration: memory")
+        );
+        assert_eq!(
+            line(serde_json::json!({
+                "phase": "pre-copy", "iteration": 0, "bytes_sent": 0, "bytes_in_pass": 0,
+            }))
+            .as_deref(),
+            Some("migration: pre-copy starting")
+        );
+        // Before the migration thread names its phase, and for answers of another shape.
+        assert_eq!(
+            line(serde_json::json!({"phase": "", "bytes_sent": 0})),
+            None
+        );
+        assert_eq!(line(serde_json::json!({"iteration": 1})), None);
     }
 }
