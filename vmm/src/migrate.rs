@@ -145,6 +145,50 @@ pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<Migrat
     Ok(url)
 }
 
+/// Byte ranges (offsets into a region of `len` bytes) that may hold data: the rest is known
+/// to read as zero without touching it, which matters because touching a never-used page
+/// costs a page fault, and an idle guest has mostly those.
+/// - Shared memory: the memfd's allocated extents (SEEK_DATA/SEEK_HOLE); pages written by
+///   another process that had the memory before (a local migration) count too.
+/// - Private memory: the pages /proc/self/pagemap shows present or swapped.
+fn candidate_ranges(host: *mut u8, len: u64, file: Option<&std::fs::File>) -> Vec<(u64, u64)> {
+    let whole = vec![(0, len)];
+    match file {
+        Some(f) => crate::snapshot::data_extents(f, len).unwrap_or(whole),
+        None => pagemap_ranges(host as u64, len).unwrap_or(whole),
+    }
+}
+
+/// The pages of `[addr, addr + len)` present or swapped in this process, as offsets.
+fn pagemap_ranges(addr: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let pages = len / PAGE_SIZE;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut page = 0;
+    while page < pages {
+        let n = (pages - page).min(4096);
+        let bytes = &mut buf[..(n * 8) as usize];
+        pagemap.read_exact_at(bytes, (addr / PAGE_SIZE + page) * 8)?;
+        for (i, entry) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            if entry & (PRESENT | SWAPPED) == 0 {
+                continue;
+            }
+            let at = (page + i as u64) * PAGE_SIZE;
+            match ranges.last_mut() {
+                Some((start, l)) if *start + *l == at => *l += PAGE_SIZE,
+                _ => ranges.push((at, PAGE_SIZE)),
+            }
+        }
+        page += n;
+    }
+    Ok(ranges)
+}
+
 /// The non-zero pages of guest memory, as ranges: the first pre-copy pass (the destination's
 /// memory starts zeroed).
 fn nonzero_ranges(mem: &GuestMemory) -> Vec<(u64, u64)> {
@@ -152,16 +196,22 @@ fn nonzero_ranges(mem: &GuestMemory) -> Vec<(u64, u64)> {
     let mut page = [0u8; PAGE_SIZE as usize];
     for region in mem.iter() {
         let base = region.start_addr().0;
-        for offset in (0..region.len()).step_by(PAGE_SIZE as usize) {
-            let addr = base + offset;
-            if mem.read_slice(&mut page, GuestAddress(addr)).is_err()
-                || page.iter().all(|b| *b == 0)
-            {
-                continue;
-            }
-            match ranges.last_mut() {
-                Some((start, len)) if *start + *len == addr => *len += PAGE_SIZE,
-                _ => ranges.push((addr, PAGE_SIZE)),
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("region start is inside guest memory");
+        let file = region.file_offset().map(|f| f.file());
+        for (from, len) in candidate_ranges(host, region.len(), file) {
+            for offset in (from..from + len).step_by(PAGE_SIZE as usize) {
+                let addr = base + offset;
+                if mem.read_slice(&mut page, GuestAddress(addr)).is_err()
+                    || page.iter().all(|b| *b == 0)
+                {
+                    continue;
+                }
+                match ranges.last_mut() {
+                    Some((start, len)) if *start + *len == addr => *len += PAGE_SIZE,
+                    _ => ranges.push((addr, PAGE_SIZE)),
+                }
             }
         }
     }

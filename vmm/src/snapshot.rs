@@ -154,33 +154,45 @@ pub fn load_memory(dir: &Path, mem: &GuestMemory) -> Result<(), Error> {
     if size != total {
         return Err(Error::MemorySize(path, size, total));
     }
+    let extents = data_extents(&f, total).map_err(io("read", &path))?;
     let mut base = 0u64;
     for (host, len) in ranges {
         // SAFETY: nothing runs on this memory yet; the mapping is `len` bytes and stays
         // alive while `mem` is borrowed.
         let ram = unsafe { std::slice::from_raw_parts_mut(host, len) };
         let end = base + len as u64;
-        let mut at = base;
-        while at < end {
-            let Some(data) = seek(&f, at, libc::SEEK_DATA).map_err(io("read", &path))? else {
-                break;
-            };
-            if data >= end {
-                break;
+        for &(start, n) in &extents {
+            // The part of this extent that falls in this RAM range.
+            let (from, to) = (start.max(base), (start + n).min(end));
+            if from < to {
+                f.read_exact_at(&mut ram[(from - base) as usize..(to - base) as usize], from)
+                    .map_err(io("read", &path))?;
             }
-            let hole = seek(&f, data, libc::SEEK_HOLE)
-                .map_err(io("read", &path))?
-                .unwrap_or(end)
-                .min(end);
-            let from = (data - base) as usize;
-            let to = (hole - base) as usize;
-            f.read_exact_at(&mut ram[from..to], data)
-                .map_err(io("read", &path))?;
-            at = hole;
         }
         base = end;
     }
     Ok(())
+}
+
+/// The extents of `f`'s first `len` bytes that hold data (the rest are holes, reading zero),
+/// page-aligned, as (offset, length).
+pub fn data_extents(f: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut extents = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let Some(data) = seek(f, at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= len {
+            break;
+        }
+        let hole = seek(f, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let start = data & !4095;
+        let end = hole.div_ceil(4096) * 4096;
+        extents.push((start, end.min(len) - start));
+        at = hole;
+    }
+    Ok(extents)
 }
 
 /// lseek(2) with SEEK_DATA or SEEK_HOLE; None past the last data.
