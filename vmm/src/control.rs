@@ -600,7 +600,14 @@ impl Vmm {
         self.config = Some(config);
         self.backends = backends;
         self.state = VmState::Created;
-        if let Err(e) = self.build_vm(Start::Restore(Box::new(state), mem)) {
+        let shell = crate::vm::Shell::new(
+            &self.kvm,
+            self.config.as_ref().expect("set above"),
+            Some(mem),
+        )
+        .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)));
+        let built = shell.and_then(|shell| self.build_vm(Start::Restore(Box::new(state), shell)));
+        if let Err(e) = built {
             self.config = None;
             self.backends = Backends::default();
             return Err(e);

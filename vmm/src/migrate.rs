@@ -84,6 +84,8 @@ pub struct Stats {
     pub memory_bytes: u64,
     /// Pre-copy passes, the first (whole memory) included.
     pub iterations: u64,
+    /// Time spent sending memory (with the guest running), for throughput.
+    pub memory_ms: u64,
     /// Devices whose backends the destination took over.
     pub transferred_backends: Vec<String>,
 }
@@ -264,6 +266,7 @@ fn precopy(
         let t = Instant::now();
         let sent = send_ranges(channel, vm.memory(), pass, progress)?;
         stats.memory_bytes += sent;
+        stats.memory_ms += t.elapsed().as_millis() as u64;
         // Bytes per second of this pass; a tiny pass says little, so assume at least 100 MB/s.
         let rate = (sent as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(100e6);
         pass = vm.take_dirty().map_err(Error::Vm)?;
@@ -276,8 +279,13 @@ fn precopy(
         );
         if left <= downtime.as_secs_f64() {
             // This pass still goes while the guest runs; what it leaves dirty goes paused.
-            let last = send_ranges(channel, vm.memory(), pass, progress)?;
-            stats.memory_bytes += last;
+            stats.iterations += 1;
+            progress
+                .iteration
+                .store(stats.iterations, Ordering::Relaxed);
+            let t = Instant::now();
+            stats.memory_bytes += send_ranges(channel, vm.memory(), pass, progress)?;
+            stats.memory_ms += t.elapsed().as_millis() as u64;
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -416,7 +424,7 @@ pub struct Incoming {
     shared_memory: Option<Vec<OwnedFd>>,
     config: Option<VmConfig>,
     backends: Option<Backends>,
-    memory: Option<GuestMemory>,
+    shell: Option<vm::Shell>,
     state: Option<VmState>,
     /// The VM once Complete built it.
     pub arrived: Option<Arrived>,
@@ -439,7 +447,7 @@ impl Incoming {
             shared_memory: None,
             config: None,
             backends: None,
-            memory: None,
+            shell: None,
             state: None,
             arrived: None,
         }
@@ -488,16 +496,18 @@ impl migration::Destination for Incoming {
             None if self.local => return Err(Self::missing("memory descriptors")),
             None => memory::create(config.memory.size, config.memory.shared)?,
         };
+        // The VM and its memory are set up now, while the source still runs.
+        self.shell = Some(vm::Shell::new(&self.kvm, &config, Some(mem))?);
         self.config = Some(config);
         self.backends = Some(backends);
-        self.memory = Some(mem);
         Ok(())
     }
 
     fn write_memory(&mut self, gpa: u64, data: &[u8]) -> std::io::Result<()> {
         let mem = self
-            .memory
+            .shell
             .as_ref()
+            .map(vm::Shell::memory)
             .ok_or_else(|| std::io::Error::other("memory before the configuration"))?;
         mem.write_slice(data, GuestAddress(gpa)).map_err(|e| {
             std::io::Error::new(
@@ -525,8 +535,8 @@ impl migration::Destination for Incoming {
             .backends
             .take()
             .ok_or_else(|| Self::missing("configuration"))?;
-        let mem = self
-            .memory
+        let shell = self
+            .shell
             .take()
             .ok_or_else(|| Self::missing("configuration"))?;
         let state = self.state.take().ok_or_else(|| Self::missing("state"))?;
@@ -537,7 +547,7 @@ impl migration::Destination for Incoming {
             &backends,
             &console,
             &self.events,
-            vm::Start::Restore(Box::new(state), mem),
+            vm::Start::Restore(Box::new(state), shell),
         )?;
         vm.resume();
         self.arrived = Some(Arrived {

@@ -103,8 +103,53 @@ pub struct VmState {
 pub enum Start {
     /// From its payload, at power-on.
     Boot,
-    /// From saved state and memory that already holds the guest; the VM stays paused.
-    Restore(Box<VmState>, GuestMemory),
+    /// From saved state, on a VM shell whose memory already holds the guest; the VM stays
+    /// paused.
+    Restore(Box<VmState>, Shell),
+}
+
+/// A KVM VM with its in-kernel irqchip and PIT and its memory registered, but no devices or
+/// vCPUs yet. A migration destination builds it before the source pauses, so that KVM's
+/// set-up (which grows with memory size) stays out of the downtime.
+pub struct Shell {
+    vm_fd: Arc<VmFd>,
+    mem: GuestMemory,
+}
+
+impl Shell {
+    /// A VM on `mem`, or on new memory as `config` describes.
+    pub fn new(kvm: &Kvm, config: &VmConfig, mem: Option<GuestMemory>) -> Result<Self, Error> {
+        let vm_fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?);
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| Error::Kvm("set the identity map address", e))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_START as usize)
+            .map_err(|e| Error::Kvm("set the TSS address", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+        let mem = match mem {
+            Some(mem) => mem,
+            None => {
+                memory::create(config.memory.size, config.memory.shared).map_err(Error::Memory)?
+            }
+        };
+        register_memory(&vm_fd, &mem)?;
+        Ok(Shell { vm_fd, mem })
+    }
+
+    /// Its memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
 }
 
 /// Sets up a new vCPU for power-on: CPUID from what KVM supports, adjusted by the
@@ -346,9 +391,9 @@ impl Vm {
         start: Start,
     ) -> Result<Self, Error> {
         let mut timer = PhaseTimer::new();
-        let (saved, mem) = match start {
+        let (saved, shell) = match start {
             Start::Boot => (None, None),
-            Start::Restore(state, mem) => (Some(state), Some(mem)),
+            Start::Restore(state, shell) => (Some(state), Some(shell)),
         };
         let saved = saved.as_deref();
         if let Some(s) = saved {
@@ -360,33 +405,11 @@ impl Vm {
                 )));
             }
         }
-        let vm_fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?);
-        vm_fd
-            .set_identity_map_address(KVM_IDENTITY_MAP_START)
-            .map_err(|e| Error::Kvm("set the identity map address", e))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_START as usize)
-            .map_err(|e| Error::Kvm("set the TSS address", e))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
+        let Shell { vm_fd, mem } = match shell {
+            Some(shell) => shell,
+            None => Shell::new(kvm, config, None)?,
         };
-        vm_fd
-            .create_pit2(pit)
-            .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
-
-        timer.mark("KVM VM");
-        let mem = match mem {
-            Some(mem) => mem,
-            None => {
-                memory::create(config.memory.size, config.memory.shared).map_err(Error::Memory)?
-            }
-        };
-        register_memory(&vm_fd, &mem)?;
-        timer.mark("memory");
+        timer.mark("KVM VM and memory");
         let buses = create_devices(&vm_fd, console, events, saved)?;
         let interrupts = Arc::new(Interrupts::new(vm_fd.clone()));
         let devices = device_manager::create(
