@@ -521,9 +521,18 @@ fn tcp_streams_both_ways_carry_on_across_migrations_to_a_new_tap() {
     let mut src = a;
     // Management creates a new TAP on the bridge for each destination (the source holds
     // its own) and passes it with receive-migration.
-    for (i, (tap, local)) in [("tap1", false), ("tap0", true)].into_iter().enumerate() {
+    let hops = [
+        ("tap1", "unix", false),
+        ("tap0", "unix", true),
+        ("tap1", "tcp", false),
+    ];
+    for (i, (tap, kind, local)) in hops.into_iter().enumerate() {
         let dst = ApiVmm::start_in(Some(&ns), &[]);
-        let url = urls(files.path(), &format!("m{i}.sock"));
+        let url = match kind {
+            // 127.0.0.1 of the namespace both batons run in.
+            "tcp" => format!("tcp:127.0.0.1:{}", 7000 + i),
+            _ => urls(files.path(), &format!("m{i}.sock")),
+        };
         let receiving = receive_with_tap(&dst, &url, ns.open_tap(tap, false));
         let (status, stats) = send(
             &src,
