@@ -7,6 +7,8 @@ one line of results. The VMM command comes from the environment (BENCH_VMM_CMD, 
 with {serial}, {disk} and {guest} placeholders)."""
 import json, os, socket, subprocess, sys, tempfile, time
 
+from guest_console import Console, field
+
 GUEST = "10.0.0.2"
 MIB = 1 << 20
 
@@ -15,52 +17,6 @@ def stream_block(offset, n):
     # Bytes of the guest's sequence stream from `offset` (a multiple of 8), n a multiple of 8.
     first = offset // 8
     return b"".join((first + i).to_bytes(8, "little") for i in range(n // 8))
-
-
-class Console:
-    def __init__(self, path, proc):
-        deadline = time.time() + 30
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    sys.exit("the VMM never opened its serial socket")
-                time.sleep(0.01)
-        self.buf = b""
-
-    def line(self, pred, timeout=120):
-        deadline = time.time() + timeout
-        while True:
-            while b"\n" in self.buf:
-                l, self.buf = self.buf.split(b"\n", 1)
-                l = l.decode(errors="replace").strip()
-                if pred(l):
-                    return l
-            self.s.settimeout(max(0.01, deadline - time.time()))
-            try:
-                d = self.s.recv(65536)
-            except socket.timeout:
-                d = b""
-            if not d and time.time() > deadline:
-                sys.exit("no expected console line")
-            self.buf += d
-
-    def command(self, cmd, prefix):
-        self.s.sendall(cmd.encode() + b"\n")
-        l = self.line(lambda l: l.startswith(prefix) or l.startswith("error:"))
-        if l.startswith("error:"):
-            sys.exit(f"{cmd}: {l}")
-        return l
-
-
-def field(line, key):
-    for w in line.split():
-        if w.startswith(key + "="):
-            return int(w.split("=", 1)[1])
-    raise KeyError(key)
 
 
 def tcp_from_guest(size):
@@ -132,7 +88,7 @@ def main():
                for a in json.loads(os.environ["BENCH_VMM_CMD"])]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            console = Console(serial, proc)
+            console = Console(serial, lambda: proc.poll() is None)
             console.line(lambda l: "baton-test-guest: ready" in l, 120)
             # The TAP exists now; give the host side its address if the VMM did not.
             subprocess.run(["ip", "addr", "add", "10.0.0.1/24", "dev", "tap0"],

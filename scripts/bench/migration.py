@@ -16,6 +16,8 @@ Usage: migration.py WORKDIR MEM_MIB unix|tcp on|off RUNS [DIRTY_COMMAND]"""
 import ctypes, http.client, json, os, signal, socket, statistics, subprocess, sys, tempfile
 import threading, time
 
+from guest_console import Console, field
+
 BATON = os.path.abspath("target/release/baton")
 GUEST = os.path.abspath("target/release/baton-test-guest")
 READY = "baton-test-guest: ready"
@@ -84,56 +86,6 @@ class Baton:
         self.proc.wait()
 
 
-class Console:
-    def __init__(self, path, baton):
-        deadline = time.time() + 20
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                self.s.close()
-                if baton.proc.poll() is not None or time.time() > deadline:
-                    baton.fail("the serial socket never opened")
-                time.sleep(0.01)
-        self.buf = b""
-
-    def line(self, pred, timeout=TIMEOUT):
-        deadline = time.time() + timeout
-        while True:
-            while b"\n" in self.buf:
-                l, self.buf = self.buf.split(b"\n", 1)
-                l = l.decode(errors="replace").strip()
-                if pred(l):
-                    return l
-            self.s.settimeout(max(0.01, deadline - time.time()))
-            try:
-                d = self.s.recv(65536)
-            except socket.timeout:
-                d = b""
-            if not d and time.time() > deadline:
-                sys.exit("no expected console line")
-            self.buf += d
-
-    def command(self, cmd, prefix):
-        self.s.sendall(cmd.encode() + b"\n")
-        l = self.line(lambda l: l.startswith(prefix) or l.startswith("error:"))
-        if l.startswith("error:"):
-            sys.exit(f"{cmd}: {l}")
-        return l
-
-    def close(self):
-        self.s.close()
-
-
-def field(line, key):
-    for w in line.split():
-        if w.startswith(key + "="):
-            return int(w.split("=", 1)[1])
-    raise KeyError(key)
-
-
 def free_tcp_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,7 +122,7 @@ def one_run(workdir, mem_mib, transport, local, dirty):
             src, dst = Baton(d, "source"), Baton(d, "destination")
             src.expect("PUT", "vm.create", config(serial, mem_mib), 204)
             src.expect("PUT", "vm.boot", None, 204)
-            console = Console(serial, src)
+            console = Console(serial, lambda: src.proc.poll() is None)
             console.line(lambda l: READY in l)
             if dirty:
                 console.command(dirty, "dirty:")
@@ -209,7 +161,7 @@ def one_run(workdir, mem_mib, transport, local, dirty):
             if dirty:
                 # Figures of a migration that lost a page would be worth nothing.
                 console.close()
-                console = Console(serial, dst)
+                console = Console(serial, lambda: dst.proc.poll() is None)
                 check = console.command("dirty check", "dirty:")
                 if not check.startswith("dirty: ok"):
                     sys.exit(f"the guest lost memory: {check}")

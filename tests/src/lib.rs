@@ -575,3 +575,41 @@ impl SeqStream {
 pub fn heartbeat_number(line: &str) -> Option<u64> {
     line.strip_prefix("heartbeat ")?.trim().parse().ok()
 }
+
+impl Console {
+    /// Reads until the console is quiet; the last heartbeat number it showed.
+    pub fn last_heartbeat(&mut self) -> u64 {
+        while self.try_next(Duration::from_millis(200)).is_some() {}
+        self.seen
+            .iter()
+            .rev()
+            .find_map(|l| heartbeat_number(l))
+            .expect("the guest printed a heartbeat")
+    }
+
+    /// Checks the guest's heartbeat goes on from `last` for `count` beats, without a gap
+    /// and without the guest starting over; returns the last beat. The first may follow
+    /// one that a pause cut in half.
+    pub fn heartbeat_continues(&mut self, last: u64, count: u64, timeout: Duration) -> u64 {
+        let mut prev = None;
+        for _ in 0..count {
+            let line = self.wait_for_match(
+                |l| heartbeat_number(l).is_some() || l.contains(READY) || l.contains("booting"),
+                "a heartbeat",
+                timeout,
+            );
+            let n = heartbeat_number(&line)
+                .unwrap_or_else(|| panic!("the guest started over: {line}\n{}", self.tail()));
+            match prev {
+                None => assert!(
+                    n > last && n <= last + 2,
+                    "heartbeat {n} after {last}: {}",
+                    self.tail()
+                ),
+                Some(p) => assert_eq!(n, p + 1, "heartbeat gap: {}", self.tail()),
+            }
+            prev = Some(n);
+        }
+        prev.unwrap_or(last)
+    }
+}

@@ -88,41 +88,6 @@ fn migrate(src: ApiVmm, dst: &ApiVmm, url: &str, local: bool) -> serde_json::Val
     stats
 }
 
-/// Reads the console until it is quiet; the last heartbeat it showed.
-fn last_heartbeat(console: &mut Console) -> u64 {
-    while console.try_next(Duration::from_millis(200)).is_some() {}
-    console
-        .seen
-        .iter()
-        .rev()
-        .find_map(|l| heartbeat_number(l))
-        .expect("the guest printed a heartbeat")
-}
-
-/// The guest's heartbeat goes on from `last` without a gap or a reboot; returns the last.
-fn heartbeat_continues(console: &mut Console, last: u64, count: u64) -> u64 {
-    let mut prev = None;
-    for _ in 0..count {
-        let line = console.wait_for_match(
-            |l| heartbeat_number(l).is_some() || l.contains(READY) || l.contains("booting"),
-            "a heartbeat",
-            REPLY,
-        );
-        let n = heartbeat_number(&line)
-            .unwrap_or_else(|| panic!("the guest started over: {line}\n{}", console.tail()));
-        match prev {
-            None => assert!(
-                n > last && n <= last + 2,
-                "heartbeat {n} after {last}: {}",
-                console.tail()
-            ),
-            Some(p) => assert_eq!(n, p + 1, "heartbeat gap: {}", console.tail()),
-        }
-        prev = Some(n);
-    }
-    prev.unwrap_or(last)
-}
-
 /// Each vCPU's counter, from the guest's `cpus` line.
 fn cpu_counts(console: &mut Console) -> Vec<u64> {
     let line = console.command("cpus", "cpus:", REPLY);
@@ -152,7 +117,7 @@ fn watch(console: &mut Console) -> Watch {
 
 /// After a migration: nothing went back, every vCPU still counts, the heartbeat has no gap.
 fn still_going(console: &mut Console, before: &Watch) -> Watch {
-    let heartbeat = heartbeat_continues(console, before.heartbeat, 5);
+    let heartbeat = console.heartbeat_continues(before.heartbeat, 5, REPLY);
     let mut now = watch(console);
     now.heartbeat = heartbeat;
     assert!(
@@ -212,7 +177,7 @@ fn guest_carries_on_across_unix_copy_unix_shared_and_tcp() {
         };
         before.heartbeat = 0;
         let stats = migrate(src, &dst, &url, local);
-        before.heartbeat = last_heartbeat(&mut console);
+        before.heartbeat = console.last_heartbeat();
         for key in ["total_ms", "downtime_ms", "memory_bytes", "iterations"] {
             assert!(stats[key].is_u64(), "{key} missing: {stats}");
         }
@@ -244,7 +209,7 @@ fn lone_guest(files: &TempDir, shared: bool) -> (ApiVmm, Console, PathBuf) {
 
 fn still_beating(console: &mut Console) {
     let last = console.wait_for_match(|l| heartbeat_number(l).is_some(), "a heartbeat", REPLY);
-    heartbeat_continues(console, heartbeat_number(&last).unwrap(), 3);
+    console.heartbeat_continues(heartbeat_number(&last).unwrap(), 3, REPLY);
 }
 
 #[test]
@@ -589,7 +554,7 @@ fn five_migrations_back_and_forth() {
             },
         );
         migrate(src, &dst, &url, i % 2 == 1);
-        before.heartbeat = last_heartbeat(&mut console);
+        before.heartbeat = console.last_heartbeat();
         let mut next = dst;
         console = next.console(&serial);
         before = still_going(&mut console, &before);

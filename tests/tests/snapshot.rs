@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use baton_tests::{
-    guest_config_json, heartbeat_number, num, ApiVmm, Console, NetNs, SeqStream, TempDir, READY,
+    guest_config_json, heartbeat_number, num, ApiVmm, NetNs, SeqStream, TempDir, READY,
 };
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -33,40 +33,6 @@ fn guest_config(serial: &std::path::Path, cpus: u8, with_net: bool) -> String {
         c["net"] = serde_json::json!([{"id": "net0", "tap": "tap0"}]);
     }
     c.to_string()
-}
-
-/// Reads the console until it goes quiet; returns the last heartbeat number seen.
-fn last_heartbeat(console: &mut Console) -> u64 {
-    let mut last = 0;
-    while let Some(line) = console.try_next(Duration::from_millis(300)) {
-        last = heartbeat_number(&line).unwrap_or(last);
-    }
-    last
-}
-
-/// Checks the guest's heartbeat continues from `last` without a gap and without a reboot,
-/// for `count` beats.
-fn heartbeat_continues(console: &mut Console, last: u64, count: u64) {
-    let mut expect = None;
-    for _ in 0..count {
-        let line = console.wait_for_match(
-            |l| heartbeat_number(l).is_some() || l.contains(READY) || l.contains("booting"),
-            "a heartbeat",
-            REPLY,
-        );
-        let n = heartbeat_number(&line)
-            .unwrap_or_else(|| panic!("the guest started over: {line}\n{}", console.tail()));
-        match expect {
-            // The first beat may follow one cut in half by the pause.
-            None => assert!(
-                n == last + 1 || n == last + 2,
-                "heartbeat {n} after {last}: {}",
-                console.tail()
-            ),
-            Some(e) => assert_eq!(n, e, "heartbeat gap: {}", console.tail()),
-        }
-        expect = Some(n + 1);
-    }
 }
 
 fn put(vmm: &ApiVmm, endpoint: &str, body: serde_json::Value) -> (u16, String) {
@@ -107,7 +73,7 @@ fn restored_guest_continues_in_a_new_baton() {
         Some(&serde_json::json!({ "destination_url": url }).to_string()),
         204,
     );
-    let last = last_heartbeat(&mut console);
+    let last = console.last_heartbeat();
     a.expect("PUT", "vmm.shutdown", None, 204);
     a.wait_exit(REPLY);
 
@@ -123,7 +89,7 @@ fn restored_guest_continues_in_a_new_baton() {
     assert_eq!(info["config"]["net"][0]["tap"], "tap0", "{info}");
     let mut console = b.console(&serial);
     b.expect("PUT", "vm.resume", None, 204);
-    heartbeat_continues(&mut console, last, 10);
+    console.heartbeat_continues(last, 10, REPLY);
     let after = console.command("status", "status:", REPLY);
     assert!(
         num(&after, "uptime_us") > num(&before, "uptime_us"),
@@ -187,7 +153,7 @@ fn bad_snapshot_requests_are_refused_and_the_vm_keeps_running() {
     // The VM still runs after all that.
     vmm.expect("PUT", "vm.resume", None, 204);
     let last = console.wait_for("heartbeat", REPLY);
-    heartbeat_continues(&mut console, heartbeat_number(&last).unwrap(), 3);
+    console.heartbeat_continues(heartbeat_number(&last).unwrap(), 3, REPLY);
 
     // Restores of broken snapshots, into a fresh baton: each a clear 400.
     let dir = files.path().join("snap");
