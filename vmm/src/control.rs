@@ -120,28 +120,6 @@ pub(crate) fn net_fds_in_order(
     Ok(by_card.into_iter().flatten().flatten().collect())
 }
 
-/// Accepts one source on `listener` and serves its session into `incoming`; true if the VM
-/// arrived, false if the source abandoned.
-fn receive(
-    listener: &migration::Listener,
-    incoming: &mut migrate::Incoming,
-) -> Result<bool, String> {
-    let mut channel = listener
-        .accept()
-        .map_err(|e| format!("Cannot accept the source: {e}"))?;
-    let timeout = Some(std::time::Duration::from_secs(60));
-    if let Err(e) = channel
-        .set_read_timeout(timeout)
-        .and_then(|_| channel.set_write_timeout(timeout))
-    {
-        return Err(format!("Cannot set up the migration socket: {e}"));
-    }
-    match migration::session::receive(&mut channel, Default::default(), incoming) {
-        Ok(outcome) => Ok(outcome == migration::Outcome::Completed),
-        Err(e) => Err(api::request::error_chain(&e).join(": ")),
-    }
-}
-
 fn no_vm() -> ApiError {
     ApiError::message(404, "No VM has been created (use vm.create)")
 }
@@ -275,7 +253,7 @@ impl Vmm {
         std::thread::Builder::new()
             .name("migration-receive".into())
             .spawn(move || {
-                let result = receive(&listener, &mut incoming).map(|completed| {
+                let result = incoming.serve(&listener).map(|completed| {
                     completed
                         .then(|| incoming.arrived.take().map(Box::new))
                         .flatten()

@@ -453,6 +453,22 @@ impl Incoming {
         }
     }
 
+    /// Accepts one source on `listener` and serves its session; true if the VM arrived
+    /// (it is then in [`Incoming::arrived`]), false if the source abandoned.
+    pub fn serve(&mut self, listener: &migration::Listener) -> Result<bool, String> {
+        let mut channel = listener
+            .accept()
+            .map_err(|e| format!("Cannot accept the source: {e}"))?;
+        let timeouts = channel
+            .set_read_timeout(Some(PEER_TIMEOUT))
+            .and_then(|_| channel.set_write_timeout(Some(PEER_TIMEOUT)));
+        timeouts.map_err(|e| format!("Cannot set up the migration socket: {e}"))?;
+        match migration::session::receive(&mut channel, Limits::default(), self) {
+            Ok(outcome) => Ok(outcome == migration::Outcome::Completed),
+            Err(e) => Err(api::request::error_chain(&e).join(": ")),
+        }
+    }
+
     fn missing(what: &str) -> BoxError {
         format!("no {what} before this request").into()
     }
