@@ -152,12 +152,15 @@ impl Shell {
     }
 }
 
-/// Sets up a new vCPU for power-on: CPUID from what KVM supports, adjusted by the
-/// configuration, and the registers every vCPU starts with.
-fn setup_vcpu(kvm: &Kvm, config: &VmConfig, fd: &kvm_ioctls::VcpuFd, id: u8) -> Result<(), Error> {
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| Error::Kvm("get supported CPUID", e))?;
+/// Sets up a new vCPU for power-on: CPUID from what KVM supports (`supported`), adjusted by
+/// the configuration, and the registers every vCPU starts with.
+fn setup_vcpu(
+    kvm: &Kvm,
+    supported: &CpuId,
+    config: &VmConfig,
+    fd: &kvm_ioctls::VcpuFd,
+    id: u8,
+) -> Result<(), Error> {
     let mut masked: Vec<&str> = config
         .cpus
         .template
@@ -440,6 +443,14 @@ impl Vm {
         timer.mark("ACPI and payload");
         let xsave = state::xsave_size(&vm_fd);
         let mut fds = Vec::with_capacity(usize::from(cpus));
+        // What KVM supports: only booting builds CPUID from it.
+        let supported = match saved {
+            Some(_) => None,
+            None => Some(
+                kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| Error::Kvm("get supported CPUID", e))?,
+            ),
+        };
         for id in 0..cpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
@@ -448,7 +459,8 @@ impl Vm {
                 (Some(s), _) => state::restore_vcpu(&fd, &s.vcpus[usize::from(id)], xsave)
                     .map_err(|e| Error::State("restore", e))?,
                 (None, entry) => {
-                    setup_vcpu(kvm, config, &fd, id)?;
+                    let supported = supported.as_ref().expect("asked for when booting");
+                    setup_vcpu(kvm, supported, config, &fd, id)?;
                     if let (0, Some(entry)) = (id, entry) {
                         regs::setup_boot_vcpu(&fd, &mem, entry).map_err(|e| Error::Regs(id, e))?;
                     }
