@@ -249,21 +249,35 @@ impl VirtioPciDevice {
                 queues.push(None);
                 continue;
             };
-            let mut queue = self
-                .build_queue(i, config, event_idx)
-                .ok_or_else(|| crate::StateError(format!("queue {i} in the state cannot run")))?;
-            queue.set_next_avail(pos.next_avail);
-            queue.set_next_used(pos.next_used);
-            let notify = self.notify[i]
-                .try_clone()
-                .map_err(|e| crate::StateError(format!("queue {i}'s eventfd: {e}")))?;
-            queues.push(Some(ActiveQueue {
-                queue,
-                notify,
-                vector: config.msix_vector,
-            }));
+            let mut active = self
+                .active_queue(i, config, event_idx)
+                .map_err(|e| crate::StateError(format!("queue {i} in the state: {e}")))?;
+            active.queue.set_next_avail(pos.next_avail);
+            active.queue.set_next_used(pos.next_used);
+            queues.push(Some(active));
         }
         Ok(queues)
+    }
+
+    /// Queue `index` as the driver set it up (`config`), ready for a worker, at the start
+    /// of its rings.
+    fn active_queue(
+        &self,
+        index: usize,
+        config: &QueueConfig,
+        event_idx: bool,
+    ) -> Result<ActiveQueue, String> {
+        let queue = self
+            .build_queue(index, config, event_idx)
+            .ok_or("its rings are not usable")?;
+        let notify = self.notify[index]
+            .try_clone()
+            .map_err(|e| format!("cannot clone its eventfd: {e}"))?;
+        Ok(ActiveQueue {
+            queue,
+            notify,
+            vector: config.msix_vector,
+        })
     }
 
     fn with_function(
@@ -441,21 +455,13 @@ impl VirtioPciDevice {
                 queues.push(None);
                 continue;
             }
-            let Some(queue) = self.build_queue(i, config, event_idx) else {
-                return self.failed();
-            };
-            let notify = match self.notify[i].try_clone() {
-                Ok(fd) => fd,
+            match self.active_queue(i, config, event_idx) {
+                Ok(q) => queues.push(Some(q)),
                 Err(e) => {
-                    log::warn!("{}: cannot clone queue {i}'s eventfd: {e}", self.id);
+                    log::warn!("{}: queue {i}: {e}", self.id);
                     return self.failed();
                 }
-            };
-            queues.push(Some(ActiveQueue {
-                queue,
-                notify,
-                vector: config.msix_vector,
-            }));
+            }
         }
         self.start(queues);
     }

@@ -118,9 +118,8 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        // Nothing but the worker's queue to forget.
+        self.pause();
     }
 
     fn pause(&mut self) -> Vec<Option<ActiveQueue>> {

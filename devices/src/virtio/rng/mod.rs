@@ -65,9 +65,8 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        // Nothing but the worker's queue to forget.
+        self.pause();
     }
 
     fn pause(&mut self) -> Vec<Option<ActiveQueue>> {
