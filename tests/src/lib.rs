@@ -205,9 +205,15 @@ impl Console {
                 match reader.read_until(b'\n', &mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf)
+                        let whole = buf.ends_with(b"\n");
+                        let mut line = String::from_utf8_lossy(&buf)
                             .trim_end_matches(['\r', '\n'])
                             .to_string();
+                        if !whole {
+                            // The console closed mid-line (the VM moved away): say so, so
+                            // that "heartbeat 1" cut from "heartbeat 14" reads as no beat.
+                            line.push_str(" [cut]");
+                        }
                         if tx.send(line).is_err() {
                             return;
                         }
