@@ -83,6 +83,9 @@ pub struct Card {
     tx_free: Vec<usize>,
     mac: [u8; 6],
     next_rx: usize,
+    /// The control queue, kept for as long as the card: the device owns its rings while
+    /// the queue is enabled (a migrated device reads them again), so they must not be freed.
+    _ctrl: Option<VirtQueue<IdentityHal, CTRL_QUEUE_SIZE>>,
 }
 
 impl Card {
@@ -163,6 +166,7 @@ impl Card {
             tx_free: (0..TX_BUFFERS).collect(),
             mac,
             next_rx: 0,
+            _ctrl: None,
         };
         for p in 0..card.pairs.len() {
             for i in 0..RX_BUFFERS {
@@ -172,6 +176,7 @@ impl Card {
         if let Some(ctrl) = &mut ctrl {
             card.set_pairs(ctrl, ctrl_index)?;
         }
+        card._ctrl = ctrl;
         Ok(card)
     }
 
