@@ -22,6 +22,9 @@ pub enum ApiAction {
     VmmPing,
     /// Shut the VM down (if any) and end the VMM.
     VmmShutdown,
+    /// Report the backends this VMM can take over in a migration, and the VM's devices that
+    /// would hand theirs over.
+    VmmBackendTransferSupport,
     /// Store a VM configuration; TAP descriptors for its network cards may come along.
     VmCreate(Box<VmConfig>, Fds),
     /// Add a network card to a VM that has not booted; its TAP descriptors may come along.
@@ -160,6 +163,29 @@ pub struct VmmPingResponse {
     pub pid: u32,
     /// Optional features compiled in.
     pub features: Vec<String>,
+}
+
+/// The answer to `vmm.backend-transfer-support`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTransferSupport {
+    /// Backend kinds this baton can take over (and hand over), such as `virtio-net-tap`.
+    pub kinds: Vec<String>,
+    /// The current VM's devices that would hand their backend over in a migration with
+    /// backend transfer; empty without a VM.
+    pub devices: Vec<TransferableDevice>,
+}
+
+/// A device whose backend would be handed over.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TransferableDevice {
+    /// The device id.
+    pub id: String,
+    /// Its backend kind.
+    pub kind: String,
+    /// Descriptors it would hand over (one per queue pair for a TAP).
+    pub fds: u32,
 }
 
 /// A VM's state as `vm.info` reports it.

@@ -11,6 +11,8 @@ pub enum Endpoint {
     VmmPing,
     /// `PUT vmm.shutdown`
     VmmShutdown,
+    /// `GET vmm.backend-transfer-support`
+    VmmBackendTransferSupport,
     /// `PUT vm.create`
     VmCreate,
     /// `PUT vm.boot`
@@ -47,6 +49,11 @@ pub enum Endpoint {
 pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("vmm.ping", "GET", Endpoint::VmmPing),
     ("vmm.shutdown", "PUT", Endpoint::VmmShutdown),
+    (
+        "vmm.backend-transfer-support",
+        "GET",
+        Endpoint::VmmBackendTransferSupport,
+    ),
     ("vm.create", "PUT", Endpoint::VmCreate),
     ("vm.boot", "PUT", Endpoint::VmBoot),
     ("vm.info", "GET", Endpoint::VmInfo),

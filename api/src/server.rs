@@ -239,6 +239,7 @@ pub fn action_for(endpoint: Endpoint, body: &[u8], fds: Fds) -> Result<ApiAction
     Ok(match endpoint {
         Endpoint::VmmPing => ApiAction::VmmPing,
         Endpoint::VmmShutdown => ApiAction::VmmShutdown,
+        Endpoint::VmmBackendTransferSupport => ApiAction::VmmBackendTransferSupport,
         Endpoint::VmCreate => {
             let config: VmConfig = serde_json::from_slice(body).map_err(|e| ApiError {
                 status: 400,

@@ -31,8 +31,9 @@ pub trait Destination {
     fn write_memory(&mut self, gpa: u64, data: &[u8]) -> io::Result<()>;
     /// vCPU and device state, a [`snapshot`](crate::snapshot) blob.
     fn state(&mut self, state: Vec<u8>) -> Result<(), BoxError>;
-    /// An accepted device's backend descriptors, in the order the source sent them.
-    fn backend_fds(&mut self, id: &str, fds: Vec<OwnedFd>) -> Result<(), BoxError>;
+    /// An accepted device's backend descriptors, in the order the source sent them, with the
+    /// header that announced them (the device id and the backend's state).
+    fn backend_fds(&mut self, header: FdsHeader, fds: Vec<OwnedFd>) -> Result<(), BoxError>;
     /// Build the devices from their state, resume, announce. The source learns of success
     /// only when this returns.
     fn complete(&mut self) -> Result<(), BoxError>;
@@ -118,9 +119,7 @@ fn step(
             let fds = channel
                 .recv_fds(fds_header.count as usize)
                 .map_err(|e| ProtocolError::Io("receiving backend descriptors", e))?;
-            destination
-                .backend_fds(&fds_header.id, fds)
-                .map_err(applying)?;
+            destination.backend_fds(fds_header, fds).map_err(applying)?;
         }
         Command::Complete => {
             destination.complete().map_err(applying)?;
@@ -228,8 +227,8 @@ mod tests {
             self.refuse(Command::State)
         }
 
-        fn backend_fds(&mut self, id: &str, fds: Vec<OwnedFd>) -> Result<(), BoxError> {
-            self.backends.push((id.to_string(), fds.len()));
+        fn backend_fds(&mut self, header: FdsHeader, fds: Vec<OwnedFd>) -> Result<(), BoxError> {
+            self.backends.push((header.id, fds.len()));
             self.refuse(Command::Fds)
         }
 
@@ -325,6 +324,7 @@ mod tests {
             let fds = FdsHeader {
                 id: "net0".into(),
                 count: 2,
+                ..Default::default()
             };
             ch.request_with_fds(Command::Fds, &to_json(&fds), &[file.as_fd(); 2])
                 .unwrap();

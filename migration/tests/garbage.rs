@@ -118,6 +118,7 @@ fn request_headers_survive_garbage() {
                 Command::Fds => receiver.fds(&FdsHeader {
                     id: "x".into(),
                     count: 1,
+                    ..Default::default()
                 }),
                 _ => Ok(()),
             };
@@ -158,6 +159,7 @@ fn receiver_survives_random_command_sequences() {
                         Command::Fds => receiver.fds(&FdsHeader {
                             id: ["n", "m"][rng.below(2)].into(),
                             count: rng.below(10) as u32,
+                            ..Default::default()
                         }),
                         _ => Ok(()),
                     };
@@ -213,6 +215,7 @@ fn json_payloads_survive_garbage() {
     let fds = to_json(&FdsHeader {
         id: "net0".into(),
         count: 2,
+        ..Default::default()
     });
     let alphabet = b"{}[]\":,0123456789truefalsnul \\-e";
     for _ in 0..20_000 {
@@ -392,7 +395,7 @@ impl Destination for Sink {
         Ok(())
     }
 
-    fn backend_fds(&mut self, _: &str, fds: Vec<OwnedFd>) -> Result<(), BoxError> {
+    fn backend_fds(&mut self, _: FdsHeader, fds: Vec<OwnedFd>) -> Result<(), BoxError> {
         self.fds += fds.len();
         Ok(())
     }
@@ -482,6 +485,7 @@ fn local_session() -> Vec<Op> {
         let h = FdsHeader {
             id: id.into(),
             count,
+            ..Default::default()
         };
         ops.push(request(Command::Fds, &to_json(&h)));
         ops.push(Op::Fds(count as usize));

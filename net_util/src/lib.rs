@@ -2,6 +2,8 @@
 //! the vnet header and offloads, and the TAP backend state that backend transfer hands over.
 #![warn(missing_docs)]
 
+pub mod queues;
 pub mod tap;
 
+pub use queues::{TapQueues, TapState};
 pub use tap::{Offloads, Tap};

@@ -65,6 +65,9 @@ pub enum Error {
     /// Passed descriptors name different interfaces.
     #[error("Descriptors belong to different interfaces ('{0}' and '{1}')")]
     Mixed(String, String),
+    /// Transferred descriptors do not match the state that came with them.
+    #[error("The transferred TAP backend does not match its state: {0}")]
+    Transferred(String),
 }
 
 /// `struct ifreq`: an interface name and a 24-byte union.
@@ -133,6 +136,43 @@ fn ioctl_val(fd: RawFd, request: libc::c_ulong, value: libc::c_ulong) -> io::Res
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// What TUNGETIFF says about a queue's descriptor.
+#[derive(Debug)]
+pub(crate) struct TunInfo {
+    /// The interface.
+    pub name: String,
+    /// IFF_* flags, IFF_DETACH_QUEUE included when the queue is detached.
+    pub flags: i32,
+    /// File status flags (O_NONBLOCK ...).
+    pub status: i32,
+}
+
+impl TunInfo {
+    fn of(raw: RawFd) -> Result<Self, Error> {
+        let mut req = IfReq::new("");
+        // SAFETY: `req` is a full `struct ifreq` that TUNGETIFF fills.
+        unsafe { ioctl_ptr(raw, libc::TUNGETIFF as _, &mut req) }
+            .map_err(|_| Error::NotTap(raw))?;
+        let flags = i32::from(req.short()) & 0xffff;
+        let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if flags & want != want {
+            return Err(Error::NotTap(raw));
+        }
+        // SAFETY: F_GETFL only reads the descriptor's status flags.
+        let status = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        Ok(TunInfo {
+            name: req.name(),
+            flags,
+            status,
+        })
+    }
+
+    /// Whether the queue receives frames.
+    pub fn attached(&self) -> bool {
+        self.flags & libc::IFF_DETACH_QUEUE == 0
+    }
 }
 
 /// One queue of a TAP interface.
@@ -250,16 +290,7 @@ impl Tap {
         let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
         for fd in fds {
             let raw = fd.as_raw_fd();
-            let mut req = IfReq::new("");
-            // SAFETY: `req` is a full `struct ifreq` that TUNGETIFF fills.
-            unsafe { ioctl_ptr(raw, libc::TUNGETIFF as _, &mut req) }
-                .map_err(|_| Error::NotTap(raw))?;
-            let flags = i32::from(req.short());
-            let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-            if flags & want != want {
-                return Err(Error::NotTap(raw));
-            }
-            let name = req.name();
+            let name = TunInfo::of(raw)?.name;
             if let Some(first) = taps.first() {
                 if first.name != name {
                     return Err(Error::Mixed(first.name.clone(), name));
@@ -281,6 +312,32 @@ impl Tap {
         Ok(taps)
     }
 
+    /// Wraps a descriptor another baton handed over, exactly as it is: no TUNSETIFF, no
+    /// vnet header or flag change, since the source shares its open file. Returns the
+    /// descriptor's interface name, and whether it is attached.
+    pub(crate) fn adopt(fd: OwnedFd) -> Result<(Tap, TunInfo), Error> {
+        let info = TunInfo::of(fd.as_raw_fd())?;
+        let tap = Tap {
+            file: File::from(fd),
+            name: info.name.clone(),
+        };
+        Ok((tap, info))
+    }
+
+    /// What the kernel says about this queue.
+    pub(crate) fn info(&self) -> Result<TunInfo, Error> {
+        TunInfo::of(self.file.as_raw_fd())
+    }
+
+    /// The vnet header length the TAP uses (shared by every queue).
+    pub fn vnet_hdr_len(&self) -> Result<u32, Error> {
+        let mut len: libc::c_int = 0;
+        // SAFETY: TUNGETVNETHDRSZ writes one int.
+        unsafe { ioctl_ptr(self.file.as_raw_fd(), libc::TUNGETVNETHDRSZ as _, &mut len) }
+            .map_err(self.ioctl_error("read the vnet header length"))?;
+        Ok(len as u32)
+    }
+
     fn ioctl_error(&self, what: &'static str) -> impl FnOnce(io::Error) -> Error + '_ {
         move |source| Error::Ioctl {
             name: self.name.clone(),
@@ -299,6 +356,10 @@ impl Tap {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.file
     }
 
     /// Sets which offloaded frames the TAP may hand to the guest.

@@ -6,7 +6,8 @@
 //! request that needs a VM when there is none is a 404.
 
 use api::request::{
-    ApiAction, ApiError, ApiReply, ApiResponse, VmInfoResponse, VmState, VmmPingResponse,
+    ApiAction, ApiError, ApiReply, ApiResponse, BackendTransferSupport, TransferableDevice,
+    VmInfoResponse, VmState, VmmPingResponse,
 };
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -182,12 +183,13 @@ impl Vmm {
         migrate::check_send(&config, &cfg)
             .map_err(|e| ApiError::new(400, &crate::Error::Migration(e)))?;
         let vm = self.vm.clone().expect("a running VM exists");
+        let transferable = self.backends.transferable();
         let progress = Arc::new(Progress::default());
         let (p, tx, evt) = (progress.clone(), self.done_tx.clone(), self.wake()?);
         std::thread::Builder::new()
             .name("migration-send".into())
             .spawn(move || {
-                let result = migrate::send(&vm, &config, &cfg, &p);
+                let result = migrate::send(&vm, &config, &cfg, transferable, &p);
                 let _ = tx.send(Done::Sent(result));
                 let _ = evt.write(1);
             })
@@ -199,6 +201,23 @@ impl Vmm {
         self.done_evt
             .try_clone()
             .map_err(|e| ApiError::new(500, &e))
+    }
+
+    /// What `vmm.backend-transfer-support` answers.
+    fn backend_transfer_support(&self) -> BackendTransferSupport {
+        BackendTransferSupport {
+            kinds: vec![migrate::TAP_KIND.to_string()],
+            devices: self
+                .backends
+                .transferable()
+                .into_iter()
+                .map(|(id, taps)| TransferableDevice {
+                    id,
+                    kind: migrate::TAP_KIND.to_string(),
+                    fds: taps.len() as u32,
+                })
+                .collect(),
+        }
     }
 
     /// Starts receiving a VM; `reply` gets the answer when the migration ends.
@@ -228,16 +247,16 @@ impl Vmm {
             )));
         }
         cfg.validate().map_err(|e| ApiError::new(400, &e))?;
-        if cfg.backend_transfer {
-            return Err(ApiError::new(
-                400,
-                &crate::Error::Migration(migrate::Error::BackendTransfer),
-            ));
-        }
         let url: migration::MigrationUrl = cfg
             .receiver_url
             .parse()
             .map_err(|e| ApiError::new(400, &crate::Error::Migration(migrate::Error::Url(e))))?;
+        if cfg.backend_transfer && !url.is_unix() {
+            return Err(ApiError::new(
+                400,
+                &crate::Error::Migration(migrate::Error::BackendTransferNeedsUnix),
+            ));
+        }
         let listener = migration::Listener::bind(&url).map_err(|e| {
             ApiError::new(
                 400,
@@ -248,7 +267,13 @@ impl Vmm {
             .events
             .try_clone()
             .map_err(|e| ApiError::new(500, &e))?;
-        let mut incoming = migrate::Incoming::new(self.kvm.clone(), events, cfg.net_fds, fds);
+        let mut incoming = migrate::Incoming::new(
+            self.kvm.clone(),
+            events,
+            cfg.net_fds,
+            fds,
+            cfg.backend_transfer,
+        );
         let (tx, evt) = (self.done_tx.clone(), self.wake()?);
         std::thread::Builder::new()
             .name("migration-receive".into())
@@ -420,7 +445,10 @@ impl Vmm {
         let mut after = After::Continue;
         let read_only = matches!(
             action,
-            ApiAction::VmmPing | ApiAction::VmInfo | ApiAction::VmCounters
+            ApiAction::VmmPing
+                | ApiAction::VmInfo
+                | ApiAction::VmCounters
+                | ApiAction::VmmBackendTransferSupport
         );
         if !read_only {
             if let Err(e) = self.not_migrating() {
@@ -436,6 +464,10 @@ impl Vmm {
                     features: Vec::new(),
                 })
                 .expect("ping answer serialises"),
+            )),
+            ApiAction::VmmBackendTransferSupport => Ok(ApiReply::Json(
+                serde_json::to_value(self.backend_transfer_support())
+                    .expect("the support answer serialises"),
             )),
             ApiAction::VmmShutdown => {
                 self.stop_vm();

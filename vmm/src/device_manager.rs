@@ -21,7 +21,7 @@ use devices::virtio::pci::BAR_SIZE;
 use devices::virtio::rng::Rng;
 use devices::virtio::transport::TransportState;
 use devices::virtio::{GuestMemory, VirtioDevice, VirtioPciDevice, VmOps};
-use net_util::Tap;
+use net_util::{Tap, TapQueues, TapState};
 
 use crate::layout::{MEM_32BIT_DEVICES_SIZE, MEM_32BIT_DEVICES_START};
 
@@ -59,15 +59,34 @@ pub enum Error {
     /// The saved state has no entry for a configured device, or a bad one.
     #[error("Device '{0}': {1}")]
     State(String, String),
+    /// Backend descriptors came for a card that does not wait for them.
+    #[error("Network card '{0}' does not wait for a transferred backend")]
+    NotWaiting(String),
+    /// A transferred backend has another number of queues than the card.
+    #[error("Network card '{id}' has {configured} queue pair(s), but its transferred backend has {sent} queue(s)")]
+    QueueCount {
+        /// The card.
+        id: String,
+        /// Queues the source sent.
+        sent: usize,
+        /// Queue pairs configured.
+        configured: usize,
+    },
+    /// A network card's transferred backend never came.
+    #[error("Network card '{0}': its transferred backend never came")]
+    NoBackend(String),
     /// More TAP descriptors came than any network card takes.
     #[error("{0} TAP descriptor(s) passed but not used: only network cards without a tap name take descriptors, one per queue pair")]
     UnusedFds(usize),
 }
 
-/// A network card's open TAP queues.
+/// A network card's open TAP queues; `None` while a migration's backend transfer has yet to
+/// deliver them.
 pub struct NetBackend {
     config: NetConfig,
-    taps: Vec<Arc<Tap>>,
+    taps: Option<Arc<TapQueues>>,
+    /// The queues came from a migration's source, which shared them as they were.
+    transferred: bool,
 }
 
 /// A disk's open image.
@@ -86,11 +105,13 @@ pub struct Backends {
 /// A network card on TAP descriptors a caller passed.
 fn net_from_fds(config: &mut NetConfig, fds: Vec<OwnedFd>) -> Result<NetBackend, Error> {
     let id = config.id.clone().unwrap_or_default();
-    let taps = Tap::from_fds(fds).map_err(|e| Error::Tap(id, e))?;
-    config.tap = Some(taps[0].name().to_string());
+    let err = |e| Error::Tap(id.clone(), e);
+    let taps = TapQueues::new(Tap::from_fds(fds).map_err(err)?).map_err(err)?;
+    config.tap = Some(taps.name().to_string());
     Ok(NetBackend {
         config: config.clone(),
-        taps: taps.into_iter().map(Arc::new).collect(),
+        taps: Some(Arc::new(taps)),
+        transferred: false,
     })
 }
 
@@ -125,7 +146,8 @@ fn open_net(config: &mut NetConfig) -> Result<NetBackend, Error> {
     config.tap = Some(first.name().to_string());
     Ok(NetBackend {
         config: config.clone(),
-        taps: taps.into_iter().map(Arc::new).collect(),
+        taps: Some(Arc::new(TapQueues::new(taps).map_err(err)?)),
+        transferred: false,
     })
 }
 
@@ -160,10 +182,29 @@ impl Backends {
     /// queues from `fds` in order, one per queue pair, while any are left. Fills in what the
     /// host decided: random MACs, and the names of the TAPs.
     pub fn open(config: &mut VmConfig, fds: Vec<OwnedFd>) -> Result<Self, Error> {
+        Self::open_except(config, fds, &[])
+    }
+
+    /// [`Backends::open`], except for the network cards in `transferred`: they open nothing
+    /// and wait for [`Backends::take_over`] to hand them the backend a migration's source
+    /// sends.
+    pub fn open_except(
+        config: &mut VmConfig,
+        fds: Vec<OwnedFd>,
+        transferred: &[String],
+    ) -> Result<Self, Error> {
         let mut backends = Backends::default();
         let mut fds = fds.into_iter();
         let passed = fds.len() > 0;
         for net in &mut config.net {
+            if net.id.as_ref().is_some_and(|id| transferred.contains(id)) {
+                backends.nets.push(NetBackend {
+                    config: net.clone(),
+                    taps: None,
+                    transferred: false,
+                });
+                continue;
+            }
             let taken: Vec<OwnedFd> = if net.tap.is_none() && passed {
                 let need = net.queue_pairs();
                 let taken: Vec<OwnedFd> = fds.by_ref().take(need).collect();
@@ -198,6 +239,50 @@ impl Backends {
         } else {
             net_from_fds(config, fds)
         }
+    }
+
+    /// Gives network card `id`, which waits for its transferred backend, the descriptors
+    /// and state the source sent. They are checked and taken as they are: nothing is set on
+    /// them. On error they are closed, and the card still waits.
+    pub fn take_over(
+        &mut self,
+        id: &str,
+        fds: Vec<OwnedFd>,
+        state: &TapState,
+    ) -> Result<(), Error> {
+        let net = self
+            .nets
+            .iter_mut()
+            .find(|n| n.config.id.as_deref() == Some(id) && n.taps.is_none())
+            .ok_or_else(|| Error::NotWaiting(id.into()))?;
+        let pairs = net.config.queue_pairs();
+        if state.queues != pairs {
+            return Err(Error::QueueCount {
+                id: id.into(),
+                sent: state.queues,
+                configured: pairs,
+            });
+        }
+        let taps = TapQueues::from_transferred(fds, state).map_err(|e| Error::Tap(id.into(), e))?;
+        net.config.tap = Some(taps.name().to_string());
+        net.taps = Some(Arc::new(taps));
+        net.transferred = true;
+        Ok(())
+    }
+
+    /// Network cards whose backend would be handed over in a migration with backend
+    /// transfer (their `backend_transfer` is on), with their TAP queues.
+    pub fn transferable(&self) -> Vec<(String, Arc<TapQueues>)> {
+        self.nets
+            .iter()
+            .filter(|n| n.config.backend_transfer)
+            .filter_map(|n| Some((n.config.id.clone()?, n.taps.clone()?)))
+            .collect()
+    }
+
+    /// The network configurations as the backends filled them in (TAP names included).
+    pub fn net_configs(&self) -> impl Iterator<Item = &NetConfig> {
+        self.nets.iter().map(|n| &n.config)
     }
 
     /// Opens one more network card (vm.add-net): on `fds` if any came, else by TAP name.
@@ -262,6 +347,10 @@ pub fn create(
             offload_ufo: c.offload_ufo,
         };
         let id = c.id.clone().unwrap_or_default();
+        let taps = net
+            .taps
+            .clone()
+            .ok_or_else(|| Error::NoBackend(id.clone()))?;
         let state = match saved_state(&id)? {
             Some(s) => Some(
                 serde_json::from_value::<NetState>(s.device.clone())
@@ -269,7 +358,20 @@ pub fn create(
             ),
             None => None,
         };
-        devices.push((id, Box::new(Net::new(params, net.taps.clone(), state))));
+        if let Some(s) = state.as_ref().filter(|_| net.transferred) {
+            // The device would attach or detach queues the source shares: refuse instead.
+            if s.active_pairs != taps.active_pairs() {
+                return Err(Error::State(
+                    id,
+                    format!(
+                        "the device uses {} queue pair(s), but its transferred TAP has {} attached",
+                        s.active_pairs,
+                        taps.active_pairs()
+                    ),
+                ));
+            }
+        }
+        devices.push((id, Box::new(Net::new(params, taps, state))));
     }
     for disk in &backends.disks {
         let id = disk.config.id.clone().unwrap_or_default();

@@ -3,16 +3,20 @@
 //! of their own, so the control loop keeps answering the API meanwhile.
 //!
 //! Source, in order (see the `migration` crate for the wire protocol):
-//! 1. Start (protocol version, local or not); the destination checks and answers.
+//! 1. Start (protocol version, local or not, and with backend transfer the network cards
+//!    whose TAP it offers); the destination checks and answers which it takes over.
 //! 2. `local=on`: the shared-memory descriptors of guest RAM (nothing is copied later).
 //! 3. Config: the VM configuration; the destination opens backends and prepares memory.
 //! 4. `local=off`: pre-copy. Dirty logging starts, every non-zero page goes, then each pass
 //!    sends what was written meanwhile (KVM's log of vCPU writes plus the pages devices
 //!    wrote), until what is left fits `downtime_ms` at the bandwidth of the last pass.
 //!    Past `timeout_s` the migration is abandoned and the VM runs on here.
-//! 5. Pause (vCPUs, then devices), the last dirty pages, State, Complete. The destination
-//!    builds the VM from that state, resumes it, and only then answers Complete: until
-//!    that answer any failure resumes the VM here as it was.
+//! 5. Pause (vCPUs, then devices: network cards stop reading their TAPs, whose frames wait in
+//!    the kernel), the last dirty pages, State, then for each network card taken over its
+//!    TAP state and queue descriptors (Fds), and Complete. The destination builds the VM
+//!    from that state on those descriptors, resumes it, and only then answers Complete:
+//!    until that answer any failure resumes the VM here as it was, on its own descriptors
+//!    (the destination got duplicates, and set nothing on them).
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::{SendMigrationConfig, VmConfig};
-use migration::protocol::{self, Command, MemoryRanges, Start, PROTOCOL_VERSION};
+use migration::protocol::{
+    self, Command, FdsHeader, MemoryRanges, ProposedBackend, Start, PROTOCOL_VERSION,
+};
 use migration::{BoxError, Channel, Limits, MigrationUrl, ProtocolError};
+use net_util::{TapQueues, TapState};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -44,9 +51,12 @@ pub enum Error {
     /// `local=on` needs a channel that carries descriptors.
     #[error("local=on needs a unix: URL: memory descriptors cannot travel over TCP")]
     LocalNeedsUnix,
-    /// Backend transfer is the next step.
-    #[error("backend_transfer is not supported by this baton yet")]
-    BackendTransfer,
+    /// Backend transfer needs a channel that carries descriptors.
+    #[error("backend_transfer needs a unix: URL: TAP descriptors cannot travel over TCP")]
+    BackendTransferNeedsUnix,
+    /// A TAP's state cannot be read for the hand-over.
+    #[error("Cannot read the TAP state of network card '{0}'")]
+    TapState(String, #[source] net_util::tap::Error),
     /// Nobody listens at the URL.
     #[error("Cannot connect to {0}")]
     Connect(String, #[source] std::io::Error),
@@ -135,8 +145,8 @@ impl Progress {
 /// Checks a send request before anything moves.
 pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<MigrationUrl, Error> {
     let url: MigrationUrl = cfg.destination_url.parse().map_err(Error::Url)?;
-    if cfg.backend_transfer {
-        return Err(Error::BackendTransfer);
+    if cfg.backend_transfer && !url.is_unix() {
+        return Err(Error::BackendTransferNeedsUnix);
     }
     if cfg.local && !url.is_unix() {
         return Err(Error::LocalNeedsUnix);
@@ -294,12 +304,21 @@ fn precopy(
     }
 }
 
-/// Sends the VM to the destination `cfg` names. On success the VM runs there (this one is
-/// paused for good and should be dropped); on failure it runs here as before.
+/// The backend kind a network card's TAP hands over as.
+pub const TAP_KIND: &str = "virtio-net-tap";
+
+/// A network card's TAP queues that backend transfer may hand over.
+pub type Transferable = (String, Arc<TapQueues>);
+
+/// Sends the VM to the destination `cfg` names, offering the `transferable` backends when
+/// `cfg` asks for backend transfer. On success the VM runs there (this one is paused for
+/// good and should be dropped, which closes its descriptors and changes nothing on the
+/// TAPs); on failure it runs here as before.
 pub fn send(
     vm: &Vm,
     config: &VmConfig,
     cfg: &SendMigrationConfig,
+    transferable: Vec<Transferable>,
     progress: &Progress,
 ) -> Result<Stats, Error> {
     let started = Instant::now();
@@ -312,7 +331,21 @@ pub fn send(
         .and_then(|_| channel.set_write_timeout(Some(PEER_TIMEOUT)));
     timeouts.map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
     let mut stats = Stats::default();
-    let result = send_on(vm, config, cfg, &mut channel, started, progress, &mut stats);
+    let offered = if cfg.backend_transfer {
+        transferable
+    } else {
+        Vec::new()
+    };
+    let result = send_on(
+        vm,
+        config,
+        cfg,
+        &offered,
+        &mut channel,
+        started,
+        progress,
+        &mut stats,
+    );
     let logging_off = vm.dirty_logging(false);
     match result {
         Ok(()) => {
@@ -330,10 +363,12 @@ pub fn send(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn send_on(
     vm: &Vm,
     config: &VmConfig,
     cfg: &SendMigrationConfig,
+    offered: &[Transferable],
     channel: &mut Channel,
     started: Instant,
     progress: &Progress,
@@ -342,10 +377,28 @@ fn send_on(
     let start = Start {
         version: PROTOCOL_VERSION,
         local: cfg.local,
-        backend_transfer: false,
-        devices: Vec::new(),
+        backend_transfer: cfg.backend_transfer,
+        devices: offered
+            .iter()
+            .map(|(id, taps)| ProposedBackend {
+                id: id.clone(),
+                kind: TAP_KIND.into(),
+                fds: taps.len() as u32,
+            })
+            .collect(),
     };
-    migration::session::start(channel, &start)?;
+    let accepted = migration::session::start(channel, &start)?.accepted;
+    let handed: Vec<&Transferable> = offered
+        .iter()
+        .filter(|(id, _)| accepted.contains(id))
+        .collect();
+    if !offered.is_empty() {
+        log::info!(
+            "backend transfer: the destination takes over {:?} of {:?}",
+            accepted,
+            offered.iter().map(|(id, _)| id).collect::<Vec<_>>()
+        );
+    }
     if cfg.local {
         progress.phase("memory");
         let fds = memory::fds(vm.memory()).ok_or(Error::LocalNeedsShared)?;
@@ -378,6 +431,15 @@ fn send_on(
         let state = vm.state().map_err(Error::Vm)?;
         let state = migration::snapshot::encode(&state).map_err(Error::Encode)?;
         channel.request(Command::State, &state)?;
+        for (id, taps) in &handed {
+            let tap = taps.state().map_err(|e| Error::TapState(id.clone(), e))?;
+            let header = FdsHeader {
+                id: id.clone(),
+                count: taps.len() as u32,
+                state: serde_json::to_value(&tap).expect("TAP state serialises"),
+            };
+            channel.request_with_fds(Command::Fds, &protocol::to_json(&header), &taps.fds())?;
+        }
         progress.phase("completing");
         channel.request(Command::Complete, &[])?;
         Ok(())
@@ -385,6 +447,7 @@ fn send_on(
     match result {
         Ok(()) => {
             stats.downtime_ms = paused_at.elapsed().as_millis() as u64;
+            stats.transferred_backends = handed.iter().map(|(id, _)| id.clone()).collect();
             log::info!(
                 "migration done: {} ms, {} ms down, {} bytes in {} passes",
                 started.elapsed().as_millis(),
@@ -420,6 +483,10 @@ pub struct Incoming {
     events: VmEvents,
     net_fds: Vec<api::NetFds>,
     fds: Vec<OwnedFd>,
+    /// Whether this destination takes over backends.
+    backend_transfer: bool,
+    /// The proposed backends accepted, with their descriptor counts.
+    accepted: Vec<(String, u32)>,
     local: bool,
     shared_memory: Option<Vec<OwnedFd>>,
     config: Option<VmConfig>,
@@ -431,18 +498,22 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// A destination that opens net backends by name, or from `fds` as `net_fds` says.
+    /// A destination that opens net backends by name, or from `fds` as `net_fds` says, or,
+    /// with `backend_transfer`, takes over the TAP backends the source offers.
     pub fn new(
         kvm: Arc<kvm_ioctls::Kvm>,
         events: VmEvents,
         net_fds: Vec<api::NetFds>,
         fds: Vec<OwnedFd>,
+        backend_transfer: bool,
     ) -> Self {
         Incoming {
             kvm,
             events,
             net_fds,
             fds,
+            backend_transfer,
+            accepted: Vec::new(),
             local: false,
             shared_memory: None,
             config: None,
@@ -477,8 +548,17 @@ impl Incoming {
 impl migration::Destination for Incoming {
     fn start(&mut self, start: &Start) -> Result<Vec<String>, BoxError> {
         self.local = start.local;
-        // No backend is taken over yet: every device takes the ordinary path.
-        Ok(Vec::new())
+        // Without the flag every device takes the ordinary path (its TAP opened by name or
+        // from net_fds); if that cannot work, Config fails, before the source pauses.
+        if self.backend_transfer && start.backend_transfer {
+            self.accepted = start
+                .devices
+                .iter()
+                .filter(|d| d.kind == TAP_KIND)
+                .map(|d| (d.id.clone(), d.fds))
+                .collect();
+        }
+        Ok(self.accepted.iter().map(|(id, _)| id.clone()).collect())
     }
 
     fn memory_fds(
@@ -501,7 +581,23 @@ impl migration::Destination for Incoming {
             std::mem::take(&mut self.fds),
         )
         .map_err(|e| -> BoxError { e.chain.join(": ").into() })?;
-        let backends = Backends::open(&mut config, fds)?;
+        let transferred: Vec<String> = self.accepted.iter().map(|(id, _)| id.clone()).collect();
+        for (id, fds) in &self.accepted {
+            let net = config.net.iter().find(|n| n.id.as_deref() == Some(id));
+            match net {
+                None => return Err(format!("no network card '{id}' for its backend").into()),
+                Some(n) if n.queue_pairs() != *fds as usize => {
+                    return Err(format!(
+                    "network card '{id}' has {} queue pair(s), but {fds} TAP queue(s) are offered",
+                    n.queue_pairs()
+                )
+                    .into())
+                }
+                Some(_) => {}
+            }
+        }
+        // Cards taken over open no TAP: their queues come after State.
+        let backends = Backends::open_except(&mut config, fds, &transferred)?;
         let mem = match self.shared_memory.take() {
             Some(fds) => {
                 if !config.memory.shared {
@@ -538,12 +634,26 @@ impl migration::Destination for Incoming {
         Ok(())
     }
 
-    fn backend_fds(&mut self, id: &str, _fds: Vec<OwnedFd>) -> Result<(), BoxError> {
-        Err(format!("backend descriptors for {id} were not asked for").into())
+    fn backend_fds(&mut self, header: FdsHeader, fds: Vec<OwnedFd>) -> Result<(), BoxError> {
+        // Dropped, and so closed, on any error here or later.
+        let state: TapState = serde_json::from_value(header.state)
+            .map_err(|e| format!("the TAP state of '{}': {e}", header.id))?;
+        let backends = self
+            .backends
+            .as_mut()
+            .ok_or_else(|| Self::missing("configuration"))?;
+        backends.take_over(&header.id, fds, &state)?;
+        log::info!(
+            "{}: took over TAP '{}' with {} queue(s)",
+            header.id,
+            state.name,
+            state.queues
+        );
+        Ok(())
     }
 
     fn complete(&mut self) -> Result<(), BoxError> {
-        let config = self
+        let mut config = self
             .config
             .take()
             .ok_or_else(|| Self::missing("configuration"))?;
@@ -556,6 +666,8 @@ impl migration::Destination for Incoming {
             .take()
             .ok_or_else(|| Self::missing("configuration"))?;
         let state = self.state.take().ok_or_else(|| Self::missing("state"))?;
+        // What vm.info shows: the TAPs the cards run on, taken over or opened.
+        config.net = backends.net_configs().cloned().collect();
         let console = crate::console::Console::taking_over(&config.serial)?;
         let vm = Vm::start(
             &self.kvm,
@@ -566,6 +678,7 @@ impl migration::Destination for Incoming {
             vm::Start::Restore(Box::new(state), shell),
         )?;
         vm.resume();
+        vm.announce();
         self.arrived = Some(Arrived {
             config,
             backends,

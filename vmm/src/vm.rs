@@ -612,4 +612,11 @@ impl Vm {
         }
         self.vcpus.resume();
     }
+
+    /// Asks network drivers that can to announce the guest where it now runs.
+    pub fn announce(&self) {
+        for (_, d) in &self.devices {
+            d.lock().expect("device lock poisoned").announce();
+        }
+    }
 }

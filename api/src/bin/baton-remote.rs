@@ -18,6 +18,14 @@ const SIMPLE: &[(&str, &str, &str, &str)] = &[
         "Show the VMM's version and pid (GET vmm.ping)",
     ),
     (
+        "backend-transfer-support",
+        "GET",
+        "vmm.backend-transfer-support",
+        "Show the backend kinds this baton can take over in a local migration, and the VM's \
+         devices that would hand theirs over, with their descriptor counts \
+         (GET vmm.backend-transfer-support)",
+    ),
+    (
         "info",
         "GET",
         "vm.info",

@@ -115,6 +115,12 @@ pub trait VirtioDevice: Send {
     fn state(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+    /// Asks the driver to tell the network the guest moved (after a migration), if the
+    /// device and driver support it; true when the driver must be told through a
+    /// configuration change interrupt.
+    fn announce(&mut self) -> bool {
+        false
+    }
     /// Named counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

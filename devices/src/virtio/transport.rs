@@ -350,6 +350,13 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Has a running device ask its driver to announce the guest (after a migration).
+    pub fn announce(&mut self) {
+        if self.active && self.paused.is_none() && self.pci.device_mut().announce() {
+            self.interrupt.config();
+        }
+    }
+
     /// The device's whole state; it must be paused (or not running).
     pub fn state(&self) -> Result<TransportState, NotPaused> {
         let queues = match (&self.paused, self.active) {

@@ -35,7 +35,7 @@
 //!             ... repeated for each pre-copy pass    <- Ok (each)
 //! State (a snapshot::encode blob)                    -> vCPU and device state
 //!                                                    <- Ok
-//! Fds {id, count}, for every accepted device         -> its backend descriptors
+//! Fds {id, count, state}, for every accepted device  -> its backend descriptors
 //!                                                    <- Ok (each)
 //! Complete                                           -> build, resume
 //!                                                    <- Ok
@@ -371,13 +371,16 @@ pub struct MemoryRegion {
 }
 
 /// Whose descriptors follow an Fds request, and how many.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FdsHeader {
     /// The device id, one of those accepted.
     pub id: String,
     /// Descriptors that follow; as many as proposed.
     pub count: u32,
+    /// The backend's state, which the VMM defines (a TAP's name, queues, offloads ...).
+    #[serde(default)]
+    pub state: serde_json::Value,
 }
 
 /// A JSON payload of `command`.

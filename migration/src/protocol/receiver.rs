@@ -445,6 +445,7 @@ mod tests {
             r.fds(&FdsHeader {
                 id: id.into(),
                 count,
+                ..Default::default()
             })
             .unwrap();
         }
@@ -738,6 +739,7 @@ mod tests {
         let fds = |id: &str, count| FdsHeader {
             id: id.into(),
             count,
+            ..Default::default()
         };
         let e = reach().fds(&fds("b", 1)).unwrap_err();
         assert!(matches!(e, ProtocolError::UnknownDevice(_)));

@@ -3,9 +3,9 @@
 //! filtering the device does not do anyway, and refused otherwise.
 
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use net_util::Tap;
+use net_util::TapQueues;
 use virtio_queue::{Reader, Writer};
 
 use super::STATUS_ANNOUNCE;
@@ -21,12 +21,6 @@ const MQ_VQ_PAIRS_SET: u8 = 0;
 const OK: u8 = 0;
 const ERR: u8 = 1;
 
-/// The TAP queues and which of them are attached (receive frames).
-pub(super) struct TapQueues {
-    pub taps: Vec<Arc<Tap>>,
-    pub attached: Mutex<Vec<bool>>,
-}
-
 /// The control queue and what its commands change.
 pub(super) struct Ctrl {
     pub queue: ActiveQueue,
@@ -34,34 +28,6 @@ pub(super) struct Ctrl {
     pub status: Arc<AtomicU16>,
     pub interrupt: Arc<Interrupt>,
     pub max_pairs: usize,
-}
-
-impl TapQueues {
-    /// How many queue pairs are attached (always the first ones).
-    pub fn active_pairs(&self) -> usize {
-        let attached = self.attached.lock().expect("TAP queue lock poisoned");
-        attached.iter().take_while(|a| **a).count()
-    }
-
-    /// Attaches the first `pairs` TAP queues and detaches the rest, so the kernel only
-    /// queues frames where the driver reads. Queues already in the wanted state are left
-    /// alone (the kernel refuses to attach an attached queue).
-    pub fn set_active_pairs(&self, pairs: usize) {
-        if self.taps.len() < 2 {
-            return;
-        }
-        let mut attached = self.attached.lock().expect("TAP queue lock poisoned");
-        for (i, tap) in self.taps.iter().enumerate() {
-            let want = i < pairs;
-            if attached[i] == want {
-                continue;
-            }
-            match tap.set_queue_enabled(want) {
-                Ok(()) => attached[i] = want,
-                Err(e) => log::warn!("virtio-net: {}", crate::error_chain(&e)),
-            }
-        }
-    }
 }
 
 impl Ctrl {

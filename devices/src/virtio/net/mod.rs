@@ -11,7 +11,7 @@ mod queue_pair;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use net_util::{Offloads, Tap};
+use net_util::{Offloads, TapQueues};
 
 use super::worker::Worker;
 use super::{ActivateError, Activation, ActiveQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
@@ -105,27 +105,29 @@ pub struct NetState {
 /// A virtio-net device over one TAP interface, one descriptor per queue pair.
 pub struct Net {
     params: NetParams,
-    taps: Arc<ctrl::TapQueues>,
+    taps: Arc<TapQueues>,
     status: Arc<AtomicU16>,
     counters: Arc<Counters>,
     workers: Vec<Worker<queue_pair::QueuePair>>,
+    /// Features the running driver acked.
+    acked: u64,
 }
 
 impl Net {
-    /// A device over `taps`, one per queue pair, freshly opened (every TAP queue attached),
-    /// in the state `state` describes, or as at power-on.
-    pub fn new(params: NetParams, taps: Vec<Arc<Tap>>, state: Option<NetState>) -> Self {
-        let attached = std::sync::Mutex::new(vec![true; taps.len()]);
+    /// A device over `taps`, one per queue pair, in the state `state` describes, or as at
+    /// power-on.
+    pub fn new(params: NetParams, taps: Arc<TapQueues>, state: Option<NetState>) -> Self {
         let state = state.unwrap_or(NetState {
             active_pairs: 1,
             status: STATUS_LINK_UP,
         });
         let net = Net {
             params,
-            taps: Arc::new(ctrl::TapQueues { taps, attached }),
+            taps,
             status: Arc::new(AtomicU16::new(state.status)),
             counters: Arc::default(),
             workers: Vec::new(),
+            acked: 0,
         };
         // Until the driver asks for more, frames only queue where it reads.
         net.taps.set_active_pairs(state.active_pairs.max(1));
@@ -133,7 +135,7 @@ impl Net {
     }
 
     fn pairs(&self) -> usize {
-        self.taps.taps.len()
+        self.taps.len()
     }
 
     fn config_bytes(&self) -> [u8; 12] {
@@ -210,10 +212,10 @@ impl VirtioDevice for Net {
             interrupt,
         } = activation;
         let offloads = offloads_from(features);
-        for tap in &self.taps.taps {
-            tap.set_offloads(offloads)
-                .map_err(|e| ActivateError::Backend(std::io::Error::other(e)))?;
-        }
+        // A restored device finds them set already, and leaves them alone.
+        self.taps
+            .set_offloads(offloads)
+            .map_err(|e| ActivateError::Backend(std::io::Error::other(e)))?;
         let ctrl_index = 2 * self.pairs();
         let ctrl = queues.get_mut(ctrl_index).and_then(Option::take);
         // Without MQ the driver uses one pair; with it, one until it asks for more.
@@ -229,7 +231,8 @@ impl VirtioDevice for Net {
             },
         });
         let mut workers = Vec::new();
-        for (pair, tap) in self.taps.taps.iter().enumerate() {
+        for pair in 0..self.pairs() {
+            let tap = self.taps.queue(pair);
             let rx = queues.get_mut(2 * pair).and_then(Option::take);
             let tx = queues.get_mut(2 * pair + 1).and_then(Option::take);
             let (Some(rx), Some(tx)) = (rx, tx) else {
@@ -253,6 +256,7 @@ impl VirtioDevice for Net {
             workers.push(worker);
         }
         self.workers = workers;
+        self.acked = features;
         Ok(())
     }
 
@@ -289,6 +293,16 @@ impl VirtioDevice for Net {
         serde_json::to_value(state).expect("net state serialises")
     }
 
+    fn announce(&mut self) -> bool {
+        // The driver acknowledges through the control queue, which then clears the bit.
+        let can = features::GUEST_ANNOUNCE | features::CTRL_VQ;
+        if self.workers.is_empty() || self.acked & can != can {
+            return false;
+        }
+        self.status.fetch_or(STATUS_ANNOUNCE, Ordering::AcqRel);
+        true
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = &self.counters;
         vec![
@@ -304,6 +318,10 @@ impl VirtioDevice for Net {
 mod tests {
     use super::*;
 
+    fn no_taps() -> Arc<TapQueues> {
+        Arc::new(TapQueues::new(Vec::new()).unwrap())
+    }
+
     fn params() -> NetParams {
         NetParams {
             mac: [0x52, 0x54, 0, 1, 2, 3],
@@ -317,7 +335,7 @@ mod tests {
 
     #[test]
     fn config_space_and_features() {
-        let net = Net::new(params(), Vec::new(), None);
+        let net = Net::new(params(), no_taps(), None);
         let mut b = [0u8; 12];
         net.read_config(0, &mut b);
         assert_eq!(&b[..6], &[0x52, 0x54, 0, 1, 2, 3]);
@@ -337,7 +355,7 @@ mod tests {
                 mtu: None,
                 ..params()
             },
-            Vec::new(),
+            no_taps(),
             None,
         );
         assert_eq!(

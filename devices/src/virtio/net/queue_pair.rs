@@ -82,7 +82,10 @@ impl QueuePair {
     }
 
     fn broken(&self, events: &Events, e: QueueError) {
-        log::warn!("virtio-net: {e}; the device stops until the driver resets it");
+        log::warn!(
+            "virtio-net: {}; the device stops until the driver resets it",
+            crate::error_chain(&e)
+        );
         self.interrupt.device_broken();
         worker::wait_for_stop(events);
     }
