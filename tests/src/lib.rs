@@ -5,8 +5,10 @@
 //! fails with what was seen so far. Without `/dev/kvm` the tests fail loudly.
 #![warn(missing_docs)]
 
+pub mod flood;
 pub mod netns;
 
+pub use flood::{fd_count, FloodResult, PingFlood};
 pub use netns::NetNs;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -469,6 +471,45 @@ impl ApiVmm {
             .expect("spawn baton-remote");
         wait_child(&mut child, Duration::from_secs(60));
         child.wait_with_output().expect("baton-remote output")
+    }
+
+    /// Starts `vm.receive-migration` with `body`, passing `fds` with it, on a thread: the
+    /// answer comes when the migration ends.
+    pub fn receive_migration(
+        &self,
+        body: serde_json::Value,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> std::thread::JoinHandle<api::client::Response> {
+        use std::os::fd::AsRawFd;
+        let socket = self.socket.clone();
+        std::thread::spawn(move || {
+            let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let body = body.to_string();
+            api::client::request_with_fds(
+                &socket,
+                "PUT",
+                "vm.receive-migration",
+                Some(body.as_bytes()),
+                &raw,
+            )
+            .expect("receive-migration request")
+        })
+    }
+
+    /// `vm.send-migration` with `body`, retried while the destination does not listen yet;
+    /// returns the answer's status and body (JSON, or the error text as a string).
+    pub fn send_migration(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self.http("PUT", "vm.send-migration", Some(&body.to_string()));
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            if r.status != 200 && text.contains("Cannot connect") && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            let json = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::String(text));
+            return (r.status, json);
+        }
     }
 
     /// Connects to the VM's serial socket at `path`.

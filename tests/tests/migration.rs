@@ -42,33 +42,12 @@ fn boot(vmm: &mut ApiVmm, config: &str, serial: &Path) -> Console {
 
 /// Starts vm.receive-migration on `dst` (it answers when the migration ends).
 fn receive(dst: &ApiVmm, url: &str) -> std::thread::JoinHandle<api::client::Response> {
-    let body = serde_json::json!({ "receiver_url": url }).to_string();
-    let socket = dst.socket.clone();
-    std::thread::spawn(move || {
-        api::client::request(
-            &socket,
-            "PUT",
-            "vm.receive-migration",
-            Some(body.as_bytes()),
-        )
-        .expect("receive-migration request")
-    })
+    dst.receive_migration(serde_json::json!({ "receiver_url": url }), Vec::new())
 }
 
-/// Sends the VM from `src`, retrying while the destination is not listening yet; returns
-/// the answer's status and body.
+/// Sends the VM from `src`, retrying while the destination is not listening yet.
 fn send(src: &ApiVmm, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let deadline = Instant::now() + REPLY;
-    loop {
-        let r = src.http("PUT", "vm.send-migration", Some(&body.to_string()));
-        let text = String::from_utf8_lossy(&r.body).into_owned();
-        if r.status != 200 && text.contains("Cannot connect") && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        let json = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::String(text));
-        return (r.status, json);
-    }
+    src.send_migration(body)
 }
 
 /// Migrates from `src` to `dst` over `url`; checks both answers and that the source exits.
@@ -446,25 +425,11 @@ fn receive_with_tap(
     url: &str,
     tap: std::os::fd::OwnedFd,
 ) -> std::thread::JoinHandle<api::client::Response> {
-    use std::os::fd::AsRawFd;
     let body = serde_json::json!({
         "receiver_url": url,
         "net_fds": [{"id": "net0", "num_fds": 1}],
-    })
-    .to_string();
-    let socket = dst.socket.clone();
-    std::thread::spawn(move || {
-        let r = api::client::request_with_fds(
-            &socket,
-            "PUT",
-            "vm.receive-migration",
-            Some(body.as_bytes()),
-            &[tap.as_raw_fd()],
-        )
-        .expect("receive-migration request");
-        drop(tap);
-        r
-    })
+    });
+    dst.receive_migration(body, vec![tap])
 }
 
 #[test]

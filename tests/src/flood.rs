@@ -1,0 +1,178 @@
+//! A host ping flood to a guest, run inside the guest's network namespace, that says how many
+//! echo requests went unanswered and the longest silence between two replies (the downtime
+//! as seen from outside).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::NetNs;
+
+/// A running `ping -D -i INTERVAL -c COUNT`.
+pub struct PingFlood {
+    child: Child,
+    replies: Arc<AtomicU64>,
+    reader: Option<JoinHandle<Vec<String>>>,
+    started: Instant,
+    last_lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// What a flood saw.
+#[derive(Debug, Clone, Copy)]
+pub struct FloodResult {
+    /// Echo requests sent.
+    pub sent: u64,
+    /// Replies received.
+    pub received: u64,
+    /// The longest gap between two consecutive replies, in milliseconds.
+    pub max_gap_ms: f64,
+}
+
+impl FloodResult {
+    /// Requests never answered.
+    pub fn lost(&self) -> u64 {
+        self.sent.saturating_sub(self.received)
+    }
+}
+
+impl PingFlood {
+    /// Starts `count` echo requests to `addr`, one every `interval`, from inside `ns`.
+    pub fn start(ns: &NetNs, addr: &str, interval: Duration, count: u64) -> Self {
+        let mut child = ns
+            .command(Path::new("ping"))
+            .args(["-D", "-n", "-W", "2", "-i"])
+            .arg(format!("{:.3}", interval.as_secs_f64()))
+            .arg("-c")
+            .arg(count.to_string())
+            .arg(addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ping");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let replies = Arc::new(AtomicU64::new(0));
+        let last_lines = Arc::new(Mutex::new(Vec::new()));
+        let (r, last) = (replies.clone(), last_lines.clone());
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("bytes from") {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut tail = last.lock().expect("flood lock");
+                tail.push(line.clone());
+                if tail.len() > 5 {
+                    tail.remove(0);
+                }
+                drop(tail);
+                lines.push(line);
+            }
+            lines
+        });
+        PingFlood {
+            child,
+            replies,
+            reader: Some(reader),
+            started: Instant::now(),
+            last_lines,
+        }
+    }
+
+    /// Waits until `n` replies came.
+    pub fn wait_replies(&mut self, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.replies.load(Ordering::Relaxed) < n {
+            if let Some(status) = self.child.try_wait().expect("poll ping") {
+                panic!(
+                    "ping ended ({status}) after {} replies: {:?}",
+                    self.replies.load(Ordering::Relaxed),
+                    self.last_lines.lock().expect("flood lock")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} ping replies in {timeout:?}: {:?}",
+                self.replies.load(Ordering::Relaxed),
+                self.last_lines.lock().expect("flood lock")
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether ping still sends.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("poll ping").is_none()
+    }
+
+    /// How long the flood has run.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for ping to finish (it waits for the last replies itself) and reads its summary.
+    pub fn finish(mut self, timeout: Duration) -> FloodResult {
+        crate::wait_child(&mut self.child, timeout);
+        let lines = self
+            .reader
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("ping reader");
+        let summary = lines
+            .iter()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no ping summary in {:?}",
+                    &lines[lines.len().saturating_sub(5)..]
+                )
+            });
+        let number_before = |word: &str| -> u64 {
+            let words: Vec<&str> = summary
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|w| !w.is_empty())
+                .collect();
+            let at = words
+                .iter()
+                .position(|w| *w == word)
+                .unwrap_or_else(|| panic!("no '{word}' in {summary}"));
+            words[at - 1]
+                .parse()
+                .unwrap_or_else(|_| panic!("no count before '{word}' in {summary}"))
+        };
+        let times: Vec<f64> = lines
+            .iter()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .collect();
+        let max_gap_ms = times
+            .windows(2)
+            .map(|w| (w[1] - w[0]) * 1000.0)
+            .fold(0.0, f64::max);
+        FloodResult {
+            sent: number_before("packets"),
+            received: number_before("received"),
+            max_gap_ms,
+        }
+    }
+}
+
+impl Drop for PingFlood {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .count()
+}
