@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_tests::{num, ApiVmm, Console, NetNs, PingFlood, SeqStream, TempDir, READY};
+use baton_tests::{fd_count, num, ApiVmm, Console, NetNs, PingFlood, SeqStream, TempDir, READY};
 
 const BOOT: Duration = Duration::from_secs(60);
 const REPLY: Duration = Duration::from_secs(30);
@@ -187,4 +187,380 @@ fn a_ping_flood_loses_nothing_across_backend_transfer_with_one_queue_pair() {
 #[test]
 fn a_ping_flood_loses_nothing_across_backend_transfer_with_four_queue_pairs() {
     flood_across_migrations("bt4", 4);
+}
+
+/// A namespace with bridge br0 (10.0.0.1/24) and the TAPs `taps` on it, made by the test
+/// the way management software would (persistent, single queue).
+fn bridged(tag: &str, taps: &[&str]) -> NetNs {
+    let ns = NetNs::new(tag);
+    ns.run(&["ip", "link", "add", "br0", "type", "bridge"]);
+    ns.run(&["ip", "addr", "add", "10.0.0.1/24", "dev", "br0"]);
+    ns.run(&["ip", "link", "set", "br0", "up"]);
+    for tap in taps {
+        ns.run(&["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+        ns.run(&["ip", "link", "set", tap, "master", "br0"]);
+        ns.run(&["ip", "link", "set", tap, "up"]);
+    }
+    ns
+}
+
+/// Open descriptors of `vmm` once they stop changing (a request's connection may be
+/// closing), within a deadline.
+fn settled_fds(vmm: &ApiVmm) -> usize {
+    let deadline = Instant::now() + REPLY;
+    let mut last = fd_count(vmm.pid());
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = fd_count(vmm.pid());
+        if now == last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn twenty_migrations_back_and_forth_lose_nothing_and_leak_no_descriptor() {
+    let ns = bridged("bt20", &["tap0"]);
+    let files = TempDir::new("bt20");
+    let serial = files.path().join("serial.sock");
+    let mut src = ApiVmm::start_in(Some(&ns), &[]);
+    boot(
+        &mut src,
+        &config(&serial, 1, "tap0", serde_json::json!({})),
+        &serial,
+    );
+    let view = host_view(&ns, "tap0");
+    assert_eq!(view["master"], "br0", "{view}");
+    let mut fds_after: Vec<usize> = Vec::new();
+    for i in 0..20 {
+        let dst = ApiVmm::start_in(Some(&ns), &[]);
+        let mut pings = PingFlood::start(&ns, GUEST, FLOOD_INTERVAL, 500);
+        pings.wait_replies(20, REPLY);
+        let name = if i % 2 == 0 {
+            "there.sock"
+        } else {
+            "back.sock"
+        };
+        let stats = hand_over(src, &dst, &url(&files, name), i % 2 == 1);
+        assert!(
+            pings.running(),
+            "hop {i}: the flood ended first: lengthen it"
+        );
+        let result = pings.finish(REPLY);
+        assert_eq!(result.lost(), 0, "hop {i}: {result:?} ({stats})");
+        assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
+        assert_eq!(host_view(&ns, "tap0"), view, "hop {i}");
+        fds_after.push(settled_fds(&dst));
+        src = dst;
+    }
+    // Every destination holds as many descriptors as the first did.
+    assert!(
+        fds_after.iter().all(|n| *n == fds_after[0]),
+        "open descriptors after each hop: {fds_after:?}"
+    );
+}
+
+#[test]
+fn without_backend_transfer_management_passes_a_new_tap_and_frames_are_lost() {
+    let ns = bridged("btctl", &["tap0", "tap1"]);
+    let files = TempDir::new("btctl");
+    let serial = files.path().join("serial.sock");
+    let mut src = ApiVmm::start_in(Some(&ns), &[]);
+    // The card never hands its backend over.
+    boot(
+        &mut src,
+        &config(
+            &serial,
+            1,
+            "tap0",
+            serde_json::json!({"backend_transfer": false}),
+        ),
+        &serial,
+    );
+    let support = src
+        .expect("GET", "vmm.backend-transfer-support", None, 200)
+        .unwrap();
+    assert_eq!(support["devices"], serde_json::json!([]), "{support}");
+    // Hop 1, the control case: no backend transfer asked; hop 2: asked on both sides, but
+    // the card's flag is off, so it takes the ordinary path. Each destination gets a new
+    // TAP on the bridge from management (the source holds its own).
+    for (hop, (tap, asked)) in [("tap1", false), ("tap0", true)].into_iter().enumerate() {
+        let dst = ApiVmm::start_in(Some(&ns), &[]);
+        let u = url(&files, &format!("c{hop}.sock"));
+        let receiving = dst.receive_migration(
+            serde_json::json!({
+                "receiver_url": u, "backend_transfer": asked,
+                "net_fds": [{"id": "net0", "num_fds": 1}],
+            }),
+            vec![ns.open_tap(tap, false)],
+        );
+        let pings = flood(&ns);
+        let (status, stats) = src.send_migration(serde_json::json!({
+            "destination_url": u, "local": true, "backend_transfer": asked,
+        }));
+        assert_eq!(status, 200, "{stats}");
+        let r = receiving.join().unwrap();
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+        src.wait_exit(REPLY);
+        assert_eq!(stats["transferred_backends"], serde_json::json!([]));
+        let info = dst.expect("GET", "vm.info", None, 200).unwrap();
+        assert_eq!(info["config"]["net"][0]["tap"], tap, "{info}");
+        let result = pings.finish(REPLY);
+        // What backend transfer avoids: frames queued on the old TAP are gone with it, and
+        // the bridge sends to the old port until it learns the new one.
+        eprintln!(
+            "new TAP (backend_transfer asked: {asked}): {} of {} pings lost, longest gap {:.1} ms, downtime {} ms",
+            result.lost(),
+            result.sent,
+            result.max_gap_ms,
+            stats["downtime_ms"]
+        );
+        assert!(result.received > 0, "{result:?}");
+        // The guest is reachable on its new TAP.
+        let after = PingFlood::start(&ns, GUEST, FLOOD_INTERVAL, 100).finish(REPLY);
+        assert_eq!(after.lost(), 0, "after the migration: {after:?}");
+        src = dst;
+    }
+}
+
+#[test]
+fn refusals_leave_the_source_on_its_own_descriptors() {
+    let ns = NetNs::new("btref");
+    let files = TempDir::new("btref");
+    let serial = files.path().join("serial.sock");
+    let empty = ApiVmm::start_in(Some(&ns), &[]);
+    let support = empty
+        .expect("GET", "vmm.backend-transfer-support", None, 200)
+        .unwrap();
+    assert_eq!(
+        support,
+        serde_json::json!({"kinds": ["virtio-net-tap"], "devices": []})
+    );
+    let mut src = ApiVmm::start_in(Some(&ns), &[]);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&config(&serial, 1, "tap0", serde_json::json!({}))).unwrap();
+    // A second card that never hands its TAP over.
+    cfg["net"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"id": "net1", "tap": "tap1", "num_queues": 4, "backend_transfer": false}));
+    boot(&mut src, &cfg.to_string(), &serial);
+    let support = src
+        .expect("GET", "vmm.backend-transfer-support", None, 200)
+        .unwrap();
+    let want = serde_json::json!({
+        "kinds": ["virtio-net-tap"],
+        "devices": [{"id": "net0", "kind": "virtio-net-tap", "fds": 1}],
+    });
+    assert_eq!(support, want);
+    let out = src.remote(&["backend-transfer-support"]);
+    assert!(out.status.success(), "{out:?}");
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed, want);
+
+    // TCP cannot carry descriptors: both sides refuse before anything moves.
+    let (status, body) = src.send_migration(serde_json::json!({
+        "destination_url": "tcp:127.0.0.1:7100", "backend_transfer": true,
+    }));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("needs a unix: URL"), "{body}");
+    let r = empty
+        .receive_migration(
+            serde_json::json!({"receiver_url": "tcp:127.0.0.1:7100", "backend_transfer": true}),
+            Vec::new(),
+        )
+        .join()
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("needs a unix: URL"));
+
+    // A destination not asked for backend transfer takes the ordinary path: it opens tap0 by
+    // name, which the source holds (single queue), so the migration fails before the
+    // source pauses, and says why.
+    let before = settled_fds(&src);
+    let pings = flood(&ns);
+    let u = url(&files, "m.sock");
+    let receiving = empty.receive_migration(serde_json::json!({"receiver_url": u}), Vec::new());
+    let (status, body) = src.send_migration(serde_json::json!({
+        "destination_url": u, "local": true, "backend_transfer": true,
+    }));
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.to_string().contains("Cannot attach to TAP 'tap0'"),
+        "{body}"
+    );
+    let r = receiving.join().unwrap();
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    let result = pings.finish(REPLY);
+    assert_eq!(result.lost(), 0, "{result:?}");
+    assert_eq!(settled_fds(&src), before);
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
+
+    // The destination stays empty and takes the VM when asked properly.
+    let stats = hand_over(src, &empty, &url(&files, "m2.sock"), true);
+    assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
+}
+
+fn connect(url: &str) -> migration::Channel {
+    let parsed: migration::MigrationUrl = url.parse().unwrap();
+    let deadline = Instant::now() + REPLY;
+    loop {
+        match migration::Channel::connect(&parsed) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{url}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_destination_that_dies_after_taking_the_descriptors_leaves_the_source_its_network() {
+    use migration::protocol::{FdsHeader, MemoryRegion};
+    use migration::{Command, Response};
+    let ns = NetNs::new("btdie");
+    let files = TempDir::new("btdie");
+    let serial = files.path().join("serial.sock");
+    let mut src = ApiVmm::start_in(Some(&ns), &[]);
+    boot(
+        &mut src,
+        &config(&serial, 2, "tap0", serde_json::json!({})),
+        &serial,
+    );
+    let before = settled_fds(&src);
+    let view = host_view(&ns, "tap0");
+    let path = files.path().join("m.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // Takes everything up to the TAP descriptors, checks them, and dies without answering.
+    let peer = std::thread::spawn(move || {
+        let mut ch = migration::Channel::from(listener.accept().unwrap().0);
+        loop {
+            let h = ch.recv_request_header().unwrap();
+            let payload = ch.read_payload(h.length).unwrap();
+            let reply = match h.command {
+                Command::Start => br#"{"accepted":["net0"]}"#.to_vec(),
+                Command::MemoryFds => {
+                    let regions: Vec<MemoryRegion> = serde_json::from_slice(&payload).unwrap();
+                    ch.recv_fds(regions.len()).unwrap();
+                    Vec::new()
+                }
+                Command::Config | Command::State => Vec::new(),
+                Command::Fds => {
+                    let header: FdsHeader = serde_json::from_slice(&payload).unwrap();
+                    let fds = ch.recv_fds(header.count as usize).unwrap();
+                    return (header, fds.len());
+                }
+                other => panic!("unexpected {other}"),
+            };
+            ch.send_response(&Response::Ok(reply)).unwrap();
+        }
+    });
+    let pings = flood(&ns);
+    let (status, body) = src.send_migration(serde_json::json!({
+        "destination_url": format!("unix:{}", path.display()), "local": true, "backend_transfer": true,
+    }));
+    let (header, got) = peer.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    // What travelled: both queues, and the TAP's state.
+    assert_eq!((header.id.as_str(), header.count, got), ("net0", 2, 2));
+    assert_eq!(header.state["name"], "tap0", "{:?}", header.state);
+    assert_eq!(header.state["queues"], 2);
+    assert_eq!(header.state["enabled"], serde_json::json!([true, true]));
+    assert_eq!(header.state["vnet_hdr_len"], 12);
+    let result = pings.finish(REPLY);
+    assert_eq!(result.lost(), 0, "{result:?}");
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(settled_fds(&src), before);
+    assert_eq!(host_view(&ns, "tap0"), view);
+    let after = PingFlood::start(&ns, GUEST, FLOOD_INTERVAL, 100).finish(REPLY);
+    assert_eq!(after.lost(), 0, "{after:?}");
+}
+
+#[test]
+fn a_destination_refuses_descriptors_that_do_not_fit_and_closes_them() {
+    use migration::protocol::ProposedBackend;
+    use migration::protocol::{to_json, FdsHeader, Start, PROTOCOL_VERSION};
+    use migration::Command;
+    use std::os::fd::AsFd;
+    let ns = NetNs::new("btfit");
+    let files = TempDir::new("btfit");
+    let serial = files.path().join("serial.sock");
+    // A real VM's configuration and state, from a snapshot.
+    let mut a = ApiVmm::start_in(Some(&ns), &[]);
+    boot(
+        &mut a,
+        &config(&serial, 1, "tap0", serde_json::json!({})),
+        &serial,
+    );
+    a.expect("PUT", "vm.pause", None, 204);
+    let snap = files.path().join("snap");
+    let body = serde_json::json!({"destination_url": format!("file://{}", snap.display())});
+    a.expect("PUT", "vm.snapshot", Some(&body.to_string()), 204);
+    a.expect("PUT", "vmm.shutdown", None, 204);
+    a.wait_exit(REPLY);
+    let config_bytes = std::fs::read(snap.join("config.json")).unwrap();
+    let state_bytes = std::fs::read(snap.join("state.bin")).unwrap();
+
+    let dst = ApiVmm::start_in(Some(&ns), &[]);
+    let baseline = settled_fds(&dst);
+    let tap = ns.open_tap("tapx", false);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let tap_state = |name: &str, queues: usize| {
+        serde_json::json!({
+            "name": name, "queues": queues, "enabled": vec![true; queues],
+            "vnet_hdr_len": 12, "offloads": null, "mtu": 1500, "mac": null,
+        })
+    };
+    let cases = [
+        (
+            tap_state("tapx", 2),
+            tap.as_fd(),
+            "1 queue pair(s), but its transferred backend has 2",
+        ),
+        (
+            tap_state("tapy", 1),
+            tap.as_fd(),
+            "queue 0 belongs to 'tapx', not 'tapy'",
+        ),
+        (tap_state("tapx", 1), null.as_fd(), "is not a TAP"),
+    ];
+    for (i, (state, fd, why)) in cases.into_iter().enumerate() {
+        let u = url(&files, &format!("f{i}.sock"));
+        let receiving = dst.receive_migration(
+            serde_json::json!({"receiver_url": u, "backend_transfer": true}),
+            Vec::new(),
+        );
+        let mut ch = connect(&u);
+        let start = Start {
+            version: PROTOCOL_VERSION,
+            local: false,
+            backend_transfer: true,
+            devices: vec![ProposedBackend {
+                id: "net0".into(),
+                kind: "virtio-net-tap".into(),
+                fds: 1,
+            }],
+        };
+        ch.request(Command::Start, &to_json(&start)).unwrap();
+        ch.request(Command::Config, &config_bytes).unwrap();
+        ch.request(Command::State, &state_bytes).unwrap();
+        let header = FdsHeader {
+            id: "net0".into(),
+            count: 1,
+            state,
+        };
+        let e = ch
+            .request_with_fds(Command::Fds, &to_json(&header), &[fd])
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "case {i}: {e}");
+        let r = receiving.join().unwrap();
+        assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+        // Nothing kept: no VM, and every descriptor it received is closed.
+        dst.expect("GET", "vm.info", None, 404);
+        assert_eq!(settled_fds(&dst), baseline, "case {i}");
+    }
 }
