@@ -138,6 +138,12 @@ impl<T: Send + 'static> Worker<T> {
         })
     }
 
+    /// Asks the thread to stop without waiting: a device with several workers asks them all
+    /// before waiting for each, so they wind down together.
+    pub fn ask_to_stop(&self) {
+        let _ = self.stop.write(1);
+    }
+
     /// Asks the thread to stop, waits until it has, and returns what it handed back
     /// (nothing if it panicked).
     pub fn stop(mut self) -> Option<T> {

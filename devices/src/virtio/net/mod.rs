@@ -108,7 +108,9 @@ pub struct Net {
     taps: Arc<TapQueues>,
     status: Arc<AtomicU16>,
     counters: Arc<Counters>,
-    workers: Vec<Worker<queue_pair::QueuePair>>,
+    /// Each running queue pair's worker, with the pair's index (a driver may leave a pair
+    /// out).
+    workers: Vec<(usize, Worker<queue_pair::QueuePair>)>,
     /// Features the running driver acked.
     acked: u64,
 }
@@ -253,7 +255,7 @@ impl VirtioDevice for Net {
             };
             let worker = Worker::spawn(format!("virtio-net-{pair}"), move |events| qp.run(events))
                 .map_err(ActivateError::Worker)?;
-            workers.push(worker);
+            workers.push((pair, worker));
         }
         self.workers = workers;
         self.acked = features;
@@ -261,7 +263,7 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        for w in self.workers.drain(..) {
+        for (_, w) in self.workers.drain(..) {
             w.stop();
         }
         self.status.store(STATUS_LINK_UP, Ordering::Release);
@@ -274,7 +276,11 @@ impl VirtioDevice for Net {
         }
         let mut queues: Vec<Option<ActiveQueue>> = (0..=2 * self.pairs()).map(|_| None).collect();
         let ctrl_index = 2 * self.pairs();
-        for (pair, w) in self.workers.drain(..).enumerate() {
+        // Paused inside a migration's downtime: the workers stop together.
+        for (_, w) in &self.workers {
+            w.ask_to_stop();
+        }
+        for (pair, w) in self.workers.drain(..) {
             let Some(qp) = w.stop() else { continue };
             queues[2 * pair] = Some(qp.rx);
             queues[2 * pair + 1] = Some(qp.tx);
