@@ -7,25 +7,38 @@
 # its console: 256 MiB at 200 MiB/s, migrated once the buffer has been written once).
 # Figures are vm.send-migration's answer, the median of RUNS runs each (default 5); GB/s is
 # memory_bytes / memory_ms, the throughput while memory was being sent.
-# Usage: scripts/bench/migration.sh [RUNS]
+# The network table (scripts/bench/migration_net.py, in a network namespace of its own):
+# a 1 GiB guest with 1 or 4 queue pairs on a TAP bridged to the host moves over UNIX, local
+# on and off, with backend transfer or onto a new TAP that management passes, under a
+# `ping -i 0.002` flood and while the host reads the guest's TCP stream. Columns: baton's
+# downtime_ms and total_ms, pings lost (median and worst run), and the longest gap in the
+# stream: the downtime seen from outside.
+# Usage: scripts/bench/migration.sh [RUNS] [all|memory|network]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/lib/common.sh
 help_if_asked "$@"
 
 RUNS=${1:-5}
+TABLES=${2:-all}
 [[ $RUNS =~ ^[0-9]+$ && $RUNS -gt 0 ]] || die "RUNS must be a positive number"
+[[ $TABLES =~ ^(all|memory|network)$ ]] || die "the table is all, memory or network"
 ensure_build_deps
+ensure_packages iproute2 iputils-ping
 require_kvm
 cargo build --release --locked --workspace >&2
 guest_cargo build --release --locked >&2
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/baton-bench-migration.XXXXXX")
 HELPER=""
+NS=""
 cleanup() {
     if [[ -n $HELPER ]]; then
         kill -TERM "$HELPER" 2>/dev/null || true
         wait "$HELPER" 2>/dev/null || true
+    fi
+    if [[ -n $NS ]]; then
+        ip netns del "$NS" 2>/dev/null || true
     fi
     rm -rf "$WORK"
 }
@@ -44,17 +57,56 @@ row() {
     printf '%-36s %s\n' "$label" "$out"
 }
 
-printf '%-36s %9s %11s %14s %10s %7s\n' "migration (median of $RUNS)" \
-    "total ms" "downtime ms" "memory bytes" "iterations" "GB/s"
-for gib in 1 4; do
-    row "local=on unix, $gib GiB idle" $((gib << 10)) unix on
-done
-for gib in 1 4; do
-    for transport in unix tcp; do
-        row "pre-copy $transport, $gib GiB idle" $((gib << 10)) "$transport" off
+memory_table() {
+    printf '%-36s %9s %11s %14s %10s %7s\n' "migration (median of $RUNS)" \
+        "total ms" "downtime ms" "memory bytes" "iterations" "GB/s"
+    for gib in 1 4; do
+        row "local=on unix, $gib GiB idle" $((gib << 10)) unix on
     done
-done
-row "pre-copy unix, 1 GiB dirty 256 200" 1024 unix off "dirty 256 200"
-row "pre-copy tcp, 1 GiB dirty 256 200" 1024 tcp off "dirty 256 200"
-echo "GB/s = memory_bytes / memory_ms: the throughput while memory was being sent. An idle"
-echo "guest has few non-zero pages; the dirty rows carry 256 MiB and more."
+    for gib in 1 4; do
+        for transport in unix tcp; do
+            row "pre-copy $transport, $gib GiB idle" $((gib << 10)) "$transport" off
+        done
+    done
+    row "pre-copy unix, 1 GiB dirty 256 200" 1024 unix off "dirty 256 200"
+    row "pre-copy tcp, 1 GiB dirty 256 200" 1024 tcp off "dirty 256 200"
+    echo "GB/s = memory_bytes / memory_ms: the throughput while memory was being sent. An idle"
+    echo "guest has few non-zero pages; the dirty rows carry 256 MiB and more."
+}
+
+# net_row LABEL transfer|new-tap LOCAL(on|off) PAIRS: one line of the network table.
+net_row() {
+    local label=$1 out
+    shift
+    ip netns exec "$NS" python3 scripts/bench/migration_net.py "$WORK" "$1" "$2" "$3" "$RUNS" \
+        >"$WORK/row" &
+    HELPER=$!
+    if wait "$HELPER"; then out=$(<"$WORK/row"); else out="failed"; fi
+    HELPER=""
+    printf '%-40s %s\n' "$label" "$out"
+}
+
+network_table() {
+    NS=baton-bench-migration-$$
+    ip netns add "$NS"
+    ip netns exec "$NS" ip link set lo up
+    printf '%-40s %11s %8s %10s %8s %13s\n' "local migration, 1 GiB (median of $RUNS)" \
+        "downtime ms" "total ms" "lost pings" "worst" "stream gap ms"
+    for pairs in 1 4; do
+        for local in on off; do
+            net_row "backend transfer, local=$local, $pairs pair(s)" transfer "$local" "$pairs"
+            net_row "new TAP, local=$local, $pairs pair(s)" new-tap "$local" "$pairs"
+        done
+    done
+    echo "downtime: pause to the destination resuming, as baton reports it. Stream gap: the"
+    echo "longest silence in the guest's TCP stream read on the host (includes any TCP"
+    echo "retransmission a lost segment costs). Pings: one every 2 ms for 5 s."
+    ip netns del "$NS"
+    NS=""
+}
+
+case $TABLES in
+    memory) memory_table ;;
+    network) network_table ;;
+    all) memory_table; echo; network_table ;;
+esac

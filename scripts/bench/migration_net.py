@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Network rows of scripts/bench/migration.sh: a local migration of the test guest with a
+network card, seen from the host, with backend transfer or onto a new TAP.
+
+Runs inside a network namespace of its own (migration.sh creates it and runs this script
+with `ip netns exec`). Each run builds bridge br0 (10.0.0.1/24) with TAPs tap0 and tap1 on it,
+as management software would (persistent; multi-queue when the card has several pairs),
+boots the test guest (1 GiB shared memory, 1 vCPU, 10.0.0.2) on tap0, and while the host
+reads the guest's sequence stream (port 5001) and runs `ping -i 0.002` at it, migrates it
+over a UNIX socket to a second baton:
+- transfer: both sides ask for backend_transfer; the destination takes over tap0's queues.
+- new-tap:  no backend transfer; management opens tap1's queues and passes them with
+            vm.receive-migration (net_fds), the work backend transfer removes.
+Prints one line: medians over the runs of downtime_ms and total_ms as vm.send-migration
+reports them, pings lost, the longest gap between two ping replies and the longest gap in
+the guest's stream (both the downtime as seen from outside, in ms).
+Each run's own figures go to stderr.
+
+Usage: migration_net.py WORKDIR transfer|new-tap on|off PAIRS RUNS"""
+import fcntl, http.client, json, os, socket, statistics, struct, subprocess, sys, tempfile
+import threading, time
+
+from guest_console import Console
+from migration import Baton, READY, GUEST
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
+FLOOD_COUNT = 2500  # 5 s at one every 2 ms: longer than any migration here.
+
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def network(pairs):
+    for link in ("br0", "tap0", "tap1"):
+        subprocess.run(["ip", "link", "del", link], stderr=subprocess.DEVNULL)
+    ip("link", "add", "br0", "type", "bridge")
+    ip("addr", "add", "10.0.0.1/24", "dev", "br0")
+    ip("link", "set", "br0", "up")
+    for tap in ("tap0", "tap1"):
+        mq = ["multi_queue"] if pairs > 1 else []
+        ip("tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr", *mq)
+        ip("link", "set", tap, "master", "br0")
+        ip("link", "set", tap, "up")
+
+
+def open_queues(name, pairs):
+    """What management does for a new TAP: one open queue per pair."""
+    flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if pairs > 1 else 0)
+    fds = []
+    for _ in range(pairs):
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        fds.append(fd)
+    return fds
+
+
+def request_with_fds(api, endpoint, body, fds):
+    """PUT with descriptors riding along (SCM_RIGHTS), as baton-remote add-net does."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(api)
+    data = json.dumps(body).encode()
+    head = (f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    socket.send_fds(s, [head + data], fds)
+    r = http.client.HTTPResponse(s)
+    r.begin()
+    return r.status, r.read().decode(errors="replace")
+
+
+class Stream:
+    """Reads the guest's sequence stream, keeping when each read returned."""
+
+    def __init__(self):
+        deadline = time.time() + 60
+        while True:
+            try:
+                self.s = socket.create_connection(("10.0.0.2", 5001), timeout=5)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    sys.exit("cannot connect to the guest's stream")
+                time.sleep(0.05)
+        self.times = []
+        self.stop = False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while not self.stop:
+            try:
+                if not self.s.recv(1 << 16):
+                    break
+            except OSError:
+                break
+            self.times.append(time.monotonic())
+
+    def longest_gap_ms(self, start, end):
+        ts = [t for t in self.times if start <= t <= end]
+        return max((b - a for a, b in zip(ts, ts[1:])), default=float("inf")) * 1000
+
+    def close(self):
+        self.stop = True
+        self.s.close()
+        self.t.join(timeout=5)
+
+
+def config(serial, pairs):
+    return {
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 1 << 30, "shared": True},
+        "payload": {"kernel": GUEST, "cmdline": "heartbeat_ms=0 net=10.0.0.2/24"},
+        "serial": {"mode": "Socket", "socket": serial},
+        "net": [{"id": "net0", "tap": "tap0", "num_queues": 2 * pairs}],
+    }
+
+
+def ping_summary(text):
+    for line in text.splitlines():
+        if "packets transmitted" in line:
+            words = line.replace(",", " ").split()
+            return int(words[words.index("packets") - 1]), int(words[words.index("received") - 1])
+    sys.exit(f"no ping summary in: {text[-500:]}")
+
+
+def one_run(workdir, mode, local, pairs):
+    network(pairs)
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        serial = os.path.join(d, "serial.sock")
+        src = dst = console = stream = ping = None
+        try:
+            src, dst = Baton(d, "source"), Baton(d, "destination")
+            src.expect("PUT", "vm.create", config(serial, pairs), 204)
+            src.expect("PUT", "vm.boot", None, 204)
+            console = Console(serial, lambda: src.proc.poll() is None)
+            console.line(lambda l: READY in l)
+            stream = Stream()
+            ping = subprocess.Popen(
+                ["ping", "-q", "-n", "-W", "2", "-i", "0.002", "-c", str(FLOOD_COUNT), "10.0.0.2"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # Migrate once both are flowing.
+            deadline = time.time() + 30
+            while len(stream.times) < 100 and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)
+            url = f"unix:{os.path.join(d, 'migration.sock')}"
+            transfer = mode == "transfer"
+            received = {}
+            queues = [] if transfer else open_queues("tap1", pairs)
+
+            def receive():
+                body = {"receiver_url": url, "backend_transfer": transfer}
+                try:
+                    if transfer:
+                        received["answer"] = dst.request("PUT", "vm.receive-migration", body,
+                                                         timeout=3600)
+                    else:
+                        body["net_fds"] = [{"id": "net0", "num_fds": pairs}]
+                        received["answer"] = request_with_fds(
+                            dst.api, "vm.receive-migration", body, queues)
+                except OSError as e:
+                    received["answer"] = (0, str(e))
+
+            receiver = threading.Thread(target=receive, daemon=True)
+            receiver.start()
+            started = time.monotonic()
+            body = {"destination_url": url, "local": local, "backend_transfer": transfer}
+            while True:
+                status, text = src.request("PUT", "vm.send-migration", body, timeout=3600)
+                if status != 200 and "Cannot connect" in text and time.monotonic() < started + 30:
+                    time.sleep(0.02)
+                    continue
+                break
+            ended = time.monotonic()
+            if status != 200:
+                src.fail(f"vm.send-migration: {status} {text}")
+            stats = json.loads(text)
+            src.proc.wait(timeout=30)
+            receiver.join(timeout=30)
+            for fd in queues:
+                os.close(fd)
+            answer = received.get("answer", (0, "no answer"))
+            if answer[0] != 204:
+                dst.fail(f"vm.receive-migration: {answer}")
+            if ping.poll() is not None:
+                sys.exit("the ping flood ended before the migration did")
+            if stats["transferred_backends"] != (["net0"] if transfer else []):
+                sys.exit(f"unexpected transferred_backends: {stats}")
+            out, _ = ping.communicate(timeout=60)
+            sent, got = ping_summary(out)
+            # The stream must flow again on the destination before its gap means anything.
+            deadline = time.time() + 30
+            while (not stream.times or stream.times[-1] < ended + 0.2) and time.time() < deadline:
+                time.sleep(0.01)
+            return {
+                "downtime_ms": stats["downtime_ms"],
+                "total_ms": stats["total_ms"],
+                "lost": sent - got,
+                "stream_gap_ms": stream.longest_gap_ms(started - 0.05, ended + 0.2),
+            }
+        finally:
+            if ping is not None and ping.poll() is None:
+                ping.kill()
+            for x in (stream, console):
+                if x is not None:
+                    x.close()
+            for b in (src, dst):
+                if b is not None:
+                    b.stop()
+
+
+def main():
+    workdir, mode, local, pairs, count = sys.argv[1:6]
+    runs = []
+    for _ in range(int(count)):
+        runs.append(one_run(workdir, mode, local == "on", int(pairs)))
+        print(f"migration_net.py: {mode} local={local} pairs={pairs}: {json.dumps(runs[-1])}",
+              file=sys.stderr)
+
+    def med(key):
+        return statistics.median(r[key] for r in runs)
+
+    print(f"{med('downtime_ms'):>11.0f} {med('total_ms'):>8.0f} {med('lost'):>10.0f} "
+          f"{max(r['lost'] for r in runs):>8.0f} {med('stream_gap_ms'):>13.1f}")
+
+
+if __name__ == "__main__":
+    main()
