@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The demo: builds baton and its test guest, boots the guest with 2 vCPUs, shows its serial
-# console up to the ready marker and a few heartbeats, asks it for its status, and powers
-# it off.
+# The demo, baton's main job: a running VM moves to a fresh baton on the same host without
+# dropping a packet. Builds baton and its test guest, creates a network namespace with the
+# guest on TAP tap0 (10.0.0.1 on the host, 10.0.0.2 in the guest, two queue pairs), starts a
+# ping flood at the guest (one every 2 ms), migrates the VM over a UNIX socket to a second
+# baton with local=on and backend transfer (the TAP's queue descriptors travel, the host's
+# interface stays as it is), and prints the downtime and the pings lost. The guest then runs
+# on the destination: on a terminal the demo waits for Enter before it stops it and removes
+# the namespace; otherwise it cleans up at once.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/common.sh
@@ -9,39 +14,125 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 help_if_asked "$@"
 
 ensure_build_deps
+ensure_packages iproute2 iputils-ping python3
 require_kvm
 log "building (release)"
-cargo build --release --locked -p vmm >&2
+cargo build --release --locked -p vmm -p api >&2
 guest_cargo build --release --locked >&2
 
-log "booting the test guest: target/release/baton --kernel target/release/baton-test-guest --cpus boot=2 --memory size=512M --serial tty"
-coproc BATON {
-    exec target/release/baton --kernel target/release/baton-test-guest \
-        --cmdline "heartbeat_ms=500" --cpus boot=2 --memory size=512M --serial tty
+BATON=$PWD/target/release/baton
+REMOTE=$PWD/target/release/baton-remote
+GUEST=$PWD/target/release/baton-test-guest
+NS=baton-demo-$$
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/baton-demo.XXXXXX")
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    ip netns del "$NS" 2>/dev/null || true
+    rm -rf "$WORK"
 }
-baton_pid=$BATON_PID
-exec {to_guest}>&"${BATON[1]}" {from_guest}<&"${BATON[0]}"
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-state=boot
-while IFS= read -r -t 60 line <&"$from_guest"; do
-    line=${line%$'\r'}
-    printf '  guest | %s\n' "$line"
-    case $state:$line in
-        boot:*"baton-test-guest: ready"*)
-            state=beating
-            ;;
-        beating:"heartbeat 3")
-            state=status
-            printf 'status\n' >&"$to_guest"
-            ;;
-        status:"status: "*)
-            state=poweroff
-            printf 'poweroff\n' >&"$to_guest"
-            ;;
-    esac
+in_ns() { ip netns exec "$NS" "$@"; }
+remote() {
+    local socket=$1
+    shift
+    "$REMOTE" --api-socket "$socket" "$@"
+}
+# json FILE EXPR: a Python expression over the JSON document `j` in FILE.
+json() { python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1"; }
+
+# start_baton NAME: a baton with only an API socket, inside the namespace.
+start_baton() {
+    # Not through in_ns: $! must be baton itself (ip netns exec execs it), to stop it.
+    ip netns exec "$NS" "$BATON" --api-socket "path=$WORK/$1.sock" </dev/null \
+        >"$WORK/$1.log" 2>&1 &
+    PIDS+=($!)
+    local deadline=$((SECONDS + 20))
+    until remote "$WORK/$1.sock" ping >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "baton $1 did not start: $(tail -5 "$WORK/$1.log")"
+        sleep 0.05
+    done
+}
+
+# The host's view of tap0: index, name, state, MAC, then its address.
+show_tap() {
+    printf '  host | index %s: %s\n' "$(in_ns cat /sys/class/net/tap0/ifindex)" \
+        "$(in_ns ip -br link show tap0)"
+    printf '  host | %s\n' "$(in_ns ip -br -4 addr show tap0)"
+}
+
+ip netns add "$NS"
+in_ns ip link set lo up
+log "network namespace $NS"
+
+start_baton source
+cat >"$WORK/vm.json" <<EOF
+{"cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+ "memory": {"size": 1073741824, "shared": true},
+ "payload": {"kernel": "$GUEST", "cmdline": "heartbeat_ms=1000 net=10.0.0.2/24"},
+ "serial": {"mode": "Off"},
+ "net": [{"id": "net0", "tap": "tap0", "ip": "10.0.0.1", "mask": "255.255.255.0",
+          "num_queues": 4}]}
+EOF
+remote "$WORK/source.sock" create "$WORK/vm.json"
+remote "$WORK/source.sock" boot
+log "source baton (pid ${PIDS[0]}) booted the test guest on tap0, which it created"
+deadline=$((SECONDS + 60))
+until in_ns ping -c 1 -W 1 10.0.0.2 >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "the guest never answered pings"
 done
-status=0
-wait "$baton_pid" || status=$?
-[[ $state == poweroff ]] || die "the guest never became ready (state $state)"
-[[ $status -eq 0 ]] || die "baton exited with status $status"
-log "the guest powered off; baton exited with status 0"
+log "the guest answers at 10.0.0.2; the host's side of its TAP:"
+show_tap >"$WORK/tap.before"
+cat "$WORK/tap.before" >&2
+
+start_baton destination
+remote "$WORK/destination.sock" backend-transfer-support >"$WORK/support.json"
+log "destination baton (pid ${PIDS[1]}) takes over: $(json "$WORK/support.json" "j['kinds']")"
+remote "$WORK/destination.sock" receive-migration \
+    "receiver_url=unix:$WORK/migration.sock,backend_transfer=on" >"$WORK/received" &
+receiver=$!
+
+log "ping flood: one echo request every 2 ms, 1500 in all"
+in_ns ping -n -i 0.002 -c 1500 -W 2 10.0.0.2 >"$WORK/ping.out" 2>&1 &
+flood=$!
+deadline=$((SECONDS + 20))
+replies() { grep -c 'bytes from' "$WORK/ping.out" 2>/dev/null || true; }
+until (($(replies) + 0 >= 100)); do
+    ((SECONDS < deadline)) || die "the flood got no replies: $(tail -3 "$WORK/ping.out")"
+    sleep 0.01
+done
+
+log "migrating: send-migration destination_url=unix:...,local=on,backend_transfer=on"
+remote "$WORK/source.sock" send-migration \
+    "destination_url=unix:$WORK/migration.sock,local=on,backend_transfer=on" \
+    >"$WORK/stats.json" 2>/dev/null || die "the migration failed: $(cat "$WORK/stats.json")"
+wait "$receiver" || die "receive-migration failed: $(cat "$WORK/received")"
+wait "${PIDS[0]}" || die "the source did not exit cleanly: $(tail -5 "$WORK/source.log")"
+wait "$flood" || true
+summary=$(grep 'packets transmitted' "$WORK/ping.out") || die "ping printed no summary"
+sent=$(awk '{print $1}' <<<"$summary")
+got=$(awk '{print $4}' <<<"$summary")
+
+log "migrated: downtime $(json "$WORK/stats.json" "j['downtime_ms']") ms," \
+    "total $(json "$WORK/stats.json" "j['total_ms']") ms," \
+    "TAP handed over for $(json "$WORK/stats.json" "j['transferred_backends']")"
+log "ping flood: $sent sent, $((sent - got)) lost"
+log "the source exited; the host's side of the TAP, unchanged:"
+show_tap >"$WORK/tap.after"
+cat "$WORK/tap.after" >&2
+cmp -s "$WORK/tap.before" "$WORK/tap.after" || die "the TAP changed on the host"
+in_ns ping -c 3 -i 0.2 -W 1 10.0.0.2 >/dev/null || die "the guest does not answer on the destination"
+log "the guest runs on the destination (pid ${PIDS[1]}), on $(remote "$WORK/destination.sock" info |
+    python3 -c "import json,sys; print(json.load(sys.stdin)['config']['net'][0]['tap'])")"
+if [[ -t 0 ]]; then
+    log "try: ip netns exec $NS ping 10.0.0.2"
+    log "     $REMOTE --api-socket $WORK/destination.sock counters"
+    read -r -p "Press Enter to stop the guest and remove the namespace. " _
+fi
+((sent == got)) || die "$((sent - got)) pings were lost"
