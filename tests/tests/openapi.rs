@@ -372,6 +372,7 @@ fn document_matches_the_routes_and_the_server() {
     // Everything else on one baton, through every state.
     let mut vmm = ApiVmm::start(&[]);
     c.call(&vmm, "GET", "vmm.ping", None, 200);
+    c.call(&vmm, "GET", "vmm.backend-transfer-support", None, 200);
 
     // The wrong method, on every endpoint.
     let names: Vec<(String, String)> = c.doc.operations.keys().cloned().collect();
