@@ -523,6 +523,22 @@ impl ApiVmm {
     }
 }
 
+/// A migration channel to `url`, retried until something listens there (a destination that
+/// was just asked to receive), within 30 s: tests play a source with it.
+pub fn connect_migration(url: &str) -> migration::Channel {
+    let parsed: migration::MigrationUrl = url.parse().expect("a migration URL");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match migration::Channel::connect(&parsed) {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{url}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// A VmConfig JSON for the test guest with its serial console on `serial`.
 pub fn guest_config_json(serial: &Path, cpus: u8, cmdline: &str) -> String {
     serde_json::json!({

@@ -403,20 +403,6 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
     assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
 }
 
-fn connect(url: &str) -> migration::Channel {
-    let parsed: migration::MigrationUrl = url.parse().unwrap();
-    let deadline = Instant::now() + REPLY;
-    loop {
-        match migration::Channel::connect(&parsed) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{url}: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 #[test]
 fn a_destination_that_dies_after_taking_the_descriptors_leaves_the_source_its_network() {
     use migration::protocol::{FdsHeader, MemoryRegion};
@@ -534,7 +520,7 @@ fn a_destination_refuses_descriptors_that_do_not_fit_and_closes_them() {
             serde_json::json!({"receiver_url": u, "backend_transfer": true}),
             Vec::new(),
         );
-        let mut ch = connect(&u);
+        let mut ch = baton_tests::connect_migration(&u);
         let start = Start {
             version: PROTOCOL_VERSION,
             local: false,

@@ -257,20 +257,6 @@ fn refused_migrations_say_why_and_the_vm_runs_on() {
 }
 
 /// Connects to a destination's migration socket, waiting for it to listen.
-fn connect(url: &str) -> migration::Channel {
-    let parsed: migration::MigrationUrl = url.parse().unwrap();
-    let deadline = Instant::now() + REPLY;
-    loop {
-        match migration::Channel::connect(&parsed) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{url}: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 #[test]
 fn a_destination_that_dies_mid_stream_leaves_the_source_running() {
     let files = TempDir::new("mig-dst-dies");
@@ -321,7 +307,7 @@ fn a_source_that_dies_mid_stream_leaves_the_destination_empty_and_usable() {
     let receiving = receive(&dst, &url);
     {
         // A source that sends Start and Config, then part of the memory, and dies.
-        let mut channel = connect(&url);
+        let mut channel = baton_tests::connect_migration(&url);
         let start = migration::protocol::Start {
             version: migration::protocol::PROTOCOL_VERSION,
             local: false,
@@ -361,7 +347,7 @@ fn a_source_speaking_another_protocol_version_is_refused() {
     let dst = ApiVmm::start(&[]);
     let url = urls(files.path(), "m.sock");
     let receiving = receive(&dst, &url);
-    let mut channel = connect(&url);
+    let mut channel = baton_tests::connect_migration(&url);
     let start = migration::protocol::Start {
         version: migration::protocol::PROTOCOL_VERSION + 1,
         local: false,
