@@ -44,10 +44,7 @@ impl TapQueues {
     /// Queues this process opened or was passed; each queue's attachment is read from the
     /// kernel.
     pub fn new(taps: Vec<Tap>) -> Result<Self, Error> {
-        let attached = taps
-            .iter()
-            .map(|t| t.info().map(|i| i.attached()))
-            .collect::<Result<Vec<bool>, Error>>()?;
+        let attached = attachments(taps.iter())?;
         Ok(TapQueues {
             taps: taps.into_iter().map(Arc::new).collect(),
             attached: Mutex::new(attached),
@@ -99,12 +96,14 @@ impl TapQueues {
             if info.status & libc::O_NONBLOCK == 0 {
                 return Err(mismatch(format!("queue {queue} is not non-blocking")));
             }
-            if queue == 0 && tap.vnet_hdr_len()? != state.vnet_hdr_len {
-                return Err(mismatch(format!(
-                    "the TAP's vnet header is {} bytes, the state says {}",
-                    tap.vnet_hdr_len()?,
-                    state.vnet_hdr_len
-                )));
+            if queue == 0 {
+                let len = tap.vnet_hdr_len()?;
+                if len != state.vnet_hdr_len {
+                    return Err(mismatch(format!(
+                        "the TAP's vnet header is {len} bytes, the state says {}",
+                        state.vnet_hdr_len
+                    )));
+                }
             }
             taps.push(Arc::new(tap));
         }
@@ -191,11 +190,7 @@ impl TapQueues {
             .taps
             .first()
             .ok_or_else(|| Error::Transferred("no queues".into()))?;
-        let enabled = self
-            .taps
-            .iter()
-            .map(|t| t.info().map(|i| i.attached()))
-            .collect::<Result<Vec<bool>, Error>>()?;
+        let enabled = attachments(self.taps.iter().map(|t| &**t))?;
         Ok(TapState {
             name: first.name().to_string(),
             queues: self.taps.len(),
@@ -207,6 +202,11 @@ impl TapQueues {
             mac: first.mac().ok(),
         })
     }
+}
+
+/// Whether each queue is attached, as the kernel says.
+fn attachments<'a>(taps: impl Iterator<Item = &'a Tap>) -> Result<Vec<bool>, Error> {
+    taps.map(|t| t.info().map(|i| i.attached())).collect()
 }
 
 fn attachment(attached: bool) -> &'static str {
