@@ -640,6 +640,26 @@ pub fn heartbeat_number(line: &str) -> Option<u64> {
 }
 
 impl Console {
+    /// Waits until the guest's sequence-stream sink (port 5002) has taken `offset` bytes,
+    /// every one of them right and in order (its `net` line counts them and any error).
+    pub fn sink_reaches(&mut self, offset: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let net = self.command("net", "net:", timeout);
+            assert_eq!(num(&net, "sink_errors"), 0, "{net}");
+            if num(&net, "sink_bytes") == offset {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest's sink is short of {offset}: {net}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Console {
     /// Reads until the console is quiet; the last heartbeat number it showed.
     pub fn last_heartbeat(&mut self) -> u64 {
         while self.try_next(Duration::from_millis(200)).is_some() {}

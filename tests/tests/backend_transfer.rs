@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_tests::{fd_count, num, ApiVmm, Console, NetNs, PingFlood, SeqStream, TempDir, READY};
+use baton_tests::{fd_count, ApiVmm, Console, NetNs, PingFlood, SeqStream, TempDir, READY};
 
 const BOOT: Duration = Duration::from_secs(60);
 const REPLY: Duration = Duration::from_secs(30);
@@ -106,24 +106,6 @@ fn more_stream(ns: &NetNs, streams: (SeqStream, SeqStream)) -> (SeqStream, SeqSt
     })
 }
 
-/// The guest took every byte of the stream sent to it, in order.
-fn guest_got(console: &mut Console, to_guest: &SeqStream) {
-    let deadline = Instant::now() + REPLY;
-    loop {
-        let net = console.command("net", "net:", REPLY);
-        assert_eq!(num(&net, "sink_errors"), 0, "{net}");
-        if num(&net, "sink_bytes") == to_guest.offset {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest's sink is short of {}: {net}",
-            to_guest.offset
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Starts a flood long enough to cover a migration, once replies flow.
 fn flood(ns: &NetNs) -> PingFlood {
     let mut flood = PingFlood::start(ns, GUEST, FLOOD_INTERVAL, 2500);
@@ -176,7 +158,8 @@ fn flood_across_migrations(tag: &str, pairs: usize) {
         src = dst;
         console = src.console(&serial);
     }
-    guest_got(&mut console, &streams.1);
+    // The guest took every byte of the stream sent to it, in order.
+    console.sink_reaches(streams.1.offset, REPLY);
 }
 
 #[test]

@@ -479,19 +479,7 @@ fn tcp_streams_both_ways_carry_on_across_migrations_to_a_new_tap() {
         console = src.console(&serial);
     }
     // The guest got every byte sent to it, in order.
-    let deadline = Instant::now() + REPLY;
-    loop {
-        let net = console.command("net", "net:", REPLY);
-        assert_eq!(num(&net, "sink_errors"), 0, "{net}");
-        if num(&net, "sink_bytes") == to_guest.offset {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest's sink is short: {net}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    console.sink_reaches(to_guest.offset, REPLY);
 }
 
 #[test]
