@@ -78,7 +78,8 @@ pub enum ConfigError {
 pub enum CpuTemplate {
     /// For nested, PVM-based KVM hosts that interpret guest kernel code: hides the features
     /// whose instructions the interpreter cannot execute (CMPXCHG16B, AVX family, BMI, FMA,
-    /// F16C, 1 GiB pages ...), so a stock Linux kernel takes its fallback paths.
+    /// F16C, 1 GiB pages ...) and KVM's paravirtual features that are hypercalls (PV IPIs,
+    /// unhalt, sched yield), which never return there, so Linux takes its fallback paths.
     Pvm,
 }
 
@@ -124,7 +125,7 @@ impl CpusConfig {
     pub const SYNTAX: &'static str =
         "vCPUs: \"boot=<n>,max=<n>,template=pvm,mask=[<feature>,...]\" \
         (boot: 1-254 vCPUs, default 1; template=pvm hides CPUID features that nested PVM hosts \
-        cannot interpret; mask: extra CPUID features to hide, e.g. mask=[avx,cx16])";
+        cannot interpret and KVM hypercalls they never complete; mask: extra CPUID features to hide, e.g. mask=[avx,cx16])";
 
     /// Parses a `--cpus` option string.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {

@@ -103,7 +103,14 @@ pub const FEATURES: &[Feature] = &[
     f("fma4", 0x8000_0001, 0, Reg::Ecx, 16),
     f("tbm", 0x8000_0001, 0, Reg::Ecx, 21),
     f("pdpe1gb", 0x8000_0001, 0, Reg::Edx, 26),
+    // KVM's paravirtual features (leaf 0x4000_0001), named as Linux's kvm_para.h does.
+    f("kvm_pv_unhalt", KVM_FEATURES_LEAF, 0, Reg::Eax, 7),
+    f("kvm_pv_send_ipi", KVM_FEATURES_LEAF, 0, Reg::Eax, 11),
+    f("kvm_pv_sched_yield", KVM_FEATURES_LEAF, 0, Reg::Eax, 13),
 ];
+
+/// CPUID leaf of KVM's paravirtual feature bits.
+const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
 
 /// Names of every maskable feature, for validation messages.
 pub fn feature_names() -> Vec<&'static str> {
@@ -114,7 +121,10 @@ pub fn feature_names() -> Vec<&'static str> {
 /// instruction emulator, which cannot execute CMPXCHG16B, XRSTOR (Linux restores its initial
 /// FPU state with it at boot), POPCNT, MOVBE, LZCNT, CLAC/STAC (SMAP) or VEX-encoded
 /// instructions (the AVX family, BMI, FMA, F16C ...), and the guest's own EOI writes fail
-/// through 1 GiB mappings, so 1 GiB pages go too.
+/// through 1 GiB mappings, so 1 GiB pages go too. Its VMCALL never completes either: the
+/// vCPU stays on the instruction for good, so KVM's paravirtual features that are hypercalls
+/// go (Linux sends its IPIs with KVM_HC_SEND_IPI as soon as it has a second CPU, and hangs
+/// bringing that CPU up).
 const PVM_MASK: &[&str] = &[
     "cx16",
     "smap",
@@ -156,6 +166,9 @@ const PVM_MASK: &[&str] = &[
     "fma4",
     "tbm",
     "pdpe1gb",
+    "kvm_pv_unhalt",
+    "kvm_pv_send_ipi",
+    "kvm_pv_sched_yield",
 ];
 
 /// The feature names a template masks.
@@ -323,6 +336,7 @@ mod tests {
                 [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d],
                 false,
             ),
+            entry(KVM_FEATURES_LEAF, 0, [0x0100_7eff, 0, 0, 0], false),
             entry(0x8000_0001, 0, [0, 0, 0x121, 0x2c10_0800], false),
         ]
     }
@@ -411,6 +425,13 @@ mod tests {
         assert_ne!(l7.ebx & (1 << 9), 0, "erms untouched");
         assert_eq!(l7.ebx & (1 << 20), 0, "smap");
         assert_eq!(get(&e, 0x8000_0001, 0).edx & (1 << 26), 0, "pdpe1gb");
+        // Hypercalls never return on such hosts; the other KVM features stay.
+        let kvm = get(&e, KVM_FEATURES_LEAF, 0).eax;
+        assert_eq!(kvm & (1 << 11), 0, "PV send IPI");
+        assert_eq!(kvm & (1 << 7), 0, "PV unhalt");
+        assert_eq!(kvm & (1 << 13), 0, "PV sched yield");
+        assert_ne!(kvm & (1 << 3), 0, "kvmclock untouched");
+        assert_ne!(kvm & (1 << 6), 0, "PV EOI untouched");
     }
 
     #[test]
