@@ -101,7 +101,7 @@ fn dsdt() -> Sdt {
         ],
     )));
 
-    // Motherboard resources: the ECAM window, so Linux trusts MCFG.
+    // Motherboard resources: the ECAM window, so Linux trusts MCFG, and the GED's registers.
     dsdt.append_slice(&aml_bytes(&aml::Device::new(
         "_SB_.MBRD".into(),
         vec![
@@ -109,11 +109,18 @@ fn dsdt() -> Sdt {
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new(
                 "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
-                    false,
-                    PCI_MMCONFIG_START as u32,
-                    PCI_MMCONFIG_SIZE as u32,
-                )]),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(
+                        false,
+                        PCI_MMCONFIG_START as u32,
+                        PCI_MMCONFIG_SIZE as u32,
+                    ),
+                    &aml::Memory32Fixed::new(
+                        true,
+                        ACPI_GED_START as u32,
+                        devices::acpi::GED_LEN as u32,
+                    ),
+                ]),
             ),
         ],
     )));
@@ -126,16 +133,17 @@ fn dsdt() -> Sdt {
         vec![
             &aml::Name::new("_HID".into(), &"ACPI0013"),
             &aml::Name::new("_UID".into(), &aml::ZERO),
+            // Only the interrupt: Linux's GED driver takes every resource of its _CRS for
+            // one and refuses the device otherwise. Its registers are a motherboard resource.
             &aml::Name::new(
                 "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![
-                    &aml::Interrupt::new(true, true, false, false, ACPI_GED_IRQ),
-                    &aml::Memory32Fixed::new(
-                        true,
-                        ACPI_GED_START as u32,
-                        devices::acpi::GED_LEN as u32,
-                    ),
-                ]),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true,
+                    true,
+                    false,
+                    false,
+                    ACPI_GED_IRQ,
+                )]),
             ),
             &aml::OpRegion::new(
                 "GDST".into(),
@@ -392,6 +400,30 @@ mod tests {
         let mut fixed = vec![0x86, 0x09, 0x00, 0x01];
         fixed.extend_from_slice(&(ACPI_GED_START as u32).to_le_bytes());
         assert!(dsdt.windows(8).any(|w| w == fixed.as_slice()));
+    }
+
+    /// Regression: Linux refused the GED ("unable to parse the _CRS record") while its _CRS
+    /// also held its register window.
+    #[test]
+    fn ged_resources_are_only_its_interrupt() {
+        let t = build(1).unwrap();
+        let (_, dsdt) = table(&t, b"DSDT");
+        let ged = dsdt.windows(4).position(|w| w == b"GED_").expect("GED_");
+        let crs = ged
+            + dsdt[ged..]
+                .windows(4)
+                .position(|w| w == b"_CRS")
+                .expect("_CRS");
+        // _CRS, BufferOp, PkgLength, BytePrefix, size, then the resource data.
+        assert_eq!(dsdt[crs + 4], 0x11, "a buffer");
+        let data = &dsdt[crs + 8..crs + 8 + usize::from(dsdt[crs + 7])];
+        // One extended interrupt descriptor (0x89, 6 bytes: flags, count 1, the GSI), then
+        // the end tag.
+        assert_eq!(data[0], 0x89);
+        assert_eq!(&data[1..3], &[6, 0]);
+        assert_eq!(data[4], 1);
+        assert_eq!(u32_at(data, 5), ACPI_GED_IRQ);
+        assert_eq!(data[9], 0x79, "end tag right after the interrupt");
     }
 
     #[test]

@@ -117,7 +117,9 @@ pub struct PciConfiguration {
 }
 
 impl PciConfiguration {
-    /// A function with `id`, no BARs and no capabilities; interrupt pin A.
+    /// A function with `id`, no BARs and no capabilities. Its interrupt pin is 0: baton's
+    /// functions interrupt with MSI-X only, and a pin with no routing behind it makes Linux
+    /// log "PCI INT A: no GSI".
     pub fn new(id: Identity) -> Self {
         let mut regs = Box::new([0u32; CONFIG_DWORDS]);
         let mut writable = Box::new([0u32; CONFIG_DWORDS]);
@@ -127,7 +129,6 @@ impl PciConfiguration {
             | u32::from(id.class[2]) << 8
             | u32::from(id.revision);
         regs[11] = u32::from(id.subsystem) << 16 | u32::from(id.subsystem_vendor);
-        regs[INTERRUPT_REG] = 1 << 8;
         writable[COMMAND_REG] = COMMAND_WRITABLE;
         // Cache line size and latency timer are scratch registers; interrupt line too.
         writable[3] = 0x0000_ffff;
@@ -351,6 +352,20 @@ mod tests {
         assert_eq!(c.read_reg(2) >> 8, 0x02_0000);
         assert_eq!(c.read_reg(11), 0x0040_1af4);
         assert_eq!(c.read_reg(4096), u32::MAX);
+    }
+
+    /// Regression: the pin said INTA with nothing routed behind it, and Linux logged
+    /// "PCI INT A: no GSI" for every function.
+    #[test]
+    fn no_interrupt_pin_and_a_scratch_interrupt_line() {
+        let mut c = config();
+        assert_eq!(c.read_reg(INTERRUPT_REG) >> 8 & 0xff, 0, "no pin");
+        c.write_reg(INTERRUPT_REG, 0, &[0x0b, 0x01]);
+        assert_eq!(
+            c.read_reg(INTERRUPT_REG) & 0xffff,
+            0x000b,
+            "line written, pin kept"
+        );
     }
 
     #[test]

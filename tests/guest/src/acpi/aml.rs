@@ -9,11 +9,13 @@
 //!   ... })`, which DSDTs encode as `NameOp '_S5_' PackageOp PkgLength
 //!   NumElements <integers>`.
 //! * A hardware-reduced platform's Generic Event Device has
-//!   `Name (_HID, "ACPI0013")` and, in its `_CRS` resource template, a
-//!   `Memory32Fixed` descriptor for the event register. The scan takes the
-//!   first such descriptor within [`GED_SEARCH_WINDOW`] bytes after the
-//!   string and before the next `Device` opcode; a GED that lists `_CRS`
-//!   before `_HID` is not recognised.
+//!   `Name (_HID, "ACPI0013")` and either, in its `_CRS` resource template, a
+//!   `Memory32Fixed` descriptor for the event register, or (as baton's, whose
+//!   `_CRS` holds only its interrupt because Linux's GED driver refuses anything
+//!   else) an `OperationRegion` in `SystemMemory` that its `_EVT` reads. The
+//!   scan takes the first such descriptor, or else the first such region,
+//!   within [`GED_SEARCH_WINDOW`] bytes after the string and before the next
+//!   `Device` opcode; a GED that lists them before `_HID` is not recognised.
 
 const NAME_OP: u8 = 0x08;
 const ROOT_CHAR: u8 = b'\\';
@@ -33,6 +35,11 @@ const GED_HID: &[u8] = b"\x0dACPI0013\x00";
 const MEMORY32_FIXED: &[u8] = &[0x86, 0x09, 0x00];
 /// ExtOpPrefix DeviceOp: the start of the next device, where the search stops.
 const DEVICE_OP: &[u8] = &[0x5b, 0x82];
+/// ExtOpPrefix OpRegionOp, then a NameSeg, the region space, offset and length.
+const OP_REGION_OP: &[u8] = &[0x5b, 0x80];
+/// The `SystemMemory` region space.
+const SYSTEM_MEMORY: u8 = 0x00;
+const QWORD_PREFIX: u8 = 0x0e;
 /// How far after the GED's `_HID` string its event register's descriptor may start.
 pub const GED_SEARCH_WINDOW: usize = 512;
 /// Addresses a 32-bit descriptor may reach.
@@ -63,17 +70,7 @@ pub fn s5_sleep_types(aml: &[u8]) -> Option<(u8, u8)> {
 
 /// Decodes one AML integer constant, advancing past it; masked to SLP_TYP.
 fn integer(aml: &mut &[u8]) -> Option<u8> {
-    let (&op, rest) = aml.split_first()?;
-    let (value, size) = match op {
-        ZERO_OP => (0, 0),
-        ONE_OP => (1, 0),
-        BYTE_PREFIX => (u64::from(*rest.first()?), 1),
-        WORD_PREFIX => (u64::from(crate::bytes::u16_at(rest, 0)?), 2),
-        DWORD_PREFIX => (u64::from(crate::bytes::u32_at(rest, 0)?), 4),
-        _ => return None,
-    };
-    *aml = &rest[size..];
-    u8::try_from(value & SLP_TYP_MASK).ok()
+    u8::try_from(wide_integer(aml)? & SLP_TYP_MASK).ok()
 }
 
 /// `(base, length)` of the Generic Event Device's event register: the first
@@ -85,7 +82,47 @@ fn integer(aml: &mut &[u8]) -> Option<u8> {
 pub fn ged_event_register(aml: &[u8]) -> Option<(u64, u32)> {
     (0..aml.len())
         .filter(|&i| aml[i..].starts_with(GED_HID))
-        .find_map(|i| memory32_fixed_after(aml, i + GED_HID.len()))
+        .find_map(|i| {
+            let start = i + GED_HID.len();
+            memory32_fixed_after(aml, start).or_else(|| system_memory_region_after(aml, start))
+        })
+}
+
+/// The first `OperationRegion (NAME, SystemMemory, base, length)` in the window after
+/// `start`, before the next device, with integer constants for base and length.
+fn system_memory_region_after(aml: &[u8], start: usize) -> Option<(u64, u32)> {
+    let window = aml.get(start..)?;
+    let window = &window[..window.len().min(GED_SEARCH_WINDOW)];
+    let at = find(window, OP_REGION_OP)?;
+    if find(window, DEVICE_OP).is_some_and(|device| device < at) {
+        return None;
+    }
+    // OpRegionOp (2), NameSeg (4), RegionSpace (1), then two integer terms.
+    let mut rest = aml.get(start + at + 6..)?;
+    if *rest.first()? != SYSTEM_MEMORY {
+        return None;
+    }
+    rest = &rest[1..];
+    let base = wide_integer(&mut rest)?;
+    let len = u32::try_from(wide_integer(&mut rest)?).ok()?;
+    let end = base.checked_add(u64::from(len))?;
+    (base != 0 && len != 0 && end <= LIMIT_32).then_some((base, len))
+}
+
+/// Decodes one AML integer constant whole, advancing past it.
+fn wide_integer(aml: &mut &[u8]) -> Option<u64> {
+    let (&op, rest) = aml.split_first()?;
+    let (value, size) = match op {
+        ZERO_OP => (0, 0),
+        ONE_OP => (1, 0),
+        BYTE_PREFIX => (u64::from(*rest.first()?), 1),
+        WORD_PREFIX => (u64::from(crate::bytes::u16_at(rest, 0)?), 2),
+        DWORD_PREFIX => (u64::from(crate::bytes::u32_at(rest, 0)?), 4),
+        QWORD_PREFIX => (crate::bytes::u64_at(rest, 0)?, 8),
+        _ => return None,
+    };
+    *aml = &rest[size..];
+    Some(value)
 }
 
 fn memory32_fixed_after(aml: &[u8], start: usize) -> Option<(u64, u32)> {

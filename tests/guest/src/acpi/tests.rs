@@ -463,13 +463,22 @@ fn memory32_fixed(base: u32, len: u32) -> Vec<u8> {
 /// `Device (GED_)` with `_HID`, `_UID`, the given `_CRS` and what reads the
 /// register: `OperationRegion`, `Field` and `_EVT`.
 fn ged(crs: &[&[u8]]) -> Vec<u8> {
-    let region = [
+    ged_reading(crs, &op_region(GED_BASE))
+}
+
+/// `OperationRegion (GDST, SystemMemory, base, 0x10)`
+fn op_region(base: u32) -> Vec<u8> {
+    [
         &[0x5b, 0x80][..],
         b"GDST\x00\x0c",
-        &GED_BASE.to_le_bytes(),
+        &base.to_le_bytes(),
         &[0x0a, 0x10],
     ]
-    .concat();
+    .concat()
+}
+
+/// [`ged`] with `region` as its operation region (or none, when empty).
+fn ged_reading(crs: &[&[u8]], region: &[u8]) -> Vec<u8> {
     let field = pkg(&[0x5b, 0x81], b"GDST\x01GDAT\x08");
     // Method (_EVT, 1) { Local0 = GDAT; If (Local0 & One) { Notify (PWRB, 0x80) } }
     let notify = pkg(&[0xa0], b"\x7b\x60\x01\x00\x86PWRB\x0a\x80");
@@ -480,7 +489,7 @@ fn ged(crs: &[&[u8]]) -> Vec<u8> {
             &name(b"_HID", &string(b"ACPI0013")),
             &name(b"_UID", &[0x00]),
             &name(b"_CRS", &resource_template(crs)),
-            &region,
+            region,
             &field,
             &evt,
         ],
@@ -497,9 +506,10 @@ fn sb_scope(devices: &[&[u8]]) -> Vec<u8> {
     pkg(&[0x10], &[&b"\\_SB_"[..], &devices.concat()].concat())
 }
 
-/// The DSDT body baton builds: `\_S5`, then the GED and the power button.
+/// The DSDT body baton builds: `\_S5`, then the GED (its `_CRS` only its interrupt, its
+/// register an operation region) and the power button.
 fn ged_aml() -> Vec<u8> {
-    let ged = ged(&[&interrupt(5), &memory32_fixed(GED_BASE, 0x10)]);
+    let ged = ged(&[&interrupt(5)]);
     [
         &b"\x08_S5_\x12\x04\x01\x0a\x05"[..],
         &sb_scope(&[&ged, &power_button_device()]),
@@ -564,13 +574,29 @@ fn ged_register_variants() {
     assert_eq!(scan(&longer), None);
     let no_prefix = [&b"ACPI0013\x00"[..], &memory].concat();
     assert_eq!(scan(&no_prefix), None);
-    // A GED without a Memory32Fixed: the next device's is not taken.
-    let other = device(b"RTC_", &[&name(b"_CRS", &resource_template(&[&memory]))]);
-    let aml = sb_scope(&[&ged(&[&interrupt(5)]), &other]);
+    // The descriptor wins over the region.
+    let both = ged_reading(&[&memory32_fixed(0xfed3_0000, 4)], &op_region(GED_BASE));
+    assert_eq!(scan(&both), Some((0xfed3_0000, 4)));
+    // Regression: baton's _CRS lists only the interrupt (Linux refused the GED
+    // otherwise); the register is the region its _EVT reads.
+    assert_eq!(scan(&ged(&[&interrupt(5)])), found);
+    // A region elsewhere than in system memory is not the register.
+    let io = [&b"\x5b\x80GDST\x01\x0b"[..], &[0x00, 0x06], &[0x0a, 0x10]].concat();
+    assert_eq!(scan(&ged_reading(&[&interrupt(5)], &io)), None);
+    // A GED with neither: the next device's descriptor or region is not taken.
+    let other = device(
+        b"RTC_",
+        &[
+            &name(b"_CRS", &resource_template(&[&memory])),
+            &op_region(0xfed4_0000),
+        ],
+    );
+    let bare_ged = ged_reading(&[&interrupt(5)], &[]);
+    let aml = sb_scope(&[&bare_ged, &other]);
     assert_eq!(scan(&aml), None);
     // ... but a later GED's is.
     let second = ged(&[&memory32_fixed(0xfed2_0000, 1)]);
-    let aml = sb_scope(&[&ged(&[&interrupt(5)]), &other, &second]);
+    let aml = sb_scope(&[&bare_ged, &other, &second]);
     assert_eq!(scan(&aml), Some((0xfed2_0000, 1)));
     // _CRS before _HID: the descriptor comes before the string.
     let crs_first = device(
@@ -601,15 +627,16 @@ fn ged_register_truncated() {
     for len in 0..aml.len() {
         assert_eq!(aml::ged_event_register(&aml[..len]), None, "{len}");
     }
-    // A truncated DSDT: the GED's descriptor is cut off.
+    // A truncated DSDT: the GED's region is cut off in its length.
     let full = ged_aml();
-    let cut = full
-        .windows(3)
-        .position(|w| w == [0x86, 0x09, 0x00])
-        .unwrap()
-        + 11;
+    let cut = full.windows(2).position(|w| w == [0x5b, 0x80]).unwrap() + 13;
     assert_eq!(aml::ged_event_register(&full[..cut]), None);
     assert!(aml::ged_event_register(&full[..cut + 1]).is_some());
+    let region = [string(b"ACPI0013"), op_region(GED_BASE)].concat();
+    for len in 0..region.len() {
+        assert_eq!(aml::ged_event_register(&region[..len]), None, "{len}");
+    }
+    assert!(aml::ged_event_register(&region).is_some());
 }
 
 #[test]
