@@ -539,6 +539,97 @@ pub fn connect_migration(url: &str) -> migration::Channel {
     }
 }
 
+/// What the host sees of interface `name` in `ns`: index, MAC, MTU, bridge and addresses.
+pub fn host_view(ns: &NetNs, name: &str) -> serde_json::Value {
+    let out = ns.run(&["ip", "-j", "addr", "show", "dev", name]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    let link = &all[0];
+    let addrs: Vec<String> = link["addr_info"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| format!("{}/{}", i["local"], i["prefixlen"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "ifname": link["ifname"], "ifindex": link["ifindex"], "mac": link["address"],
+        "mtu": link["mtu"], "master": link["master"], "addresses": addrs,
+    })
+}
+
+/// Migrates `src` to `dst` over `url` with `local` and, on both sides, `backend_transfer`;
+/// checks both answers and that the source exits cleanly. Returns the source's statistics.
+pub fn migrate(
+    src: ApiVmm,
+    dst: &ApiVmm,
+    url: &str,
+    local: bool,
+    backend_transfer: bool,
+) -> serde_json::Value {
+    let receiving = dst.receive_migration(
+        serde_json::json!({"receiver_url": url, "backend_transfer": backend_transfer}),
+        Vec::new(),
+    );
+    let (status, stats) = src.send_migration(serde_json::json!({
+        "destination_url": url, "local": local, "backend_transfer": backend_transfer,
+    }));
+    assert_eq!(status, 200, "send-migration: {stats}");
+    let r = receiving.join().expect("receive-migration thread");
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let (exit, stderr) = src.wait_exit(Duration::from_secs(60));
+    assert!(exit.success(), "the source did not exit cleanly: {stderr}");
+    stats
+}
+
+/// Checks a test guest's `net` line: the card uses mergeable receive buffers and indirect
+/// descriptors, at least `merged` frames came in several buffers, and none went missing.
+pub fn assert_card_merges(line: &str, merged: u64) {
+    assert_eq!(
+        (num(line, "mrg_rxbuf"), num(line, "indirect")),
+        (1, 1),
+        "{line}"
+    );
+    assert!(num(line, "merged") >= merged, "{line}");
+    assert_eq!(num(line, "merge_errors"), 0, "{line}");
+}
+
+/// A played migration destination listening at `path` that accepts a backend-transfer
+/// migration of card `net0` up to the TAP descriptors, takes them, and dies without
+/// answering: the source must resume on its own. The thread returns what travelled: the
+/// descriptors' header and how many arrived.
+pub fn dying_destination(
+    path: &Path,
+) -> std::thread::JoinHandle<(migration::protocol::FdsHeader, usize)> {
+    use migration::protocol::{FdsHeader, MemoryRegion};
+    use migration::{Command, Response};
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind migration socket");
+    std::thread::spawn(move || {
+        let mut ch = migration::Channel::from(listener.accept().expect("accept").0);
+        loop {
+            let h = ch.recv_request_header().expect("request");
+            let payload = ch.read_payload(h.length).expect("payload");
+            let reply = match h.command {
+                Command::Start => br#"{"accepted":["net0"]}"#.to_vec(),
+                Command::MemoryFds => {
+                    let regions: Vec<MemoryRegion> =
+                        serde_json::from_slice(&payload).expect("memory regions");
+                    ch.recv_fds(regions.len()).expect("memory descriptors");
+                    Vec::new()
+                }
+                Command::Config | Command::State => Vec::new(),
+                Command::Fds => {
+                    let header: FdsHeader = serde_json::from_slice(&payload).expect("Fds");
+                    let fds = ch.recv_fds(header.count as usize).expect("TAP descriptors");
+                    return (header, fds.len());
+                }
+                other => panic!("unexpected {other}"),
+            };
+            ch.send_response(&Response::Ok(reply)).expect("answer");
+        }
+    })
+}
+
 /// A VmConfig JSON for the test guest with its serial console on `serial`.
 pub fn guest_config_json(serial: &Path, cpus: u8, cmdline: &str) -> String {
     serde_json::json!({

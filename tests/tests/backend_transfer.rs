@@ -8,7 +8,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_tests::{fd_count, ApiVmm, Console, NetNs, PingFlood, SeqStream, TempDir, READY};
+use baton_tests::{
+    assert_card_merges, dying_destination, fd_count, host_view, migrate, ApiVmm, Console, NetNs,
+    PingFlood, SeqStream, TempDir, READY,
+};
 
 const BOOT: Duration = Duration::from_secs(60);
 const REPLY: Duration = Duration::from_secs(30);
@@ -30,7 +33,9 @@ fn config(serial: &Path, pairs: usize, tap: &str, net: serde_json::Value) -> Str
     serde_json::json!({
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": 256u64 << 20, "shared": true},
-        "payload": {"kernel": baton_tests::guest_bin(), "cmdline": format!("heartbeat_ms=20 net={GUEST}/24")},
+        // Small receive buffers: full-size frames arrive spread over mergeable buffers, whose
+        // use must survive every hand-over.
+        "payload": {"kernel": baton_tests::guest_bin(), "cmdline": format!("heartbeat_ms=20 net={GUEST}/24 rx_buffer=512")},
         "serial": {"mode": "Socket", "socket": serial},
         "net": [card],
     })
@@ -47,43 +52,6 @@ fn boot(vmm: &mut ApiVmm, config: &str, serial: &Path) -> Console {
 
 fn url(files: &TempDir, name: &str) -> String {
     format!("unix:{}", files.path().join(name).display())
-}
-
-/// Migrates from `src` to `dst` with backend transfer on both sides; checks both answers
-/// and that the source exits. Returns the source's statistics.
-fn hand_over(src: ApiVmm, dst: &ApiVmm, url: &str, local: bool) -> serde_json::Value {
-    let receiving = dst.receive_migration(
-        serde_json::json!({"receiver_url": url, "backend_transfer": true}),
-        Vec::new(),
-    );
-    let (status, stats) = src.send_migration(serde_json::json!({
-        "destination_url": url, "local": local, "backend_transfer": true,
-    }));
-    assert_eq!(status, 200, "send-migration: {stats}");
-    let r = receiving.join().unwrap();
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-    let (exit, stderr) = src.wait_exit(REPLY);
-    assert!(exit.success(), "the source did not exit cleanly: {stderr}");
-    stats
-}
-
-/// What the host sees of interface `name`: index, MAC, MTU, bridge and addresses.
-fn host_view(ns: &NetNs, name: &str) -> serde_json::Value {
-    let out = ns.run(&["ip", "-j", "addr", "show", "dev", name]);
-    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
-    let link = &all[0];
-    let addrs: Vec<String> = link["addr_info"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|i| format!("{}/{}", i["local"], i["prefixlen"]))
-                .collect()
-        })
-        .unwrap_or_default();
-    serde_json::json!({
-        "ifname": link["ifname"], "ifindex": link["ifindex"], "mac": link["address"],
-        "mtu": link["mtu"], "master": link["master"], "addresses": addrs,
-    })
 }
 
 /// The guest's sequence streams: one it sends (checked here), one it takes (checked there).
@@ -131,7 +99,7 @@ fn flood_across_migrations(tag: &str, pairs: usize) {
     for (i, local) in [true, false].into_iter().enumerate() {
         let dst = ApiVmm::start_in(Some(&ns), &[]);
         let mut pings = flood(&ns);
-        let stats = hand_over(src, &dst, &url(&files, &format!("m{i}.sock")), local);
+        let stats = migrate(src, &dst, &url(&files, &format!("m{i}.sock")), local, true);
         assert!(
             pings.running(),
             "the flood ended before the migration did ({:?}): lengthen it",
@@ -160,6 +128,10 @@ fn flood_across_migrations(tag: &str, pairs: usize) {
     }
     // The guest took every byte of the stream sent to it, in order.
     console.sink_reaches(streams.1.offset, REPLY);
+    // Full-size frames still arrive over several buffers, put together without a miss.
+    let out = ns.output(&["ping", "-q", "-c", "5", "-i", "0.05", "-s", "1400", GUEST]);
+    assert!(out.status.success(), "{out:?}");
+    assert_card_merges(&console.command("net", "net:", REPLY), 1);
 }
 
 #[test]
@@ -225,7 +197,7 @@ fn twenty_migrations_back_and_forth_lose_nothing_and_leak_no_descriptor() {
         } else {
             "back.sock"
         };
-        let stats = hand_over(src, &dst, &url(&files, name), i % 2 == 1);
+        let stats = migrate(src, &dst, &url(&files, name), i % 2 == 1, true);
         assert!(
             pings.running(),
             "hop {i}: the flood ended first: lengthen it"
@@ -382,14 +354,12 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
     assert_eq!(info["state"], "Running", "{info}");
 
     // The destination stays empty and takes the VM when asked properly.
-    let stats = hand_over(src, &empty, &url(&files, "m2.sock"), true);
+    let stats = migrate(src, &empty, &url(&files, "m2.sock"), true, true);
     assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
 }
 
 #[test]
 fn a_destination_that_dies_after_taking_the_descriptors_leaves_the_source_its_network() {
-    use migration::protocol::{FdsHeader, MemoryRegion};
-    use migration::{Command, Response};
     let ns = NetNs::new("btdie");
     let files = TempDir::new("btdie");
     let serial = files.path().join("serial.sock");
@@ -402,31 +372,7 @@ fn a_destination_that_dies_after_taking_the_descriptors_leaves_the_source_its_ne
     let before = settled_fds(&src);
     let view = host_view(&ns, "tap0");
     let path = files.path().join("m.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    // Takes everything up to the TAP descriptors, checks them, and dies without answering.
-    let peer = std::thread::spawn(move || {
-        let mut ch = migration::Channel::from(listener.accept().unwrap().0);
-        loop {
-            let h = ch.recv_request_header().unwrap();
-            let payload = ch.read_payload(h.length).unwrap();
-            let reply = match h.command {
-                Command::Start => br#"{"accepted":["net0"]}"#.to_vec(),
-                Command::MemoryFds => {
-                    let regions: Vec<MemoryRegion> = serde_json::from_slice(&payload).unwrap();
-                    ch.recv_fds(regions.len()).unwrap();
-                    Vec::new()
-                }
-                Command::Config | Command::State => Vec::new(),
-                Command::Fds => {
-                    let header: FdsHeader = serde_json::from_slice(&payload).unwrap();
-                    let fds = ch.recv_fds(header.count as usize).unwrap();
-                    return (header, fds.len());
-                }
-                other => panic!("unexpected {other}"),
-            };
-            ch.send_response(&Response::Ok(reply)).unwrap();
-        }
-    });
+    let peer = dying_destination(&path);
     let pings = flood(&ns);
     let (status, body) = src.send_migration(serde_json::json!({
         "destination_url": format!("unix:{}", path.display()), "local": true, "backend_transfer": true,

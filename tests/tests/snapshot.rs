@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use baton_tests::{
-    guest_config_json, heartbeat_number, num, ApiVmm, NetNs, SeqStream, TempDir, READY,
+    assert_card_merges, guest_config_json, heartbeat_number, num, ApiVmm, NetNs, SeqStream,
+    TempDir, READY,
 };
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -26,7 +27,8 @@ fn guest_config(serial: &std::path::Path, cpus: u8, with_net: bool) -> String {
     let mut c: serde_json::Value = serde_json::from_str(&guest_config_json(
         serial,
         cpus,
-        "heartbeat_ms=20 net=10.0.0.2/24",
+        // Small receive buffers: full-size frames arrive spread over mergeable buffers.
+        "heartbeat_ms=20 net=10.0.0.2/24 rx_buffer=512",
     ))
     .unwrap();
     if with_net {
@@ -98,12 +100,16 @@ fn restored_guest_continues_in_a_new_baton() {
     assert_eq!(num(&after, "cpus"), 2, "{after}");
     // The TCP connection opened before the snapshot carries on, every byte in order.
     ns.enter(move || stream.read(8 * MIB));
-    let out = ns.output(&["ping", "-q", "-c", "5", "-i", "0.05", "-W", "5", "10.0.0.2"]);
+    let out = ns.output(&[
+        "ping", "-q", "-c", "5", "-i", "0.05", "-W", "5", "-s", "1400", "10.0.0.2",
+    ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // The restored card kept the features the driver negotiated, and used them.
+    assert_card_merges(&console.command("net", "net:", REPLY), 1);
 }
 
 #[test]

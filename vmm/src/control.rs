@@ -638,10 +638,8 @@ impl Vmm {
             .unwrap_or_default()
             .into_iter()
             .map(|(id, c)| {
-                let values: serde_json::Map<String, serde_json::Value> = c
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.into()))
-                    .collect();
+                let values: serde_json::Map<String, serde_json::Value> =
+                    c.into_iter().map(|(k, v)| (k, v.into())).collect();
                 (id, values.into())
             })
             .collect();

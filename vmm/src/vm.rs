@@ -594,7 +594,7 @@ impl Vm {
     }
 
     /// Each device's counters, by device id.
-    pub fn counters(&self) -> Vec<(String, Vec<(&'static str, u64)>)> {
+    pub fn counters(&self) -> Vec<(String, Vec<(String, u64)>)> {
         self.devices
             .iter()
             .map(|(id, d)| {

@@ -51,6 +51,8 @@ pub mod status {
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Feature bit: used/available event indices suppress notifications and interrupts.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Descriptors may point to a table of further descriptors (virtio 1.2, 2.7.5.3).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 
 /// A queue the driver enabled, ready for a device to run.
 pub struct ActiveQueue {
@@ -122,7 +124,7 @@ pub trait VirtioDevice: Send {
         false
     }
     /// Named counters for `vm.counters`.
-    fn counters(&self) -> Vec<(&'static str, u64)> {
+    fn counters(&self) -> Vec<(String, u64)> {
         Vec::new()
     }
 }

@@ -3,11 +3,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap as _;
-use vm_memory::{GuestMemory as _, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -224,6 +225,90 @@ pub fn add_used(
     len: u32,
 ) -> Result<(), QueueError> {
     queue.add_used(mem, head, len).map_err(QueueError::Queue)
+}
+
+/// Returns several chains to the driver at once, `(head, bytes written)` in order: the used
+/// index moves past all of them with one store, so the driver never sees part of the set. A
+/// frame spread over mergeable receive buffers must arrive whole (Linux drops it when the
+/// buffers after the first are not there yet). Interrupts for a queue used this way are
+/// decided by [`UsedSince::needs_interrupt`], which counts what this function adds.
+pub fn add_used_together(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    used: &[(u16, u32)],
+) -> Result<(), QueueError> {
+    let size = queue.size();
+    let start = queue.next_used();
+    for (i, &(head, len)) in used.iter().enumerate() {
+        if head >= size {
+            return Err(QueueError::Queue(
+                virtio_queue::Error::InvalidDescriptorIndex,
+            ));
+        }
+        let slot = u64::from(start.wrapping_add(i as u16) % size);
+        let elem = queue
+            .used_ring()
+            .checked_add(USED_RING_HEADER + slot * USED_ELEMENT)
+            .ok_or(QueueError::Queue(virtio_queue::Error::AddressOverflow))?;
+        // The element: the chain's head (u32), then the bytes written (u32).
+        mem.write_obj(
+            (u64::from(len) << 32 | u64::from(head)).to_le(),
+            GuestAddress(elem),
+        )
+        .map_err(|e| QueueError::Queue(virtio_queue::Error::GuestMemory(e)))?;
+    }
+    let end = start.wrapping_add(used.len() as u16);
+    let idx = queue
+        .used_ring()
+        .checked_add(2)
+        .ok_or(QueueError::Queue(virtio_queue::Error::AddressOverflow))?;
+    mem.store(end.to_le(), GuestAddress(idx), AtomicOrdering::Release)
+        .map_err(|e| QueueError::Queue(virtio_queue::Error::GuestMemory(e)))?;
+    queue.set_next_used(end);
+    Ok(())
+}
+
+/// Bytes before the used ring's elements (flags, index).
+const USED_RING_HEADER: u64 = 4;
+/// Bytes of one used element.
+const USED_ELEMENT: u64 = 8;
+
+/// Where the used index stood when the driver was last interrupted (or not) for a queue
+/// returned with [`add_used_together`].
+#[derive(Clone, Copy, Debug)]
+pub struct UsedSince(u16);
+
+impl UsedSince {
+    /// Counting from `queue`'s used index now.
+    pub fn new(queue: &Queue) -> Self {
+        UsedSince(queue.next_used())
+    }
+
+    /// Whether the driver wants an interrupt for what was used since the last call: always
+    /// without VIRTIO_RING_F_EVENT_IDX, and with it when the index it asked to be told about
+    /// (used_event) was passed (virtio 1.2, 2.7.10).
+    pub fn needs_interrupt(&mut self, queue: &Queue, mem: &GuestMemory) -> bool {
+        let now = queue.next_used();
+        let old = std::mem::replace(&mut self.0, now);
+        if !queue.event_idx_enabled() {
+            return now != old;
+        }
+        // The used entries are written before the driver's event index is read.
+        std::sync::atomic::fence(AtomicOrdering::SeqCst);
+        // used_event follows the available ring's entries.
+        let at = queue
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(queue.size()));
+        // An unreadable event index is the driver's problem; interrupting is the safe answer.
+        let Some(event) = at.and_then(|a| {
+            mem.load::<u16>(GuestAddress(a), AtomicOrdering::Acquire)
+                .ok()
+        }) else {
+            return true;
+        };
+        let event = u16::from_le(event);
+        now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(old)
+    }
 }
 
 /// Whether the driver wants an interrupt for what was just used.

@@ -8,6 +8,8 @@
 //! | `virtio`       | `poll`: look at the virtio rings all the time; `irq`: when an MSI-X interrupt came (and every 10 ms) | `poll` |
 //! | `services`     | which network services run: a comma-separated subset of `echo,source,sink,udp`, or `none` | all |
 //! | `net`          | `A.B.C.D/P[,A.B.C.D/P…]`: the address of each network card, in PCI order | none |
+//! | `net_features` | virtio-net features the cards take when offered: a comma-separated subset of `mrg_rxbuf,indirect`, or `none` | both |
+//! | `rx_buffer`    | bytes of each receive buffer a card posts, header included (64 to 9216); smaller than a frame needs `mrg_rxbuf` | 9216 |
 //!
 //! A VMM may add options meant for Linux (`console=ttyS0`, ...), so unknown
 //! words are reported as warnings, never refused.
@@ -54,6 +56,8 @@ pub struct Options {
     pub interrupts: bool,
     /// The network services to run.
     pub services: Services,
+    /// How network cards drive their queues.
+    pub net_tuning: NetTuning,
 }
 
 impl Default for Options {
@@ -63,8 +67,56 @@ impl Default for Options {
             net: [None; MAX_NICS],
             interrupts: false,
             services: Services::ALL,
+            net_tuning: NetTuning::default(),
         }
     }
+}
+
+/// Largest receive buffer a card posts: a 9000-byte MTU frame and its header.
+pub const MAX_RX_BUFFER: usize = 9216;
+/// Smallest: a header and a little more.
+pub const MIN_RX_BUFFER: usize = 64;
+
+/// How network cards drive their queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetTuning {
+    /// Take VIRTIO_NET_F_MRG_RXBUF when offered: a frame may span receive buffers.
+    pub mrg_rxbuf: bool,
+    /// Take VIRTIO_RING_F_INDIRECT_DESC when offered: chains of several buffers go in an
+    /// indirect table.
+    pub indirect: bool,
+    /// Bytes of each receive buffer, header included.
+    pub rx_buffer: usize,
+}
+
+impl Default for NetTuning {
+    fn default() -> Self {
+        NetTuning {
+            mrg_rxbuf: true,
+            indirect: true,
+            rx_buffer: MAX_RX_BUFFER,
+        }
+    }
+}
+
+/// Parses `net_features`' value into `t`.
+fn parse_net_features(value: &[u8], t: NetTuning) -> Option<NetTuning> {
+    let mut t = NetTuning {
+        mrg_rxbuf: false,
+        indirect: false,
+        ..t
+    };
+    if value == b"none" {
+        return Some(t);
+    }
+    for name in value.split(|&b| b == b',') {
+        match name {
+            b"mrg_rxbuf" => t.mrg_rxbuf = true,
+            b"indirect" => t.indirect = true,
+            _ => return None,
+        }
+    }
+    Some(t)
 }
 
 /// The network services a card with an address runs (ping is always answered).
@@ -167,6 +219,26 @@ pub fn parse<'a>(cmdline: &'a [u8], mut warn: impl FnMut(Warning<'a>)) -> Option
                     value: value.unwrap_or_default(),
                 }),
             },
+            (b"net_features", value) => {
+                match value.and_then(|v| parse_net_features(v, options.net_tuning)) {
+                    Some(t) => options.net_tuning = t,
+                    None => warn(Warning::BadValue {
+                        key,
+                        value: value.unwrap_or_default(),
+                    }),
+                }
+            }
+            (b"rx_buffer", value) => match value
+                .and_then(parse_u64)
+                .map(|n| n as usize)
+                .filter(|n| (MIN_RX_BUFFER..=MAX_RX_BUFFER).contains(n))
+            {
+                Some(n) => options.net_tuning.rx_buffer = n,
+                None => warn(Warning::BadValue {
+                    key,
+                    value: value.unwrap_or_default(),
+                }),
+            },
             (b"net", value) => match value.and_then(parse_net) {
                 Some(net) => options.net = net,
                 None => warn(Warning::BadValue {
@@ -253,6 +325,29 @@ mod tests {
         ] {
             let (o, w) = parse_all(bad);
             assert_eq!(o.net, [None; MAX_NICS], "{bad:?}");
+            assert_eq!(w.len(), 1, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn net_tuning() {
+        assert_eq!(parse_all(b"").0.net_tuning, NetTuning::default());
+        let t = parse_all(b"net_features=indirect rx_buffer=256")
+            .0
+            .net_tuning;
+        assert_eq!(
+            t,
+            NetTuning {
+                mrg_rxbuf: false,
+                indirect: true,
+                rx_buffer: 256
+            }
+        );
+        let t = parse_all(b"rx_buffer=128 net_features=none").0.net_tuning;
+        assert!(!t.mrg_rxbuf && !t.indirect && t.rx_buffer == 128);
+        for bad in [&b"rx_buffer=9217"[..], b"rx_buffer=10", b"net_features=tso"] {
+            let (o, w) = parse_all(bad);
+            assert_eq!(o.net_tuning, NetTuning::default(), "{bad:?}");
             assert_eq!(w.len(), 1, "{bad:?}");
         }
     }

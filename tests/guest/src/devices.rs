@@ -43,6 +43,7 @@ pub fn probe(
     addresses: &[Option<baton_test_guest::cmdline::Cidr>],
     services: baton_test_guest::cmdline::Services,
     interrupts: bool,
+    net_tuning: baton_test_guest::cmdline::NetTuning,
 ) -> Devices {
     // SAFETY: the MCFG names this identity-mapped window for bus 0 onwards;
     // only bus 0 (the first 1 MiB) is ever touched, and nothing else in the
@@ -81,7 +82,7 @@ pub fn probe(
         match (kind, transport.device_type()) {
             (DeviceType::Network, _) => {
                 let address = addresses.get(found.nics.len()).copied().flatten();
-                match Nic::new(transport, address, services, msix) {
+                match Nic::new(transport, address, services, msix, net_tuning) {
                     Ok(nic) => found.nics.push(nic),
                     Err(e) => emit(|w| protocol::warning(w, "net", &e)),
                 }

@@ -97,7 +97,13 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
 
     init_heap(&mem, memmap.unwrap_or_default());
     let devices = match tables.ecam {
-        Some(ecam) => devices::probe(ecam, &options.net, options.services, options.interrupts),
+        Some(ecam) => devices::probe(
+            ecam,
+            &options.net,
+            options.services,
+            options.interrupts,
+            options.net_tuning,
+        ),
         None => {
             emit(|w| protocol::warning(w, "acpi", &"no MCFG: no PCI devices"));
             devices::Devices::default()

@@ -9,7 +9,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use baton_test_guest::cmdline::{Cidr, Services};
+use baton_test_guest::cmdline::{Cidr, NetTuning, Services};
 use baton_test_guest::protocol::NetStatus;
 use baton_test_guest::stream::{Sink, Source};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -169,8 +169,9 @@ impl Nic {
         address: Option<Cidr>,
         services: Services,
         msix: Option<crate::irq::Msix>,
+        tuning: NetTuning,
     ) -> Result<Self, CardError> {
-        let card = Card::new(transport, msix.as_ref())?;
+        let card = Card::new(transport, msix.as_ref(), tuning)?;
         let mac = card.mac();
         let mut nic = Nic {
             device: Device(Rc::new(RefCell::new(card))),
@@ -292,6 +293,8 @@ impl Nic {
         s.ip = self.address.map(|c| (c.addr, c.prefix));
         s.pairs = card.pairs() as u64;
         s.irqs = crate::irq::count();
+        (s.mrg_rxbuf, s.indirect) = card.negotiated();
+        (s.merged, s.merge_errors) = card.merges();
         for (i, (rx, tx)) in card.frames().enumerate() {
             s.rx_frames += rx;
             s.tx_frames += tx;

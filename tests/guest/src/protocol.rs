@@ -62,7 +62,7 @@
 //! | `poweroff`  | `poweroff: bye`, then ACPI S5                              |
 //! | `reboot`    | `reboot: bye`, then a reset                                |
 //! | `help`      | `help: status cpus mem echo net disk rng ping dirty poweroff reboot help` |
-//! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=.. pairs=P pair_rx_frames=a/b/.. irqs=I` (frames received per queue pair; MSI-X interrupts taken) |
+//! | `net [N]`   | `net: nic=N mac=M ip=A/P rx_frames=.. tx_frames=.. echo_bytes=.. source_bytes=.. sink_bytes=.. sink_errors=.. udp_sent=.. connections=.. pairs=P pair_rx_frames=a/b/.. irqs=I mrg_rxbuf=0|1 indirect=0|1 merged=.. merge_errors=..` (frames received per queue pair; MSI-X interrupts taken; the virtio features in use; frames that came in several receive buffers) |
 //! | `disk info` | `disk: sectors=N readonly=0|1 id=ID`                       |
 //! | `disk read S C` | `disk: read sector=S count=C fnv=0xH` (FNV-1a 64 of the C sectors from S) |
 //! | `disk write S C B` | `disk: wrote sector=S count=C` (C sectors from S filled with byte B) |
@@ -239,6 +239,14 @@ pub struct NetStatus {
     pub pair_rx_frames: [u64; 8],
     /// MSI-X interrupts the guest took (all devices).
     pub irqs: u64,
+    /// VIRTIO_NET_F_MRG_RXBUF is in use.
+    pub mrg_rxbuf: bool,
+    /// VIRTIO_RING_F_INDIRECT_DESC is in use.
+    pub indirect: bool,
+    /// Frames that came in several receive buffers.
+    pub merged: u64,
+    /// Frames whose further buffers were missing or did not fit.
+    pub merge_errors: u64,
 }
 
 /// `net: nic=N mac=M ip=A/P rx_frames=.. ...`
@@ -272,7 +280,15 @@ pub fn net(w: &mut impl Write, nic: u64, s: &NetStatus) -> fmt::Result {
         let sep = if i == 0 { "" } else { "/" };
         write!(w, "{sep}{n}")?;
     }
-    write!(w, " irqs={}\r\n", s.irqs)
+    write!(
+        w,
+        " irqs={} mrg_rxbuf={} indirect={} merged={} merge_errors={}\r\n",
+        s.irqs,
+        u8::from(s.mrg_rxbuf),
+        u8::from(s.indirect),
+        s.merged,
+        s.merge_errors
+    )
 }
 
 /// `cpus: n=N started=S counts=C0,C1,…`; `counts` has one entry per CPU

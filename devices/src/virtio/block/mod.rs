@@ -90,7 +90,8 @@ impl VirtioDevice for Block {
         let mut f = features::SEG_MAX
             | features::BLK_SIZE
             | features::FLUSH
-            | super::VIRTIO_RING_F_EVENT_IDX;
+            | super::VIRTIO_RING_F_EVENT_IDX
+            | super::VIRTIO_RING_F_INDIRECT_DESC;
         if self.disk.readonly {
             f |= features::RO;
         }

@@ -13,8 +13,11 @@ use std::sync::Arc;
 
 use net_util::{Offloads, TapQueues};
 
-use super::worker::Worker;
-use super::{ActivateError, Activation, ActiveQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use super::worker::{UsedSince, Worker};
+use super::{
+    ActivateError, Activation, ActiveQueue, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// virtio device type of a network card.
 pub const DEVICE_TYPE: u16 = 1;
@@ -45,6 +48,8 @@ pub mod features {
     pub const HOST_ECN: u64 = 1 << 13;
     /// Device takes UFO.
     pub const HOST_UFO: u64 = 1 << 14;
+    /// Driver can merge receive buffers: a frame may span several.
+    pub const MRG_RXBUF: u64 = 1 << 15;
     /// Configuration status field is valid.
     pub const STATUS: u64 = 1 << 16;
     /// Control queue.
@@ -107,7 +112,8 @@ pub struct Net {
     params: NetParams,
     taps: Arc<TapQueues>,
     status: Arc<AtomicU16>,
-    counters: Arc<Counters>,
+    /// One set per queue pair.
+    counters: Vec<Arc<Counters>>,
     /// Each running queue pair's worker, with the pair's index (a driver may leave a pair
     /// out).
     workers: Vec<(usize, Worker<queue_pair::QueuePair>)>,
@@ -125,9 +131,9 @@ impl Net {
         });
         let net = Net {
             params,
+            counters: (0..taps.len()).map(|_| Arc::default()).collect(),
             taps,
             status: Arc::new(AtomicU16::new(state.status)),
-            counters: Arc::default(),
             workers: Vec::new(),
             acked: 0,
         };
@@ -138,6 +144,29 @@ impl Net {
 
     fn pairs(&self) -> usize {
         self.taps.len()
+    }
+
+    /// Receive room a frame needs with the driver's `features`: one chain, or with
+    /// mergeable buffers the largest frame the TAP can deliver (a GSO frame when the driver
+    /// takes any, otherwise a full-size frame at the TAP's MTU).
+    fn receive_room(&self, features: u64) -> queue_pair::Room {
+        use features::*;
+        if features & MRG_RXBUF == 0 {
+            return queue_pair::Room::Chain;
+        }
+        if features & (GUEST_TSO4 | GUEST_TSO6 | GUEST_UFO) != 0 {
+            return queue_pair::Room::Bytes(MAX_FRAME);
+        }
+        let tap_mtu = (self.pairs() > 0)
+            .then(|| self.taps.queue(0).mtu().ok())
+            .flatten();
+        let mtu = [tap_mtu, self.params.mtu, Some(1500)]
+            .into_iter()
+            .flatten()
+            .max()
+            .map_or(1500, usize::from);
+        // The header, an Ethernet header with a VLAN tag, and the payload.
+        queue_pair::Room::Bytes(net_util::tap::VNET_HDR_LEN + 18 + mtu)
     }
 
     fn config_bytes(&self) -> [u8; 12] {
@@ -173,7 +202,13 @@ impl VirtioDevice for Net {
 
     fn features(&self) -> u64 {
         use features::*;
-        let mut f = MAC | STATUS | CTRL_VQ | GUEST_ANNOUNCE | VIRTIO_RING_F_EVENT_IDX;
+        let mut f = MAC
+            | STATUS
+            | CTRL_VQ
+            | GUEST_ANNOUNCE
+            | MRG_RXBUF
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC;
         if self.pairs() > 1 {
             f |= MQ;
         }
@@ -232,6 +267,7 @@ impl VirtioDevice for Net {
                 1
             },
         });
+        let room = self.receive_room(features);
         let mut workers = Vec::new();
         for pair in 0..self.pairs() {
             let tap = self.taps.queue(pair);
@@ -244,14 +280,16 @@ impl VirtioDevice for Net {
                 continue;
             };
             let qp = queue_pair::QueuePair {
+                rx_used: UsedSince::new(&rx.queue),
                 rx,
                 tx,
                 tap: tap.clone(),
                 mem: mem.clone(),
                 interrupt: interrupt.clone(),
-                counters: self.counters.clone(),
+                counters: self.counters[pair].clone(),
                 ctrl: if pair == 0 { ctrl.take() } else { None },
                 tap_pending: true,
+                room,
             };
             let worker = Worker::spawn(format!("virtio-net-{pair}"), move |events| qp.run(events))
                 .map_err(ActivateError::Worker)?;
@@ -309,14 +347,32 @@ impl VirtioDevice for Net {
         true
     }
 
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        let c = &self.counters;
-        vec![
-            ("rx_bytes", c.rx_bytes.load(Ordering::Relaxed)),
-            ("rx_frames", c.rx_frames.load(Ordering::Relaxed)),
-            ("tx_bytes", c.tx_bytes.load(Ordering::Relaxed)),
-            ("tx_frames", c.tx_frames.load(Ordering::Relaxed)),
-        ]
+    /// Totals over the queue pairs, then each pair's frames (`rx_frames_N`, `tx_frames_N`),
+    /// which show how a multi-queue driver spreads its traffic.
+    fn counters(&self) -> Vec<(String, u64)> {
+        let sum = |f: fn(&Counters) -> &AtomicU64| -> u64 {
+            self.counters
+                .iter()
+                .map(|c| f(c).load(Ordering::Relaxed))
+                .sum()
+        };
+        let mut out = vec![
+            ("rx_bytes".to_string(), sum(|c| &c.rx_bytes)),
+            ("rx_frames".to_string(), sum(|c| &c.rx_frames)),
+            ("tx_bytes".to_string(), sum(|c| &c.tx_bytes)),
+            ("tx_frames".to_string(), sum(|c| &c.tx_frames)),
+        ];
+        for (pair, c) in self.counters.iter().enumerate() {
+            out.push((
+                format!("rx_frames_{pair}"),
+                c.rx_frames.load(Ordering::Relaxed),
+            ));
+            out.push((
+                format!("tx_frames_{pair}"),
+                c.tx_frames.load(Ordering::Relaxed),
+            ));
+        }
+        out
     }
 }
 

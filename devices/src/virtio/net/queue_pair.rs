@@ -6,18 +6,19 @@
 //! `tap_pending` stays set and reading resumes when the guest adds buffers, so frames wait
 //! in the kernel's queue, never dropped here.
 
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use net_util::tap::VNET_HDR_LEN;
 use net_util::Tap;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::ctrl::Ctrl;
 use super::{Counters, MAX_FRAME};
-use crate::virtio::worker::{self, Events, IoVecs, QueueError, STOP_TOKEN};
+use crate::virtio::worker::{self, Events, IoVecs, QueueError, UsedSince, STOP_TOKEN};
 use crate::virtio::{ActiveQueue, GuestMemory, Interrupt};
 
 const RX_TOKEN: u64 = 0;
@@ -26,6 +27,46 @@ const TAP_TOKEN: u64 = 2;
 const CTRL_TOKEN: u64 = 3;
 /// How long a transmit queue is polled for more frames before notifications go back on.
 const TX_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// A receive chain taken from the ring and not handed back yet.
+enum Taken {
+    /// Writable guest memory, at least a header long.
+    Buffer(u16, IoVecs),
+    /// A chain the device cannot write a frame into; it goes back empty.
+    Unusable(u16),
+}
+
+impl Taken {
+    fn buffer(&self) -> Option<&IoVecs> {
+        match self {
+            Taken::Buffer(_, v) => Some(v),
+            Taken::Unusable(_) => None,
+        }
+    }
+}
+
+/// How much receive room a frame needs before the TAP is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Room {
+    /// One chain per frame (no VIRTIO_NET_F_MRG_RXBUF).
+    Chain,
+    /// At least this many bytes, over as many chains as it takes.
+    Bytes(usize),
+}
+
+fn fits(taken: &VecDeque<Taken>, room: Room) -> bool {
+    match room {
+        Room::Chain => taken.iter().any(|t| t.buffer().is_some()),
+        Room::Bytes(want) => {
+            taken
+                .iter()
+                .filter_map(Taken::buffer)
+                .map(IoVecs::len)
+                .sum::<usize>()
+                >= want
+        }
+    }
+}
 
 /// What a queue-pair worker owns.
 pub(super) struct QueuePair {
@@ -39,6 +80,10 @@ pub(super) struct QueuePair {
     pub ctrl: Option<Ctrl>,
     /// The TAP may hold frames the guest had no buffers for.
     pub tap_pending: bool,
+    /// Receive room a frame needs; [`Room::Bytes`] when frames may span several chains.
+    pub room: Room,
+    /// Where the receive queue's used index was at the last interrupt decision.
+    pub rx_used: UsedSince,
 }
 
 impl QueuePair {
@@ -114,57 +159,102 @@ impl QueuePair {
     }
 
     /// Moves frames from the TAP into receive buffers until either runs out.
+    ///
+    /// Without VIRTIO_NET_F_MRG_RXBUF a frame takes one chain. With it, a frame may spread
+    /// over several (the header's num_buffers says how many), so the chains taken must hold
+    /// the largest frame the TAP can give ([`QueuePair::room`]) before reading: the TAP
+    /// hands a frame over whole or not at all. Chains taken but not filled are given back
+    /// to the ring (the next-available index steps back), so the driver loses none.
     fn receive(&mut self) -> Result<(), QueueError> {
         let mem = &self.mem;
         let q = &mut self.rx.queue;
-        let mut used = 0u32;
+        let size = usize::from(q.size());
+        let mut taken: VecDeque<Taken> = VecDeque::new();
+        let mut frames = 0u32;
         loop {
-            let Some(chain) = worker::pop(q, mem)? else {
+            // Take chains until they can hold a frame, or the ring has no more.
+            while !fits(&taken, self.room) && taken.len() < size {
+                let Some(chain) = worker::pop(q, mem)? else {
+                    break;
+                };
+                let head = chain.head_index();
+                taken.push_back(match IoVecs::from_chain(mem, chain, true, usize::MAX) {
+                    Ok(v) if v.len() >= VNET_HDR_LEN => Taken::Buffer(head, v),
+                    // Unusable: given back empty when its turn comes.
+                    Ok(_) | Err(_) => Taken::Unusable(head),
+                });
+            }
+            while let Some(Taken::Unusable(head)) = taken.front() {
+                worker::add_used_together(q, mem, &[(*head, 0)])?;
+                taken.pop_front();
+            }
+            if !fits(&taken, self.room) && taken.len() < size {
                 // Out of buffers: ask the driver to notify when it adds some, unless it
                 // already did meanwhile.
                 if worker::enable_notification(q, mem)? {
                     continue;
                 }
                 break;
-            };
-            let head = chain.head_index();
-            let iovs = match IoVecs::from_chain(mem, chain, true, usize::MAX) {
-                Ok(v) if v.len() >= VNET_HDR_LEN => v,
-                Ok(_) | Err(_) => {
-                    // Unusable buffer: give it back empty and go on.
-                    worker::add_used(q, mem, head, 0)?;
-                    used += 1;
-                    continue;
-                }
-            };
-            match self.tap.readv(iovs.as_slice()) {
-                Ok(Some(n)) => {
-                    // One buffer per frame: num_buffers is 1 (virtio 1.2, 5.1.6.4).
-                    iovs.write_at(VNET_HDR_LEN - 2, &1u16.to_le_bytes());
-                    worker::add_used(q, mem, head, n as u32)?;
-                    used += 1;
-                    let frame = n.saturating_sub(VNET_HDR_LEN) as u64;
-                    self.counters.rx_bytes.fetch_add(frame, Ordering::Relaxed);
-                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    // Long bursts: let the guest start on what it has.
-                    if used % 64 == 0 && worker::needs_interrupt(q, mem) {
-                        self.interrupt.queue(self.rx.vector);
-                    }
-                }
+            }
+            let iovs: Vec<libc::iovec> = taken
+                .iter()
+                .filter_map(Taken::buffer)
+                .flat_map(|b| b.as_slice().iter().copied())
+                .take(libc::UIO_MAXIOV as usize)
+                .collect();
+            if iovs.is_empty() {
+                break;
+            }
+            let n = match self.tap.readv(&iovs) {
+                Ok(Some(n)) => n,
                 Ok(None) => {
-                    q.go_to_previous_position();
                     self.tap_pending = false;
                     break;
                 }
                 Err(e) => {
                     log::debug!("virtio-net: TAP read: {e}");
-                    q.go_to_previous_position();
                     self.tap_pending = false;
                     break;
                 }
+            };
+            // The chains the frame filled, in order, each with what it holds; unusable
+            // ones among them go back empty, apart from the frame.
+            let mut left = n;
+            let mut filled: Vec<(u16, u32)> = Vec::new();
+            let mut first: Option<IoVecs> = None;
+            while let Some(t) = taken.pop_front() {
+                match t {
+                    Taken::Unusable(head) => worker::add_used_together(q, mem, &[(head, 0)])?,
+                    Taken::Buffer(head, v) => {
+                        let part = left.min(v.len());
+                        filled.push((head, part as u32));
+                        left -= part;
+                        first.get_or_insert(v);
+                    }
+                }
+                if left == 0 || self.room == Room::Chain {
+                    break;
+                }
+            }
+            // num_buffers, written before the driver can see the frame.
+            if let Some(v) = first {
+                v.write_at(VNET_HDR_LEN - 2, &(filled.len() as u16).to_le_bytes());
+            }
+            worker::add_used_together(q, mem, &filled)?;
+            let frame = n.saturating_sub(VNET_HDR_LEN) as u64;
+            self.counters.rx_bytes.fetch_add(frame, Ordering::Relaxed);
+            self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            frames += 1;
+            // Long bursts: let the guest start on what it has.
+            if frames % 64 == 0 && self.rx_used.needs_interrupt(q, mem) {
+                self.interrupt.queue(self.rx.vector);
             }
         }
-        if used > 0 && worker::needs_interrupt(q, mem) {
+        // What was taken and not filled goes back to the ring, in the order it came.
+        for _ in 0..taken.len() {
+            q.go_to_previous_position();
+        }
+        if self.rx_used.needs_interrupt(q, mem) {
             self.interrupt.queue(self.rx.vector);
         }
         Ok(())

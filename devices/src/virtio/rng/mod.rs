@@ -1,6 +1,9 @@
 //! virtio-rng (virtio 1.2, 5.4): one queue of device-writable buffers, filled from the host
 //! kernel's `getrandom`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use super::worker::{self, IoVecs, Worker};
 #[cfg(test)]
 use super::Interrupt;
@@ -16,6 +19,16 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Default)]
 pub struct Rng {
     worker: Option<Worker<ActiveQueue>>,
+    counters: Arc<Counters>,
+}
+
+/// What the device handed out since it was created.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Random bytes written into the guest's buffers.
+    bytes: AtomicU64,
+    /// Buffers served.
+    requests: AtomicU64,
 }
 
 impl Rng {
@@ -36,7 +49,7 @@ impl VirtioDevice for Rng {
     }
 
     fn features(&self) -> u64 {
-        super::VIRTIO_RING_F_EVENT_IDX
+        super::VIRTIO_RING_F_EVENT_IDX | super::VIRTIO_RING_F_INDIRECT_DESC
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
@@ -51,14 +64,18 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let serve: Box<worker::ServeChain> = Box::new(|chain, mem: &GuestMemory| {
+        let counters = self.counters.clone();
+        let serve: Box<worker::ServeChain> = Box::new(move |chain, mem: &GuestMemory| {
             // A chain that is not all writable, or points outside memory, gets nothing.
-            IoVecs::from_chain(mem, chain, true, usize::MAX)
+            let n = IoVecs::from_chain(mem, chain, true, usize::MAX)
                 .map(|iovs| fill(&iovs) as u32)
                 .unwrap_or_else(|e| {
                     log::debug!("virtio-rng: refused a chain: {e}");
                     0
-                })
+                });
+            counters.bytes.fetch_add(u64::from(n), Ordering::Relaxed);
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            n
         });
         self.worker = Some(worker::spawn_single_queue("virtio-rng", activation, serve)?);
         Ok(())
@@ -71,6 +88,14 @@ impl VirtioDevice for Rng {
 
     fn pause(&mut self) -> Vec<Option<ActiveQueue>> {
         worker::stop_single_queue(&mut self.worker)
+    }
+
+    fn counters(&self) -> Vec<(String, u64)> {
+        let c = &self.counters;
+        vec![
+            ("bytes".into(), c.bytes.load(Ordering::Relaxed)),
+            ("requests".into(), c.requests.load(Ordering::Relaxed)),
+        ]
     }
 }
 
