@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check baton has: formatting, clippy with warnings denied, unit tests and the
-# integration tests that boot real guests on KVM (baton's test guest and the Debian cloud
-# kernel). Installs what it needs on Debian. Usage: scripts/test.sh [cargo test args...]
+# integration tests that boot real guests on KVM (baton's test guest, and a small Linux
+# built from Debian's kernel source by scripts/linux-kernel.sh, cached outside the
+# repository). Installs what it needs on Debian. Usage: scripts/test.sh [cargo test args...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/common.sh
@@ -11,7 +12,7 @@ help_if_asked "$@"
 ensure_build_deps
 ensure_packages iproute2 iputils-ping
 require_kvm
-BATON_LINUX_DIR=$(scripts/fetch-kernel.sh)
+BATON_LINUX_DIR=$(scripts/linux-kernel.sh)
 export BATON_LINUX_DIR
 
 log "cargo fmt --check"

@@ -43,7 +43,7 @@ ensure_rust() {
 
 # ensure_build_deps: everything building and testing baton needs on Debian.
 ensure_build_deps() {
-    ensure_packages gcc libc6-dev python3 lz4 xz-utils zstd
+    ensure_packages gcc libc6-dev python3
     ensure_rust
 }
 

@@ -22,7 +22,7 @@ pub struct PingFlood {
 }
 
 /// What a flood saw.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FloodResult {
     /// Echo requests sent.
     pub sent: u64,
@@ -30,6 +30,8 @@ pub struct FloodResult {
     pub received: u64,
     /// The longest gap between two consecutive replies, in milliseconds.
     pub max_gap_ms: f64,
+    /// The first few sequence numbers that got no reply, to tell a burst from stray losses.
+    pub missing: Vec<u64>,
 }
 
 impl FloodResult {
@@ -155,10 +157,21 @@ impl PingFlood {
             .windows(2)
             .map(|w| (w[1] - w[0]) * 1000.0)
             .fold(0.0, f64::max);
+        let answered: std::collections::BTreeSet<u64> = lines
+            .iter()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| crate::field(l, "icmp_seq")?.parse().ok())
+            .collect();
+        let sent = number_before("packets");
+        let missing = (1..=sent)
+            .filter(|s| !answered.contains(s))
+            .take(20)
+            .collect();
         FloodResult {
-            sent: number_before("packets"),
+            sent,
             received: number_before("received"),
             max_gap_ms,
+            missing,
         }
     }
 }

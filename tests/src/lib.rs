@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod flood;
+pub mod linux;
 pub mod netns;
 
 pub use flood::{fd_count, FloodResult, PingFlood};
@@ -227,6 +228,15 @@ impl Console {
             writer: stream,
             lines: rx,
             seen: Vec::new(),
+        }
+    }
+
+    /// A line containing `needle` that came already, or else the next one within
+    /// `timeout`.
+    pub fn seen_or_wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.seen.iter().find(|l| l.contains(needle)) {
+            Some(line) => line.clone(),
+            None => self.wait_for(needle, timeout),
         }
     }
 
