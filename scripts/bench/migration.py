@@ -101,9 +101,11 @@ def config(serial, mem_mib):
     }
 
 
-def send(src, url, local):
+def send(src, url, local, **extra):
+    """vm.send-migration (with any `extra` fields), retried while the destination does not
+    listen yet; its answer."""
     deadline = time.time() + 30
-    body = {"destination_url": url, "local": local}
+    body = {"destination_url": url, "local": local, **extra}
     while True:
         status, text = src.request("PUT", "vm.send-migration", body, timeout=3600)
         if status != 200 and "Cannot connect" in text and time.time() < deadline:
