@@ -62,6 +62,27 @@ fn pings(ns: &NetNs) -> PingFlood {
     flood
 }
 
+/// The features the guest's drivers accepted, per virtio device, from a snapshot's state.
+fn driver_features(snapshot: &Path) -> Vec<u64> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<u64>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(f) = m.get("driver_features").and_then(|f| f.as_u64()) {
+                    out.push(f);
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let bytes = std::fs::read(snapshot.join("state.bin")).expect("the snapshot's state");
+    let state: serde_json::Value = migration::snapshot::decode(&bytes).expect("a valid state");
+    let mut out = Vec::new();
+    walk(&state, &mut out);
+    out
+}
+
 fn counter(counters: &serde_json::Value, device: &str, name: &str) -> u64 {
     counters[device][name]
         .as_u64()
@@ -149,6 +170,21 @@ fn linux_vmlinux_with_its_devices_survives_pause_snapshot_and_restore() {
         "vm.snapshot",
         Some(&serde_json::json!({ "destination_url": url }).to_string()),
         204,
+    );
+    // Linux took the ring features every device offers, and mergeable receive buffers on its
+    // network card (the one with a MAC, feature bit 5).
+    const MAC: u64 = 1 << 5;
+    const MRG_RXBUF: u64 = 1 << 15;
+    const INDIRECT_DESC: u64 = 1 << 28;
+    let features = driver_features(&snapshot);
+    assert_eq!(features.len(), 3, "net, blk and rng: {features:x?}");
+    assert!(
+        features.iter().all(|f| f & INDIRECT_DESC != 0),
+        "{features:x?}"
+    );
+    assert!(
+        features.iter().any(|f| f & MAC != 0 && f & MRG_RXBUF != 0),
+        "{features:x?}"
     );
     vmm.expect("PUT", "vmm.shutdown", None, 204);
     vmm.wait_exit(REPLY);
