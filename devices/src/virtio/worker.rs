@@ -362,6 +362,8 @@ pub enum ChainError {
 pub struct IoVecs {
     iovs: Vec<libc::iovec>,
     len: usize,
+    /// Guest address and length of each descriptor, for device-writable chains.
+    written: Vec<(GuestAddress, usize)>,
 }
 
 // SAFETY: the vectors point into guest memory, which lives as long as the VM and is shared
@@ -398,6 +400,9 @@ impl IoVecs {
                 .filter(|l| *l <= max)
                 .ok_or(ChainError::TooLong(max))?;
             let bad = ChainError::Address(desc.addr().0, desc.len());
+            if writable && len > 0 {
+                v.written.push((desc.addr(), len));
+            }
             let slices = mem
                 .get_slices(desc.addr(), len, perm)
                 .map_err(|_| bad.clone())?;
@@ -420,6 +425,27 @@ impl IoVecs {
     /// Total bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Marks the first `len` bytes of a device-writable chain dirty for the dirty-page
+    /// tracking of live migration, again: [`IoVecs::from_chain`] marks the chain when it is
+    /// taken, but a chain held for later (a receive buffer waiting for a frame) may be
+    /// written after a pre-copy pass collected that mark.
+    pub fn mark_written(&self, mem: &GuestMemory, len: usize) {
+        let mut left = len;
+        for &(addr, n) in &self.written {
+            if left == 0 {
+                break;
+            }
+            let n = n.min(left);
+            left -= n;
+            let Ok(slices) = mem.get_slices(addr, n, Permissions::Write) else {
+                continue;
+            };
+            for slice in slices.flatten() {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+        }
     }
 
     /// The vectors, for readv/writev.
@@ -448,5 +474,43 @@ impl IoVecs {
             src = &src[n..];
             skip = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryBackend;
+
+    use super::*;
+
+    const BUFFER: u64 = 0x20_0000;
+
+    /// Regression: a receive buffer held for a later frame was marked dirty only when taken,
+    /// so a pre-copy pass between that and the write left the destination a stale page
+    /// (a ping lost across a local=off migration).
+    #[test]
+    fn a_held_chain_is_marked_dirty_again_where_it_is_written() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let desc = RawDescriptor::from(Descriptor::new(BUFFER, 8192, 2, 0));
+        mock.add_desc_chains(&[desc], 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let chain = pop(&mut queue, &mem).unwrap().unwrap();
+        let iovs = IoVecs::from_chain(&mem, chain, true, usize::MAX).unwrap();
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        // The pages marked since the last look, as a pre-copy pass collects them.
+        let collect = || {
+            let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            let page = |addr: u64| words[(addr / 4096 / 64) as usize] >> (addr / 4096 % 64) & 1;
+            (page(BUFFER), page(BUFFER + 4096))
+        };
+        assert_eq!(collect(), (1, 1), "marked when taken");
+        // The device writes 100 bytes, then the rest.
+        iovs.mark_written(&mem, 100);
+        assert_eq!(collect(), (1, 0), "only the page written");
+        iovs.mark_written(&mem, 5000);
+        assert_eq!(collect(), (1, 1));
     }
 }

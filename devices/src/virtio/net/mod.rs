@@ -290,6 +290,7 @@ impl VirtioDevice for Net {
                 ctrl: if pair == 0 { ctrl.take() } else { None },
                 tap_pending: true,
                 room,
+                rx_taken: Default::default(),
             };
             let worker = Worker::spawn(format!("virtio-net-{pair}"), move |events| qp.run(events))
                 .map_err(ActivateError::Worker)?;

@@ -29,7 +29,7 @@ const CTRL_TOKEN: u64 = 3;
 const TX_POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// A receive chain taken from the ring and not handed back yet.
-enum Taken {
+pub(super) enum Taken {
     /// Writable guest memory, at least a header long.
     Buffer(u16, IoVecs),
     /// A chain the device cannot write a frame into; it goes back empty.
@@ -82,6 +82,10 @@ pub(super) struct QueuePair {
     pub tap_pending: bool,
     /// Receive room a frame needs; [`Room::Bytes`] when frames may span several chains.
     pub room: Room,
+    /// Receive chains taken from the ring and not filled yet, in ring order: kept for the
+    /// next frames rather than taken again for each (a frame needs room for the largest one,
+    /// dozens of chains with mergeable buffers), and given back when the worker stops.
+    pub rx_taken: VecDeque<Taken>,
     /// Where the receive queue's used index was at the last interrupt decision.
     pub rx_used: UsedSince,
 }
@@ -103,9 +107,20 @@ impl QueuePair {
 
     /// Runs until stopped; hands itself back, queues where they are.
     pub fn run(mut self, events: Events) -> Self {
-        if let Err(e) = self.watch(&events) {
+        self.serve(&events);
+        // Hand back exactly where the driver's rings stand: chains held for the next
+        // frame go back to the ring.
+        for _ in 0..self.rx_taken.len() {
+            self.rx.queue.go_to_previous_position();
+        }
+        self.rx_taken.clear();
+        self
+    }
+
+    fn serve(&mut self, events: &Events) {
+        if let Err(e) = self.watch(events) {
             log::warn!("virtio-net: cannot watch queues: {e}");
-            return self;
+            return;
         }
         // Frames may have queued before the guest was ready (or while the device was
         // paused); buffers may already be there.
@@ -113,15 +128,15 @@ impl QueuePair {
         let mut tokens = vec![RX_TOKEN, TX_TOKEN, CTRL_TOKEN];
         loop {
             if tokens.contains(&STOP_TOKEN) {
-                return self;
+                return;
             }
             if let Err(e) = self.step(&tokens) {
-                self.broken(&events, e);
-                return self;
+                self.broken(events, e);
+                return;
             }
             if let Err(e) = events.wait(&mut tokens) {
                 log::warn!("virtio-net: epoll: {e}");
-                return self;
+                return;
             }
         }
     }
@@ -163,17 +178,18 @@ impl QueuePair {
     /// Without VIRTIO_NET_F_MRG_RXBUF a frame takes one chain. With it, a frame may spread
     /// over several (the header's num_buffers says how many), so the chains taken must hold
     /// the largest frame the TAP can give ([`QueuePair::room`]) before reading: the TAP
-    /// hands a frame over whole or not at all. Chains taken but not filled are given back
-    /// to the ring (the next-available index steps back), so the driver loses none.
+    /// hands a frame over whole or not at all. Chains taken but not filled wait in
+    /// [`QueuePair::rx_taken`] for the next frames; [`QueuePair::run`] gives them back to the
+    /// ring when it stops, so the driver loses none.
     fn receive(&mut self) -> Result<(), QueueError> {
         let mem = &self.mem;
         let q = &mut self.rx.queue;
         let size = usize::from(q.size());
-        let mut taken: VecDeque<Taken> = VecDeque::new();
+        let taken = &mut self.rx_taken;
         let mut frames = 0u32;
         loop {
             // Take chains until they can hold a frame, or the ring has no more.
-            while !fits(&taken, self.room) && taken.len() < size {
+            while !fits(taken, self.room) && taken.len() < size {
                 let Some(chain) = worker::pop(q, mem)? else {
                     break;
                 };
@@ -188,7 +204,7 @@ impl QueuePair {
                 worker::add_used_together(q, mem, &[(*head, 0)])?;
                 taken.pop_front();
             }
-            if !fits(&taken, self.room) && taken.len() < size {
+            if !fits(taken, self.room) && taken.len() < size {
                 // Out of buffers: ask the driver to notify when it adds some, unless it
                 // already did meanwhile.
                 if worker::enable_notification(q, mem)? {
@@ -227,6 +243,7 @@ impl QueuePair {
                     Taken::Unusable(head) => worker::add_used_together(q, mem, &[(head, 0)])?,
                     Taken::Buffer(head, v) => {
                         let part = left.min(v.len());
+                        v.mark_written(mem, part);
                         filled.push((head, part as u32));
                         left -= part;
                         first.get_or_insert(v);
@@ -249,10 +266,6 @@ impl QueuePair {
             if frames % 64 == 0 && self.rx_used.needs_interrupt(q, mem) {
                 self.interrupt.queue(self.rx.vector);
             }
-        }
-        // What was taken and not filled goes back to the ring, in the order it came.
-        for _ in 0..taken.len() {
-            q.go_to_previous_position();
         }
         if self.rx_used.needs_interrupt(q, mem) {
             self.interrupt.queue(self.rx.vector);

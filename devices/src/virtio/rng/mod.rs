@@ -68,7 +68,12 @@ impl VirtioDevice for Rng {
         let serve: Box<worker::ServeChain> = Box::new(move |chain, mem: &GuestMemory| {
             // A chain that is not all writable, or points outside memory, gets nothing.
             let n = IoVecs::from_chain(mem, chain, true, usize::MAX)
-                .map(|iovs| fill(&iovs) as u32)
+                .map(|iovs| {
+                    let n = fill(&iovs);
+                    // Marked once written, so a pre-copy pass in between cannot miss it.
+                    iovs.mark_written(mem, n);
+                    n as u32
+                })
                 .unwrap_or_else(|e| {
                     log::debug!("virtio-rng: refused a chain: {e}");
                     0
