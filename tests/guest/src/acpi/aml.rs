@@ -91,14 +91,8 @@ pub fn ged_event_register(aml: &[u8]) -> Option<(u64, u32)> {
 /// The first `OperationRegion (NAME, SystemMemory, base, length)` in the window after
 /// `start`, before the next device, with integer constants for base and length.
 fn system_memory_region_after(aml: &[u8], start: usize) -> Option<(u64, u32)> {
-    let window = aml.get(start..)?;
-    let window = &window[..window.len().min(GED_SEARCH_WINDOW)];
-    let at = find(window, OP_REGION_OP)?;
-    if find(window, DEVICE_OP).is_some_and(|device| device < at) {
-        return None;
-    }
     // OpRegionOp (2), NameSeg (4), RegionSpace (1), then two integer terms.
-    let mut rest = aml.get(start + at + 6..)?;
+    let mut rest = aml.get(in_this_device(aml, start, OP_REGION_OP)? + 6..)?;
     if *rest.first()? != SYSTEM_MEMORY {
         return None;
     }
@@ -125,15 +119,21 @@ fn wide_integer(aml: &mut &[u8]) -> Option<u64> {
     Some(value)
 }
 
-fn memory32_fixed_after(aml: &[u8], start: usize) -> Option<(u64, u32)> {
+/// Where `needle` first starts within [`GED_SEARCH_WINDOW`] bytes after `start`, before the
+/// next device, as an index into `aml`.
+fn in_this_device(aml: &[u8], start: usize, needle: &[u8]) -> Option<usize> {
     let window = aml.get(start..)?;
     let window = &window[..window.len().min(GED_SEARCH_WINDOW)];
-    let at = find(window, MEMORY32_FIXED)?;
+    let at = find(window, needle)?;
     if find(window, DEVICE_OP).is_some_and(|device| device < at) {
         return None;
     }
+    Some(start + at)
+}
+
+fn memory32_fixed_after(aml: &[u8], start: usize) -> Option<(u64, u32)> {
     // The descriptor may run past the window, but not past the AML.
-    let descriptor = aml.get(start + at..)?;
+    let descriptor = aml.get(in_this_device(aml, start, MEMORY32_FIXED)?..)?;
     let base = crate::bytes::u32_at(descriptor, 4)?;
     let len = crate::bytes::u32_at(descriptor, 8)?;
     let end = u64::from(base) + u64::from(len);
