@@ -283,6 +283,10 @@ impl Vmm {
                         .then(|| incoming.arrived.take().map(Box::new))
                         .flatten()
                 });
+                // The socket goes before the answer: a client told the migration failed may
+                // ask to receive on the same path at once, and a source must not reach this
+                // listener's backlog only to be reset.
+                drop(listener);
                 let _ = tx.send(Done::Received(result));
                 let _ = evt.write(1);
             })
