@@ -376,6 +376,17 @@ fn pre_copy_that_cannot_converge_times_out_and_the_vm_runs_on() {
     let files = TempDir::new("mig-timeout");
     let (src, mut console, _) = lone_guest(&files, false);
     console.command("dirty 64 4000", "dirty:", REPLY);
+    // Once the buffer has been written whole, the first pass copies it (tens of ms, not the
+    // 1 MiB of a fresh guest): long enough that the writer, however it is scheduled, dirties
+    // pages meanwhile.
+    let deadline = Instant::now() + REPLY;
+    while num(&console.command("dirty", "dirty:", REPLY), "passes") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the dirtier never finished a pass"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let dst = ApiVmm::start(&[]);
     let url = urls(files.path(), "m.sock");
     let receiving = receive(&dst, &url);
