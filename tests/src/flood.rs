@@ -30,7 +30,7 @@ pub struct FloodResult {
     pub received: u64,
     /// The longest gap between two consecutive replies, in milliseconds.
     pub max_gap_ms: f64,
-    /// The first few sequence numbers that got no reply, to tell a burst from stray losses.
+    /// The sequence numbers (from 1) that got no reply, to tell a burst from stray losses.
     pub missing: Vec<u64>,
 }
 
@@ -38,6 +38,11 @@ impl FloodResult {
     /// Requests never answered.
     pub fn lost(&self) -> u64 {
         self.sent.saturating_sub(self.received)
+    }
+
+    /// Requests from sequence number `seq` on never answered.
+    pub fn lost_from(&self, seq: u64) -> usize {
+        self.missing.iter().filter(|s| **s >= seq).count()
     }
 }
 
@@ -163,10 +168,7 @@ impl PingFlood {
             .filter_map(|l| crate::field(l, "icmp_seq")?.parse().ok())
             .collect();
         let sent = number_before("packets");
-        let missing = (1..=sent)
-            .filter(|s| !answered.contains(s))
-            .take(20)
-            .collect();
+        let missing = (1..=sent).filter(|s| !answered.contains(s)).collect();
         FloodResult {
             sent,
             received: number_before("received"),

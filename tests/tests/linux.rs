@@ -16,7 +16,7 @@ use baton_tests::linux::{
     GUEST_IP, LATER,
 };
 use baton_tests::{
-    dying_destination, host_view, migrate, ApiVmm, Console, NetNs, PingFlood, TempDir,
+    dying_destination, host_view, migrate, ApiVmm, Console, FloodResult, NetNs, PingFlood, TempDir,
 };
 
 /// One echo request every 10 ms across a migration.
@@ -52,14 +52,34 @@ fn assert_platform(log: &[String], cpus: u8) {
     }
 }
 
-/// Host pings every 10 ms, started once replies flow. Linux drops the first echo replies
-/// it queues while it resolves the host's address at first contact (baton's counters show
-/// the requests delivered), so both sides learn each other before the pings that count.
+/// Host pings every 10 ms, started once replies flow; the migration starts after
+/// [`SETTLED`] of them came back, and only what is sent from then on counts (see
+/// [`lost_after_settling`]).
 fn pings(ns: &NetNs) -> PingFlood {
     assert_answers(ns, 1);
     let mut flood = PingFlood::start(ns, GUEST_IP, PING_INTERVAL, PING_COUNT);
-    flood.wait_replies(20, REPLY);
+    flood.wait_replies(SETTLED, REPLY);
     flood
+}
+
+/// Replies a flood waits for before anything happens to the VM.
+const SETTLED: u64 = 100;
+
+/// Echo requests lost from the `SETTLED`th on: a new ping flow's first few requests can go
+/// unanswered by Linux on a loaded host before anything happens to the VM (seen on CI with
+/// two Linux guests on two cores; baton's counters show them delivered), and that is not
+/// what these tests measure. Earlier losses are printed.
+fn lost_after_settling(result: &FloodResult) -> usize {
+    let early: Vec<u64> = result
+        .missing
+        .iter()
+        .copied()
+        .filter(|s| *s < SETTLED)
+        .collect();
+    if !early.is_empty() {
+        eprintln!("pings lost before the flood settled (not counted): {early:?}");
+    }
+    result.lost_from(SETTLED)
 }
 
 /// The features the guest's drivers accepted, per virtio device, from a snapshot's state.
@@ -109,11 +129,11 @@ fn linux_vmlinux_with_its_devices_survives_pause_snapshot_and_restore() {
     // virtio-blk: the kernel read the disk's partition table.
     console.seen_or_wait_for(" vda: vda1", LATER);
 
-    // The host pings the guest across the TAP: 50 echoes, none lost once the two know each
-    // other.
+    // The host pings the guest across the TAP: 50 echoes once the flow settled, none lost.
     assert_answers(&ns, 1);
-    let flood = PingFlood::start(&ns, GUEST_IP, Duration::from_millis(20), 50).finish(REPLY);
-    assert_eq!(flood.lost(), 0, "{flood:?}");
+    let flood =
+        PingFlood::start(&ns, GUEST_IP, Duration::from_millis(20), SETTLED + 50).finish(REPLY);
+    assert_eq!(lost_after_settling(&flood), 0, "{flood:?}");
 
     // Multi-queue: the driver uses both pairs. The TAP spreads flows by address, so the
     // host pings from sixteen of them at once.
@@ -233,7 +253,7 @@ fn linux_bzimage_keeps_its_network_when_a_destination_dies_then_migrates_with_tw
     assert_answers(&ns, 5);
     let result = flood.finish(REPLY);
     assert_eq!(
-        result.lost(),
+        lost_after_settling(&result),
         0,
         "pings lost around the failed migration: {result:?}"
     );
@@ -245,7 +265,7 @@ fn linux_bzimage_keeps_its_network_when_a_destination_dies_then_migrates_with_tw
     let flood = pings(&ns);
     let stats = migrate(src, &dst, &url, true, true);
     let result = flood.finish(REPLY);
-    assert_eq!(result.lost(), 0, "{result:?} ({stats})");
+    assert_eq!(lost_after_settling(&result), 0, "{result:?} ({stats})");
     assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
     assert_eq!(host_view(&ns, "tap0"), view);
     assert_answers(&ns, 5);
@@ -280,7 +300,7 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
     let stats = migrate(src, &dst, &url, true, true);
     let result = flood.finish(REPLY);
     assert_eq!(
-        result.lost(),
+        lost_after_settling(&result),
         0,
         "{result:?} ({stats}); the migration started {at:?} into the pings"
     );
