@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use virtio_queue::DescriptorChain;
+
 use super::worker::{self, IoVecs, Worker};
 #[cfg(test)]
 use super::Interrupt;
@@ -65,23 +67,8 @@ impl VirtioDevice for Rng {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let counters = self.counters.clone();
-        let serve: Box<worker::ServeChain> = Box::new(move |chain, mem: &GuestMemory| {
-            // A chain that is not all writable, or points outside memory, gets nothing.
-            let n = IoVecs::from_chain(mem, chain, true, usize::MAX)
-                .map(|iovs| {
-                    let n = fill(&iovs);
-                    // Marked once written, so a pre-copy pass in between cannot miss it.
-                    iovs.mark_written(mem, n);
-                    n as u32
-                })
-                .unwrap_or_else(|e| {
-                    log::debug!("virtio-rng: refused a chain: {e}");
-                    0
-                });
-            counters.bytes.fetch_add(u64::from(n), Ordering::Relaxed);
-            counters.requests.fetch_add(1, Ordering::Relaxed);
-            n
-        });
+        let serve: Box<worker::ServeChain> =
+            Box::new(move |chain, mem: &GuestMemory| serve_chain(&counters, chain, mem));
         self.worker = Some(worker::spawn_single_queue("virtio-rng", activation, serve)?);
         Ok(())
     }
@@ -111,10 +98,33 @@ pub(crate) fn process_for_test(
     mem: &GuestMemory,
     interrupt: &Interrupt,
 ) -> Result<(), worker::QueueError> {
-    let mut serve: Box<worker::ServeChain> = Box::new(|chain, mem: &GuestMemory| {
-        IoVecs::from_chain(mem, chain, true, usize::MAX).map_or(0, |iovs| fill(&iovs) as u32)
-    });
+    let counters = Counters::default();
+    let mut serve: Box<worker::ServeChain> =
+        Box::new(move |chain, mem: &GuestMemory| serve_chain(&counters, chain, mem));
     worker::serve_queue(q, mem, interrupt, &mut serve)
+}
+
+/// Serves one chain; returns the bytes written. A chain that is not all writable, or points
+/// outside memory, gets nothing.
+fn serve_chain(
+    counters: &Counters,
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+) -> u32 {
+    let n = IoVecs::from_chain(mem, chain, true, usize::MAX)
+        .map(|iovs| {
+            let n = fill(&iovs);
+            // Marked once written, so a pre-copy pass in between cannot miss it.
+            iovs.mark_written(mem, n);
+            n as u32
+        })
+        .unwrap_or_else(|e| {
+            log::debug!("virtio-rng: refused a chain: {e}");
+            0
+        });
+    counters.bytes.fetch_add(u64::from(n), Ordering::Relaxed);
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    n
 }
 
 /// Fills the vectors with random bytes, up to [`MAX_REQUEST`]; returns how many.
