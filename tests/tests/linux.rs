@@ -62,6 +62,33 @@ fn pings(ns: &NetNs) -> PingFlood {
     flood
 }
 
+/// Migrates `src` to a new baton in `ns` over UNIX socket `name` in `files`, local=on, with
+/// or without backend transfer on both sides, while the host pings the guest every 10 ms.
+/// Returns the new baton, the source's statistics and what the pings saw, and prints them.
+fn migrate_under_pings(
+    ns: &NetNs,
+    files: &TempDir,
+    src: ApiVmm,
+    name: &str,
+    backend_transfer: bool,
+) -> (ApiVmm, serde_json::Value, FloodResult) {
+    let dst = ApiVmm::start_in(Some(ns), &[]);
+    let url = format!("unix:{}", files.path().join(name).display());
+    let flood = pings(ns);
+    let stats = migrate(src, &dst, &url, true, backend_transfer);
+    let result = flood.finish(REPLY);
+    eprintln!(
+        "backend_transfer={backend_transfer}: downtime {} ms, total {} ms, longest ping gap \
+         {:.1} ms, {} of {} pings lost",
+        stats["downtime_ms"],
+        stats["total_ms"],
+        result.max_gap_ms,
+        result.lost(),
+        result.sent
+    );
+    (dst, stats, result)
+}
+
 /// Replies a flood waits for before anything happens to the VM.
 const SETTLED: u64 = 100;
 
@@ -260,11 +287,7 @@ fn linux_bzimage_keeps_its_network_when_a_destination_dies_then_migrates_with_tw
     assert_vcpus_idle(src.pid());
 
     // Then a real destination takes over, with the TAP.
-    let dst = ApiVmm::start_in(Some(&ns), &[]);
-    let url = format!("unix:{}", files.path().join("m.sock").display());
-    let flood = pings(&ns);
-    let stats = migrate(src, &dst, &url, true, true);
-    let result = flood.finish(REPLY);
+    let (dst, stats, result) = migrate_under_pings(&ns, &files, src, "m.sock", true);
     assert_eq!(lost_after_settling(&result), 0, "{result:?} ({stats})");
     assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
     assert_eq!(host_view(&ns, "tap0"), view);
@@ -287,38 +310,25 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
     let (src, _console, log) = boot(&ns, &setup, &serial);
     assert_platform(&log, 2);
     let view = host_view(&ns, "tap0");
-    let guest_mac = src.expect("GET", "vm.info", None, 200).unwrap()["config"]["net"][0]["mac"]
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    let guest_mac = info["config"]["net"][0]["mac"]
         .as_str()
-        .map(str::to_owned);
+        .unwrap_or_else(|| panic!("vm.info names no MAC for the card: {info}"))
+        .to_lowercase();
 
     // Backend transfer: nothing lost, the same interface, and the guest announces itself.
-    let dst = ApiVmm::start_in(Some(&ns), &[]);
-    let url = format!("unix:{}", files.path().join("m1.sock").display());
-    let flood = pings(&ns);
     let arp = ArpWatch::start(&ns, "tap0");
-    let at = flood.elapsed();
-    let stats = migrate(src, &dst, &url, true, true);
-    let result = flood.finish(REPLY);
-    assert_eq!(
-        lost_after_settling(&result),
-        0,
-        "{result:?} ({stats}); the migration started {at:?} into the pings"
-    );
+    let (dst, stats, result) = migrate_under_pings(&ns, &files, src, "m1.sock", true);
+    assert_eq!(lost_after_settling(&result), 0, "{result:?} ({stats})");
     assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
-    eprintln!(
-        "backend transfer: downtime {} ms, total {} ms, longest ping gap {:.1} ms",
-        stats["downtime_ms"], stats["total_ms"], result.max_gap_ms
-    );
     assert_eq!(host_view(&ns, "tap0"), view, "the host's TAP changed");
     let announced = arp.wait_gratuitous([10, 0, 0, 2], LATER);
-    if let Some(mac) = guest_mac {
-        let seen: Vec<String> = announced
-            .sender_mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(seen.join(":"), mac.to_lowercase(), "{announced:?}");
-    }
+    let seen: Vec<String> = announced
+        .sender_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(seen.join(":"), guest_mac, "{announced:?}");
     drop(arp);
     assert_answers(&ns, 5);
     assert_vcpus_idle(dst.pid());
@@ -326,20 +336,8 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
     // The baseline: a destination that opens the TAP by name (a multi-queue TAP takes more
     // queues while the source holds its own). Frames the kernel queued on the source's
     // queues are lost with them; the guest must still answer afterwards.
-    let third = ApiVmm::start_in(Some(&ns), &[]);
-    let url = format!("unix:{}", files.path().join("m2.sock").display());
-    let flood = pings(&ns);
-    let stats = migrate(dst, &third, &url, true, false);
-    let result = flood.finish(REPLY);
+    let (third, stats, _) = migrate_under_pings(&ns, &files, dst, "m2.sock", false);
     assert_eq!(stats["transferred_backends"], serde_json::json!([]));
-    eprintln!(
-        "new TAP queues: downtime {} ms, total {} ms, longest ping gap {:.1} ms, {} of {} pings lost",
-        stats["downtime_ms"],
-        stats["total_ms"],
-        result.max_gap_ms,
-        result.lost(),
-        result.sent
-    );
     assert_answers(&ns, 5);
     assert_vcpus_idle(third.pid());
 }
