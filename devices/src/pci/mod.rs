@@ -10,7 +10,7 @@ pub mod configuration;
 mod host_bridge;
 pub mod msix;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 pub use configuration::{Bar, BarKind, BarMove, Identity, PciConfiguration};
 pub use host_bridge::HostBridge;
@@ -43,6 +43,9 @@ pub enum PciError {
     /// Its BAR overlaps another device.
     #[error("Cannot map the device's BAR")]
     Bar(#[source] crate::BusError),
+    /// The VM's MMIO bus is gone (the VM is being torn down).
+    #[error("The VM's MMIO bus is gone")]
+    NoBus,
 }
 
 /// A function and where its BARs live on the MMIO bus.
@@ -54,7 +57,10 @@ struct Slot {
 /// Bus 0 of segment 0.
 pub struct PciBus {
     slots: Vec<Option<Slot>>,
-    mmio: Arc<Bus>,
+    /// Weak: the MMIO bus holds the ECAM window, which holds this bus. A strong reference
+    /// would make a cycle that keeps every device, its backend (a TAP) and the VM alive
+    /// after the VM is dropped.
+    mmio: Weak<Bus>,
 }
 
 impl PciBus {
@@ -65,7 +71,10 @@ impl PciBus {
             config: Arc::new(Mutex::new(HostBridge::new())),
             bars: None,
         });
-        PciBus { slots, mmio }
+        PciBus {
+            slots,
+            mmio: Arc::downgrade(&mmio),
+        }
     }
 
     /// Places a function with one memory BAR at `bar` in the first free slot; returns the
@@ -81,7 +90,8 @@ impl PciBus {
             .iter()
             .position(Option::is_none)
             .ok_or(PciError::NoSlot)?;
-        self.mmio
+        self.mmio()
+            .ok_or(PciError::NoBus)?
             .insert(bars.clone(), bar.addr, bar.size)
             .map_err(PciError::Bar)?;
         self.slots[slot] = Some(Slot {
@@ -89,6 +99,11 @@ impl PciBus {
             bars: Some(bars),
         });
         Ok(slot as u8)
+    }
+
+    /// The MMIO bus; `None` only while the VM is being torn down.
+    fn mmio(&self) -> Option<Arc<Bus>> {
+        self.mmio.upgrade()
     }
 
     fn slot(&self, bus: u8, dev: u8, func: u8) -> Option<&Slot> {
@@ -126,8 +141,11 @@ impl PciBus {
         // A guest may move a BAR anywhere, even onto another device: then it stays unmapped
         // until moved somewhere free.
         // The old range is this function's only if it was mapped there.
-        self.mmio.remove(mv.old, bars);
-        match self.mmio.insert(bars.clone(), mv.new, mv.size) {
+        let Some(mmio) = self.mmio() else {
+            return;
+        };
+        mmio.remove(mv.old, bars);
+        match mmio.insert(bars.clone(), mv.new, mv.size) {
             Ok(()) => config.bar_moved(&mv),
             Err(e) => log::warn!("PCI {dev:02x}.0: BAR {} not mapped: {e}", mv.index),
         }
