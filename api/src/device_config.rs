@@ -7,7 +7,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::option_parser::{parse_int, parse_toggle, OptionError, OptionParser};
+use crate::compat::{
+    absent, only, pci_fields, ImageType, LockGranularity, Supported, Unsupported, VhostMode,
+};
+
+use crate::option_parser::{parse_fds, parse_int, parse_toggle, OptionError, OptionParser};
 
 /// Most queue pairs a network card may have.
 pub const MAX_QUEUE_PAIRS: usize = 16;
@@ -167,6 +171,31 @@ pub struct NetConfig {
     /// Allow handing this card's TAP descriptors to the destination of a local migration.
     #[serde(default = "default_true")]
     pub backend_transfer: bool,
+    /// Cloud Hypervisor's PCI segment; only 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_segment: Option<u16>,
+    /// Cloud Hypervisor's IOMMU switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<bool>,
+    /// Cloud Hypervisor's PCI slot; only none (baton places devices itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+    /// Cloud Hypervisor's vhost-user switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<bool>,
+    /// Cloud Hypervisor's vhost-user socket; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<String>,
+    /// Cloud Hypervisor's vhost-user mode; only `Client` (its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_mode: Option<VhostMode>,
+    /// Descriptor numbers as the client knows them: ignored, as descriptors only ever
+    /// arrive with SCM_RIGHTS.
+    #[serde(default, skip_serializing)]
+    pub fds: Option<Vec<i32>>,
+    /// Cloud Hypervisor's rate limiter; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter_config: Option<serde_json::Value>,
 }
 
 impl Default for NetConfig {
@@ -185,6 +214,14 @@ impl Default for NetConfig {
             offload_ufo: true,
             offload_csum: true,
             backend_transfer: true,
+            pci_segment: None,
+            iommu: None,
+            pci_device_id: None,
+            vhost_user: None,
+            vhost_socket: None,
+            vhost_mode: None,
+            fds: None,
+            rate_limiter_config: None,
         }
     }
 }
@@ -214,9 +251,10 @@ impl NetConfig {
     /// Help text for `--net`.
     pub const SYNTAX: &'static str = "Network card (repeatable): \"id=<name>,tap=<if>,\
         mac=<mac>,host_mac=<mac>,ip=<ipv4>,mask=<ipv4>,mtu=<n>,num_queues=<n>,queue_size=<n>,\
-        offload_tso=on|off,offload_ufo=on|off,offload_csum=on|off,backend_transfer=on|off\" \
-        (tap: opened, or created if missing; num_queues counts RX+TX queues, default 2; \
-        ip/mask/host_mac/mtu are set on a TAP baton creates)";
+        offload_tso=on|off,offload_ufo=on|off,offload_csum=on|off,backend_transfer=on|off,\
+        fd=[<fd>,...]\" (tap: opened, or created if missing; num_queues counts RX+TX queues, \
+        default 2; ip/mask/host_mac/mtu are set on a TAP baton creates; fd: open TAP queues \
+        inherited from the caller instead of tap=, one per queue pair)";
 
     /// Parses a `--net` option string.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
@@ -234,6 +272,7 @@ impl NetConfig {
             "offload_ufo",
             "offload_csum",
             "backend_transfer",
+            "fd",
         ];
         let p = OptionParser::parse(s, &keys, None)?;
         let d = NetConfig::default();
@@ -255,6 +294,8 @@ impl NetConfig {
             offload_ufo: p.convert("offload_ufo", parse_toggle)?.unwrap_or(true),
             offload_csum: p.convert("offload_csum", parse_toggle)?.unwrap_or(true),
             backend_transfer: p.convert("backend_transfer", parse_toggle)?.unwrap_or(true),
+            fds: p.convert("fd", parse_fds)?,
+            ..Default::default()
         })
     }
 
@@ -302,8 +343,45 @@ impl NetConfig {
     }
 }
 
+impl NetConfig {
+    /// Checks Cloud Hypervisor's fields of the card at `at` (`net[0]`).
+    pub fn check_at(&self, at: &str) -> Result<(), Unsupported> {
+        pci_fields(at, &self.pci_segment, &self.iommu, &self.pci_device_id)?;
+        let vhost = "baton's virtio-net runs in the VMM on a TAP; it has no vhost-user backend";
+        only(
+            &format!("{at}.vhost_user"),
+            &self.vhost_user,
+            &[false],
+            vhost,
+        )?;
+        only(
+            &format!("{at}.vhost_socket"),
+            &self.vhost_socket,
+            &[],
+            vhost,
+        )?;
+        only(
+            &format!("{at}.vhost_mode"),
+            &self.vhost_mode,
+            &[VhostMode::Client],
+            vhost,
+        )?;
+        absent(
+            &format!("{at}.rate_limiter_config"),
+            &self.rate_limiter_config,
+            "baton has no rate limiters",
+        )
+    }
+}
+
+impl Supported for NetConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        self.check_at("net")
+    }
+}
+
 /// A virtio-blk disk on a raw image file (`--disk`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Device name; `disk0`, `disk1` ... when not given.
@@ -317,6 +395,58 @@ pub struct DiskConfig {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[serde(default)]
     pub direct: bool,
+    /// Cloud Hypervisor's PCI segment; only 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_segment: Option<u16>,
+    /// Cloud Hypervisor's IOMMU switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<bool>,
+    /// Cloud Hypervisor's PCI slot; only none (baton places devices itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+    /// Cloud Hypervisor's queue count; only 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<usize>,
+    /// Cloud Hypervisor's queue size; 128 (its default) or 256 (baton's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+    /// Cloud Hypervisor's vhost-user switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user: Option<bool>,
+    /// Cloud Hypervisor's vhost-user socket; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<String>,
+    /// Cloud Hypervisor's rate limit group; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_group: Option<String>,
+    /// Cloud Hypervisor's rate limiter; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter_config: Option<serde_json::Value>,
+    /// Cloud Hypervisor's io_uring switch; either value (baton uses plain reads and writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disable_io_uring: Option<bool>,
+    /// Cloud Hypervisor's AIO switch; either value (baton uses plain reads and writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disable_aio: Option<bool>,
+    /// Cloud Hypervisor's disk serial; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Cloud Hypervisor's per-queue CPU affinity; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_affinity: Option<serde_json::Value>,
+    /// Cloud Hypervisor's backing files switch; only `false` (raw images have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_files: Option<bool>,
+    /// Cloud Hypervisor's sparse switch; only `true` (its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<bool>,
+    /// Cloud Hypervisor's image format; `Raw` or `Unknown` (its default): baton reads raw
+    /// images only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_type: Option<ImageType>,
+    /// Cloud Hypervisor's lock granularity; only `ByteRange` (its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_granularity: Option<LockGranularity>,
 }
 
 impl DiskConfig {
@@ -337,6 +467,7 @@ impl DiskConfig {
             path: path.into(),
             readonly: p.convert("readonly", parse_toggle)?.unwrap_or(false),
             direct: p.convert("direct", parse_toggle)?.unwrap_or(false),
+            ..Default::default()
         })
     }
 
@@ -349,6 +480,78 @@ impl DiskConfig {
     }
 }
 
+impl DiskConfig {
+    /// Checks Cloud Hypervisor's fields of the disk at `at` (`disks[0]`).
+    pub fn check_at(&self, at: &str) -> Result<(), Unsupported> {
+        pci_fields(at, &self.pci_segment, &self.iommu, &self.pci_device_id)?;
+        let field = |name: &str| format!("{at}.{name}");
+        only(
+            &field("num_queues"),
+            &self.num_queues,
+            &[1],
+            "baton's virtio-blk has one queue",
+        )?;
+        only(
+            &field("queue_size"),
+            &self.queue_size,
+            &[128, 256],
+            "baton's virtio-blk offers a 256-entry queue",
+        )?;
+        let vhost = "baton's virtio-blk runs in the VMM; it has no vhost-user backend";
+        only(&field("vhost_user"), &self.vhost_user, &[false], vhost)?;
+        only(&field("vhost_socket"), &self.vhost_socket, &[], vhost)?;
+        let no_limits = "baton has no rate limiters";
+        only(
+            &field("rate_limit_group"),
+            &self.rate_limit_group,
+            &[],
+            no_limits,
+        )?;
+        absent(
+            &field("rate_limiter_config"),
+            &self.rate_limiter_config,
+            no_limits,
+        )?;
+        only(
+            &field("serial"),
+            &self.serial,
+            &[],
+            "baton's virtio-blk reports no serial",
+        )?;
+        absent(
+            &field("queue_affinity"),
+            &self.queue_affinity,
+            "baton does not pin queue threads",
+        )?;
+        let raw = "baton reads raw images only";
+        only(&field("backing_files"), &self.backing_files, &[false], raw)?;
+        only(
+            &field("sparse"),
+            &self.sparse,
+            &[true],
+            "baton leaves the image's allocation as it is",
+        )?;
+        only(
+            &field("image_type"),
+            &self.image_type,
+            &[ImageType::Raw, ImageType::Unknown],
+            raw,
+        )?;
+        only(
+            &field("lock_granularity"),
+            &self.lock_granularity,
+            &[LockGranularity::ByteRange],
+            "baton takes no image locks",
+        )
+    }
+}
+
+impl Supported for DiskConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        self.check_at("disk")
+    }
+}
+
 /// The virtio entropy device (`--rng`), fed from the host's getrandom.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -356,6 +559,31 @@ pub struct RngConfig {
     /// Device name; `rng0` when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Cloud Hypervisor's entropy source; `/dev/urandom` (its default) or `/dev/random`:
+    /// baton uses getrandom, which draws from the same pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<PathBuf>,
+    /// Cloud Hypervisor's PCI segment; only 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_segment: Option<u16>,
+    /// Cloud Hypervisor's IOMMU switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<bool>,
+    /// Cloud Hypervisor's PCI slot; only none (baton places devices itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+}
+
+impl Supported for RngConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        only(
+            "rng.src",
+            &self.src,
+            &[PathBuf::from("/dev/urandom"), PathBuf::from("/dev/random")],
+            "baton's entropy comes from the kernel's getrandom",
+        )?;
+        pci_fields("rng", &self.pci_segment, &self.iommu, &self.pci_device_id)
+    }
 }
 
 impl RngConfig {
@@ -373,6 +601,7 @@ impl RngConfig {
         let p = OptionParser::parse(s, &["id"], None)?;
         Ok(Some(RngConfig {
             id: p.get("id").map(str::to_string),
+            ..Default::default()
         }))
     }
 }
@@ -528,10 +757,8 @@ mod tests {
             },
         ];
         let mut disks = vec![DiskConfig {
-            id: None,
             path: "/d".into(),
-            readonly: false,
-            direct: false,
+            ..Default::default()
         }];
         let mut rng = RngConfig::default();
         assign_ids(&mut nets, &mut disks, Some(&mut rng)).unwrap();

@@ -2,7 +2,7 @@
 //! `vm.create` and `vm.add-net` do. Descriptor numbers never appear in JSON: what the
 //! receiver gets are its own new descriptors, owned and closed on drop.
 
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -14,75 +14,55 @@ pub const MAX_FDS: usize = 64;
 /// Descriptors one sendmsg carries at most (the kernel's SCM_MAX_FD is 253).
 const PER_MESSAGE: usize = 253;
 
-/// A UNIX stream reader that keeps the descriptors arriving with the bytes it reads.
-pub struct FdReader {
-    stream: UnixStream,
-    fds: Fds,
-    /// Room for one message's ancillary data, reused by every read.
-    control: Vec<u64>,
-}
-
-impl FdReader {
-    /// Reads from `stream`.
-    pub fn new(stream: UnixStream) -> Self {
-        FdReader {
-            stream,
-            fds: Vec::new(),
-            control: vec![0u64; cmsg_space(PER_MESSAGE).div_ceil(8)],
-        }
-    }
-
-    /// The descriptors received so far, which are the reader's no longer.
-    pub fn take_fds(&mut self) -> Fds {
-        std::mem::take(&mut self.fds)
-    }
-}
-
 fn cmsg_space(fds: usize) -> usize {
     // SAFETY: CMSG_SPACE is pure arithmetic.
     unsafe { libc::CMSG_SPACE((fds * std::mem::size_of::<RawFd>()) as u32) as usize }
 }
 
-impl Read for FdReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let control = &mut self.control;
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: an all-zero msghdr is valid; the fields set below point at live buffers.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len() * 8;
-        // SAFETY: recvmsg writes at most `iov_len` bytes into `buf` and `msg_controllen`
-        // bytes into `control`, both owned here.
-        let n = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the CMSG_* macros walk the control buffer recvmsg filled, within
-        // `msg_controllen`; each SCM_RIGHTS payload holds whole descriptors, which are new
-        // and ours to own.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                    let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                    let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                    for i in 0..len / std::mem::size_of::<RawFd>() {
-                        let fd = OwnedFd::from_raw_fd(data.add(i).read_unaligned());
-                        if self.fds.len() < MAX_FDS {
-                            self.fds.push(fd);
-                        }
+/// Room for one message's ancillary data with [`PER_MESSAGE`] descriptors, in u64s.
+const CONTROL_WORDS: usize = 130;
+
+/// Receives bytes from `stream` into `buf` like `read`, adding the descriptors that came
+/// with them to `fds` (beyond [`MAX_FDS`] in all, they are closed on arrival).
+pub fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Fds) -> io::Result<usize> {
+    let mut control = [0u64; CONTROL_WORDS];
+    debug_assert!(cmsg_space(PER_MESSAGE) <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the fields set below point at live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: recvmsg writes at most `iov_len` bytes into `buf` and `msg_controllen` bytes
+    // into `control`, both owned here.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the CMSG_* macros walk the control buffer recvmsg filled, within
+    // `msg_controllen`; each SCM_RIGHTS payload holds whole descriptors, which are new and
+    // ours to own.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = OwnedFd::from_raw_fd(data.add(i).read_unaligned());
+                    if fds.len() < MAX_FDS {
+                        fds.push(fd);
                     }
                 }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
             }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
-        Ok(n as usize)
     }
+    Ok(n as usize)
 }
 
 /// Writes all of `data` to `stream`, passing `fds` with the first bytes.
@@ -140,14 +120,19 @@ mod tests {
         send_with_fds(&a, b"hello", &[file.as_raw_fd(), file.as_raw_fd()]).unwrap();
         (&a).write_all(b" world").unwrap();
         drop(a);
-        let mut r = FdReader::new(b);
-        let mut text = String::new();
-        r.read_to_string(&mut text).unwrap();
-        assert_eq!(text, "hello world");
-        let fds = r.take_fds();
+        let mut fds = Vec::new();
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4];
+        loop {
+            let n = recv_with_fds(&b, &mut buf, &mut fds).unwrap();
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(text, b"hello world");
         assert_eq!(fds.len(), 2);
         // They are new descriptors of the same file.
         assert_ne!(fds[0].as_raw_fd(), file.as_raw_fd());
-        assert!(r.take_fds().is_empty());
     }
 }

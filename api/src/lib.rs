@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod compat;
 pub mod device_config;
 pub mod fds;
 pub mod http;

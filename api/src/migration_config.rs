@@ -4,9 +4,15 @@
 //! URLs are checked for their form here (which scheme each endpoint takes); whether the path
 //! or peer is usable is the VMM's business when it acts.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
-use crate::option_parser::{parse_int, parse_toggle, OptionError, OptionParser};
+use crate::compat::{
+    only, MemoryRestoreMode, MigrationMemoryMode, Supported, TimeoutStrategy, Unsupported,
+};
+
+use crate::option_parser::{parse_fds_by_id, parse_int, parse_toggle, OptionError, OptionParser};
 
 /// `vm.snapshot`: where to write the snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,21 +29,100 @@ pub struct NetFds {
     /// The card's id.
     pub id: String,
     /// How many descriptors are its (one per queue pair).
+    #[serde(default)]
     pub num_fds: usize,
+    /// Descriptor numbers as the client knows them: ignored, as descriptors only ever
+    /// arrive with SCM_RIGHTS.
+    #[serde(default, skip_serializing)]
+    pub fds: Option<Vec<i32>>,
 }
 
 /// `vm.restore` and `--restore`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreConfig {
     /// `file:///path/to/dir` written by `vm.snapshot`.
     pub source_url: String,
     /// Network cards that take new TAP descriptors instead of opening their TAP by name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub net_fds: Vec<NetFds>,
-    /// (+) Resume the guest once restored (otherwise it waits, paused, for vm.resume).
+    /// Resume the guest once restored (otherwise it waits, paused, for vm.resume).
     #[serde(default)]
     pub resume: bool,
+    /// Cloud Hypervisor's prefault switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefault: Option<bool>,
+    /// Cloud Hypervisor's memory restore mode; only `Copy` (its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_restore_mode: Option<MemoryRestoreMode>,
+}
+
+fn parse_memory_mode(v: &str) -> Result<MigrationMemoryMode, String> {
+    match v {
+        "precopy" => Ok(MigrationMemoryMode::Precopy),
+        "postcopy" => Ok(MigrationMemoryMode::Postcopy),
+        _ => Err("expected precopy or postcopy".to_string()),
+    }
+}
+
+/// `net_fds=[net0@[3,4],net1@[5]]`: the descriptors stay with the caller, who passes them
+/// with SCM_RIGHTS; the body carries the counts.
+fn parse_net_fds(v: &str) -> Result<Vec<NetFds>, String> {
+    Ok(parse_fds_by_id(v)?
+        .into_iter()
+        .map(|(id, fds)| NetFds {
+            id,
+            num_fds: fds.len(),
+            fds: Some(fds),
+        })
+        .collect())
+}
+
+impl RestoreConfig {
+    /// The descriptor numbers named in `net_fds`, in order, taken out of the configuration.
+    pub fn take_fds(&mut self) -> Vec<i32> {
+        take_net_fds(&mut self.net_fds)
+    }
+}
+
+impl ReceiveMigrationConfig {
+    /// The descriptor numbers named in `net_fds`, in order, taken out of the configuration.
+    pub fn take_fds(&mut self) -> Vec<i32> {
+        take_net_fds(&mut self.net_fds)
+    }
+}
+
+fn take_net_fds(net_fds: &mut [NetFds]) -> Vec<i32> {
+    net_fds
+        .iter_mut()
+        .flat_map(|n| n.fds.take().unwrap_or_default())
+        .collect()
+}
+
+/// `null` (as Cloud Hypervisor's clients send for "none") as an empty list.
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+impl Supported for RestoreConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        only(
+            "prefault",
+            &self.prefault,
+            &[false],
+            "baton does not prefault guest memory",
+        )?;
+        only(
+            "memory_restore_mode",
+            &self.memory_restore_mode,
+            &[MemoryRestoreMode::Copy],
+            "baton reads the whole snapshot before the guest runs",
+        )
+    }
 }
 
 fn default_downtime() -> u64 {
@@ -49,7 +134,7 @@ fn default_timeout() -> u64 {
 }
 
 /// `vm.send-migration`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendMigrationConfig {
     /// `unix:/path` or `tcp:host:port` of a baton waiting in vm.receive-migration.
@@ -68,10 +153,58 @@ pub struct SendMigrationConfig {
     /// (+) Hand device backends (TAP descriptors) to the destination.
     #[serde(default)]
     pub backend_transfer: bool,
+    /// Cloud Hypervisor's timeout strategy; only `Cancel` (its default, and what baton does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_strategy: Option<TimeoutStrategy>,
+    /// Cloud Hypervisor's parallel connections; only 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
+    /// Cloud Hypervisor's TLS directory; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// Cloud Hypervisor's memory mode; only `Precopy` (its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mode: Option<MigrationMemoryMode>,
+}
+
+fn check_tls_and_mode(
+    tls_dir: &Option<PathBuf>,
+    memory_mode: &Option<MigrationMemoryMode>,
+) -> Result<(), Unsupported> {
+    only(
+        "tls_dir",
+        tls_dir,
+        &[],
+        "baton migrates over UNIX sockets or plain TCP, without TLS",
+    )?;
+    only(
+        "memory_mode",
+        memory_mode,
+        &[MigrationMemoryMode::Precopy],
+        "baton migrates memory by pre-copy",
+    )
+}
+
+impl Supported for SendMigrationConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        only(
+            "timeout_strategy",
+            &self.timeout_strategy,
+            &[TimeoutStrategy::Cancel],
+            "baton always gives up and keeps the VM running here when the timeout passes",
+        )?;
+        only(
+            "connections",
+            &self.connections,
+            &[1],
+            "baton migrates over one connection",
+        )?;
+        check_tls_and_mode(&self.tls_dir, &self.memory_mode)
+    }
 }
 
 /// `vm.receive-migration`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiveMigrationConfig {
     /// `unix:/path` or `tcp:host:port` to listen on.
@@ -80,8 +213,26 @@ pub struct ReceiveMigrationConfig {
     #[serde(default)]
     pub backend_transfer: bool,
     /// Network cards that take new TAP descriptors instead of opening their TAP by name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub net_fds: Vec<NetFds>,
+    /// Cloud Hypervisor's TLS directory; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// Cloud Hypervisor's memory mode; only `Precopy` (its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mode: Option<MigrationMemoryMode>,
+}
+
+impl Supported for ReceiveMigrationConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        check_tls_and_mode(&self.tls_dir, &self.memory_mode)
+    }
+}
+
+impl Supported for SnapshotConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        Ok(())
+    }
 }
 
 /// A URL whose scheme the endpoint does not take.
@@ -145,12 +296,28 @@ impl RestoreConfig {
         \"source_url=file:///dir,resume=on|off\" (resume: run the guest at once; otherwise it \
         waits, paused, for vm.resume)";
 
-    /// Parses `source_url=...,resume=on` (net_fds only come through the API).
+    /// Parses `source_url=...,resume=on,net_fds=[net0@[3,4]]`.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
-        let p = OptionParser::parse(s, &["source_url", "resume"], Some("source_url"))?;
+        let p = OptionParser::parse(
+            s,
+            &[
+                "source_url",
+                "resume",
+                "net_fds",
+                "prefault",
+                "memory_restore_mode",
+            ],
+            Some("source_url"),
+        )?;
         Ok(RestoreConfig {
             source_url: p.required("source_url")?.to_string(),
-            net_fds: Vec::new(),
+            net_fds: p.convert("net_fds", parse_net_fds)?.unwrap_or_default(),
+            prefault: p.convert("prefault", parse_toggle)?,
+            memory_restore_mode: p.convert("memory_restore_mode", |v| match v {
+                "copy" => Ok(MemoryRestoreMode::Copy),
+                "ondemand" => Ok(MemoryRestoreMode::OnDemand),
+                _ => Err("expected copy or ondemand".to_string()),
+            })?,
             resume: p.convert("resume", parse_toggle)?.unwrap_or(false),
         })
     }
@@ -162,7 +329,8 @@ impl RestoreConfig {
 }
 
 impl SendMigrationConfig {
-    /// Parses `destination_url=...,local=on,downtime_ms=N,timeout_s=N,backend_transfer=on`.
+    /// Parses `destination_url=...,local=on,downtime_ms=N,timeout_s=N,backend_transfer=on`,
+    /// and Cloud Hypervisor's `timeout_strategy`, `connections`, `tls_dir` and `memory_mode`.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
         let keys = [
             "destination_url",
@@ -170,6 +338,10 @@ impl SendMigrationConfig {
             "downtime_ms",
             "timeout_s",
             "backend_transfer",
+            "timeout_strategy",
+            "connections",
+            "tls_dir",
+            "memory_mode",
         ];
         let p = OptionParser::parse(s, &keys, Some("destination_url"))?;
         Ok(SendMigrationConfig {
@@ -184,6 +356,14 @@ impl SendMigrationConfig {
             backend_transfer: p
                 .convert("backend_transfer", parse_toggle)?
                 .unwrap_or(false),
+            timeout_strategy: p.convert("timeout_strategy", |v| match v {
+                "cancel" => Ok(TimeoutStrategy::Cancel),
+                "ignore" => Ok(TimeoutStrategy::Ignore),
+                _ => Err("expected cancel or ignore".to_string()),
+            })?,
+            connections: p.convert("connections", parse_int::<u32>)?,
+            tls_dir: p.get("tls_dir").map(PathBuf::from),
+            memory_mode: p.convert("memory_mode", parse_memory_mode)?,
         })
     }
 
@@ -199,11 +379,17 @@ impl SendMigrationConfig {
 }
 
 impl ReceiveMigrationConfig {
-    /// Parses `receiver_url=...,backend_transfer=on` (net_fds only come through the API).
+    /// Parses `receiver_url=...,backend_transfer=on,net_fds=[net0@[3,4]]`.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
         let p = OptionParser::parse(
             s,
-            &["receiver_url", "backend_transfer"],
+            &[
+                "receiver_url",
+                "backend_transfer",
+                "net_fds",
+                "tls_dir",
+                "memory_mode",
+            ],
             Some("receiver_url"),
         )?;
         Ok(ReceiveMigrationConfig {
@@ -211,7 +397,9 @@ impl ReceiveMigrationConfig {
             backend_transfer: p
                 .convert("backend_transfer", parse_toggle)?
                 .unwrap_or(false),
-            net_fds: Vec::new(),
+            net_fds: p.convert("net_fds", parse_net_fds)?.unwrap_or_default(),
+            tls_dir: p.get("tls_dir").map(PathBuf::from),
+            memory_mode: p.convert("memory_mode", parse_memory_mode)?,
         })
     }
 
@@ -229,6 +417,34 @@ impl ReceiveMigrationConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cloud_hypervisor_option_strings() {
+        let mut r =
+            RestoreConfig::from_option_string("source_url=file:///s,net_fds=[net0@[3,4],net1@[5]]")
+                .unwrap();
+        assert_eq!(r.take_fds(), vec![3, 4, 5]);
+        assert_eq!(r.net_fds.len(), 2);
+        assert_eq!((r.net_fds[0].num_fds, r.net_fds[1].num_fds), (2, 1));
+        // The body carries the counts, never the numbers.
+        let body = serde_json::to_string(&r).unwrap();
+        assert!(!body.contains("\"fds\""), "{body}");
+        let s = SendMigrationConfig::from_option_string(
+            "destination_url=unix:/m,local=on,timeout_strategy=cancel,connections=1,\
+             memory_mode=precopy",
+        )
+        .unwrap();
+        assert!(s.local);
+        assert!(s.check_supported().is_ok());
+        let s = SendMigrationConfig::from_option_string("destination_url=unix:/m,connections=2")
+            .unwrap();
+        assert!(s.check_supported().is_err());
+        let r =
+            ReceiveMigrationConfig::from_option_string("receiver_url=unix:/m,net_fds=[net0@[7]]")
+                .unwrap();
+        assert_eq!(r.net_fds[0].fds, Some(vec![7]));
+        assert!(RestoreConfig::from_option_string("source_url=file:///s,net_fds=[net0]").is_err());
+    }
 
     #[test]
     fn option_strings() {

@@ -208,6 +208,46 @@ pub fn parse_list(value: &str) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// Parses a list of descriptor numbers, `[3,4]` or `3`.
+pub fn parse_fds(value: &str) -> Result<Vec<i32>, String> {
+    let items = parse_list(value)?;
+    if items.is_empty() {
+        return Err("expected descriptor numbers such as [3,4]".to_string());
+    }
+    items
+        .iter()
+        .map(|i| {
+            i.parse::<i32>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| format!("'{i}' is not a descriptor number"))
+        })
+        .collect()
+}
+
+/// Parses `[id@[3,4],id2@[5]]`: descriptors per device id, in order (Cloud Hypervisor's
+/// `net_fds` syntax).
+pub fn parse_fds_by_id(value: &str) -> Result<Vec<(String, Vec<i32>)>, String> {
+    let inner = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .ok_or_else(|| "expected [id@[fd,...],...]".to_string())?;
+    split_top_level(inner)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|item| !item.trim().is_empty())
+        .map(|item| {
+            let (id, fds) = item
+                .split_once('@')
+                .ok_or_else(|| format!("'{item}' is not id@[fd,...]"))?;
+            if id.is_empty() {
+                return Err(format!("'{item}' names no device"));
+            }
+            Ok((id.to_string(), parse_fds(fds)?))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +295,23 @@ mod tests {
         assert!(OptionParser::parse("mask=[a,b", &["mask"], None).is_err());
         assert!(OptionParser::parse("mask=a]", &["mask"], None).is_err());
         assert!(OptionParser::parse("c=\"abc", &["c"], None).is_err());
+    }
+
+    #[test]
+    fn descriptor_lists() {
+        assert_eq!(parse_fds("[3,4]"), Ok(vec![3, 4]));
+        assert_eq!(parse_fds("7"), Ok(vec![7]));
+        assert!(parse_fds("[]").is_err());
+        assert!(parse_fds("[-1]").is_err());
+        assert!(parse_fds("[x]").is_err());
+        assert_eq!(
+            parse_fds_by_id("[net0@[3,4],net1@[5]]"),
+            Ok(vec![("net0".into(), vec![3, 4]), ("net1".into(), vec![5])])
+        );
+        assert!(parse_fds_by_id("net0@[3]").is_err());
+        assert!(parse_fds_by_id("[net0]").is_err());
+        assert!(parse_fds_by_id("[@[3]]").is_err());
+        assert!(parse_fds_by_id("[net0@[3]").is_err());
     }
 
     #[test]

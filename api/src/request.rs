@@ -6,13 +6,15 @@
 //! only parses and routes; every decision is the control loop's.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::fds::Fds;
 use crate::{
-    NetConfig, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig, SnapshotConfig, VmConfig,
+    DiskConfig, NetConfig, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig,
+    SnapshotConfig, VmConfig,
 };
 
 /// What to do.
@@ -29,6 +31,10 @@ pub enum ApiAction {
     VmCreate(Box<VmConfig>, Fds),
     /// Add a network card to a VM that has not booted; its TAP descriptors may come along.
     VmAddNet(Box<NetConfig>, Fds),
+    /// Add a disk to a VM that has not booted.
+    VmAddDisk(Box<DiskConfig>),
+    /// Remove the device with this id from a VM that has not booted.
+    VmRemoveDevice(String),
     /// Boot the created VM.
     VmBoot,
     /// Report the VM's configuration and state.
@@ -107,13 +113,39 @@ impl ApiError {
 /// The answer to one request.
 pub type ApiResponse = Result<ApiReply, ApiError>;
 
+/// Where the answer to one request goes: a channel, and the eventfd that wakes whoever
+/// waits on it (the HTTP server's event loop) when the answer is sent.
+#[derive(Debug)]
+pub struct Reply {
+    tx: Sender<ApiResponse>,
+    wake: Option<Arc<EventFd>>,
+}
+
+impl Reply {
+    /// A reply channel without a wake-up: the receiver blocks on it.
+    pub fn channel() -> (Self, Receiver<ApiResponse>) {
+        let (tx, rx) = channel();
+        (Reply { tx, wake: None }, rx)
+    }
+
+    /// Sends the answer; an error means the requester has gone and needs no answer.
+    pub fn send(self, response: ApiResponse) -> Result<(), ApiResponse> {
+        self.tx.send(response).map_err(|e| e.0)?;
+        if let Some(wake) = &self.wake {
+            // A full eventfd counter already wakes its reader.
+            let _ = wake.write(1);
+        }
+        Ok(())
+    }
+}
+
 /// A request and where to send its answer.
 #[derive(Debug)]
 pub struct ApiRequest {
     /// What to do.
     pub action: ApiAction,
     /// Where the answer goes.
-    pub reply: Sender<ApiResponse>,
+    pub reply: Reply,
 }
 
 /// The sending side of the internal API; cheap to clone.
@@ -142,14 +174,37 @@ impl ApiSender {
 
     /// Sends `action` and waits for the answer.
     pub fn call(&self, action: ApiAction) -> ApiResponse {
-        let (reply, answer) = channel();
-        let gone = || ApiError::message(500, "The VMM is shutting down");
+        let (reply, answer) = Reply::channel();
+        self.send(action, reply)?;
+        answer.recv().map_err(|_| shutting_down())?
+    }
+
+    /// Sends `action` without waiting: the answer arrives on the returned channel, and
+    /// `wake` is written when it does.
+    pub fn start(
+        &self,
+        action: ApiAction,
+        wake: &Arc<EventFd>,
+    ) -> Result<Receiver<ApiResponse>, ApiError> {
+        let (tx, rx) = channel();
+        let reply = Reply {
+            tx,
+            wake: Some(wake.clone()),
+        };
+        self.send(action, reply)?;
+        Ok(rx)
+    }
+
+    fn send(&self, action: ApiAction, reply: Reply) -> Result<(), ApiError> {
         self.tx
             .send(ApiRequest { action, reply })
-            .map_err(|_| gone())?;
-        self.evt.write(1).map_err(|e| ApiError::new(500, &e))?;
-        answer.recv().map_err(|_| gone())?
+            .map_err(|_| shutting_down())?;
+        self.evt.write(1).map_err(|e| ApiError::new(500, &e))
     }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::message(503, "The VMM is shutting down")
 }
 
 /// The answer to `vmm.ping`.
@@ -254,6 +309,6 @@ mod tests {
     fn call_fails_cleanly_when_the_loop_is_gone() {
         let (sender, rx, _evt) = ApiSender::new().unwrap();
         drop(rx);
-        assert_eq!(sender.call(ApiAction::VmInfo).unwrap_err().status, 500);
+        assert_eq!(sender.call(ApiAction::VmInfo).unwrap_err().status, 503);
     }
 }

@@ -23,6 +23,12 @@ pub enum Endpoint {
     VmCounters,
     /// `PUT vm.add-net`
     VmAddNet,
+    /// `PUT vm.add-disk`
+    VmAddDisk,
+    /// `PUT vm.remove-device`
+    VmRemoveDevice,
+    /// A Cloud Hypervisor endpoint baton does not implement, by name.
+    NotSupported(&'static str),
     /// `PUT vm.pause`
     VmPause,
     /// `PUT vm.resume`
@@ -59,6 +65,8 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("vm.info", "GET", Endpoint::VmInfo),
     ("vm.counters", "GET", Endpoint::VmCounters),
     ("vm.add-net", "PUT", Endpoint::VmAddNet),
+    ("vm.add-disk", "PUT", Endpoint::VmAddDisk),
+    ("vm.remove-device", "PUT", Endpoint::VmRemoveDevice),
     ("vm.pause", "PUT", Endpoint::VmPause),
     ("vm.resume", "PUT", Endpoint::VmResume),
     ("vm.shutdown", "PUT", Endpoint::VmShutdown),
@@ -69,6 +77,43 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("vm.restore", "PUT", Endpoint::VmRestore),
     ("vm.send-migration", "PUT", Endpoint::VmSendMigration),
     ("vm.receive-migration", "PUT", Endpoint::VmReceiveMigration),
+];
+
+/// Cloud Hypervisor's endpoints that baton does not implement: they answer 501 with a
+/// message saying so, not 404.
+pub const NOT_SUPPORTED: &[(&str, &str, &str)] = &[
+    (
+        "vm.add-device",
+        "PUT",
+        "baton has no VFIO device passthrough",
+    ),
+    (
+        "vm.add-user-device",
+        "PUT",
+        "baton has no vfio-user devices",
+    ),
+    ("vm.add-fs", "PUT", "baton has no virtio-fs"),
+    (
+        "vm.add-generic-vhost-user",
+        "PUT",
+        "baton has no vhost-user devices",
+    ),
+    ("vm.add-pmem", "PUT", "baton has no virtio-pmem"),
+    ("vm.add-vdpa", "PUT", "baton has no vDPA devices"),
+    ("vm.add-vsock", "PUT", "baton has no virtio-vsock"),
+    (
+        "vm.resize",
+        "PUT",
+        "baton cannot resize vCPUs or memory of a VM",
+    ),
+    (
+        "vm.resize-disk",
+        "PUT",
+        "baton cannot resize a disk of a VM",
+    ),
+    ("vm.resize-zone", "PUT", "baton has no memory zones"),
+    ("vm.nmi", "PUT", "baton cannot inject an NMI yet"),
+    ("vm.coredump", "PUT", "baton cannot write guest core dumps"),
 ];
 
 /// Why a request matches no route.
@@ -104,18 +149,22 @@ pub fn route(method: &str, path: &str) -> Result<Endpoint, RouteError> {
     let name = path
         .strip_prefix(PREFIX)
         .ok_or_else(|| RouteError::NotFound(path.to_string()))?;
-    let (_, allowed, endpoint) = ROUTES
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .ok_or_else(|| RouteError::NotFound(path.to_string()))?;
-    if *allowed != method {
+    let (allowed, endpoint) = match ROUTES.iter().find(|(n, _, _)| *n == name) {
+        Some((_, allowed, endpoint)) => (*allowed, *endpoint),
+        None => NOT_SUPPORTED
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, allowed, why)| (*allowed, Endpoint::NotSupported(why)))
+            .ok_or_else(|| RouteError::NotFound(path.to_string()))?,
+    };
+    if allowed != method {
         return Err(RouteError::MethodNotAllowed {
             method: method.to_string(),
             path: path.to_string(),
             allowed,
         });
     }
-    Ok(*endpoint)
+    Ok(endpoint)
 }
 
 #[cfg(test)]
@@ -145,5 +194,14 @@ mod tests {
         assert_eq!(e.status(), 405);
         assert!(e.to_string().contains("use GET"), "{e}");
         assert_eq!(route("GET", "/api/v1/vm.boot").unwrap_err().status(), 405);
+    }
+
+    #[test]
+    fn cloud_hypervisor_endpoints_baton_lacks_are_named() {
+        assert_eq!(
+            route("PUT", "/api/v1/vm.add-fs"),
+            Ok(Endpoint::NotSupported("baton has no virtio-fs"))
+        );
+        assert_eq!(route("GET", "/api/v1/vm.resize").unwrap_err().status(), 405);
     }
 }

@@ -1,24 +1,34 @@
 //! The HTTP server thread: accepts connections on the API socket, parses and routes each
 //! request, hands it to the control loop through the internal API and writes the answer.
 //!
+//! One thread serves every connection from one epoll, with a bounded number of connections,
+//! a deadline for each request to arrive and for idle connections, and answers written as
+//! the control loop sends them, so a slow client or a long migration never holds up a
+//! `vmm.ping`.
+//!
 //! The socket is owner-only. A lock file next to it (`PATH.lock`, held with `flock` for the
 //! life of the process) keeps two VMMs off one path, while a socket file left by a process
 //! that died is simply replaced.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::fds::{FdReader, Fds};
-use crate::http::{self, HttpError};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::compat::Supported;
+use crate::fds::{recv_with_fds, Fds};
+use crate::http::{self, Parsed};
 use crate::request::{ApiAction, ApiError, ApiReply, ApiResponse, ApiSender};
 use crate::routes::{self, Endpoint, RouteError};
-use crate::{NetConfig, VmConfig};
 
 /// Errors setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -109,13 +119,9 @@ impl ApiSocket {
         if !listening || !unix {
             return Err(ServerError::BadFd(fd));
         }
-        // SAFETY: fcntl on a descriptor we checked; the accept loop needs blocking accepts,
-        // and children baton starts must not inherit the API.
+        // SAFETY: fcntl on a descriptor we checked: children baton starts must not inherit
+        // the API.
         unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-            }
             libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
         }
         // SAFETY: the caller hands us `fd`, a listening socket nobody else owns.
@@ -130,33 +136,16 @@ impl ApiSocket {
     pub fn serve(self, sender: ApiSender) -> Result<Server, ServerError> {
         let server = Server::default();
         let in_flight = server.in_flight.clone();
+        self.listener
+            .set_nonblocking(true)
+            .map_err(ServerError::Thread)?;
+        let mut events = EventLoop::new(self.listener, sender, in_flight)?;
+        let lock = self._lock;
         std::thread::Builder::new()
             .name("http-server".into())
             .spawn(move || {
-                let _lock = self._lock;
-                for stream in self.listener.incoming() {
-                    let stream = match stream {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Out of descriptors, say: wait rather than spin.
-                            log::warn!("API: accept failed: {e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                            continue;
-                        }
-                    };
-                    let Ok(sender) = sender.try_clone() else {
-                        continue;
-                    };
-                    let in_flight = in_flight.clone();
-                    // One thread per connection: a client that holds its connection open
-                    // must not block the others.
-                    let spawned = std::thread::Builder::new()
-                        .name("http-client".into())
-                        .spawn(move || serve_connection(stream, &sender, &in_flight));
-                    if let Err(e) = spawned {
-                        log::warn!("API: cannot serve a connection: {e}");
-                    }
-                }
+                let _lock = lock;
+                events.run();
             })
             .map_err(ServerError::Thread)?;
         Ok(server)
@@ -202,19 +191,487 @@ impl Server {
     }
 }
 
+/// Most connections served at once. At the limit, a new connection takes the place of the
+/// one idle for longest; only when every connection waits for an answer is it answered 503
+/// and closed.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a request may take to arrive, from its first byte to its last.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may sit idle between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most bytes buffered from one connection: one whole request of the largest size.
+const INPUT_LIMIT: usize = http::MAX_HEADER_BYTES + http::MAX_BODY_BYTES;
+
+const LISTENER: u64 = 0;
+const WAKE: u64 = 1;
+
+/// An answer the control loop has not sent yet.
+struct Pending {
+    answer: Receiver<ApiResponse>,
+    close: bool,
+}
+
+/// One client connection.
+struct Connection {
+    stream: UnixStream,
+    input: Vec<u8>,
+    /// Descriptors received and not yet claimed by a request.
+    fds: Fds,
+    output: Vec<u8>,
+    /// Bytes of `output` already written.
+    written: usize,
+    pending: Option<Pending>,
+    /// Requests counted in flight: answers awaited or not yet written.
+    counted: usize,
+    /// `100 Continue` was sent for the request being read.
+    continued: bool,
+    /// Close once `output` is written.
+    closing: bool,
+    /// The client shut its side.
+    hung_up: bool,
+    /// epoll reports when the socket takes more output (only while some waits).
+    watching_out: bool,
+    /// When the request being read began, or when the connection went idle.
+    since: Instant,
+}
+
+/// The server's single thread: every connection on one epoll, requests handed to the control
+/// loop without blocking, answers written as they come back. A client that holds its
+/// connection open, or a long `vm.send-migration`, never stops the others.
+struct EventLoop {
+    epoll: Epoll,
+    listener: UnixListener,
+    sender: ApiSender,
+    wake: Arc<EventFd>,
+    in_flight: Arc<InFlight>,
+    connections: HashMap<u64, Connection>,
+    next_token: u64,
+}
+
+impl EventLoop {
+    fn new(
+        listener: UnixListener,
+        sender: ApiSender,
+        in_flight: Arc<InFlight>,
+    ) -> Result<Self, ServerError> {
+        let epoll = Epoll::new().map_err(ServerError::Thread)?;
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(ServerError::Thread)?);
+        for (fd, token) in [(listener.as_raw_fd(), LISTENER), (wake.as_raw_fd(), WAKE)] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(ServerError::Thread)?;
+        }
+        Ok(EventLoop {
+            epoll,
+            listener,
+            sender,
+            wake,
+            in_flight,
+            connections: HashMap::new(),
+            next_token: WAKE + 1,
+        })
+    }
+
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let timeout = self.next_timeout();
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("API: epoll failed, the API stops: {e}");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    LISTENER => self.accept(),
+                    WAKE => {
+                        let _ = self.wake.read();
+                        let waiting: Vec<u64> = self
+                            .connections
+                            .iter()
+                            .filter(|(_, c)| c.pending.is_some())
+                            .map(|(t, _)| *t)
+                            .collect();
+                        for token in waiting {
+                            self.advance(token);
+                        }
+                    }
+                    token => self.advance(token),
+                }
+            }
+            self.expire();
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors, say: the connection waits in the backlog until
+                    // one is closed.
+                    log::warn!("API: accept failed: {e}");
+                    return;
+                }
+            };
+            if self.connections.len() >= MAX_CONNECTIONS {
+                // Room is made by dropping the connection idle (or trickling a request in)
+                // for longest: a flood of idle or slow clients cannot lock others out.
+                let idlest = self
+                    .connections
+                    .iter()
+                    .filter(|(_, c)| c.pending.is_none() && c.output.is_empty())
+                    .min_by_key(|(_, c)| c.since)
+                    .map(|(t, _)| *t);
+                if let Some(token) = idlest {
+                    self.drop_connection(token);
+                }
+            }
+            if self.connections.len() >= MAX_CONNECTIONS {
+                let mut out = Vec::new();
+                let body = error_body(&[format!(
+                    "Too many API connections (at most {MAX_CONNECTIONS}); retry later"
+                )]);
+                http::write_response(&mut out, 503, Some(&body), true, None);
+                // Best effort: a fresh socket's buffer takes a short answer at once.
+                let _ = stream.set_nonblocking(true);
+                let _ = (&stream).write(&out);
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let token = self.next_token;
+            self.next_token += 1;
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                stream.as_raw_fd(),
+                EpollEvent::new(interest(false), token),
+            ) {
+                log::warn!("API: cannot watch a connection: {e}");
+                continue;
+            }
+            self.connections.insert(
+                token,
+                Connection {
+                    stream,
+                    input: Vec::new(),
+                    fds: Vec::new(),
+                    output: Vec::new(),
+                    written: 0,
+                    pending: None,
+                    counted: 0,
+                    continued: false,
+                    closing: false,
+                    hung_up: false,
+                    watching_out: false,
+                    since: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Does everything connection `token` allows now: read, collect a finished answer,
+    /// start the next request, write; then drops the connection if it is done.
+    fn advance(&mut self, token: u64) {
+        loop {
+            let Some(conn) = self.connections.get_mut(&token) else {
+                return;
+            };
+            if let Some(pending) = &conn.pending {
+                let response = match pending.answer.try_recv() {
+                    Ok(response) => response,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => Err(shutting_down()),
+                };
+                let close = pending.close;
+                conn.pending = None;
+                write_answer(conn, response, close, None);
+            }
+            read_available(conn);
+            if conn.closing || conn.pending.is_some() || !self.next_request(token) {
+                break;
+            }
+        }
+        let Some(conn) = self.connections.get_mut(&token) else {
+            return;
+        };
+        flush(conn, &self.in_flight);
+        // Watch for room to write only while output waits: a wake-up each time the client
+        // reads an answer would cost every request a context switch.
+        let blocked = !conn.output.is_empty();
+        if blocked != conn.watching_out {
+            conn.watching_out = blocked;
+            let _ = self.epoll.ctl(
+                ControlOperation::Modify,
+                conn.stream.as_raw_fd(),
+                EpollEvent::new(interest(blocked), token),
+            );
+        }
+        let idle = conn.pending.is_none() && conn.output.is_empty();
+        if idle && (conn.closing || conn.hung_up) {
+            self.drop_connection(token);
+        }
+    }
+
+    /// Parses and starts the next request buffered on `token`; false if there is none yet.
+    fn next_request(&mut self, token: u64) -> bool {
+        let conn = self.connections.get_mut(&token).expect("live connection");
+        let request = match http::parse_request(&conn.input) {
+            Ok(Parsed::Incomplete) => return false,
+            Ok(Parsed::ExpectsContinue) => {
+                if !conn.continued {
+                    conn.continued = true;
+                    conn.output.extend_from_slice(http::CONTINUE);
+                }
+                return false;
+            }
+            Ok(Parsed::Complete(request, used)) => {
+                conn.input.drain(..used);
+                conn.continued = false;
+                conn.since = Instant::now();
+                request
+            }
+            Err(e) => {
+                // The stream is out of step after a bad request: answer, then close.
+                conn.closing = true;
+                let body = error_body(&ApiError::new(e.status(), &e).chain);
+                conn.counted += 1;
+                self.in_flight.start();
+                http::write_response(&mut conn.output, e.status(), Some(&body), true, None);
+                return false;
+            }
+        };
+        // Descriptors sent with this request arrived with its bytes.
+        let fds = std::mem::take(&mut conn.fds);
+        self.in_flight.start();
+        conn.counted += 1;
+        let endpoint = match routes::route(&request.method, &request.path) {
+            Ok(e) => e,
+            Err(e) => {
+                let allow = match &e {
+                    RouteError::MethodNotAllowed { allowed, .. } => Some(*allowed),
+                    _ => None,
+                };
+                write_answer(
+                    conn,
+                    Err(ApiError::new(e.status(), &e)),
+                    request.close,
+                    allow,
+                );
+                return true;
+            }
+        };
+        match action_for(endpoint, &request.body, fds)
+            .and_then(|action| self.sender.start(action, &self.wake))
+        {
+            Ok(answer) => {
+                conn.pending = Some(Pending {
+                    answer,
+                    close: request.close,
+                })
+            }
+            Err(e) => write_answer(conn, Err(e), request.close, None),
+        }
+        true
+    }
+
+    fn drop_connection(&mut self, token: u64) {
+        if let Some(conn) = self.connections.remove(&token) {
+            for _ in 0..conn.counted {
+                self.in_flight.finish();
+            }
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                conn.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// When the earliest connection deadline passes, in epoll's milliseconds (-1: none).
+    fn next_timeout(&self) -> i32 {
+        let now = Instant::now();
+        self.connections
+            .values()
+            .filter_map(deadline)
+            .min()
+            .map(|d| {
+                d.saturating_duration_since(now)
+                    .as_millis()
+                    .min(i32::MAX as u128) as i32
+                    + 1
+            })
+            .unwrap_or(-1)
+    }
+
+    /// Drops idle connections and answers 408 to requests that took too long to arrive.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| deadline(c).is_some_and(|d| d <= now))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            let conn = self.connections.get_mut(&token).expect("listed");
+            if conn.input.iter().any(|b| !b.is_ascii_whitespace()) && !conn.closing {
+                conn.closing = true;
+                conn.counted += 1;
+                self.in_flight.start();
+                let body = error_body(&[format!(
+                    "The request did not arrive within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                )]);
+                http::write_response(&mut conn.output, 408, Some(&body), true, None);
+                flush(conn, &self.in_flight);
+            }
+            self.drop_connection(token);
+        }
+    }
+}
+
+/// What epoll watches on a connection: input, edge-triggered (every read drains the socket),
+/// and room for output when `out`.
+fn interest(out: bool) -> EventSet {
+    let set = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+    if out {
+        set | EventSet::OUT
+    } else {
+        set
+    }
+}
+
+/// When `conn` times out, if it can: not while its answer is being worked out.
+fn deadline(conn: &Connection) -> Option<Instant> {
+    if conn.pending.is_some() {
+        return None;
+    }
+    if conn.input.iter().any(|b| !b.is_ascii_whitespace()) {
+        Some(conn.since + REQUEST_TIMEOUT)
+    } else {
+        Some(conn.since + IDLE_TIMEOUT)
+    }
+}
+
+/// Reads what the client has sent, up to one request's worth beyond what is buffered.
+fn read_available(conn: &mut Connection) {
+    let mut chunk = [0u8; 8192];
+    while conn.input.len() < INPUT_LIMIT && !conn.hung_up {
+        match recv_with_fds(&conn.stream, &mut chunk, &mut conn.fds) {
+            Ok(0) => conn.hung_up = true,
+            Ok(n) => {
+                if conn.input.iter().all(|b| b.is_ascii_whitespace()) {
+                    // A new request starts: its clock starts now.
+                    conn.since = Instant::now();
+                }
+                conn.input.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                conn.hung_up = true;
+                conn.closing = true;
+            }
+        }
+    }
+}
+
+/// Queues the answer to a request on `conn`.
+fn write_answer(
+    conn: &mut Connection,
+    response: ApiResponse,
+    close: bool,
+    allow: Option<&'static str>,
+) {
+    let (status, body) = match response {
+        Ok(ApiReply::Empty) => (204, None),
+        Ok(ApiReply::Json(v)) => (
+            200,
+            Some(serde_json::to_vec(&v).expect("JSON values serialise")),
+        ),
+        Err(e) => (e.status, Some(error_body(&e.chain))),
+    };
+    http::write_response(&mut conn.output, status, body.as_deref(), close, allow);
+    conn.since = Instant::now();
+    if close {
+        conn.closing = true;
+    }
+}
+
+/// Writes what `conn` has queued, as far as the socket takes it.
+fn flush(conn: &mut Connection, in_flight: &InFlight) {
+    while conn.written < conn.output.len() {
+        match (&conn.stream).write(&conn.output[conn.written..]) {
+            Ok(n) => conn.written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                // The client is gone: nothing more can reach it.
+                conn.output.clear();
+                conn.written = 0;
+                conn.hung_up = true;
+                conn.closing = true;
+                break;
+            }
+        }
+    }
+    conn.output.clear();
+    conn.written = 0;
+    let answered = conn.counted - usize::from(conn.pending.is_some());
+    for _ in 0..answered {
+        in_flight.finish();
+    }
+    conn.counted -= answered;
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::message(503, "The VMM is shutting down")
+}
+
 fn error_body(chain: &[String]) -> Vec<u8> {
     serde_json::to_vec(chain).expect("strings serialise")
 }
 
-/// `body` as the JSON of a `what` request.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError {
+/// `body` as the JSON of a `what` request, with every Cloud Hypervisor field at a value baton
+/// honours.
+fn parse_body<T: serde::de::DeserializeOwned + Supported>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ApiError> {
+    let invalid = format!("Invalid {what} configuration in request body");
+    let value: T = serde_json::from_slice(body).map_err(|e| ApiError {
         status: 400,
-        chain: vec![
-            format!("Invalid {what} configuration in request body"),
-            e.to_string(),
-        ],
-    })
+        chain: vec![invalid.clone(), e.to_string()],
+    })?;
+    value.check_supported().map_err(|e| ApiError {
+        status: 400,
+        chain: vec![invalid, e.to_string()],
+    })?;
+    Ok(value)
+}
+
+/// The body of `vm.remove-device`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveDevice {
+    id: String,
+}
+
+impl Supported for RemoveDevice {
+    fn check_supported(&self) -> Result<(), crate::compat::Unsupported> {
+        Ok(())
+    }
 }
 
 /// The action for `endpoint` with `body` and the descriptors that came with it, or the error
@@ -240,26 +697,8 @@ pub fn action_for(endpoint: Endpoint, body: &[u8], fds: Fds) -> Result<ApiAction
         Endpoint::VmmPing => ApiAction::VmmPing,
         Endpoint::VmmShutdown => ApiAction::VmmShutdown,
         Endpoint::VmmBackendTransferSupport => ApiAction::VmmBackendTransferSupport,
-        Endpoint::VmCreate => {
-            let config: VmConfig = serde_json::from_slice(body).map_err(|e| ApiError {
-                status: 400,
-                chain: vec![
-                    "Invalid VM configuration in request body".to_string(),
-                    e.to_string(),
-                ],
-            })?;
-            ApiAction::VmCreate(Box::new(config), fds)
-        }
-        Endpoint::VmAddNet => {
-            let net: NetConfig = serde_json::from_slice(body).map_err(|e| ApiError {
-                status: 400,
-                chain: vec![
-                    "Invalid network configuration in request body".to_string(),
-                    e.to_string(),
-                ],
-            })?;
-            ApiAction::VmAddNet(Box::new(net), fds)
-        }
+        Endpoint::VmCreate => ApiAction::VmCreate(Box::new(parse_body(body, "VM")?), fds),
+        Endpoint::VmAddNet => ApiAction::VmAddNet(Box::new(parse_body(body, "network")?), fds),
         Endpoint::VmSnapshot => ApiAction::VmSnapshot(parse_body(body, "snapshot")?),
         Endpoint::VmRestore => ApiAction::VmRestore(parse_body(body, "restore")?, fds),
         Endpoint::VmSendMigration => {
@@ -267,6 +706,17 @@ pub fn action_for(endpoint: Endpoint, body: &[u8], fds: Fds) -> Result<ApiAction
         }
         Endpoint::VmReceiveMigration => {
             ApiAction::VmReceiveMigration(parse_body(body, "receive-migration")?, fds)
+        }
+        Endpoint::VmAddDisk => ApiAction::VmAddDisk(Box::new(parse_body(body, "disk")?)),
+        Endpoint::VmRemoveDevice => {
+            let data: RemoveDevice = parse_body(body, "remove-device")?;
+            ApiAction::VmRemoveDevice(data.id)
+        }
+        Endpoint::NotSupported(why) => {
+            return Err(ApiError::message(
+                501,
+                format!("This endpoint is not supported by baton: {why}"),
+            ))
         }
         Endpoint::VmBoot => ApiAction::VmBoot,
         Endpoint::VmInfo => ApiAction::VmInfo,
@@ -278,66 +728,6 @@ pub fn action_for(endpoint: Endpoint, body: &[u8], fds: Fds) -> Result<ApiAction
         Endpoint::VmPowerButton => ApiAction::VmPowerButton,
         Endpoint::VmDelete => ApiAction::VmDelete,
     })
-}
-
-/// Handles one parsed request end to end; also returns the method a 405 should allow.
-fn handle(
-    sender: &ApiSender,
-    request: &http::Request,
-    fds: Fds,
-) -> (ApiResponse, Option<&'static str>) {
-    let endpoint = match routes::route(&request.method, &request.path) {
-        Ok(e) => e,
-        Err(e) => {
-            let allow = match &e {
-                RouteError::MethodNotAllowed { allowed, .. } => Some(*allowed),
-                RouteError::NotFound(_) => None,
-            };
-            return (Err(ApiError::new(e.status(), &e)), allow);
-        }
-    };
-    (
-        action_for(endpoint, &request.body, fds).and_then(|a| sender.call(a)),
-        None,
-    )
-}
-
-fn serve_connection(stream: UnixStream, sender: &ApiSender, in_flight: &InFlight) {
-    let Ok(write_half) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(FdReader::new(stream));
-    let mut writer = BufWriter::new(write_half);
-    loop {
-        let request = match http::read_request(&mut reader) {
-            Ok(Some(r)) => r,
-            Ok(None) | Err(HttpError::Io(_)) => return,
-            Err(e) => {
-                // The stream is out of step after a bad request: answer, then close.
-                let body = error_body(&ApiError::new(e.status(), &e).chain);
-                let _ = http::write_response(&mut writer, e.status(), Some(&body), true, None);
-                return;
-            }
-        };
-        in_flight.start();
-        // Descriptors sent with this request arrived with its first bytes.
-        let fds = reader.get_mut().take_fds();
-        let (response, allow) = handle(sender, &request, fds);
-        let (status, body) = match response {
-            Ok(ApiReply::Empty) => (204, None),
-            Ok(ApiReply::Json(v)) => (
-                200,
-                Some(serde_json::to_vec(&v).expect("JSON values serialise")),
-            ),
-            Err(e) => (e.status, Some(error_body(&e.chain))),
-        };
-        let written =
-            http::write_response(&mut writer, status, body.as_deref(), request.close, allow);
-        in_flight.finish();
-        if written.is_err() || request.close {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -371,6 +761,171 @@ mod tests {
             ),
             Ok(ApiAction::VmCreate(..))
         ));
+    }
+
+    /// Bodies as Cloud Hypervisor v53's ch-remote serialises them.
+    const CH_BODIES: &[(Endpoint, &str)] = &[
+        (
+            Endpoint::VmAddNet,
+            r#"{"pci_segment":0,"tap":"tap0","mac":"12:34:56:78:90:ab","num_queues":2,
+                "queue_size":256,"vhost_user":false,"vhost_mode":"Client","offload_tso":true,
+                "offload_ufo":true,"offload_csum":true}"#,
+        ),
+        // Before v53, unset optional fields went out as null.
+        (
+            Endpoint::VmAddNet,
+            r#"{"tap":"tap0","ip":null,"mask":null,"mac":"12:34:56:78:90:ab","host_mac":null,
+                "mtu":null,"iommu":false,"num_queues":2,"queue_size":256,"vhost_user":false,
+                "vhost_socket":null,"vhost_mode":"Client","id":null,"fds":null,
+                "rate_limiter_config":null,"pci_segment":0,"offload_tso":true,
+                "offload_ufo":true,"offload_csum":true}"#,
+        ),
+        (
+            Endpoint::VmAddDisk,
+            r#"{"pci_segment":0,"path":"/img.raw","readonly":false,"direct":false,
+                "num_queues":1,"queue_size":128,"vhost_user":false,"disable_io_uring":false,
+                "disable_aio":false,"backing_files":false,"sparse":true,"image_type":"Unknown",
+                "lock_granularity":"ByteRange"}"#,
+        ),
+        (
+            Endpoint::VmRestore,
+            r#"{"source_url":"file:///s","prefault":false,"memory_restore_mode":"Copy",
+                "net_fds":[{"id":"net0","num_fds":2,"fds":null}],"resume":false}"#,
+        ),
+        (
+            Endpoint::VmRestore,
+            r#"{"source_url":"file:///s","prefault":false,"memory_restore_mode":"Copy",
+                "net_fds":null,"resume":false}"#,
+        ),
+        (
+            Endpoint::VmSendMigration,
+            r#"{"destination_url":"unix:/tmp/m.sock","local":true,"downtime_ms":300,
+                "timeout_s":3600,"timeout_strategy":"Cancel","connections":1,"tls_dir":null,
+                "memory_mode":"Precopy"}"#,
+        ),
+        (
+            Endpoint::VmReceiveMigration,
+            r#"{"receiver_url":"unix:/tmp/m.sock","tls_dir":null,"memory_mode":"Precopy"}"#,
+        ),
+        (Endpoint::VmSnapshot, r#"{"destination_url":"file:///s"}"#),
+        (Endpoint::VmRemoveDevice, r#"{"id":"disk0"}"#),
+        (
+            Endpoint::VmCreate,
+            r#"{"cpus":{"boot_vcpus":1,"max_vcpus":1,"kvm_hyperv":false,"max_phys_bits":46,
+                "features":{"amx":false},"nested":true,"core_scheduling":"Vm"},
+                "memory":{"size":536870912,"mergeable":false,"hotplug_method":"Acpi",
+                "shared":false,"hugepages":false,"prefault":false,"reserve":false,"thp":true},
+                "payload":{"kernel":"/k","cmdline":"console=ttyS0"},
+                "rng":{"src":"/dev/urandom","pci_segment":0},
+                "serial":{"mode":"Null"},"console":{"mode":"Off","pci_segment":0},
+                "debug_console":{"mode":"Off","iobase":233},
+                "disks":[{"path":"/d","pci_segment":0,"num_queues":1,"queue_size":128}],
+                "pvpanic":false,"iommu":false,"watchdog":false,"landlock_enable":false,
+                "fs":null,"pmem":[],"platform":{"num_pci_segments":1,
+                "iommu_address_width_bits":64,"iommufd":false,"vfio_p2p_dma":true}}"#,
+        ),
+    ];
+
+    #[test]
+    fn every_body_cloud_hypervisor_sends_is_accepted() {
+        for (endpoint, body) in CH_BODIES {
+            if let Err(e) = action_for(*endpoint, body.as_bytes(), Vec::new()) {
+                panic!("{endpoint:?} refused {body}: {:?}", e.chain);
+            }
+        }
+    }
+
+    #[test]
+    fn values_baton_cannot_honour_are_refused_by_name() {
+        for (endpoint, body, named) in [
+            (
+                Endpoint::VmAddNet,
+                r#"{"tap":"t","vhost_user":true}"#,
+                "net.vhost_user=true",
+            ),
+            (
+                Endpoint::VmAddNet,
+                r#"{"tap":"t","pci_segment":2}"#,
+                "net.pci_segment=2",
+            ),
+            (
+                Endpoint::VmAddDisk,
+                r#"{"path":"/d","image_type":"Qcow2"}"#,
+                "disk.image_type=\"Qcow2\"",
+            ),
+            (
+                Endpoint::VmAddDisk,
+                r#"{"path":"/d","num_queues":4}"#,
+                "disk.num_queues=4",
+            ),
+            (
+                Endpoint::VmRestore,
+                r#"{"source_url":"file:///s","memory_restore_mode":"OnDemand"}"#,
+                "memory_restore_mode=\"OnDemand\"",
+            ),
+            (
+                Endpoint::VmSendMigration,
+                r#"{"destination_url":"tcp:h:1","connections":4}"#,
+                "connections=4",
+            ),
+            (
+                Endpoint::VmSendMigration,
+                r#"{"destination_url":"tcp:h:1","tls_dir":"/etc/tls"}"#,
+                "tls_dir=\"/etc/tls\"",
+            ),
+            (
+                Endpoint::VmReceiveMigration,
+                r#"{"receiver_url":"tcp:h:1","memory_mode":"Postcopy"}"#,
+                "memory_mode=\"Postcopy\"",
+            ),
+            (
+                Endpoint::VmCreate,
+                r#"{"payload":{"kernel":"/k"},"fs":[{"tag":"t","socket":"/s"}]}"#,
+                "fs=[",
+            ),
+            (
+                Endpoint::VmCreate,
+                r#"{"payload":{"kernel":"/k"},"serial":{"mode":"Pty"}}"#,
+                "serial.mode=\"Pty\"",
+            ),
+            (
+                Endpoint::VmCreate,
+                r#"{"payload":{"kernel":"/k"},"memory":{"size":536870912,"hugepages":true}}"#,
+                "memory.hugepages=true",
+            ),
+            (
+                Endpoint::VmCreate,
+                r#"{"payload":{"kernel":"/k","firmware":"/fw"}}"#,
+                "payload.firmware=\"/fw\"",
+            ),
+            (
+                Endpoint::VmCreate,
+                r#"{"payload":{"kernel":"/k"},"disks":[{"path":"/a"},{"path":"/b","vhost_user":true}]}"#,
+                "disks[1].vhost_user=true",
+            ),
+        ] {
+            let e = action_for(endpoint, body.as_bytes(), Vec::new()).unwrap_err();
+            assert_eq!(e.status, 400, "{body}");
+            assert!(
+                e.chain[1].starts_with(named) && e.chain[1].contains("not supported by baton"),
+                "{body}: {:?}",
+                e.chain
+            );
+        }
+        // Unknown to both is still refused by name.
+        let e = action_for(Endpoint::VmAddNet, br#"{"turbo":true}"#, Vec::new()).unwrap_err();
+        assert!(e.chain[1].contains("turbo"), "{:?}", e.chain);
+    }
+
+    #[test]
+    fn cloud_hypervisor_endpoints_baton_lacks_answer_501() {
+        let e = action_for(Endpoint::NotSupported("no"), b"{}", Vec::new()).unwrap_err();
+        assert_eq!(e.status, 501);
+        assert!(
+            e.chain[0].contains("not supported by baton"),
+            "{:?}",
+            e.chain
+        );
     }
 
     #[test]

@@ -9,6 +9,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compat::{
+    absent, only, CoreScheduling, CpuFeatures, CpuTopology, DebugConsoleConfig, HotplugMethod,
+    PlatformConfig, Supported, Unsupported,
+};
 use crate::device_config::{self, DeviceError, DiskConfig, NetConfig, RngConfig};
 use crate::option_parser::{
     parse_int, parse_list, parse_size, parse_toggle, OptionError, OptionParser,
@@ -58,8 +62,11 @@ pub enum ConfigError {
     /// A console mode needs a path that is missing.
     #[error("--{0} mode {1} needs a path: use {1}=PATH")]
     ConsolePath(&'static str, &'static str),
+    /// Cloud Hypervisor's pseudo-terminal mode.
+    #[error("--{0} mode Pty is not supported by baton: use socket=PATH to read and type")]
+    Pty(&'static str),
     /// A console mode baton does not implement.
-    #[error("--console supports only 'off' (virtio-console is not implemented yet)")]
+    #[error("--console supports only 'off' (console mode Off or Null in the API): virtio-console is not implemented yet")]
     ConsoleUnsupported,
     /// The command line holds a NUL byte.
     #[error("Kernel command line contains a NUL byte")]
@@ -107,6 +114,30 @@ pub struct CpusConfig {
     /// Further CPUID feature names to hide from the guest (`avx`, `cx16` ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mask: Vec<String>,
+    /// Cloud Hypervisor's guest topology; only one package of single-thread cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
+    /// Cloud Hypervisor's Hyper-V enlightenments; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_hyperv: Option<bool>,
+    /// Cloud Hypervisor's physical address width; only its default, 46.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_phys_bits: Option<u8>,
+    /// Cloud Hypervisor's vCPU pinning; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<serde_json::Value>,
+    /// Cloud Hypervisor's optional CPU features; only `amx: false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<CpuFeatures>,
+    /// Cloud Hypervisor's nested virtualisation switch; only `true` (its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nested: Option<bool>,
+    /// Cloud Hypervisor's core scheduling; `Vm` (its default) or `Off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_scheduling: Option<CoreScheduling>,
+    /// Cloud Hypervisor's CPU profile; only `Host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 impl Default for CpusConfig {
@@ -116,6 +147,14 @@ impl Default for CpusConfig {
             max_vcpus: 1,
             template: None,
             mask: Vec::new(),
+            topology: None,
+            kvm_hyperv: None,
+            max_phys_bits: None,
+            affinity: None,
+            features: None,
+            nested: None,
+            core_scheduling: None,
+            profile: None,
         }
     }
 }
@@ -136,7 +175,66 @@ impl CpusConfig {
             max_vcpus: p.convert("max", parse_int::<u8>)?.unwrap_or(boot),
             template: p.convert("template", CpuTemplate::from_name)?,
             mask: p.convert("mask", parse_list)?.unwrap_or_default(),
+            ..Default::default()
         })
+    }
+}
+
+impl Supported for CpusConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        let flat = CpuTopology {
+            threads_per_core: 1,
+            cores_per_die: u16::from(self.boot_vcpus),
+            dies_per_package: 1,
+            packages: 1,
+        };
+        only(
+            "cpus.topology",
+            &self.topology,
+            &[flat],
+            "baton presents one package of single-thread cores, one per vCPU",
+        )?;
+        only(
+            "cpus.kvm_hyperv",
+            &self.kvm_hyperv,
+            &[false],
+            "baton offers no Hyper-V enlightenments",
+        )?;
+        only(
+            "cpus.max_phys_bits",
+            &self.max_phys_bits,
+            &[46],
+            "baton shows the guest the host's physical address width",
+        )?;
+        absent(
+            "cpus.affinity",
+            &self.affinity,
+            "baton does not pin vCPU threads",
+        )?;
+        only(
+            "cpus.features",
+            &self.features,
+            &[CpuFeatures::default(), CpuFeatures { amx: Some(false) }],
+            "baton does not enable AMX",
+        )?;
+        only(
+            "cpus.nested",
+            &self.nested,
+            &[true],
+            "baton passes on the virtualisation extensions KVM offers",
+        )?;
+        only(
+            "cpus.core_scheduling",
+            &self.core_scheduling,
+            &[CoreScheduling::Vm, CoreScheduling::Off],
+            "baton sets no per-vCPU core scheduling cookies",
+        )?;
+        only(
+            "cpus.profile",
+            &self.profile,
+            &["Host".to_string()],
+            "baton has CPU templates instead (cpus.template)",
+        )
     }
 }
 
@@ -150,6 +248,37 @@ pub struct MemoryConfig {
     /// descriptors can be handed to another process (local migration).
     #[serde(default)]
     pub shared: bool,
+    /// Cloud Hypervisor's KSM switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mergeable: Option<bool>,
+    /// Cloud Hypervisor's memory hot-plug method; only `Acpi` (with no hot-plug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_method: Option<HotplugMethod>,
+    /// Cloud Hypervisor's hot-pluggable memory; only 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_size: Option<u64>,
+    /// Cloud Hypervisor's hot-plugged memory; only 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplugged_size: Option<u64>,
+    /// Cloud Hypervisor's huge pages switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<bool>,
+    /// Cloud Hypervisor's huge page size; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepage_size: Option<u64>,
+    /// Cloud Hypervisor's prefault switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefault: Option<bool>,
+    /// Cloud Hypervisor's reserve switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve: Option<bool>,
+    /// Cloud Hypervisor's memory zones; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones: Option<serde_json::Value>,
+    /// Cloud Hypervisor's transparent huge pages switch; either value (baton leaves THP to
+    /// the host's policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thp: Option<bool>,
 }
 
 impl Default for MemoryConfig {
@@ -157,6 +286,16 @@ impl Default for MemoryConfig {
         MemoryConfig {
             size: 512 << 20,
             shared: false,
+            mergeable: None,
+            hotplug_method: None,
+            hotplug_size: None,
+            hotplugged_size: None,
+            hugepages: None,
+            hugepage_size: None,
+            prefault: None,
+            reserve: None,
+            zones: None,
+            thp: None,
         }
     }
 }
@@ -175,7 +314,49 @@ impl MemoryConfig {
             shared: p
                 .convert("shared", parse_toggle)?
                 .unwrap_or(defaults.shared),
+            ..defaults
         })
+    }
+}
+
+impl Supported for MemoryConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        only(
+            "memory.mergeable",
+            &self.mergeable,
+            &[false],
+            "baton does not enable KSM",
+        )?;
+        let no_hotplug = "baton has no memory hot-plug";
+        only(
+            "memory.hotplug_method",
+            &self.hotplug_method,
+            &[HotplugMethod::Acpi],
+            no_hotplug,
+        )?;
+        only("memory.hotplug_size", &self.hotplug_size, &[0], no_hotplug)?;
+        only(
+            "memory.hotplugged_size",
+            &self.hotplugged_size,
+            &[0],
+            no_hotplug,
+        )?;
+        let no_huge = "baton backs guest memory with normal pages";
+        only("memory.hugepages", &self.hugepages, &[false], no_huge)?;
+        only("memory.hugepage_size", &self.hugepage_size, &[], no_huge)?;
+        only(
+            "memory.prefault",
+            &self.prefault,
+            &[false],
+            "baton does not prefault guest memory",
+        )?;
+        only(
+            "memory.reserve",
+            &self.reserve,
+            &[false],
+            "baton does not reserve swap for guest memory",
+        )?;
+        absent("memory.zones", &self.zones, "baton has no memory zones")
     }
 }
 
@@ -192,11 +373,42 @@ pub struct PayloadConfig {
     /// The kernel command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    /// Cloud Hypervisor's firmware; baton boots kernels directly, so only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
+    /// Cloud Hypervisor's IGVM file; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub igvm: Option<PathBuf>,
+    /// Cloud Hypervisor's SEV-SNP host data; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_data: Option<String>,
+    /// Cloud Hypervisor's fw_cfg device; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fw_cfg_config: Option<serde_json::Value>,
 }
 
 impl PayloadConfig {
     /// Longest command line passed to a guest, including the terminating NUL.
     pub const MAX_CMDLINE: usize = 4096;
+}
+
+impl Supported for PayloadConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        let direct = "baton boots a kernel directly (payload.kernel)";
+        only("payload.firmware", &self.firmware, &[], direct)?;
+        only("payload.igvm", &self.igvm, &[], direct)?;
+        only(
+            "payload.host_data",
+            &self.host_data,
+            &[],
+            "baton runs no confidential guests",
+        )?;
+        absent(
+            "payload.fw_cfg_config",
+            &self.fw_cfg_config,
+            "baton has no fw_cfg device",
+        )
+    }
 }
 
 /// Where a console's output goes and its input comes from.
@@ -212,6 +424,10 @@ pub enum ConsoleMode {
     /// A UNIX socket baton listens on: output goes to the connected client (with the
     /// output so far replayed on connect), input comes from it.
     Socket,
+    /// Cloud Hypervisor's name for a device whose output is dropped: the same as `Off`.
+    Null,
+    /// Cloud Hypervisor's pseudo-terminal mode; not supported (use `Socket`).
+    Pty,
 }
 
 /// A console device's configuration (`--serial`, `--console`).
@@ -226,6 +442,18 @@ pub struct ConsoleConfig {
     /// The socket path for `Socket` mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// Cloud Hypervisor's virtio-console id; accepted, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Cloud Hypervisor's PCI segment of the virtio console; only 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_segment: Option<u16>,
+    /// Cloud Hypervisor's IOMMU switch; only `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<bool>,
+    /// Cloud Hypervisor's PCI slot of the virtio console; only none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
 }
 
 impl ConsoleConfig {
@@ -264,12 +492,35 @@ impl ConsoleConfig {
                 })
             }
         };
-        Ok(ConsoleConfig { mode, file, socket })
+        Ok(ConsoleConfig {
+            mode,
+            file,
+            socket,
+            ..Default::default()
+        })
+    }
+
+    /// Checks Cloud Hypervisor's fields of the `name` console.
+    fn check(&self, name: &str) -> Result<(), Unsupported> {
+        only(
+            &format!("{name}.mode"),
+            &Some(self.mode),
+            &[
+                ConsoleMode::Off,
+                ConsoleMode::Null,
+                ConsoleMode::Tty,
+                ConsoleMode::File,
+                ConsoleMode::Socket,
+            ],
+            "baton has no pseudo-terminal consoles; use Socket to read and type",
+        )?;
+        crate::compat::pci_fields(name, &self.pci_segment, &self.iommu, &self.pci_device_id)
     }
 
     fn validate(&self, name: &'static str) -> Result<(), ConfigError> {
         match self.mode {
             ConsoleMode::File if self.file.is_none() => Err(ConfigError::ConsolePath(name, "file")),
+            ConsoleMode::Pty => Err(ConfigError::Pty(name)),
             ConsoleMode::Socket if self.socket.is_none() => {
                 Err(ConfigError::ConsolePath(name, "socket"))
             }
@@ -305,6 +556,155 @@ pub struct VmConfig {
     /// The entropy device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngConfig>,
+    /// Cloud Hypervisor's platform settings; only their defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformConfig>,
+    /// Cloud Hypervisor's debug port console; only `Off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_console: Option<DebugConsoleConfig>,
+    /// Cloud Hypervisor's `rate_limit_groups`: baton has no rate limiters, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_groups: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `balloon`: baton has no virtio-balloon, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `generic_vhost_user`: baton has no vhost-user devices, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generic_vhost_user: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `fs`: baton has no virtio-fs, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `pmem`: baton has no virtio-pmem, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmem: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `devices`: baton has no VFIO devices, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `user_devices`: baton has no vfio-user devices, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_devices: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `vdpa`: baton has no vDPA devices, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vdpa: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `vsock`: baton has no virtio-vsock, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `pvmemcontrol`: baton has no pvmemcontrol device, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvmemcontrol: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `pvpanic`: baton has no pvpanic device, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvpanic: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `iommu`: baton has no virtual IOMMU, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `numa`: baton presents no NUMA topology, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `watchdog`: baton has no watchdog device, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `rtc`: baton has no extra RTC device, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtc: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `gdb`: baton has no GDB stub, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gdb: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `pci_segments`: baton has one PCI segment, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_segments: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `tpm`: baton has no TPM, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `landlock_enable`: baton does not apply Landlock, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock_enable: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `landlock_rules`: baton does not apply Landlock, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock_rules: Option<serde_json::Value>,
+    /// Cloud Hypervisor's `ivshmem`: baton has no ivshmem device, so only absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ivshmem: Option<serde_json::Value>,
+}
+
+impl Supported for VmConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        self.cpus.check_supported()?;
+        self.memory.check_supported()?;
+        self.payload.check_supported()?;
+        self.serial.check("serial")?;
+        self.console.check("console")?;
+        for (i, n) in self.net.iter().enumerate() {
+            n.check_at(&format!("net[{i}]"))?;
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            d.check_at(&format!("disks[{i}]"))?;
+        }
+        if let Some(rng) = &self.rng {
+            rng.check_supported()?;
+        }
+        if let Some(platform) = &self.platform {
+            platform.check_supported()?;
+        }
+        if let Some(debug) = &self.debug_console {
+            only(
+                "debug_console.mode",
+                &Some(debug.mode),
+                &[ConsoleMode::Off],
+                "baton has no debug port console",
+            )?;
+        }
+        absent(
+            "rate_limit_groups",
+            &self.rate_limit_groups,
+            "baton has no rate limiters",
+        )?;
+        absent("balloon", &self.balloon, "baton has no virtio-balloon")?;
+        absent(
+            "generic_vhost_user",
+            &self.generic_vhost_user,
+            "baton has no vhost-user devices",
+        )?;
+        absent("fs", &self.fs, "baton has no virtio-fs")?;
+        absent("pmem", &self.pmem, "baton has no virtio-pmem")?;
+        absent("devices", &self.devices, "baton has no VFIO devices")?;
+        absent(
+            "user_devices",
+            &self.user_devices,
+            "baton has no vfio-user devices",
+        )?;
+        absent("vdpa", &self.vdpa, "baton has no vDPA devices")?;
+        absent("vsock", &self.vsock, "baton has no virtio-vsock")?;
+        absent(
+            "pvmemcontrol",
+            &self.pvmemcontrol,
+            "baton has no pvmemcontrol device",
+        )?;
+        absent("pvpanic", &self.pvpanic, "baton has no pvpanic device")?;
+        absent("iommu", &self.iommu, "baton has no virtual IOMMU")?;
+        absent("numa", &self.numa, "baton presents no NUMA topology")?;
+        absent("watchdog", &self.watchdog, "baton has no watchdog device")?;
+        absent("rtc", &self.rtc, "baton has no extra RTC device")?;
+        absent("gdb", &self.gdb, "baton has no GDB stub")?;
+        absent(
+            "pci_segments",
+            &self.pci_segments,
+            "baton has one PCI segment",
+        )?;
+        absent("tpm", &self.tpm, "baton has no TPM")?;
+        absent(
+            "landlock_enable",
+            &self.landlock_enable,
+            "baton does not apply Landlock",
+        )?;
+        absent(
+            "landlock_rules",
+            &self.landlock_rules,
+            "baton does not apply Landlock",
+        )?;
+        absent("ivshmem", &self.ivshmem, "baton has no ivshmem device")?;
+        Ok(())
+    }
 }
 
 /// The CPUID feature names `mask=` accepts (checked against the VMM's table at validation).
@@ -349,7 +749,7 @@ impl VmConfig {
         }
         self.serial.validate("serial")?;
         self.console.validate("console")?;
-        if self.console.mode != ConsoleMode::Off {
+        if !matches!(self.console.mode, ConsoleMode::Off | ConsoleMode::Null) {
             return Err(ConfigError::ConsoleUnsupported);
         }
         for n in &self.net {

@@ -398,6 +398,8 @@ fn document_matches_the_routes_and_the_server() {
     }
 
     c.call(&vmm, "PUT", "vm.add-net", Some("{}"), 404);
+    c.call(&vmm, "PUT", "vm.add-disk", Some(r#"{"path":"/x"}"#), 404);
+    c.call(&vmm, "PUT", "vm.remove-device", Some(r#"{"id":"x"}"#), 404);
 
     // Snapshots and outgoing migrations need a VM; restore and receive-migration refuse a VM.
     let snap = vmm.dir().join("snap");
@@ -475,6 +477,33 @@ fn document_matches_the_routes_and_the_server() {
     c.call(&vmm, "PUT", "vm.create", Some(&config), 204);
     c.call(&vmm, "PUT", "vm.create", Some(&config), 409);
     c.call(&vmm, "PUT", "vm.add-net", Some(r#"{"turbo":true}"#), 400);
+    // A disk comes and goes before boot.
+    let image = vmm.dir().join("disk.img");
+    std::fs::write(&image, vec![0u8; 4096]).expect("write a disk image");
+    let disk = serde_json::json!({"id": "extra", "path": image}).to_string();
+    c.call(
+        &vmm,
+        "PUT",
+        "vm.add-disk",
+        Some(r#"{"path":"/x","turbo":1}"#),
+        400,
+    );
+    c.call(&vmm, "PUT", "vm.add-disk", Some(&disk), 204);
+    c.call(&vmm, "PUT", "vm.remove-device", Some(r#"{"id":5}"#), 400);
+    c.call(
+        &vmm,
+        "PUT",
+        "vm.remove-device",
+        Some(r#"{"id":"extra"}"#),
+        204,
+    );
+    c.call(
+        &vmm,
+        "PUT",
+        "vm.remove-device",
+        Some(r#"{"id":"extra"}"#),
+        404,
+    );
     c.expect_state(&vmm, "Created");
     for name in [
         "vm.pause",
@@ -496,6 +525,14 @@ fn document_matches_the_routes_and_the_server() {
     c.expect_state(&vmm, "Running");
     c.call(&vmm, "GET", "vm.counters", None, 200);
     c.call(&vmm, "PUT", "vm.add-net", Some(r#"{"tap":"tap0"}"#), 409);
+    c.call(&vmm, "PUT", "vm.add-disk", Some(&disk), 409);
+    c.call(
+        &vmm,
+        "PUT",
+        "vm.remove-device",
+        Some(r#"{"id":"extra"}"#),
+        409,
+    );
     c.call(&vmm, "PUT", "vm.boot", None, 409);
     c.call(&vmm, "PUT", "vm.resume", None, 409);
     // Nobody listens: the VM runs on.

@@ -137,7 +137,8 @@ impl Console {
     fn build(config: &ConsoleConfig, take_over: bool) -> Result<Self, Error> {
         let mut target = InputTarget::default();
         let sink = match config.mode {
-            ConsoleMode::Off => Sink::Discard,
+            // Pty never gets here: VmConfig::validate refuses it.
+            ConsoleMode::Off | ConsoleMode::Null | ConsoleMode::Pty => Sink::Discard,
             ConsoleMode::Tty => {
                 target = match STDIN_TARGET.get() {
                     Some(t) => t.clone(),

@@ -6,7 +6,7 @@
 //! request that needs a VM when there is none is a 404.
 
 use api::request::{
-    ApiAction, ApiError, ApiReply, ApiResponse, BackendTransferSupport, TransferableDevice,
+    ApiAction, ApiError, ApiReply, ApiResponse, BackendTransferSupport, Reply, TransferableDevice,
     VmInfoResponse, VmState, VmmPingResponse,
 };
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -57,7 +57,7 @@ pub struct Vmm {
     vm: Option<Arc<Vm>>,
     backends: Backends,
     console: Option<(api::ConsoleConfig, Console)>,
-    job: Option<(Job, Sender<ApiResponse>)>,
+    job: Option<(Job, Reply)>,
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
     done_evt: EventFd,
@@ -163,7 +163,7 @@ impl Vmm {
     }
 
     /// Starts sending the VM; `reply` gets the answer when the migration ends.
-    pub fn send_migration(&mut self, cfg: api::SendMigrationConfig, reply: Sender<ApiResponse>) {
+    pub fn send_migration(&mut self, cfg: api::SendMigrationConfig, reply: Reply) {
         match self.start_send(cfg) {
             Ok(job) => self.job = Some((job, reply)),
             Err(e) => {
@@ -225,7 +225,7 @@ impl Vmm {
         &mut self,
         cfg: api::ReceiveMigrationConfig,
         fds: api::fds::Fds,
-        reply: Sender<ApiResponse>,
+        reply: Reply,
     ) {
         match self.start_receive(cfg, fds) {
             Ok(job) => self.job = Some((job, reply)),
@@ -480,6 +480,8 @@ impl Vmm {
             }
             ApiAction::VmCreate(config, fds) => self.create(*config, fds),
             ApiAction::VmAddNet(net, fds) => self.add_net(*net, fds),
+            ApiAction::VmAddDisk(disk) => self.add_disk(*disk),
+            ApiAction::VmRemoveDevice(id) => self.remove_device(&id),
             ApiAction::VmBoot => self
                 .require(&[VmState::Created, VmState::Shutdown], "boot")
                 .and_then(|_| self.start_vm())
@@ -520,7 +522,9 @@ impl Vmm {
             ApiAction::VmDelete => self.state().map(|_| {
                 self.stop_vm();
                 self.config = None;
+                // Everything the VM held goes with it: TAPs, images, the console's socket.
                 self.backends = Backends::default();
+                self.console = None;
                 ApiReply::Empty
             }),
         };
@@ -545,6 +549,53 @@ impl Vmm {
             .add_net(net, fds)
             .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
         self.config = Some(candidate);
+        Ok(ApiReply::Empty)
+    }
+
+    /// Refuses a device change unless the VM has not booted (or was shut down).
+    fn require_stopped(&self, what: &str) -> Result<(), ApiError> {
+        let state = self.state()?;
+        if matches!(state, VmState::Created | VmState::Shutdown) {
+            return Ok(());
+        }
+        Err(conflict(format!(
+            "Cannot {what} a VM that is {state:?}: baton cannot hot-plug devices yet; \
+             change devices before vm.boot or after vm.shutdown"
+        )))
+    }
+
+    fn add_disk(&mut self, disk: api::DiskConfig) -> ApiResponse {
+        self.require_stopped("add a disk to")?;
+        let config = self.config.as_ref().expect("state() checked the VM exists");
+        let mut candidate = config.clone();
+        candidate.disks.push(disk);
+        check_and_name(&mut candidate)?;
+        let disk = candidate.disks.last().expect("pushed above");
+        self.backends
+            .add_disk(disk)
+            .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
+        self.config = Some(candidate);
+        Ok(ApiReply::Empty)
+    }
+
+    fn remove_device(&mut self, id: &str) -> ApiResponse {
+        self.require_stopped("remove a device from")?;
+        let config = self.config.as_mut().expect("state() checked the VM exists");
+        let named = |d: &Option<String>| d.as_deref() == Some(id);
+        let before = config.net.len() + config.disks.len() + usize::from(config.rng.is_some());
+        config.net.retain(|n| !named(&n.id));
+        config.disks.retain(|d| !named(&d.id));
+        if config.rng.as_ref().is_some_and(|r| named(&r.id)) {
+            config.rng = None;
+        }
+        let after = config.net.len() + config.disks.len() + usize::from(config.rng.is_some());
+        if before == after {
+            return Err(ApiError::message(
+                404,
+                format!("The VM has no device {id:?}"),
+            ));
+        }
+        self.backends.remove(id);
         Ok(ApiReply::Empty)
     }
 

@@ -285,6 +285,21 @@ impl Backends {
         self.nets.iter().map(|n| &n.config)
     }
 
+    /// Opens one more disk's image (vm.add-disk).
+    pub fn add_disk(&mut self, config: &api::DiskConfig) -> Result<(), Error> {
+        self.disks.push(open_disk(config)?);
+        Ok(())
+    }
+
+    /// Closes the backend of network card or disk `id` (vm.remove-device); false if there
+    /// is none.
+    pub fn remove(&mut self, id: &str) -> bool {
+        let (nets, disks) = (self.nets.len(), self.disks.len());
+        self.nets.retain(|n| n.config.id.as_deref() != Some(id));
+        self.disks.retain(|d| d.config.id.as_deref() != Some(id));
+        nets != self.nets.len() || disks != self.disks.len()
+    }
+
     /// Opens one more network card (vm.add-net): on `fds` if any came, else by TAP name.
     pub fn add_net(&mut self, config: &mut NetConfig, fds: Vec<OwnedFd>) -> Result<(), Error> {
         if !fds.is_empty() && fds.len() != config.queue_pairs() {

@@ -170,17 +170,18 @@ fn check_kvm(kvm: &Kvm) -> Result<(), Error> {
 pub enum Initial {
     /// Nothing: wait for vm.create, vm.restore or vm.receive-migration.
     Wait,
-    /// Create and boot this VM.
-    Boot(Box<VmConfig>),
-    /// Restore this snapshot.
-    Restore(api::RestoreConfig),
+    /// Create and boot this VM, its network cards without a TAP name on these inherited
+    /// descriptors (in order).
+    Boot(Box<VmConfig>, api::fds::Fds),
+    /// Restore this snapshot, with `net_fds` on these inherited descriptors.
+    Restore(api::RestoreConfig, api::fds::Fds),
 }
 
 /// Runs the VMM: boots or restores the VM `initial` names, serves the API on `api_socket` if
 /// given, and handles guest and API events until the guest powers off, a signal arrives,
 /// `vmm.shutdown` is requested, or a vCPU fails. Guest resets rebuild the VM in place.
 pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, Error> {
-    if let Initial::Boot(config) = &initial {
+    if let Initial::Boot(config, _) = &initial {
         // Before touching /dev/kvm, so a bad command line gets its own message everywhere.
         config
             .validate(&cpuid::feature_names())
@@ -204,8 +205,8 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
     // The command line goes through the same internal API as HTTP requests.
     let actions = match initial {
         Initial::Wait => Vec::new(),
-        Initial::Boot(config) => vec![ApiAction::VmCreate(config, Vec::new()), ApiAction::VmBoot],
-        Initial::Restore(restore) => vec![ApiAction::VmRestore(restore, Vec::new())],
+        Initial::Boot(config, fds) => vec![ApiAction::VmCreate(config, fds), ApiAction::VmBoot],
+        Initial::Restore(restore, fds) => vec![ApiAction::VmRestore(restore, fds)],
     };
     for action in actions {
         vmm.handle(action).0.map_err(Error::Request)?;

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use std::os::fd::FromRawFd;
 use std::path::Path;
 
 use api::option_parser::{parse_int, OptionError, OptionParser};
@@ -153,12 +154,14 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, api::ConfigError> {
             kernel: m.get_one::<String>("kernel").map(Into::into),
             initramfs: m.get_one::<String>("initramfs").map(Into::into),
             cmdline: m.get_one::<String>("cmdline").cloned(),
+            ..Default::default()
         },
         serial: option(m, "serial", ConsoleConfig::from_option_string)?.unwrap_or(ConsoleConfig {
             mode: api::ConsoleMode::Tty,
             ..Default::default()
         }),
         console: option(m, "console", ConsoleConfig::from_option_string)?.unwrap_or_default(),
+        ..Default::default()
     })
 }
 
@@ -212,19 +215,104 @@ fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
     let given = |o: &str| m.value_source(o).is_some();
     let wants_vm = VM_OPTIONS.iter().any(|o| given(o)) || !given("api-socket");
     let initial = if let Some(spec) = m.get_one::<String>("restore") {
-        let restore = api::RestoreConfig::from_option_string(spec).map_err(|source| {
+        let mut restore = api::RestoreConfig::from_option_string(spec).map_err(|source| {
             vmm::Error::Config(api::ConfigError::Option {
                 option: "restore",
                 source,
             })
         })?;
-        vmm::Initial::Restore(restore)
+        let fds = inherit("restore", restore.take_fds())?;
+        vmm::Initial::Restore(restore, fds)
     } else if wants_vm {
-        vmm::Initial::Boot(Box::new(config_from(m).map_err(vmm::Error::Config)?))
+        let mut config = config_from(m).map_err(vmm::Error::Config)?;
+        let fds = net_fds(&mut config)?;
+        vmm::Initial::Boot(Box::new(config), fds)
     } else {
         vmm::Initial::Wait
     };
     vmm::run(initial, api_socket(m)?)
+}
+
+/// Takes ownership of descriptors baton inherited, named on its command line.
+fn inherit(option: &'static str, numbers: Vec<i32>) -> Result<api::fds::Fds, vmm::Error> {
+    let bad = |fd: i32, reason: &str| {
+        vmm::Error::Config(api::ConfigError::Option {
+            option,
+            source: OptionError::InvalidValue {
+                key: "fd".into(),
+                value: fd.to_string(),
+                reason: reason.into(),
+            },
+        })
+    };
+    let mut owned = Vec::with_capacity(numbers.len());
+    for (i, &fd) in numbers.iter().enumerate() {
+        if fd < 3 {
+            return Err(bad(
+                fd,
+                "standard input, output and error cannot be TAP queues",
+            ));
+        }
+        if numbers[..i].contains(&fd) {
+            return Err(bad(fd, "named twice"));
+        }
+        // SAFETY: F_GETFD only inspects the descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(bad(fd, "not an open descriptor of baton"));
+        }
+        // SAFETY: the descriptor is open, was inherited (nothing in baton has opened
+        // anything yet that could own it), and is named only once; baton owns it from here.
+        // FD_CLOEXEC keeps it from processes baton starts.
+        owned.push(unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            std::os::fd::OwnedFd::from_raw_fd(fd)
+        });
+    }
+    Ok(owned)
+}
+
+/// The inherited TAP queues `--net fd=[...]` names, in card order, as vm.create takes them.
+fn net_fds(config: &mut VmConfig) -> Result<api::fds::Fds, vmm::Error> {
+    let invalid = |reason: String| {
+        vmm::Error::Config(api::ConfigError::Option {
+            option: "net",
+            source: OptionError::InvalidValue {
+                key: "fd".into(),
+                value: String::new(),
+                reason,
+            },
+        })
+    };
+    let any = config.net.iter().any(|n| n.fds.is_some());
+    let mut numbers = Vec::new();
+    for (i, net) in config.net.iter_mut().enumerate() {
+        match net.fds.take() {
+            Some(fds) => {
+                if net.tap.is_some() {
+                    return Err(invalid(format!(
+                        "card {i}: give either tap= or fd=, not both"
+                    )));
+                }
+                if fds.len() != net.queue_pairs() {
+                    return Err(invalid(format!(
+                        "card {i}: {} descriptor(s) for {} queue pair(s); give one per pair",
+                        fds.len(),
+                        net.queue_pairs()
+                    )));
+                }
+                numbers.extend(fds);
+            }
+            // Cards take passed descriptors in order when they have no TAP name.
+            None if any && net.tap.is_none() => {
+                return Err(invalid(format!(
+                    "card {i} has neither tap= nor fd=: with fd= on any card, name the TAP \
+                     of the others"
+                )))
+            }
+            None => {}
+        }
+    }
+    inherit("net", numbers)
 }
 
 fn main() -> ExitCode {

@@ -82,12 +82,15 @@ const SIMPLE: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-/// Commands whose argument is an option string turned into a JSON body:
-/// (command, endpoint, argument help, help, parser).
-type Parse = fn(&str) -> Result<serde_json::Value, api::option_parser::OptionError>;
+/// Commands whose argument is an option string turned into a JSON body and the descriptors
+/// to pass with it: (command, endpoint, argument help, help, parser).
+type Parse = fn(&str) -> Result<(serde_json::Value, Vec<i32>), api::option_parser::OptionError>;
 
-fn json<T: serde::Serialize>(v: T) -> serde_json::Value {
-    serde_json::to_value(v).expect("configurations serialise")
+fn json<T: serde::Serialize>(v: T) -> (serde_json::Value, Vec<i32>) {
+    (
+        serde_json::to_value(v).expect("configurations serialise"),
+        Vec::new(),
+    )
 }
 
 const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
@@ -101,15 +104,23 @@ const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
     (
         "restore",
         "vm.restore",
-        "source_url=file:///dir[,resume=on]",
-        "Build the VM from a snapshot; it stays paused unless resume=on (PUT vm.restore)",
-        |s| api::RestoreConfig::from_option_string(s).map(json),
+        "source_url=file:///dir[,resume=on][,net_fds=[<id>@[<fd>,...],...]]",
+        "Build the VM from a snapshot; it stays paused unless resume=on (PUT vm.restore). \
+         net_fds names open TAP queues baton-remote inherited, per network card, which \
+         travel with SCM_RIGHTS",
+        |s| {
+            api::RestoreConfig::from_option_string(s).map(|mut c| {
+                let fds = c.take_fds();
+                (json(c).0, fds)
+            })
+        },
     ),
     (
         "send-migration",
         "vm.send-migration",
         "destination_url=unix:/path|tcp:host:port[,local=on][,downtime_ms=N][,timeout_s=N]\
-         [,backend_transfer=on]",
+         [,backend_transfer=on] (Cloud Hypervisor's timeout_strategy=cancel, connections=1 \
+         and memory_mode=precopy are accepted too)",
         "Migrate the VM to a baton waiting in receive-migration; shows progress on standard \
          error while it runs (PUT vm.send-migration)",
         |s| api::SendMigrationConfig::from_option_string(s).map(json),
@@ -117,9 +128,31 @@ const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
     (
         "receive-migration",
         "vm.receive-migration",
-        "receiver_url=unix:/path|tcp:host:port[,backend_transfer=on]",
-        "Wait for a VM migrated from another baton (PUT vm.receive-migration)",
-        |s| api::ReceiveMigrationConfig::from_option_string(s).map(json),
+        "receiver_url=unix:/path|tcp:host:port[,backend_transfer=on]\
+         [,net_fds=[<id>@[<fd>,...],...]]",
+        "Wait for a VM migrated from another baton (PUT vm.receive-migration). net_fds \
+         names open TAP queues baton-remote inherited, per network card, which travel with \
+         SCM_RIGHTS",
+        |s| {
+            api::ReceiveMigrationConfig::from_option_string(s).map(|mut c| {
+                let fds = c.take_fds();
+                (json(c).0, fds)
+            })
+        },
+    ),
+    (
+        "add-disk",
+        "vm.add-disk",
+        api::DiskConfig::SYNTAX,
+        "Add a disk to a VM that has not booted, or is shut down (PUT vm.add-disk)",
+        |s| api::DiskConfig::from_option_string(s).map(json),
+    ),
+    (
+        "remove-device",
+        "vm.remove-device",
+        "ID: the device's id (net0, disk0, rng0 ...)",
+        "Remove a device from a VM that has not booted, or is shut down (PUT vm.remove-device)",
+        |s| Ok(json(serde_json::json!({ "id": s }))),
     ),
 ];
 
@@ -157,7 +190,7 @@ fn command() -> Command {
         Command::new("add-net")
             .about(
                 "Add a network card to a VM that has not booted (PUT vm.add-net); \
-                 TAP descriptors given with --fd travel with SCM_RIGHTS",
+                 TAP descriptors given with fd=[...] or --fd travel with SCM_RIGHTS",
             )
             .arg(
                 Arg::new("net")
@@ -199,7 +232,7 @@ enum Error {
     Net(#[source] api::option_parser::OptionError),
     #[error("Invalid {0} options")]
     Options(&'static str, #[source] api::option_parser::OptionError),
-    #[error("--fd {0} is not an open descriptor")]
+    #[error("Descriptor {0} is not open in baton-remote (pass it when starting baton-remote)")]
     BadFd(i32),
 }
 
@@ -218,21 +251,12 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
     let socket = PathBuf::from(m.get_one::<String>("api-socket").expect("required"));
     let (name, sub) = m.subcommand().expect("subcommand required");
     if name == "add-net" {
-        let net =
+        let mut net =
             api::NetConfig::from_option_string(sub.get_one::<String>("net").expect("required"))
                 .map_err(Error::Net)?;
-        let fds: Vec<i32> = sub
-            .get_many::<i32>("fd")
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        for fd in &fds {
-            // SAFETY: F_GETFD only inspects the descriptor.
-            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-                return Err(Error::BadFd(*fd));
-            }
-        }
+        let mut fds = net.fds.take().unwrap_or_default();
+        fds.extend(sub.get_many::<i32>("fd").into_iter().flatten().copied());
+        check_fds(&fds)?;
         let body = serde_json::to_vec(&net).expect("a NetConfig serialises");
         return Ok(client::request_with_fds(
             &socket,
@@ -244,12 +268,19 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
     }
     if let Some((name, endpoint, _, _, parse)) = WITH_OPTIONS.iter().find(|c| c.0 == name) {
         let options = sub.get_one::<String>("options").expect("required");
-        let body = parse(options).map_err(|e| Error::Options(name, e))?;
+        let (body, fds) = parse(options).map_err(|e| Error::Options(name, e))?;
+        check_fds(&fds)?;
         let body = serde_json::to_vec(&body).expect("JSON values serialise");
         if *endpoint == "vm.send-migration" {
             return send_migration(&socket, body);
         }
-        return Ok(client::request(&socket, "PUT", endpoint, Some(&body))?);
+        return Ok(client::request_with_fds(
+            &socket,
+            "PUT",
+            endpoint,
+            Some(&body),
+            &fds,
+        )?);
     }
     if name == "create" {
         let body = read_config(sub.get_one::<String>("config").expect("required"))?;
@@ -260,6 +291,17 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
         .find(|(n, ..)| *n == name)
         .expect("clap only accepts known commands");
     Ok(client::request(&socket, method, endpoint, None)?)
+}
+
+/// Refuses descriptor numbers that are not open in this process.
+fn check_fds(fds: &[i32]) -> Result<(), Error> {
+    for fd in fds {
+        // SAFETY: F_GETFD only inspects the descriptor.
+        if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+            return Err(Error::BadFd(*fd));
+        }
+    }
+    Ok(())
 }
 
 /// How often `send-migration` asks for progress.
