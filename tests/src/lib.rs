@@ -5,6 +5,7 @@
 //! fails with what was seen so far. Without `/dev/kvm` the tests fail loudly.
 #![warn(missing_docs)]
 
+pub mod ch;
 pub mod flood;
 pub mod linux;
 pub mod netns;

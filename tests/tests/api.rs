@@ -385,3 +385,123 @@ fn delete_releases_the_serial_socket() {
         vmm.expect("PUT", "vm.delete", None, 204);
     }
 }
+
+/// Reads one answer (head and Content-Length body) from `s`.
+fn read_answer(s: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "answer cut short: {answer:?}"
+        );
+        answer.push(byte[0]);
+    }
+    let head = String::from_utf8(answer).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).unwrap();
+    head + &String::from_utf8(body).unwrap()
+}
+
+#[test]
+fn http_as_cloud_hypervisors_clients_speak_it() {
+    use std::io::Write;
+    let vmm = ApiVmm::start(&[]);
+    let connect = || std::os::unix::net::UnixStream::connect(&vmm.socket).unwrap();
+
+    // The status line has no reason phrase; a request may arrive in pieces, and several
+    // requests share one connection.
+    let mut s = connect();
+    s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n")
+        .unwrap();
+    s.write_all(b"\r\n").unwrap();
+    let answer = read_answer(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 200 \r\n"), "{answer}");
+    assert!(answer.contains("\"pid\""), "{answer}");
+    s.write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\n\r\n")
+        .unwrap();
+    assert!(read_answer(&mut s).starts_with("HTTP/1.1 404 \r\n"));
+
+    // Expect: 100-continue gets its interim answer before the body is sent.
+    let mut s = connect();
+    s.write_all(
+        b"PUT /api/v1/vm.create HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n",
+    )
+    .unwrap();
+    let interim = read_answer(&mut s);
+    assert!(interim.starts_with("HTTP/1.1 100 \r\n"), "{interim}");
+    s.write_all(b"{not json").unwrap();
+    let answer = read_answer(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 400 \r\n"), "{answer}");
+
+    // Content-Length is digits only.
+    for bad in ["+2", "-0", "2 2", "0x2"] {
+        let mut s = connect();
+        write!(
+            s,
+            "PUT /api/v1/vm.boot HTTP/1.1\r\nContent-Length: {bad}\r\n\r\nxx"
+        )
+        .unwrap();
+        let answer = read_answer(&mut s);
+        assert!(answer.starts_with("HTTP/1.1 400 \r\n"), "{bad}: {answer}");
+        assert!(answer.contains("Content-Length"), "{bad}: {answer}");
+    }
+    // A path that is not UTF-8.
+    let mut s = connect();
+    s.write_all(b"GET /api/v1/vm.\xff HTTP/1.1\r\n\r\n")
+        .unwrap();
+    assert!(read_answer(&mut s).starts_with("HTTP/1.1 400 \r\n"));
+    // Cloud Hypervisor's endpoints baton lacks say so.
+    let r = vmm.http("PUT", "vm.add-vsock", Some("{}"));
+    assert_eq!(r.status, 501);
+    assert!(r.error_chain().unwrap()[0].contains("not supported by baton"));
+}
+
+#[test]
+fn idle_and_slow_clients_do_not_hold_up_the_api() {
+    use std::io::Write;
+    let vmm = ApiVmm::start(&[]);
+    let threads = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
+    let (fds_before, threads_before) = (baton_tests::fd_count(vmm.pid()), threads(vmm.pid()));
+    // More clients than baton serves at once: half idle, half sending a request one
+    // byte at a time and never finishing it.
+    let mut clients = Vec::new();
+    for i in 0..1000 {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&vmm.socket) else {
+            continue;
+        };
+        if i % 2 == 1 {
+            let _ = s.write_all(b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Len");
+        }
+        clients.push(s);
+    }
+    for _ in 0..20 {
+        let start = std::time::Instant::now();
+        vmm.expect("GET", "vmm.ping", None, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "vmm.ping took {:?} with 1000 idle and slow clients",
+            start.elapsed()
+        );
+    }
+    let (fds, threads_now) = (baton_tests::fd_count(vmm.pid()), threads(vmm.pid()));
+    assert!(
+        fds <= fds_before + api::server::MAX_CONNECTIONS + 2,
+        "{fds} descriptors open, {fds_before} before the clients came"
+    );
+    assert_eq!(
+        threads_now, threads_before,
+        "the server took threads for clients"
+    );
+    drop(clients);
+}

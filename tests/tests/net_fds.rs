@@ -136,3 +136,150 @@ fn create_takes_queue_descriptors_for_cards_without_a_tap_name() {
     let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
     assert_eq!(info["config"]["net"][0]["tap"], "tapmq");
 }
+
+/// Makes `fd` descriptor 3 of the process `cmd` starts, as a shell's `3<&N` would.
+fn pass_as_fd3(cmd: &mut std::process::Command, fd: i32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: dup2 is async-signal-safe; it only duplicates a descriptor this process holds
+    // (and clears close-on-exec on the copy) in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `baton-remote` passes TAP descriptors it inherited, named as ch-remote names them:
+/// `add-net fd=[3]` and `restore ...,net_fds=[net0@[3]]`.
+#[test]
+fn baton_remote_passes_inherited_descriptors() {
+    let ns = NetNs::new("remotefds");
+    let mut vmm = ApiVmm::start_in(Some(&ns), &[]);
+    vmm.expect(
+        "PUT",
+        "vm.create",
+        Some(&config(&vmm, serde_json::json!([]))),
+        204,
+    );
+    let socket = vmm.socket.clone();
+    let remote = |args: &[&str], fd: Option<i32>| {
+        let mut cmd = std::process::Command::new(baton_tests::remote_bin());
+        cmd.arg("--api-socket").arg(&socket).args(args);
+        if let Some(fd) = fd {
+            pass_as_fd3(&mut cmd, fd);
+        }
+        let out = cmd.output().expect("run baton-remote");
+        assert!(
+            out.status.success(),
+            "baton-remote {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A descriptor baton-remote does not have is refused before anything is sent.
+    let out = std::process::Command::new(baton_tests::remote_bin())
+        .arg("--api-socket")
+        .arg(&vmm.socket)
+        .args(["add-net", "id=net0,fd=[77]"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Descriptor 77 is not open"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tap = ns.open_tap("tapremote", false);
+    configure_host_side(&ns, "tapremote");
+    remote(&["add-net", "id=net0,fd=[3]"], Some(tap.as_raw_fd()));
+    drop(tap);
+    vmm.expect("PUT", "vm.boot", None, 204);
+    let serial = vmm.dir().join("serial.sock");
+    let mut console = vmm.console(&serial);
+    console.wait_for(READY, BOOT);
+    ping_ok(&ns);
+
+    remote(&["pause"], None);
+    let snapshot = vmm.dir().join("snap");
+    remote(
+        &["snapshot", &format!("file://{}", snapshot.display())],
+        None,
+    );
+    remote(&["delete"], None);
+    // The TAP went with the VM; the restored card takes a new one of the same name.
+    let tap = ns.open_tap("tapremote", false);
+    configure_host_side(&ns, "tapremote");
+    remote(
+        &[
+            "restore",
+            &format!(
+                "source_url=file://{},net_fds=[net0@[3]],resume=on",
+                snapshot.display()
+            ),
+        ],
+        Some(tap.as_raw_fd()),
+    );
+    drop(tap);
+    ping_ok(&ns);
+}
+
+/// `baton --net fd=3`: a TAP queue baton inherited, as management software passes it.
+#[test]
+fn command_line_net_on_an_inherited_descriptor() {
+    let ns = NetNs::new("clifd");
+    let tap = ns.open_tap("tapcli", false);
+    configure_host_side(&ns, "tapcli");
+    let dir = baton_tests::TempDir::new("clifd");
+    let serial = dir.path().join("serial.sock");
+    let api = dir.path().join("api.sock");
+    let mut cmd = ns.command(&baton_tests::baton_bin());
+    cmd.args([
+        "--kernel",
+        &baton_tests::guest_bin().display().to_string(),
+        "--cmdline",
+        "heartbeat_ms=0 net=10.0.0.2/24",
+        "--memory",
+        "size=256M",
+        "--serial",
+        &format!("socket={}", serial.display()),
+        "--net",
+        "id=net0,fd=[3]",
+        "--api-socket",
+        &format!("path={}", api.display()),
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    pass_as_fd3(&mut cmd, tap.as_raw_fd());
+    let mut child = cmd.spawn().expect("start baton");
+    drop(tap);
+    let mut console = baton_tests::Console::connect(&serial, &mut child, Duration::from_secs(20));
+    console.wait_for(READY, BOOT);
+    ping_ok(&ns);
+    let info = api::client::request(&api, "GET", "vm.info", None).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.body).unwrap();
+    assert_eq!(info["config"]["net"][0]["tap"], "tapcli");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Descriptors that cannot be a TAP queue are refused with the reason.
+    for (net, reason) in [
+        ("fd=[1]", "standard input, output and error"),
+        ("fd=[99]", "not an open descriptor"),
+        ("fd=[5],tap=x", "either tap= or fd="),
+        ("num_queues=4,fd=[5]", "1 descriptor(s) for 2 queue pair(s)"),
+    ] {
+        let out = std::process::Command::new(baton_tests::baton_bin())
+            .args(["--kernel", "/nonexistent", "--net", net])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(reason),
+            "{net}: {err}"
+        );
+    }
+}
