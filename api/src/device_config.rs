@@ -42,6 +42,9 @@ pub enum DeviceError {
     /// Segmentation offloads without checksum offload.
     #[error("offload_tso and offload_ufo need offload_csum=on")]
     OffloadNeedsCsum,
+    /// A disk without an image path.
+    #[error("A disk needs a non-empty path")]
+    EmptyPath,
     /// A MAC that is multicast or all zeros.
     #[error("MAC {0} is not a unicast address")]
     MacNotUnicast(MacAddr),
@@ -59,7 +62,8 @@ impl MacAddr {
         let mut parts = s.split(':');
         for b in &mut mac {
             let p = parts.next().ok_or_else(bad)?;
-            if p.len() != 2 {
+            // from_str_radix would take a sign ("+f").
+            if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
                 return Err(bad());
             }
             *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
@@ -473,6 +477,9 @@ impl DiskConfig {
 
     /// Checks the section on its own.
     pub fn validate(&self) -> Result<(), DeviceError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(DeviceError::EmptyPath);
+        }
         match &self.id {
             Some(id) => check_id(id),
             None => Ok(()),
@@ -732,6 +739,17 @@ mod tests {
         let r = MacAddr::random();
         assert!(r.is_unicast());
         assert_eq!(r.0[0] & 2, 2);
+        // Exactly two hex digits per byte: from_str_radix alone would take a sign.
+        for bad in [
+            "+2:54:00:ab:cd:ef",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "5:254:00:ab:cd:ef",
+        ] {
+            assert!(MacAddr::parse(bad).is_err(), "{bad}");
+        }
+        let empty = DiskConfig::default();
+        assert!(matches!(empty.validate(), Err(DeviceError::EmptyPath)));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum ConfigError {
         #[source]
         source: OptionError,
     },
+    /// A path that is given but empty.
+    #[error("{0} is an empty path")]
+    EmptyPath(&'static str),
     /// The VM has no kernel to boot.
     #[error("No kernel given: use --kernel PATH (payload.kernel in the API)")]
     NoKernel,
@@ -717,6 +720,18 @@ impl VmConfig {
         if self.payload.kernel.is_none() {
             return Err(ConfigError::NoKernel);
         }
+        for (name, path) in [
+            ("payload.kernel", &self.payload.kernel),
+            ("payload.initramfs", &self.payload.initramfs),
+            ("serial.file", &self.serial.file),
+            ("serial.socket", &self.serial.socket),
+            ("console.file", &self.console.file),
+            ("console.socket", &self.console.socket),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(ConfigError::EmptyPath(name));
+            }
+        }
         let cpus = &self.cpus;
         if cpus.boot_vcpus == 0 || cpus.boot_vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount(cpus.boot_vcpus));
@@ -835,6 +850,19 @@ mod tests {
         let mut c = valid();
         c.payload.kernel = None;
         assert!(matches!(c.validate(FEATURES), Err(ConfigError::NoKernel)));
+
+        let mut c = valid();
+        c.payload.kernel = Some(PathBuf::new());
+        assert!(matches!(
+            c.validate(FEATURES),
+            Err(ConfigError::EmptyPath("payload.kernel"))
+        ));
+        let mut c = valid();
+        c.serial.socket = Some(PathBuf::new());
+        assert!(matches!(
+            c.validate(FEATURES),
+            Err(ConfigError::EmptyPath("serial.socket"))
+        ));
 
         let mut c = valid();
         c.cpus.boot_vcpus = 0;
