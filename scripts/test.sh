@@ -2,7 +2,9 @@
 # Runs every check baton has: formatting, clippy with warnings denied, unit tests and the
 # integration tests that boot real guests on KVM (baton's test guest, and a small Linux
 # built from Debian's kernel source by scripts/linux-kernel.sh, cached outside the
-# repository). Installs what it needs on Debian. Usage: scripts/test.sh [cargo test args...]
+# repository), then api/openapi.yaml against a running baton with schemathesis
+# (scripts/schemathesis.sh). Installs what it needs on Debian.
+# Usage: scripts/test.sh [cargo test args...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/common.sh
@@ -27,3 +29,5 @@ guest_cargo build --locked
 log "cargo test"
 guest_cargo test --lib --locked
 cargo test --workspace --locked -- "$@"
+log "schemathesis"
+BATON=target/debug/baton scripts/schemathesis.sh
