@@ -64,7 +64,9 @@ pub(crate) fn absent(
     }
 }
 
-/// The PCI placement fields Cloud Hypervisor puts on every PCI device.
+/// The PCI placement fields Cloud Hypervisor puts on every PCI device. Each device config
+/// declares them itself: serde cannot flatten a shared struct into one that denies unknown
+/// fields, and unknown fields must stay refused.
 pub(crate) fn pci_fields(
     prefix: &str,
     pci_segment: &Option<u16>,
