@@ -191,3 +191,10 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
         .count()
 }
+
+/// Threads of process `pid`.
+pub fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"))
+        .count()
+}

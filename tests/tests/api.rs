@@ -467,12 +467,10 @@ fn http_as_cloud_hypervisors_clients_speak_it() {
 fn idle_and_slow_clients_do_not_hold_up_the_api() {
     use std::io::Write;
     let vmm = ApiVmm::start(&[]);
-    let threads = |pid: u32| {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .count()
-    };
-    let (fds_before, threads_before) = (baton_tests::fd_count(vmm.pid()), threads(vmm.pid()));
+    let (fds_before, threads_before) = (
+        baton_tests::fd_count(vmm.pid()),
+        baton_tests::thread_count(vmm.pid()),
+    );
     // More clients than baton serves at once: half idle, half sending a request one
     // byte at a time and never finishing it.
     let mut clients = Vec::new();
@@ -494,7 +492,10 @@ fn idle_and_slow_clients_do_not_hold_up_the_api() {
             start.elapsed()
         );
     }
-    let (fds, threads_now) = (baton_tests::fd_count(vmm.pid()), threads(vmm.pid()));
+    let (fds, threads_now) = (
+        baton_tests::fd_count(vmm.pid()),
+        baton_tests::thread_count(vmm.pid()),
+    );
     assert!(
         fds <= fds_before + api::server::MAX_CONNECTIONS + 2,
         "{fds} descriptors open, {fds_before} before the clients came"

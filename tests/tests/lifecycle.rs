@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use baton_tests::{guest_config_json, ApiVmm, Console, NetNs, READY};
+use baton_tests::{fd_count, guest_config_json, thread_count, ApiVmm, Console, NetNs, READY};
 
 const BOOT: Duration = Duration::from_secs(60);
 const ROUNDS: usize = 20;
@@ -18,12 +18,6 @@ struct Usage {
 }
 
 fn usage(pid: u32) -> Usage {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("baton's fd table")
-        .count();
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("baton's threads")
-        .count();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let rss_kib = status
         .lines()
@@ -31,8 +25,8 @@ fn usage(pid: u32) -> Usage {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS");
     Usage {
-        fds,
-        threads,
+        fds: fd_count(pid),
+        threads: thread_count(pid),
         rss_kib,
     }
 }
