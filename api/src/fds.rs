@@ -22,6 +22,12 @@ fn cmsg_space(fds: usize) -> usize {
 /// Room for one message's ancillary data with [`PER_MESSAGE`] descriptors, in u64s.
 const CONTROL_WORDS: usize = 130;
 
+/// Whether `fd` is an open descriptor of this process (one named on a command line).
+pub fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
 /// Receives bytes from `stream` into `buf` like `read`, adding the descriptors that came
 /// with them to `fds` (beyond [`MAX_FDS`] in all, they are closed on arrival).
 pub fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Fds) -> io::Result<usize> {

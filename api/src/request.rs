@@ -203,7 +203,8 @@ impl ApiSender {
     }
 }
 
-fn shutting_down() -> ApiError {
+/// The answer to a request the VMM can no longer take (it is ending).
+pub(crate) fn shutting_down() -> ApiError {
     ApiError::message(503, "The VMM is shutting down")
 }
 

@@ -27,7 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::compat::Supported;
 use crate::fds::{recv_with_fds, Fds};
 use crate::http::{self, Parsed};
-use crate::request::{ApiAction, ApiError, ApiReply, ApiResponse, ApiSender};
+use crate::request::{shutting_down, ApiAction, ApiError, ApiReply, ApiResponse, ApiSender};
 use crate::routes::{self, Endpoint, RouteError};
 
 /// Errors setting up the API socket.
@@ -633,10 +633,6 @@ fn flush(conn: &mut Connection, in_flight: &InFlight) {
         in_flight.finish();
     }
     conn.counted -= answered;
-}
-
-fn shutting_down() -> ApiError {
-    ApiError::message(503, "The VMM is shutting down")
 }
 
 fn error_body(chain: &[String]) -> Vec<u8> {

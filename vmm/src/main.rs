@@ -256,8 +256,7 @@ fn inherit(option: &'static str, numbers: Vec<i32>) -> Result<api::fds::Fds, vmm
         if numbers[..i].contains(&fd) {
             return Err(bad(fd, "named twice"));
         }
-        // SAFETY: F_GETFD only inspects the descriptor.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        if !api::fds::is_open(fd) {
             return Err(bad(fd, "not an open descriptor of baton"));
         }
         // SAFETY: the descriptor is open, was inherited (nothing in baton has opened

@@ -295,13 +295,10 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
 
 /// Refuses descriptor numbers that are not open in this process.
 fn check_fds(fds: &[i32]) -> Result<(), Error> {
-    for fd in fds {
-        // SAFETY: F_GETFD only inspects the descriptor.
-        if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-            return Err(Error::BadFd(*fd));
-        }
+    match fds.iter().find(|fd| !api::fds::is_open(**fd)) {
+        Some(fd) => Err(Error::BadFd(*fd)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// How often `send-migration` asks for progress.
