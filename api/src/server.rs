@@ -525,7 +525,7 @@ impl EventLoop {
             .collect();
         for token in late {
             let conn = self.connections.get_mut(&token).expect("listed");
-            if conn.input.iter().any(|b| !b.is_ascii_whitespace()) && !conn.closing {
+            if conn.mid_request() && !conn.closing {
                 conn.closing = true;
                 conn.counted += 1;
                 self.in_flight.start();
@@ -552,12 +552,19 @@ fn interest(out: bool) -> EventSet {
     }
 }
 
+impl Connection {
+    /// Whether part of a request has arrived (blank lines between requests do not count).
+    fn mid_request(&self) -> bool {
+        self.input.iter().any(|b| !b.is_ascii_whitespace())
+    }
+}
+
 /// When `conn` times out, if it can: not while its answer is being worked out.
 fn deadline(conn: &Connection) -> Option<Instant> {
     if conn.pending.is_some() {
         return None;
     }
-    if conn.input.iter().any(|b| !b.is_ascii_whitespace()) {
+    if conn.mid_request() {
         Some(conn.since + REQUEST_TIMEOUT)
     } else {
         Some(conn.since + IDLE_TIMEOUT)
@@ -571,7 +578,7 @@ fn read_available(conn: &mut Connection) {
         match recv_with_fds(&conn.stream, &mut chunk, &mut conn.fds) {
             Ok(0) => conn.hung_up = true,
             Ok(n) => {
-                if conn.input.iter().all(|b| b.is_ascii_whitespace()) {
+                if !conn.mid_request() {
                     // A new request starts: its clock starts now.
                     conn.since = Instant::now();
                 }
