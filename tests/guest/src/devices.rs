@@ -9,11 +9,14 @@ use alloc::vec::Vec;
 use baton_test_guest::protocol;
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::device::rng::VirtIORng;
-use virtio_drivers::transport::pci::bus::{Cam, Command, ConfigurationAccess, MmioCam, PciRoot};
+use virtio_drivers::transport::pci::bus::{
+    Cam, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, MmioCam, PciRoot,
+};
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
-use virtio_drivers::transport::{DeviceType, Transport};
+use virtio_drivers::transport::DeviceType;
 
 use crate::hal::IdentityHal;
+use crate::hotplug::HotplugRegs;
 use crate::net::Nic;
 use crate::serial::emit;
 
@@ -27,14 +30,30 @@ pub type Rng = VirtIORng<IdentityHal, PciTransport>;
 pub struct Devices {
     /// The PCI bus, kept for the `chaos` command.
     pub root: Option<PciRoot<MmioCam<'static>>>,
+    /// A second handle on the same window, for MSI-X set-up.
+    cam2: Option<MmioCam<'static>>,
+    /// How devices are started, for those that arrive later.
+    setup: Option<Setup>,
     /// Where the entropy device is.
-    pub rng_at: Option<virtio_drivers::transport::pci::bus::DeviceFunction>,
-    /// Network cards, in PCI order.
+    pub rng_at: Option<DeviceFunction>,
+    /// Network cards, in PCI order (hot-plugged ones last).
     pub nics: Vec<Nic>,
+    /// Where each card is.
+    nic_at: Vec<DeviceFunction>,
     /// The first disk.
     pub disk: Option<Disk>,
+    /// Where it is.
+    disk_at: Option<DeviceFunction>,
     /// The first entropy device.
     pub rng: Option<Rng>,
+}
+
+/// The command line's device settings.
+struct Setup {
+    addresses: Vec<Option<baton_test_guest::cmdline::Cidr>>,
+    services: baton_test_guest::cmdline::Services,
+    interrupts: bool,
+    net_tuning: baton_test_guest::cmdline::NetTuning,
 }
 
 /// Enumerates bus 0 and starts a driver for each virtio device on it.
@@ -51,20 +70,51 @@ pub fn probe(
     let cam = unsafe { MmioCam::new(ecam as *mut u8, Cam::Ecam) };
     // SAFETY: the copy is used only between uses of `root`, never at the same time (one CPU,
     // no interrupts touching PCI), for the MSI-X capability `PciRoot` does not expose.
-    let mut cam2 = unsafe { cam.unsafe_clone() };
-    let mut root = PciRoot::new(cam);
+    let cam2 = unsafe { cam.unsafe_clone() };
+    let root = PciRoot::new(cam);
     if interrupts {
         crate::irq::enable();
     }
-    let mut found = Devices::default();
     let functions: Vec<_> = root.enumerate_bus(0).collect();
+    let mut found = Devices {
+        root: Some(root),
+        cam2: Some(cam2),
+        setup: Some(Setup {
+            addresses: addresses.to_vec(),
+            services,
+            interrupts,
+            net_tuning,
+        }),
+        ..Devices::default()
+    };
     for (df, info) in functions {
-        let Some(kind) = virtio_device_type(&info) else {
-            continue;
+        found.start(df, &info);
+    }
+    found
+}
+
+impl Devices {
+    /// Starts a driver for the function at `df`, if it is a virtio device this guest
+    /// drives and has none of yet; returns what it started.
+    fn start(&mut self, df: DeviceFunction, info: &DeviceFunctionInfo) -> Option<&'static str> {
+        let kind = virtio_device_type(info)?;
+        let (Some(root), Some(cam2), Some(setup)) =
+            (self.root.as_mut(), self.cam2.as_mut(), self.setup.as_ref())
+        else {
+            return None;
         };
+        match kind {
+            DeviceType::Network | DeviceType::Block | DeviceType::EntropySource => {}
+            _ => return None,
+        }
+        if (kind == DeviceType::Block && self.disk.is_some())
+            || (kind == DeviceType::EntropySource && self.rng.is_some())
+        {
+            return None;
+        }
         root.set_command(df, Command::MEMORY_SPACE | Command::BUS_MASTER);
-        let msix = if interrupts && kind == DeviceType::Network {
-            let m = crate::irq::setup(&mut root, &mut cam2, df);
+        let msix = if setup.interrupts && kind == DeviceType::Network {
+            let m = crate::irq::setup(root, cam2, df);
             if m.is_none() {
                 emit(|w| protocol::warning(w, "pci", &format_args!("{df}: no MSI-X")));
             }
@@ -72,37 +122,97 @@ pub fn probe(
         } else {
             None
         };
-        let transport = match PciTransport::new::<IdentityHal, _>(&mut root, df) {
+        let transport = match PciTransport::new::<IdentityHal, _>(root, df) {
             Ok(t) => t,
             Err(e) => {
                 emit(|w| protocol::warning(w, "pci", &format_args!("{df}: {e}")));
-                continue;
+                return None;
             }
         };
-        match (kind, transport.device_type()) {
-            (DeviceType::Network, _) => {
-                let address = addresses.get(found.nics.len()).copied().flatten();
-                match Nic::new(transport, address, services, msix, net_tuning) {
-                    Ok(nic) => found.nics.push(nic),
-                    Err(e) => emit(|w| protocol::warning(w, "net", &e)),
+        match kind {
+            DeviceType::Network => {
+                let address = setup.addresses.get(self.nics.len()).copied().flatten();
+                match Nic::new(transport, address, setup.services, msix, setup.net_tuning) {
+                    Ok(nic) => {
+                        self.nics.push(nic);
+                        self.nic_at.push(df);
+                        Some("net")
+                    }
+                    Err(e) => {
+                        emit(|w| protocol::warning(w, "net", &e));
+                        None
+                    }
                 }
             }
-            (DeviceType::Block, _) if found.disk.is_none() => match Disk::new(transport) {
-                Ok(d) => found.disk = Some(d),
-                Err(e) => emit(|w| protocol::warning(w, "disk", &e)),
-            },
-            (DeviceType::EntropySource, _) if found.rng.is_none() => match Rng::new(transport) {
-                Ok(r) => {
-                    found.rng = Some(r);
-                    found.rng_at = Some(df);
+            DeviceType::Block => match Disk::new(transport) {
+                Ok(d) => {
+                    self.disk = Some(d);
+                    self.disk_at = Some(df);
+                    Some("disk")
                 }
-                Err(e) => emit(|w| protocol::warning(w, "rng", &e)),
+                Err(e) => {
+                    emit(|w| protocol::warning(w, "disk", &e));
+                    None
+                }
             },
-            _ => {}
+            _ => match Rng::new(transport) {
+                Ok(r) => {
+                    self.rng = Some(r);
+                    self.rng_at = Some(df);
+                    Some("rng")
+                }
+                Err(e) => {
+                    emit(|w| protocol::warning(w, "rng", &e));
+                    None
+                }
+            },
         }
     }
-    found.root = Some(root);
-    found
+
+    /// Stops the driver of the device in `slot` of bus 0, if there is one (dropping the
+    /// transport resets the device); returns what it was.
+    fn stop(&mut self, slot: u8) -> Option<&'static str> {
+        let here = |df: &DeviceFunction| df.bus == 0 && df.device == slot;
+        if self.disk_at.as_ref().is_some_and(here) {
+            self.disk = None;
+            self.disk_at = None;
+            return Some("disk");
+        }
+        if self.rng_at.as_ref().is_some_and(here) {
+            self.rng = None;
+            self.rng_at = None;
+            return Some("rng");
+        }
+        let i = self.nic_at.iter().position(here)?;
+        self.nic_at.remove(i);
+        self.nics.remove(i);
+        Some("net")
+    }
+}
+
+/// Handles PCI hot-plug news: a driver for each device that arrived, and each device the
+/// VMM wants back let go of and ejected.
+pub fn hotplug(d: &mut Devices, regs: &HotplugRegs) {
+    let (arrived, to_remove) = regs.take();
+    for slot in 1..32u8 {
+        if to_remove & (1 << slot) != 0 {
+            let kind = d.stop(slot).unwrap_or("none");
+            regs.eject(slot);
+            emit(|w| protocol::hotplug_ejected(w, slot, kind));
+        }
+    }
+    if arrived == 0 {
+        return;
+    }
+    let Some(root) = d.root.as_mut() else { return };
+    let functions: Vec<_> = root
+        .enumerate_bus(0)
+        .filter(|(df, _)| df.function == 0 && arrived & (1 << df.device) != 0)
+        .collect();
+    for (df, info) in functions {
+        let kind = d.start(df, &info).unwrap_or("none");
+        emit(|w| protocol::hotplug_added(w, df.device, kind));
+    }
 }
 
 /// `chaos`: a hostile driver on the entropy device, then a fresh driver.

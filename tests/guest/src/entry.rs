@@ -478,6 +478,7 @@ ap_trampoline_end:
     /* ---- CPU tables (in .data: .bss is cleared after they are filled) ---- */
     .pushsection .data.pvh_tables, "aw"
     .balign 4096
+    .globl pml4
 pml4:
     .quad pdpt + TABLE
     .fill 511, 8, 0

@@ -33,7 +33,10 @@ unsafe impl Hal for IdentityHal {
         0
     }
 
-    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        if let Err(e) = crate::paging::map_mmio(paddr, size as u64) {
+            panic!("cannot map the BAR range at {paddr:#x}: {e}");
+        }
         NonNull::new(paddr as *mut u8).expect("BAR at address 0")
     }
 

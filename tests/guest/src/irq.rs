@@ -68,14 +68,18 @@ pub fn setup<C: ConfigurationAccess>(
         }
     }
     let mut bar = |index: u32| match root.bar_info(df, index as u8).ok().flatten()? {
-        BarInfo::Memory { address, .. } if address != 0 => Some(address as usize),
+        BarInfo::Memory { address, size, .. } if address != 0 => {
+            crate::paging::map_mmio(address, size).ok()?;
+            Some(address as usize)
+        }
         _ => None,
     };
     let (tbar, toffset) = table?;
     let (cbar, coffset) = common?;
     let table = (bar(tbar)? + toffset as usize) as *mut u32;
     let common = (bar(cbar)? + coffset as usize) as *mut u8;
-    // SAFETY: the table lies in the device's memory BAR, identity-mapped (uncached);
+    // SAFETY: the table lies in the device's memory BAR, identity-mapped (uncached, by the
+    // entry stub or `map_mmio` above);
     // entry 0 is address low, address high, data, vector control.
     unsafe {
         table.write_volatile(LAPIC as u32);

@@ -35,11 +35,13 @@ mod dirtier;
 mod entry;
 mod hal;
 mod heap;
+mod hotplug;
 mod io;
 mod irq;
 mod lapic;
 mod mem;
 mod net;
+mod paging;
 mod phys;
 mod power;
 mod serial;
@@ -88,12 +90,20 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
             emit(|w| protocol::warning(w, "acpi", &"no power button"));
             None
         }
-        Some(addr) => power::PowerButton::new(addr, &mem).or_else(|| {
+        Some(addr) => power::GedEvents::new(addr, &mem).or_else(|| {
             let problem = format_args!("power button register {addr:#x} is not accessible");
             emit(|w| protocol::warning(w, "acpi", &problem));
             None
         }),
     };
+
+    let hotplug = tables.pci_hotplug.and_then(|addr| {
+        hotplug::HotplugRegs::new(addr, &mem).or_else(|| {
+            let problem = format_args!("PCI hot-plug registers {addr:#x} are not accessible");
+            emit(|w| protocol::warning(w, "acpi", &problem));
+            None
+        })
+    });
 
     init_heap(&mem, memmap.unwrap_or_default());
     let devices = match tables.ecam {
@@ -140,7 +150,8 @@ pub extern "C" fn baton_main(start_info_paddr: u64) -> ! {
         mem_bytes,
         heartbeat_ms: options.heartbeat_ms,
         fadt: tables.fadt,
-        power_button,
+        ged: power_button,
+        hotplug,
         mem,
         clock,
         devices,

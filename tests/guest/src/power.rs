@@ -1,5 +1,6 @@
 //! Powering off and resetting, by the register writes the ACPI module chose,
-//! and the power button, in the event register the ACPI module found.
+//! and the events of the GED (power button, PCI hot-plug), in the event
+//! register the ACPI module found.
 
 use baton_test_guest::acpi::{self, Fadt, RegWrite};
 
@@ -32,27 +33,26 @@ pub fn reboot(fadt: Option<&Fadt>, mem: &IdentityMap, clock: &Clock) {
 }
 
 /// The Generic Event Device's event register: one read-to-clear byte of MMIO.
-pub struct PowerButton {
+pub struct GedEvents {
     addr: u64,
 }
 
-impl PowerButton {
+impl GedEvents {
     /// The register at `addr`; `None` if the guest may not access that byte.
     pub fn new(addr: u64, mem: &IdentityMap) -> Option<Self> {
         mem.may_access(addr, 1).then_some(Self { addr })
     }
 
     /// Reads the pending events, which clears them (a VM exit, so not too
-    /// often); whether the power button was pressed since the last read.
-    pub fn pressed(&self) -> bool {
+    /// often): `acpi::GED_EVENT_*` bits.
+    pub fn take(&self) -> u8 {
         let ptr = self.addr as usize as *const u8;
         // SAFETY: `new` checked that the byte is below 4 GiB (identity-mapped,
         // so the load cannot fault), not address 0 and outside the guest image
         // (no Rust object is there); a volatile load of one byte is how a
         // device register is read, and reading it has no effect on memory
         // this program uses.
-        let events = unsafe { core::ptr::read_volatile(ptr) };
-        events & acpi::GED_EVENT_POWER_BUTTON != 0
+        unsafe { core::ptr::read_volatile(ptr) }
     }
 }
 

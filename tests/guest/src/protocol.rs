@@ -420,6 +420,17 @@ pub fn rng(w: &mut impl Write, bytes: &[u8]) -> fmt::Result {
     w.write_str("\r\n")
 }
 
+/// `hotplug: added slot=N kind=KIND` (KIND: net, disk, rng, or none when
+/// nothing was started on it)
+pub fn hotplug_added(w: &mut impl Write, slot: u8, kind: &str) -> fmt::Result {
+    write!(w, "hotplug: added slot={slot} kind={kind}\r\n")
+}
+
+/// `hotplug: ejected slot=N kind=KIND` (KIND as for [`hotplug_added`])
+pub fn hotplug_ejected(w: &mut impl Write, slot: u8, kind: &str) -> fmt::Result {
+    write!(w, "hotplug: ejected slot={slot} kind={kind}\r\n")
+}
+
 /// `baton-test-guest: booting`
 pub fn booting(w: &mut impl Write) -> fmt::Result {
     w.write_str("baton-test-guest: booting\r\n")

@@ -2,19 +2,20 @@
 //! memory dirtier when no other CPU runs it.
 //!
 //! Interrupts stay off; the loop spins on the TSC (native speed at CPL3) and
-//! only touches the UART about once a millisecond and the power button's
-//! event register about every 10 ms, since every port or MMIO access is a VM
-//! exit. Each iteration counts on the boot CPU's counter (`cpus`).
+//! only touches the UART about once a millisecond and the GED's event
+//! register (power button, PCI hot-plug) about every 10 ms, since every port
+//! or MMIO access is a VM exit. Each iteration counts on the boot CPU's counter (`cpus`).
 
-use baton_test_guest::acpi::{Fadt, MAX_CPUS};
+use baton_test_guest::acpi::{self, Fadt, MAX_CPUS};
 use baton_test_guest::command::{self, Command};
 use baton_test_guest::line::{Event, LineBuffer};
 use baton_test_guest::periodic::Periodic;
 use baton_test_guest::protocol::{self, Action, Status};
 
 use crate::devices::{self, Devices};
+use crate::hotplug::HotplugRegs;
 use crate::phys::IdentityMap;
-use crate::power::{self, PowerButton};
+use crate::power::{self, GedEvents};
 use crate::serial::{self, emit};
 use crate::time::Clock;
 
@@ -31,8 +32,10 @@ pub struct Machine {
     pub heartbeat_ms: u64,
     /// Power registers, if ACPI had a FADT.
     pub fadt: Option<Fadt>,
-    /// The power button's event register, if ACPI had a usable GED.
-    pub power_button: Option<PowerButton>,
+    /// The GED's event register, if ACPI had a usable GED.
+    pub ged: Option<GedEvents>,
+    /// The PCI hot-plug registers, if ACPI named them.
+    pub hotplug: Option<HotplugRegs>,
     /// Guest memory access, for memory-mapped power registers.
     pub mem: IdentityMap,
     /// The calibrated TSC.
@@ -63,8 +66,16 @@ pub fn run(mut machine: Machine) -> ! {
             heartbeat += 1;
             emit(|w| protocol::heartbeat(w, heartbeat));
         }
-        let button = machine.power_button.as_ref();
-        if button.is_some_and(|b| button_timer.due(now) && b.pressed()) {
+        let events = match &machine.ged {
+            Some(ged) if button_timer.due(now) => ged.take(),
+            _ => 0,
+        };
+        if events & acpi::GED_EVENT_PCI_HOTPLUG != 0 {
+            if let Some(regs) = &machine.hotplug {
+                devices::hotplug(&mut machine.devices, regs);
+            }
+        }
+        if events & acpi::GED_EVENT_POWER_BUTTON != 0 {
             emit(protocol::power_button_pressed);
             let status = status(&machine, heartbeat);
             execute(&Command::Poweroff, &status, &mut machine);

@@ -1,5 +1,6 @@
-//! Just enough AML for two objects: the sleep type for "soft off" (`\_S5`)
-//! and the event register of the Generic Event Device (`ACPI0013`).
+//! Just enough AML for three objects: the sleep type for "soft off" (`\_S5`),
+//! the event register of the Generic Event Device (`ACPI0013`) and the PCI
+//! hot-plug registers (the `PCST` region).
 //!
 //! A full AML interpreter is far beyond this guest. These scans find the one
 //! encoding each object is given in practice, as simple OS loaders do, and
@@ -16,6 +17,10 @@
 //!   scan takes the first such descriptor, or else the first such region,
 //!   within [`GED_SEARCH_WINDOW`] bytes after the string and before the next
 //!   `Device` opcode; a GED that lists them before `_HID` is not recognised.
+//! * baton's DSDT declares its PCI hot-plug registers as `OperationRegion
+//!   (PCST, SystemMemory, base, 16)`, laid out `PCIU`, `PCID`, `B0EJ`,
+//!   `PSEG` (32 bits each), which its `_EVT` and slot `_EJ0` methods use; the
+//!   scan takes the first region so named.
 
 const NAME_OP: u8 = 0x08;
 const ROOT_CHAR: u8 = b'\\';
@@ -37,6 +42,8 @@ const MEMORY32_FIXED: &[u8] = &[0x86, 0x09, 0x00];
 const DEVICE_OP: &[u8] = &[0x5b, 0x82];
 /// ExtOpPrefix OpRegionOp, then a NameSeg, the region space, offset and length.
 const OP_REGION_OP: &[u8] = &[0x5b, 0x80];
+/// The name of the PCI hot-plug register region.
+const PCI_HOTPLUG_REGION: &[u8] = b"PCST";
 /// The `SystemMemory` region space.
 const SYSTEM_MEMORY: u8 = 0x00;
 const QWORD_PREFIX: u8 = 0x0e;
@@ -91,8 +98,23 @@ pub fn ged_event_register(aml: &[u8]) -> Option<(u64, u32)> {
 /// The first `OperationRegion (NAME, SystemMemory, base, length)` in the window after
 /// `start`, before the next device, with integer constants for base and length.
 fn system_memory_region_after(aml: &[u8], start: usize) -> Option<(u64, u32)> {
+    region_at(aml, in_this_device(aml, start, OP_REGION_OP)?)
+}
+
+/// `(base, length)` of the first `OperationRegion (PCST, SystemMemory, ...)`
+/// with integer constants for base and length, if it lies below 4 GiB.
+pub fn pci_hotplug_registers(aml: &[u8]) -> Option<(u64, u32)> {
+    let mut needle = [0u8; 6];
+    needle[..2].copy_from_slice(OP_REGION_OP);
+    needle[2..].copy_from_slice(PCI_HOTPLUG_REGION);
+    let at = find(aml, &needle)?;
+    region_at(aml, at)
+}
+
+/// The SystemMemory region whose `OperationRegion` opcode starts at `at`.
+fn region_at(aml: &[u8], at: usize) -> Option<(u64, u32)> {
     // OpRegionOp (2), NameSeg (4), RegionSpace (1), then two integer terms.
-    let mut rest = aml.get(in_this_device(aml, start, OP_REGION_OP)? + 6..)?;
+    let mut rest = aml.get(at + 6..)?;
     if *rest.first()? != SYSTEM_MEMORY {
         return None;
     }

@@ -53,6 +53,9 @@ pub struct Tables {
     /// byte, read-to-clear; [`GED_EVENT_POWER_BUTTON`] is the power button),
     /// from the DSDT of the first valid FADT.
     pub power_button: Option<u64>,
+    /// Physical address of the PCI hot-plug registers (see
+    /// [`aml::pci_hotplug_registers`]), from the same DSDT.
+    pub pci_hotplug: Option<u64>,
     /// Base of the PCI ECAM window for segment 0, bus 0 onwards, from the
     /// first valid MCFG.
     pub ecam: Option<u64>,
@@ -60,6 +63,8 @@ pub struct Tables {
 
 /// Event register bit: the power button was pressed.
 pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// Event register bit: PCI slots changed (read the hot-plug registers).
+pub const GED_EVENT_PCI_HOTPLUG: u8 = 1 << 1;
 
 /// A problem with one table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +173,7 @@ pub fn parse(
             if let Some(aml) = dsdt_aml(mem, fadt.dsdt, &mut warn) {
                 fadt.s5 = aml::s5_sleep_types(aml);
                 tables.power_button = aml::ged_event_register(aml).map(|(base, _)| base);
+                tables.pci_hotplug = aml::pci_hotplug_registers(aml).map(|(base, _)| base);
             }
             tables.fadt = Some(fadt);
         }

@@ -693,3 +693,41 @@ fn mcfg_gives_segment0_ecam() {
     let (tables, _) = parse_all(&hw_reduced_machine(), RSDP);
     assert_eq!(tables.unwrap().ecam, None);
 }
+
+/// `OperationRegion (PCST, SystemMemory, base, 0x10)` with a DWord base.
+fn hotplug_region(base: u32) -> Vec<u8> {
+    [
+        &[0x5b, 0x80][..],
+        b"PCST\x00\x0c",
+        &base.to_le_bytes(),
+        &[0x0a, 0x10],
+    ]
+    .concat()
+}
+
+#[test]
+fn pci_hotplug_registers_from_the_pcst_region() {
+    let hotplug = pkg(
+        &[0x10],
+        &[&b"\\\x2e_SB_PCI0"[..], &hotplug_region(0xfeb0_1000)].concat(),
+    );
+    let aml = [ged_aml(), hotplug].concat();
+    assert_eq!(aml::pci_hotplug_registers(&aml), Some((0xfeb0_1000, 0x10)));
+    let mut mem = hw_reduced_machine();
+    mem.put(DSDT, &dsdt(&aml));
+    let tables = parse_all(&mem, RSDP).0.unwrap();
+    assert_eq!(tables.pci_hotplug, Some(0xfeb0_1000));
+    assert_eq!(
+        tables.power_button,
+        Some(u64::from(GED_BASE)),
+        "GED found too"
+    );
+    // Only the region so named, in SystemMemory, below 4 GiB and not at 0.
+    assert_eq!(aml::pci_hotplug_registers(&ged_aml()), None);
+    assert_eq!(aml::pci_hotplug_registers(&hotplug_region(0)), None);
+    let mut io = hotplug_region(0x1000);
+    io[6] = 0x01;
+    assert_eq!(aml::pci_hotplug_registers(&io), None, "SystemIO");
+    let truncated = hotplug_region(0xfeb0_1000);
+    assert_eq!(aml::pci_hotplug_registers(&truncated[..9]), None);
+}
