@@ -26,6 +26,8 @@ const MAX_GSI: u32 = 4095;
 struct Table {
     routes: BTreeMap<(u32, u32), kvm_irq_routing_entry>,
     next_gsi: u32,
+    /// GSIs below `next_gsi` given back by unplugged devices.
+    free: BTreeSet<u32>,
     irqfds: BTreeSet<u32>,
 }
 
@@ -66,6 +68,7 @@ impl Interrupts {
             table: Mutex::new(Table {
                 routes,
                 next_gsi: IOAPIC_PINS,
+                free: BTreeSet::new(),
                 irqfds: BTreeSet::new(),
             }),
         }
@@ -97,6 +100,9 @@ impl VmOps for Interrupts {
 
     fn allocate_gsi(&self) -> io::Result<u32> {
         let mut t = self.table.lock().expect("routing lock poisoned");
+        if let Some(gsi) = t.free.pop_first() {
+            return Ok(gsi);
+        }
         if t.next_gsi > MAX_GSI {
             return Err(io::Error::other("all KVM interrupt routes are in use"));
         }
@@ -121,6 +127,25 @@ impl VmOps for Interrupts {
                 t.irqfds.remove(&gsi);
                 return Err(io::Error::from_raw_os_error(e.errno()));
             }
+        }
+        Ok(())
+    }
+
+    fn release_gsi(&self, gsi: u32, fd: &EventFd) -> io::Result<()> {
+        let mut t = self.table.lock().expect("routing lock poisoned");
+        if gsi < IOAPIC_PINS || gsi >= t.next_gsi || t.free.contains(&gsi) {
+            return Err(io::Error::other(format!("GSI {gsi} was not allocated")));
+        }
+        let routed = t.routes.remove(&(gsi, 0)).is_some();
+        let wired = t.irqfds.remove(&gsi);
+        t.free.insert(gsi);
+        if wired {
+            self.vm
+                .unregister_irqfd(fd, gsi)
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        }
+        if routed {
+            self.commit(&t)?;
         }
         Ok(())
     }

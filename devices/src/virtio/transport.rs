@@ -37,6 +37,9 @@ pub trait VmOps: Send + Sync {
     fn allocate_gsi(&self) -> io::Result<u32>;
     /// Points `gsi` at the MSI `message`, and makes a write to `fd` raise it.
     fn route_msi(&self, gsi: u32, message: MsixEntry, fd: &EventFd) -> io::Result<()>;
+    /// Gives back `gsi`: its route goes, `fd` no longer raises it, and it may be allocated
+    /// again.
+    fn release_gsi(&self, gsi: u32, fd: &EventFd) -> io::Result<()>;
 }
 
 /// Errors creating a virtio PCI function.
@@ -538,9 +541,24 @@ impl PciDevice for VirtioPciDevice {
 impl Drop for VirtioPciDevice {
     /// Stops the workers without resetting the device: a reset would change the backend
     /// (detach TAP queues), which may live on in another VM after a migration.
+    /// Its notifications and interrupts are given back to the VM, which lives on when the
+    /// device is unplugged.
     fn drop(&mut self) {
         if self.active {
             self.pci.device_mut().pause();
+        }
+        let bar = self.pci.bar().addr;
+        for (q, fd) in self.notify.iter().enumerate() {
+            if self.ioevents[q] {
+                if let Err(e) = self.vm.unregister_ioevent(fd, notify_addr(bar, q)) {
+                    log::warn!("{}: cannot release queue {q}'s notifications: {e}", self.id);
+                }
+            }
+        }
+        for (gsi, fd) in self.gsis.iter().zip(&self.interrupt.irqfds) {
+            if let Err(e) = self.vm.release_gsi(*gsi, fd) {
+                log::warn!("{}: cannot release interrupt {gsi}: {e}", self.id);
+            }
         }
     }
 }
