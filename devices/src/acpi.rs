@@ -93,6 +93,8 @@ mod tests {
 
 /// Event bit of the power button in the GED's event register.
 pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// Event bit of PCI hot-plug: slots changed (see [`crate::pci::hotplug`]).
+pub const GED_EVENT_PCI_HOTPLUG: u8 = 1 << 1;
 /// Length of the GED's MMIO register window.
 pub const GED_LEN: u64 = 0x10;
 

@@ -76,6 +76,39 @@ impl Bus {
         }
     }
 
+    /// Removes every range `device` occupies.
+    pub fn remove_device(&self, device: &Arc<Mutex<dyn BusDevice>>) {
+        let mut devices = self.devices.write().expect("bus lock poisoned");
+        devices.retain(|_, (_, d)| !Arc::ptr_eq(d, device));
+    }
+
+    /// The lowest `size` bytes, aligned to `size` (a power of two), that no device occupies
+    /// within `[base, base + window)`; `None` if there is no such gap.
+    pub fn free_range(&self, base: u64, window: u64, size: u64) -> Option<u64> {
+        if size == 0 || !size.is_power_of_two() {
+            return None;
+        }
+        let end = base.checked_add(window)?;
+        let devices = self.devices.read().expect("bus lock poisoned");
+        let mut candidate = base.checked_next_multiple_of(size)?;
+        // Ranges that start below the window may still reach into it.
+        let first = devices
+            .range(..base)
+            .next_back()
+            .map(|(&b, _)| b)
+            .unwrap_or(base);
+        for (&b, &(l, _)) in devices.range(first..end) {
+            if candidate.checked_add(size)? <= b {
+                break;
+            }
+            let past = b.saturating_add(l);
+            if past > candidate {
+                candidate = past.checked_next_multiple_of(size)?;
+            }
+        }
+        (candidate.checked_add(size)? <= end).then_some(candidate)
+    }
+
     fn find(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
         let devices = self.devices.read().expect("bus lock poisoned");
         let (&base, (len, dev)) = devices.range(..=addr).next_back()?;
@@ -147,5 +180,34 @@ mod tests {
         let dev: Arc<Mutex<dyn BusDevice>> = dev;
         bus.remove(0x10, &dev);
         assert!(!bus.read(0x13, &mut b));
+        assert!(bus.read(0x18, &mut b));
+        bus.remove_device(&dev);
+        assert!(!bus.read(0x18, &mut b), "every range of the device goes");
+    }
+
+    #[test]
+    fn free_ranges_are_aligned_gaps_inside_the_window() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Echo(Vec::new())));
+        assert_eq!(bus.free_range(0x1000, 0x4000, 0x1000), Some(0x1000));
+        bus.insert(dev.clone(), 0x1000, 0x1000).unwrap();
+        bus.insert(dev.clone(), 0x2800, 0x10).unwrap();
+        // 0x2000 would reach 0x2800's device; the next aligned gap is 0x3000.
+        assert_eq!(bus.free_range(0x1000, 0x4000, 0x1000), Some(0x3000));
+        assert_eq!(bus.free_range(0x1000, 0x4000, 0x800), Some(0x2000));
+        // A range from below the window reaching into it counts.
+        bus.insert(dev.clone(), 0x3f00, 0x200).unwrap();
+        assert_eq!(bus.free_range(0x4000, 0x2000, 0x1000), Some(0x5000));
+        assert_eq!(bus.free_range(0x4000, 0x1000, 0x1000), None, "no room");
+        assert_eq!(
+            bus.free_range(0x1000, 0x4000, 0x3000),
+            None,
+            "not a power of two"
+        );
+        assert_eq!(
+            bus.free_range(u64::MAX - 0xfff, 0x2000, 0x1000),
+            None,
+            "overflow"
+        );
     }
 }

@@ -671,6 +671,38 @@ pub fn stream_byte(offset: u64) -> u8 {
     (offset / 8).to_le_bytes()[(offset % 8) as usize]
 }
 
+/// Bytes of a sector, as the test guest's disk commands count them.
+pub const SECTOR: usize = 512;
+
+/// Writes raw image `name` in `dir`: `sectors` sectors, sector i filled with byte
+/// `first + i` (wrapping). Returns its path and contents.
+pub fn sector_image(dir: &TempDir, name: &str, sectors: usize, first: u8) -> (PathBuf, Vec<u8>) {
+    let mut data = vec![0u8; sectors * SECTOR];
+    for (i, s) in data.chunks_mut(SECTOR).enumerate() {
+        s.fill(first.wrapping_add(i as u8));
+    }
+    let path = dir.path().join(name);
+    std::fs::write(&path, &data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    (path, data)
+}
+
+impl Console {
+    /// Has the test guest read `count` sectors of its disk from `sector`, and checks they
+    /// are those of `data` (the image's contents).
+    pub fn assert_disk_reads(&mut self, data: &[u8], sector: usize, count: usize) {
+        let line = self.command(
+            &format!("disk read {sector} {count}"),
+            "disk:",
+            Duration::from_secs(60),
+        );
+        let want = fnv1a(&data[sector * SECTOR..(sector + count) * SECTOR]);
+        assert_eq!(
+            line,
+            format!("disk: read sector={sector} count={count} fnv={want:#018x}")
+        );
+    }
+}
+
 /// FNV-1a 64, as the test guest's `disk read` reports it.
 pub fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {

@@ -392,3 +392,63 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
     assert_answers(&ns, 5);
     assert_vcpus_idle(third.pid());
 }
+
+/// The ids of the disks in the VM's configuration (`vm.info`).
+fn disk_ids(vmm: &ApiVmm) -> Vec<String> {
+    let info = vmm
+        .expect("GET", "vm.info", None, 200)
+        .expect("vm.info body");
+    info["config"]["disks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| d["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn linux_sees_a_disk_hot_plugged_and_ejects_it_when_asked() {
+    let _alone = one_linux_at_a_time();
+    let ns = NetNs::new("lxhot");
+    let files = TempDir::new("lxhot");
+    let serial = files.path().join("serial.sock");
+    let image = files.path().join("hot.raw");
+    partitioned_disk(&image, 8);
+    let setup = Setup {
+        kernel: "vmlinux",
+        cpus: 1,
+        queues: 2,
+        disks: vec![],
+        rng: false,
+    };
+    let (vmm, mut console, _) = boot(&ns, &setup, &serial);
+    let add = serde_json::json!({"path": image, "id": "hot0"}).to_string();
+    let remove = r#"{"id":"hot0"}"#;
+    for round in 0..2 {
+        // ACPI: the GED's event runs PCNT, which notifies the slot; acpiphp scans it,
+        // assigns the BAR and virtio-blk reads the partition table.
+        let info = vmm
+            .expect("PUT", "vm.add-disk", Some(&add), 200)
+            .expect("a PciDeviceInfo body");
+        let bdf = info["bdf"].as_str().expect("bdf").to_string();
+        console.wait_for(&format!("pci {bdf}: [1af4:1042]"), LATER);
+        console.wait_for(": vd", LATER);
+        // The eject request: acpiphp stops the driver, removes the function and runs
+        // _EJ0, and baton drops the device.
+        vmm.expect("PUT", "vm.remove-device", Some(remove), 204);
+        let deadline = std::time::Instant::now() + LATER;
+        while disk_ids(&vmm).contains(&"hot0".to_string()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: Linux never ejected the disk; last lines:\n{}",
+                console.tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let problems = baton_tests::linux::platform_problems(&console.seen);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The network card was untouched all along.
+    assert_answers(&ns, 5);
+}

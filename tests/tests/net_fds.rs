@@ -94,13 +94,22 @@ fn add_net_with_a_passed_tap_before_boot() {
 
     vmm.expect("PUT", "vm.boot", None, 204);
     let serial = vmm.dir().join("serial.sock");
-    vmm.console(&serial).wait_for(READY, BOOT);
+    let mut console = vmm.console(&serial);
+    console.wait_for(READY, BOOT);
     ping_ok(&ns);
 
-    // No hot-plug.
-    let (status, body) = call(&vmm, "vm.add-net", Some(r#"{"tap":"other"}"#), &[]);
-    assert_eq!(status, 409, "{body}");
-    assert!(body.contains("add it before vm.boot"), "{body}");
+    // Hot-plugged from a descriptor while the guest runs, as ch-remote add-net fd=[..] does.
+    let tap2 = ns.open_tap("tapfd2", false);
+    let (status, body) = call(
+        &vmm,
+        "vm.add-net",
+        Some(r#"{"id":"lan2"}"#),
+        &[tap2.as_raw_fd()],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""id":"lan2""#), "{body}");
+    let added = console.wait_for("hotplug: added", BOOT);
+    assert!(added.contains("kind=net"), "{added}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_tests::{guest_config_json, ApiVmm, READY};
+use baton_tests::{guest_config_json, ApiVmm, NetNs, READY};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -369,8 +369,10 @@ fn document_matches_the_routes_and_the_server() {
     let (status, stderr) = vmm.wait_exit(EXIT);
     assert_eq!(status.code(), Some(0), "{stderr}");
 
-    // Everything else on one baton, through every state.
-    let mut vmm = ApiVmm::start(&[]);
+    // Everything else on one baton, through every state; in a network namespace of its
+    // own, for the card it hot-plugs.
+    let ns = NetNs::new("openapi");
+    let mut vmm = ApiVmm::start_in(Some(&ns), &[]);
     c.call(&vmm, "GET", "vmm.ping", None, 200);
     c.call(&vmm, "GET", "vmm.backend-transfer-support", None, 200);
 
@@ -441,6 +443,9 @@ fn document_matches_the_routes_and_the_server() {
         ("vm.restore", Some(restore.as_str())),
         ("vm.send-migration", Some(nobody.as_str())),
         ("vm.receive-migration", Some(receive.as_str())),
+        ("vm.add-net", Some(r#"{"tap":"tap0"}"#)),
+        ("vm.add-disk", Some(r#"{"path":"/x"}"#)),
+        ("vm.remove-device", Some(r#"{"id":"disk0"}"#)),
     ] {
         c.call(&vmm, "PUT", name, body, 409);
     }
@@ -524,15 +529,26 @@ fn document_matches_the_routes_and_the_server() {
     console.wait_for(READY, BOOT);
     c.expect_state(&vmm, "Running");
     c.call(&vmm, "GET", "vm.counters", None, 200);
-    c.call(&vmm, "PUT", "vm.add-net", Some(r#"{"tap":"tap0"}"#), 409);
-    c.call(&vmm, "PUT", "vm.add-disk", Some(&disk), 409);
+    // Hot-plug: a card and a disk arrive, and the disk is asked back.
+    c.call(
+        &vmm,
+        "PUT",
+        "vm.add-net",
+        Some(r#"{"tap":"tap0","num_queues":3}"#),
+        400,
+    );
+    c.call(&vmm, "PUT", "vm.add-net", Some(r#"{"tap":"hot0"}"#), 200);
+    console.wait_for("hotplug: added", BOOT);
+    c.call(&vmm, "PUT", "vm.add-disk", Some(&disk), 200);
+    console.wait_for("hotplug: added", BOOT);
     c.call(
         &vmm,
         "PUT",
         "vm.remove-device",
         Some(r#"{"id":"extra"}"#),
-        409,
+        204,
     );
+    console.wait_for("hotplug: ejected", BOOT);
     c.call(&vmm, "PUT", "vm.boot", None, 409);
     c.call(&vmm, "PUT", "vm.resume", None, 409);
     // Nobody listens: the VM runs on.
@@ -567,6 +583,21 @@ fn document_matches_the_routes_and_the_server() {
     c.call(&vmm, "PUT", "vm.shutdown", None, 409);
     c.call(&vmm, "PUT", "vm.reboot", None, 409);
     c.call(&vmm, "PUT", "vm.boot", None, 204);
+    c.expect_state(&vmm, "Running");
+
+    // Hot-plug until bus 0 is full: the device that does not fit is refused, and the VM
+    // runs on.
+    for i in 0..32 {
+        let body = serde_json::json!({"id": format!("fill{i}"), "path": image}).to_string();
+        let r = vmm.http("PUT", "vm.add-disk", Some(&body));
+        if r.status == 500 {
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let last = serde_json::json!({"id": "one-too-many", "path": image}).to_string();
+    c.call(&vmm, "PUT", "vm.add-disk", Some(&last), 500);
+    c.call(&vmm, "PUT", "vm.add-net", Some(r#"{"tap":"hot1"}"#), 500);
     c.expect_state(&vmm, "Running");
 
     // The VM is stopped for the reboot, and the new one cannot load its kernel.

@@ -13,6 +13,8 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
+use devices::pci::hotplug::HOTPLUG_LEN;
+
 use crate::layout::*;
 use crate::memory::GuestMemory;
 
@@ -101,7 +103,8 @@ fn dsdt() -> Sdt {
         ],
     )));
 
-    // Motherboard resources: the ECAM window, so Linux trusts MCFG, and the GED's registers.
+    // Motherboard resources: the ECAM window, so Linux trusts MCFG, and the registers of the
+    // GED and of PCI hot-plug.
     dsdt.append_slice(&aml_bytes(&aml::Device::new(
         "_SB_.MBRD".into(),
         vec![
@@ -120,14 +123,18 @@ fn dsdt() -> Sdt {
                         ACPI_GED_START as u32,
                         devices::acpi::GED_LEN as u32,
                     ),
+                    &aml::Memory32Fixed::new(true, PCI_HOTPLUG_START as u32, HOTPLUG_LEN as u32),
                 ]),
             ),
         ],
     )));
 
-    // The power button: the GED interrupts, its _EVT reads (and so clears) the event byte
-    // and notifies the button device.
+    dsdt.append_slice(&pci_hotplug());
+
+    // The power button and PCI hot-plug: the GED interrupts, its _EVT reads (and so clears)
+    // the event byte and notifies the button device, or has the PCI slots notified.
     let power_button = devices::acpi::GED_EVENT_POWER_BUTTON;
+    let pci_changed = devices::acpi::GED_EVENT_PCI_HOTPLUG;
     dsdt.append_slice(&aml_bytes(&aml::Device::new(
         "_SB_.GED_".into(),
         vec![
@@ -171,6 +178,13 @@ fn dsdt() -> Sdt {
                         ),
                         vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
                     ),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(&aml::ZERO, &aml::Local(0), &pci_changed),
+                            &pci_changed,
+                        ),
+                        vec![&aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![])],
+                    ),
                 ],
             ),
         ],
@@ -198,6 +212,112 @@ fn dsdt() -> Sdt {
         ],
     )));
     dsdt
+}
+
+/// Notify value asking the OS to check a device (here: a slot that may have a new one).
+const NOTIFY_DEVICE_CHECK: u8 = 1;
+/// Notify value asking the OS to let go of a device and eject it.
+const NOTIFY_EJECT_REQUEST: u8 = 3;
+
+/// ACPI name of the slot device for PCI device `slot` of bus 0.
+fn slot_name(slot: u8) -> String {
+    format!("SL{slot:02X}")
+}
+
+/// ACPI PCI hot-plug of bus 0 (see `devices::pci::hotplug` for the registers), in the
+/// scope of `\_SB_.PCI0`:
+/// - `PCST`, the register block, and its fields `PCIU`, `PCID`, `B0EJ`, `PSEG`;
+/// - `SLxx`, one device per slot 1-31, with `_ADR`, `_SUN` and `_EJ0`, which writes the
+///   slot's bit to `B0EJ`; Linux's acpiphp registers a hot-plug slot for each;
+/// - `PCNT`, which the GED's `_EVT` calls: it reads (and so clears) `PCIU` and `PCID` and
+///   notifies each slot named in them: "device check" for an arrival, "eject request" for a
+///   removal.
+fn pci_hotplug() -> Vec<u8> {
+    let slots: Vec<u8> = (1..devices::pci::DEVICES_PER_BUS as u8).collect();
+    let mut body = aml_bytes(&aml::OpRegion::new(
+        "PCST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &(PCI_HOTPLUG_START as usize),
+        &(HOTPLUG_LEN as usize),
+    ));
+    body.extend(aml_bytes(&aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+            aml::FieldEntry::Named(*b"PSEG", 32),
+        ],
+    )));
+    body.extend(aml_bytes(&aml::Mutex::new("BLCK".into(), 0)));
+    body.extend(aml_bytes(&aml::Method::new(
+        "PCEJ".into(),
+        1,
+        true,
+        vec![
+            &aml::Acquire::new("BLCK".into(), 0xffff),
+            &aml::ShiftLeft::new(&aml::Path::new("B0EJ"), &aml::ONE, &aml::Arg(0)),
+            &aml::Release::new("BLCK".into()),
+        ],
+    )));
+    let names: Vec<String> = slots.iter().map(|&s| slot_name(s)).collect();
+    let paths: Vec<aml::Path> = names.iter().map(|n| aml::Path::new(n)).collect();
+    let bits: Vec<u32> = slots.iter().map(|&s| 1u32 << s).collect();
+    let ands_up: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &aml::Local(0), b))
+        .collect();
+    let ands_down: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &aml::Local(1), b))
+        .collect();
+    let notify_up: Vec<aml::Notify> = paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &NOTIFY_DEVICE_CHECK))
+        .collect();
+    let notify_down: Vec<aml::Notify> = paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &NOTIFY_EJECT_REQUEST))
+        .collect();
+    let mut ifs = Vec::new();
+    for i in 0..slots.len() {
+        ifs.push(aml::If::new(&ands_up[i], vec![&notify_up[i]]));
+        ifs.push(aml::If::new(&ands_down[i], vec![&notify_down[i]]));
+    }
+    let (pciu, pcid) = (aml::Path::new("PCIU"), aml::Path::new("PCID"));
+    let read_up = aml::Store::new(&aml::Local(0), &pciu);
+    let read_down = aml::Store::new(&aml::Local(1), &pcid);
+    let acquire = aml::Acquire::new("BLCK".into(), 0xffff);
+    let release = aml::Release::new("BLCK".into());
+    let mut pcnt: Vec<&dyn Aml> = vec![&acquire, &read_up, &read_down, &release];
+    pcnt.extend(ifs.iter().map(|i| i as &dyn Aml));
+    body.extend(aml_bytes(&aml::Method::new("PCNT".into(), 0, true, pcnt)));
+    let sun = aml::Path::new("_SUN");
+    for (&slot, name) in slots.iter().zip(&names) {
+        let eject = aml::MethodCall::new("PCEJ".into(), vec![&sun]);
+        body.extend(aml_bytes(&aml::Device::new(
+            name.as_str().into(),
+            vec![
+                &aml::Name::new("_ADR".into(), &(u32::from(slot) << 16)),
+                &aml::Name::new("_SUN".into(), &slot),
+                &aml::Method::new("_EJ0".into(), 1, false, vec![&eject]),
+            ],
+        )));
+    }
+    let raw = RawAml(body);
+    aml_bytes(&aml::Scope::new("\\_SB_.PCI0".into(), vec![&raw]))
+}
+
+/// AML already encoded, to nest in a scope.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 fn io_register(port: u64) -> GAS {

@@ -58,6 +58,9 @@ pub struct Vmm {
     backends: Backends,
     console: Option<(api::ConsoleConfig, Console)>,
     job: Option<(Job, Reply)>,
+    /// Devices whose removal the guest was asked for and has not ejected yet: they go when
+    /// it does, or when the VM stops.
+    unplugging: Vec<String>,
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
     done_evt: EventFd,
@@ -138,6 +141,7 @@ impl Vmm {
             backends: Backends::default(),
             console: None,
             job: None,
+            unplugging: Vec::new(),
             done_tx,
             done_rx,
             done_evt: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -410,10 +414,21 @@ impl Vmm {
     /// Stops and drops the running VM, if any, and forgets what its guest last signalled:
     /// a reset or power-off raced by the stop must not act on the next VM.
     fn stop_vm(&mut self) {
+        self.devices_ejected();
         if let Some(vm) = self.vm.take() {
             vm.stop();
         }
-        for evt in [&self.events.exit, &self.events.reset, &self.events.fail] {
+        // A removal asked for is done when the VM stops: it does not come back at the next
+        // boot.
+        for id in std::mem::take(&mut self.unplugging) {
+            self.forget_device(&id);
+        }
+        for evt in [
+            &self.events.exit,
+            &self.events.reset,
+            &self.events.fail,
+            &self.events.eject,
+        ] {
             // Non-blocking: an empty eventfd just says so.
             let _ = evt.read();
         }
@@ -532,71 +547,112 @@ impl Vmm {
     }
 
     fn add_net(&mut self, net: api::NetConfig, fds: api::fds::Fds) -> ApiResponse {
-        let state = self.state()?;
-        if !matches!(state, VmState::Created | VmState::Shutdown) {
-            return Err(conflict(format!(
-                "Cannot add a network card to a VM that is {state:?}: devices cannot be \
-                 hot-plugged; add it before vm.boot"
-            )));
-        }
+        let hot = self.may_change_devices()?;
         let config = self.config.as_ref().expect("state() checked the VM exists");
         // Check the card together with the rest, ids included, before touching the host.
         let mut candidate = config.clone();
         candidate.net.push(net);
         check_and_name(&mut candidate)?;
         let net = candidate.net.last_mut().expect("pushed above");
+        let id = net.id.clone().unwrap_or_default();
         self.backends
             .add_net(net, fds)
             .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
-        self.config = Some(candidate);
-        Ok(ApiReply::Empty)
+        self.plug(candidate, &id, hot)
     }
 
-    /// Refuses a device change unless the VM has not booted (or was shut down).
-    fn require_stopped(&self, what: &str) -> Result<(), ApiError> {
+    /// Whether devices may change now, and if so whether the VM runs (hot-plug) or not.
+    fn may_change_devices(&self) -> Result<bool, ApiError> {
+        self.not_migrating()?;
         let state = self.state()?;
-        if matches!(state, VmState::Created | VmState::Shutdown) {
-            return Ok(());
+        Ok(matches!(state, VmState::Running | VmState::Paused))
+    }
+
+    /// Takes `config`, which has device `id` more, whose backend is open: the device is
+    /// built at the next boot, or now if the VM runs (`hot`), and the guest told.
+    fn plug(&mut self, config: VmConfig, id: &str, hot: bool) -> ApiResponse {
+        if !hot {
+            self.config = Some(config);
+            return Ok(ApiReply::Empty);
         }
-        Err(conflict(format!(
-            "Cannot {what} a VM that is {state:?}: baton cannot hot-plug devices yet; \
-             change devices before vm.boot or after vm.shutdown"
-        )))
+        let vm = self.vm.as_ref().expect("a running VM");
+        let slot = match vm.add_device(id, &config, &self.backends) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.backends.remove(id);
+                return Err(ApiError::new(500, &crate::Error::Vm(e)));
+            }
+        };
+        // As Cloud Hypervisor answers a hot-plug: the device and where it sits.
+        let bdf = format!("0000:00:{slot:02x}.0");
+        log::info!("{id}: hot-plugged at {bdf}");
+        self.config = Some(config);
+        Ok(ApiReply::Json(serde_json::json!({ "id": id, "bdf": bdf })))
     }
 
     fn add_disk(&mut self, disk: api::DiskConfig) -> ApiResponse {
-        self.require_stopped("add a disk to")?;
+        let hot = self.may_change_devices()?;
         let config = self.config.as_ref().expect("state() checked the VM exists");
         let mut candidate = config.clone();
         candidate.disks.push(disk);
         check_and_name(&mut candidate)?;
         let disk = candidate.disks.last().expect("pushed above");
+        let id = disk.id.clone().unwrap_or_default();
         self.backends
             .add_disk(disk)
             .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
-        self.config = Some(candidate);
-        Ok(ApiReply::Empty)
+        self.plug(candidate, &id, hot)
     }
 
     fn remove_device(&mut self, id: &str) -> ApiResponse {
-        self.require_stopped("remove a device from")?;
-        let config = self.config.as_mut().expect("state() checked the VM exists");
+        let hot = self.may_change_devices()?;
+        let config = self.config.as_ref().expect("state() checked the VM exists");
         let named = |d: &Option<String>| d.as_deref() == Some(id);
-        let before = config.net.len() + config.disks.len() + usize::from(config.rng.is_some());
-        config.net.retain(|n| !named(&n.id));
-        config.disks.retain(|d| !named(&d.id));
-        if config.rng.as_ref().is_some_and(|r| named(&r.id)) {
-            config.rng = None;
-        }
-        let after = config.net.len() + config.disks.len() + usize::from(config.rng.is_some());
-        if before == after {
+        let known = config.net.iter().any(|n| named(&n.id))
+            || config.disks.iter().any(|d| named(&d.id))
+            || config.rng.as_ref().is_some_and(|r| named(&r.id));
+        if !known {
             return Err(ApiError::message(
                 404,
                 format!("The VM has no device {id:?}"),
             ));
         }
-        self.backends.remove(id);
+        if hot {
+            // The guest lets go first; the device goes when it ejects it.
+            if self.vm.as_ref().is_some_and(|vm| vm.request_removal(id)) {
+                log::info!("{id}: removal requested; it goes when the guest ejects it");
+                if !self.unplugging.iter().any(|u| u == id) {
+                    self.unplugging.push(id.to_string());
+                }
+                return Ok(ApiReply::Empty);
+            }
+        }
+        self.forget_device(id);
         Ok(ApiReply::Empty)
+    }
+
+    /// Drops device `id` from the configuration and closes its backend.
+    fn forget_device(&mut self, id: &str) {
+        self.unplugging.retain(|u| u != id);
+        let Some(config) = self.config.as_mut() else {
+            return;
+        };
+        let named = |d: &Option<String>| d.as_deref() == Some(id);
+        config.net.retain(|n| !named(&n.id));
+        config.disks.retain(|d| !named(&d.id));
+        if config.rng.as_ref().is_some_and(|r| named(&r.id)) {
+            config.rng = None;
+        }
+        self.backends.remove(id);
+    }
+
+    /// Finishes the removal of the devices the guest ejected.
+    pub fn devices_ejected(&mut self) {
+        let Some(vm) = self.vm.clone() else { return };
+        for id in vm.take_ejected() {
+            log::info!("{id}: ejected by the guest and removed");
+            self.forget_device(&id);
+        }
     }
 
     fn create(&mut self, config: VmConfig, fds: api::fds::Fds) -> ApiResponse {

@@ -13,7 +13,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use api::{MacAddr, NetConfig, VmConfig};
-use devices::pci::allocator::AddressAllocator;
 use devices::pci::PciBus;
 use devices::virtio::block::{Block, BlockParams};
 use devices::virtio::net::{Net, NetParams, NetState};
@@ -318,114 +317,244 @@ impl Backends {
     }
 }
 
-/// A device on PCI, by id.
-pub type PciDeviceHandle = (String, Arc<Mutex<VirtioPciDevice>>);
+/// A device on PCI: its id, its slot on bus 0 and the function.
+pub struct PciDeviceHandle {
+    /// The device's id.
+    pub id: String,
+    /// Its slot on bus 0.
+    pub slot: u8,
+    /// The virtio PCI function.
+    pub device: Arc<Mutex<VirtioPciDevice>>,
+}
+
+/// Where a VM's devices start from: power-on, or the state a snapshot or migration saved.
+#[derive(Clone, Copy)]
+pub struct Saved<'a> {
+    /// Each device's transport state, by id.
+    pub devices: &'a [(String, TransportState)],
+    /// Each device's slot, by id (empty in states saved before hot-plug: then devices take
+    /// slots in configuration order, as they did then).
+    pub slots: &'a [(String, u8)],
+}
+
+impl<'a> Saved<'a> {
+    fn state(self, id: &str) -> Result<&'a TransportState, Error> {
+        self.devices
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, s)| s)
+            .ok_or_else(|| Error::State(id.into(), "the saved state has no such device".into()))
+    }
+
+    fn slot(self, id: &str) -> Option<u8> {
+        self.slots.iter().find(|(i, _)| i == id).map(|(_, s)| *s)
+    }
+}
+
+/// The virtio device of network card `net`, at power-on or as `saved` left it.
+fn net_device(
+    net: &NetBackend,
+    saved: Option<&TransportState>,
+) -> Result<Box<dyn VirtioDevice>, Error> {
+    let c = &net.config;
+    let params = NetParams {
+        mac: c.mac.expect("filled in by Backends::open").0,
+        mtu: c.mtu,
+        queue_size: c.queue_size,
+        offload_csum: c.offload_csum,
+        offload_tso: c.offload_tso,
+        offload_ufo: c.offload_ufo,
+    };
+    let id = c.id.clone().unwrap_or_default();
+    let taps = net
+        .taps
+        .clone()
+        .ok_or_else(|| Error::NoBackend(id.clone()))?;
+    let state = match saved {
+        Some(s) => Some(
+            serde_json::from_value::<NetState>(s.device.clone())
+                .map_err(|e| Error::State(id.clone(), format!("network state: {e}")))?,
+        ),
+        None => None,
+    };
+    if let Some(s) = state.as_ref().filter(|_| net.transferred) {
+        // The device would attach or detach queues the source shares: refuse instead.
+        if s.active_pairs != taps.active_pairs() {
+            return Err(Error::State(
+                id,
+                format!(
+                    "the device uses {} queue pair(s), but its transferred TAP has {} attached",
+                    s.active_pairs,
+                    taps.active_pairs()
+                ),
+            ));
+        }
+    }
+    Ok(Box::new(Net::new(params, taps, state)))
+}
+
+/// The virtio device of `disk`.
+fn disk_device(disk: &DiskBackend) -> Result<Box<dyn VirtioDevice>, Error> {
+    let id = disk.config.id.clone().unwrap_or_default();
+    let file = disk
+        .file
+        .try_clone()
+        .map_err(|e| Error::Device(id.clone(), e))?;
+    let block = Block::new(BlockParams {
+        file,
+        readonly: disk.config.readonly,
+        direct: disk.config.direct,
+        serial: id.clone(),
+    })
+    .map_err(|e| Error::Device(id, e))?;
+    Ok(Box::new(block))
+}
+
+/// Every device of `config` on `backends`, by id, in configuration order.
+fn devices_of<'a>(
+    config: &'a VmConfig,
+    backends: &'a Backends,
+) -> impl Iterator<Item = (String, DeviceOf<'a>)> {
+    let id = |i: &Option<String>| i.clone().unwrap_or_default();
+    let nets = backends
+        .nets
+        .iter()
+        .map(move |n| (id(&n.config.id), DeviceOf::Net(n)));
+    let disks = backends
+        .disks
+        .iter()
+        .map(move |d| (id(&d.config.id), DeviceOf::Disk(d)));
+    let rng = config.rng.iter().map(move |r| (id(&r.id), DeviceOf::Rng));
+    nets.chain(disks).chain(rng)
+}
+
+/// What a device is built on.
+enum DeviceOf<'a> {
+    Net(&'a NetBackend),
+    Disk(&'a DiskBackend),
+    Rng,
+}
+
+impl DeviceOf<'_> {
+    fn build(&self, saved: Option<&TransportState>) -> Result<Box<dyn VirtioDevice>, Error> {
+        match self {
+            DeviceOf::Net(net) => net_device(net, saved),
+            DeviceOf::Disk(disk) => disk_device(disk),
+            DeviceOf::Rng => Ok(Box::new(Rng::new())),
+        }
+    }
+}
+
+/// Where devices go: the VM's memory and hypervisor operations, its PCI bus, and the window
+/// for new BARs.
+struct Target<'a> {
+    mem: &'a GuestMemory,
+    vm: Arc<dyn VmOps>,
+    pci: &'a mut PciBus,
+    bar_window: (u64, u64),
+}
+
+impl<'a> Target<'a> {
+    fn new(mem: &'a GuestMemory, vm: Arc<dyn VmOps>, pci: &'a mut PciBus) -> Self {
+        Target {
+            mem,
+            vm,
+            pci,
+            bar_window: (MEM_32BIT_DEVICES_START, MEM_32BIT_DEVICES_SIZE),
+        }
+    }
+}
+
+/// Puts `device` on the bus as `id`: in slot `slot` (or the first free one), with BAR 0 in
+/// the first free place of the device window, or as `saved` describes the function.
+fn place(
+    id: String,
+    device: Box<dyn VirtioDevice>,
+    saved: Option<&TransportState>,
+    slot: Option<u8>,
+    to: &mut Target<'_>,
+) -> Result<PciDeviceHandle, Error> {
+    let (mem, vm, pci) = (to.mem, &to.vm, &mut *to.pci);
+    let function = match saved {
+        None => {
+            let addr = pci
+                .free_range(to.bar_window.0, to.bar_window.1, BAR_SIZE)
+                .ok_or_else(|| Error::BarSpace(id.clone()))?;
+            VirtioPciDevice::new(id.clone(), device, addr, mem.clone(), vm.clone())
+        }
+        Some(s) => VirtioPciDevice::restore(id.clone(), device, s.clone(), mem.clone(), vm.clone()),
+    }
+    .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
+    let bar = function.bar();
+    let function = Arc::new(Mutex::new(function));
+    let slot = pci
+        .add(function.clone(), function.clone(), bar, slot)
+        .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
+    log::debug!("{id}: PCI 00:{slot:02x}.0, BAR 0 at {:#x}", bar.addr);
+    Ok(PciDeviceHandle {
+        id,
+        slot,
+        device: function,
+    })
+}
 
 /// Builds the virtio devices of `config` on `backends` and puts them on `pci`: at power-on,
-/// or as `saved` describes them (same devices, same order).
+/// or as `saved` describes them (same devices, same slots).
 pub fn create(
     config: &VmConfig,
     backends: &Backends,
     mem: &GuestMemory,
     vm: Arc<dyn VmOps>,
     pci: &mut PciBus,
-    saved: Option<&[(String, TransportState)]>,
+    saved: Option<Saved<'_>>,
 ) -> Result<Vec<PciDeviceHandle>, Error> {
-    let saved_state = |id: &str| -> Result<Option<&TransportState>, Error> {
-        let Some(saved) = saved else { return Ok(None) };
-        saved
-            .iter()
-            .find(|(i, _)| i == id)
-            .map(|(_, s)| Some(s))
-            .ok_or_else(|| Error::State(id.into(), "the saved state has no such device".into()))
-    };
+    let all: Vec<_> = devices_of(config, backends).collect();
+    let mut order: Vec<(String, &DeviceOf, Option<u8>)> = Vec::new();
     if let Some(saved) = saved {
-        let configured =
-            backends.nets.len() + backends.disks.len() + usize::from(config.rng.is_some());
-        if saved.len() != configured {
+        if saved.devices.len() != all.len() {
             return Err(Error::State(
                 String::new(),
-                format!("{} devices saved, {configured} configured", saved.len()),
+                format!(
+                    "{} devices saved, {} configured",
+                    saved.devices.len(),
+                    all.len()
+                ),
             ));
         }
-    }
-    let mut bars = AddressAllocator::new(MEM_32BIT_DEVICES_START, MEM_32BIT_DEVICES_SIZE);
-    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-    for net in &backends.nets {
-        let c = &net.config;
-        let params = NetParams {
-            mac: c.mac.expect("filled in by Backends::open").0,
-            mtu: c.mtu,
-            queue_size: c.queue_size,
-            offload_csum: c.offload_csum,
-            offload_tso: c.offload_tso,
-            offload_ufo: c.offload_ufo,
-        };
-        let id = c.id.clone().unwrap_or_default();
-        let taps = net
-            .taps
-            .clone()
-            .ok_or_else(|| Error::NoBackend(id.clone()))?;
-        let state = match saved_state(&id)? {
-            Some(s) => Some(
-                serde_json::from_value::<NetState>(s.device.clone())
-                    .map_err(|e| Error::State(id.clone(), format!("network state: {e}")))?,
-            ),
-            None => None,
-        };
-        if let Some(s) = state.as_ref().filter(|_| net.transferred) {
-            // The device would attach or detach queues the source shares: refuse instead.
-            if s.active_pairs != taps.active_pairs() {
-                return Err(Error::State(
-                    id,
-                    format!(
-                        "the device uses {} queue pair(s), but its transferred TAP has {} attached",
-                        s.active_pairs,
-                        taps.active_pairs()
-                    ),
-                ));
+        // Devices whose slot was saved first, so none takes another's slot.
+        for (id, of) in &all {
+            if let Some(slot) = saved.slot(id) {
+                order.push((id.clone(), of, Some(slot)));
             }
         }
-        devices.push((id, Box::new(Net::new(params, taps, state))));
     }
-    for disk in &backends.disks {
-        let id = disk.config.id.clone().unwrap_or_default();
-        let file = disk
-            .file
-            .try_clone()
-            .map_err(|e| Error::Device(id.clone(), e))?;
-        let block = Block::new(BlockParams {
-            file,
-            readonly: disk.config.readonly,
-            direct: disk.config.direct,
-            serial: id.clone(),
-        })
-        .map_err(|e| Error::Device(id.clone(), e))?;
-        devices.push((id, Box::new(block)));
+    for (id, of) in &all {
+        if saved.and_then(|s| s.slot(id)).is_none() {
+            order.push((id.clone(), of, None));
+        }
     }
-    if let Some(rng) = &config.rng {
-        devices.push((rng.id.clone().unwrap_or_default(), Box::new(Rng::new())));
-    }
-
+    let mut to = Target::new(mem, vm, pci);
     let mut handles = Vec::new();
-    for (id, device) in devices {
-        let addr = bars
-            .allocate(BAR_SIZE, BAR_SIZE)
-            .ok_or_else(|| Error::BarSpace(id.clone()))?;
-        let function = match saved_state(&id)? {
-            None => VirtioPciDevice::new(id.clone(), device, addr, mem.clone(), vm.clone()),
-            Some(s) => {
-                VirtioPciDevice::restore(id.clone(), device, s.clone(), mem.clone(), vm.clone())
-            }
-        }
-        .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
-        let bar = function.bar();
-        let function = Arc::new(Mutex::new(function));
-        let slot = pci
-            .add(function.clone(), function.clone(), bar)
-            .map_err(|e| Error::Pci(id.clone(), Box::new(e)))?;
-        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR 0 at {:#x}", bar.addr);
-        handles.push((id, function));
+    for (id, of, slot) in order {
+        let state = saved.map(|s| s.state(&id)).transpose()?;
+        let device = of.build(state)?;
+        handles.push(place(id, device, state, slot, &mut to)?);
     }
     Ok(handles)
+}
+
+/// Builds device `id` of `config` on `backends` and puts it on `pci` while the VM runs.
+pub fn hot_add(
+    id: &str,
+    config: &VmConfig,
+    backends: &Backends,
+    mem: &GuestMemory,
+    vm: Arc<dyn VmOps>,
+    pci: &mut PciBus,
+) -> Result<PciDeviceHandle, Error> {
+    let (id, of) = devices_of(config, backends)
+        .find(|(i, _)| i == id)
+        .ok_or_else(|| Error::State(id.into(), "no such device is configured".into()))?;
+    let device = of.build(None)?;
+    place(id, device, None, None, &mut Target::new(mem, vm, pci))
 }

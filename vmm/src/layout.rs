@@ -10,7 +10,8 @@
 //! 0x0010_0000  kernel (1 MiB), RAM up to the PCI hole
 //! 0xc000_0000  32-bit device MMIO (PCI BARs)                            3 GiB
 //! 0xe000_0000  PCI ECAM, segment 0 bus 0 (MCFG)                         reserved
-//! 0xfeb0_0000  ACPI Generic Event Device (power button)
+//! 0xfeb0_0000  ACPI Generic Event Device (power button, PCI hot-plug)
+//! 0xfeb0_1000  ACPI PCI hot-plug registers
 //! 0xfec0_0000  IOAPIC, 0xfee0_0000 local APIC
 //! 0xfffb_c000  KVM identity map page and TSS (3 pages)
 //! 4 GiB        the rest of RAM
@@ -49,6 +50,8 @@ pub const PCI_MMCONFIG_START: u64 = 0xe000_0000;
 pub const PCI_MMCONFIG_SIZE: u64 = 0x10_0000;
 /// ACPI Generic Event Device registers (power button).
 pub const ACPI_GED_START: u64 = 0xfeb0_0000;
+/// ACPI PCI hot-plug registers (slots that changed, eject).
+pub const PCI_HOTPLUG_START: u64 = 0xfeb0_1000;
 /// IOAPIC registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.
@@ -59,7 +62,6 @@ pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 /// RAM above the hole starts here.
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
-
 /// Port of the first serial port and its IRQ.
 pub const COM1_PORT: u64 = 0x3f8;
 /// COM1's IRQ (ISA IRQ 4, GSI 4).

@@ -2,8 +2,9 @@
 //!
 //! The control loop ([`run`]) waits on eventfds: the guest powering off (baton exits 0), the
 //! guest resetting (the VM is rebuilt in the same process), a vCPU failing (baton exits with
-//! an error), SIGTERM/SIGINT (the VM is shut down and baton exits 0), and requests of the
-//! internal API ([`api::request`]), which [`control`] handles.
+//! an error), the guest ejecting a hot-plugged device (it is released), SIGTERM/SIGINT (the
+//! VM is shut down and baton exits 0), and requests of the internal API ([`api::request`]),
+//! which [`control`] handles.
 #![warn(missing_docs)]
 
 pub mod acpi;
@@ -219,6 +220,7 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
                 &events.exit,
                 &events.reset,
                 &events.fail,
+                &events.eject,
                 &terminate,
                 vmm.migration_event(),
             ];
@@ -244,12 +246,13 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
                 vmm.shutdown();
                 return Err(Error::VcpuFailed);
             }
-            3 => {
+            3 => vmm.devices_ejected(),
+            4 => {
                 log::info!("signal received: shutting the VM down");
                 vmm.shutdown();
                 return Ok(Outcome::Signalled);
             }
-            4 => {
+            5 => {
                 if vmm.migration_done() == After::Exit {
                     log::info!("the VM was migrated: exiting");
                     if let Some((_, _, server)) = &api {
@@ -259,7 +262,7 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
                 }
             }
             _ => {
-                let (requests, _, server) = api.as_ref().expect("index 5 is the API eventfd");
+                let (requests, _, server) = api.as_ref().expect("index 6 is the API eventfd");
                 while let Ok(request) = requests.try_recv() {
                     let (response, after) = match request.action {
                         // Migrations answer when they end, from their own thread.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use api::VmConfig;
 use devices::acpi::Ged;
 use devices::legacy::{Cmos, CmosState, Serial, SerialState, I8042};
+use devices::pci::hotplug::{PciHotplug, HOTPLUG_LEN};
 use devices::pci::{PciBus, PciConfigIo, PciEcam};
 use devices::virtio::transport::TransportState;
 use devices::{Bus, Trigger};
@@ -95,8 +96,14 @@ pub struct VmState {
     pub cmos: CmosState,
     /// ACPI GED events the guest has not read.
     pub ged: u8,
-    /// The virtio PCI devices, in the order they sit on the bus.
+    /// The virtio PCI devices.
     pub devices: Vec<(String, TransportState)>,
+    /// Each virtio device's slot on PCI bus 0, by id.
+    #[serde(default)]
+    pub slots: Vec<(String, u8)>,
+    /// PCI hot-plug news the guest has not read: (arrived, to remove) slot bitmaps.
+    #[serde(default)]
+    pub hotplug: devices::pci::hotplug::Pending,
 }
 
 /// How a VM starts.
@@ -225,6 +232,8 @@ pub struct VmEvents {
     pub reset: EventFd,
     /// vCPU failure.
     pub fail: EventFd,
+    /// The guest ejected a hot-plugged device ([`Vm::take_ejected`] says which).
+    pub eject: EventFd,
 }
 
 impl VmEvents {
@@ -234,16 +243,18 @@ impl VmEvents {
             exit: self.exit.try_clone()?,
             reset: self.reset.try_clone()?,
             fail: self.fail.try_clone()?,
+            eject: self.eject.try_clone()?,
         })
     }
 
-    /// Three new non-blocking eventfds.
+    /// Four new non-blocking eventfds.
     pub fn new() -> Result<Self, Error> {
         let new = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
         Ok(VmEvents {
             exit: new()?,
             reset: new()?,
             fail: new()?,
+            eject: new()?,
         })
     }
 
@@ -262,8 +273,11 @@ pub struct Vm {
     ged: Arc<Mutex<Ged>>,
     serial: Arc<Mutex<Serial>>,
     cmos: Arc<Mutex<Cmos>>,
+    pci: Arc<Mutex<PciBus>>,
+    hotplug: Arc<Mutex<PciHotplug>>,
+    interrupts: Arc<Interrupts>,
     // Dropped after the vCPUs stop; dropping a device stops its workers.
-    devices: Vec<PciDeviceHandle>,
+    devices: Mutex<Vec<PciDeviceHandle>>,
     // Dropped after the vCPUs stop: they run on this memory and VM.
     memory: GuestMemory,
     vm_fd: Arc<VmFd>,
@@ -301,6 +315,7 @@ struct Buses {
     serial: Arc<Mutex<Serial>>,
     cmos: Arc<Mutex<Cmos>>,
     pci: Arc<Mutex<PciBus>>,
+    hotplug: Arc<Mutex<PciHotplug>>,
 }
 
 /// Builds the platform devices, at power-on or as `saved` left them.
@@ -371,6 +386,13 @@ fn create_devices(
         PCI_MMCONFIG_SIZE,
     )
     .map_err(|e| Error::Bus("PCI ECAM", e))?;
+    let hotplug = Arc::new(Mutex::new(PciHotplug::new(
+        pci.clone(),
+        clone(&events.eject)?,
+        saved.map_or((0, 0), |s| s.hotplug),
+    )));
+    mmio.insert(hotplug.clone(), PCI_HOTPLUG_START, HOTPLUG_LEN)
+        .map_err(|e| Error::Bus("PCI hot-plug registers", e))?;
 
     Ok(Buses {
         pio: Arc::new(pio),
@@ -379,6 +401,7 @@ fn create_devices(
         serial,
         cmos,
         pci,
+        hotplug,
     })
 }
 
@@ -419,9 +442,12 @@ impl Vm {
             config,
             backends,
             &mem,
-            interrupts,
+            interrupts.clone(),
             &mut buses.pci.lock().expect("PCI lock poisoned"),
-            saved.map(|s| s.devices.as_slice()),
+            saved.map(|s| device_manager::Saved {
+                devices: &s.devices,
+                slots: &s.slots,
+            }),
         )
         .map_err(Error::Devices)?;
 
@@ -493,7 +519,10 @@ impl Vm {
             ged: buses.ged,
             serial: buses.serial,
             cmos: buses.cmos,
-            devices,
+            pci: buses.pci,
+            hotplug: buses.hotplug,
+            interrupts,
+            devices: Mutex::new(devices),
             memory: mem,
             vm_fd,
         })
@@ -504,13 +533,16 @@ impl Vm {
         let vcpus = self.vcpus.save_state().map_err(Error::Vcpu)?;
         let kvm = state::save_vm(&self.vm_fd).map_err(|e| Error::State("save", e))?;
         let mut devices = Vec::new();
-        for (id, d) in &self.devices {
+        let mut slots = Vec::new();
+        for d in self.devices().iter() {
             let s = d
+                .device
                 .lock()
                 .expect("device lock poisoned")
                 .state()
                 .map_err(Error::NotPaused)?;
-            devices.push((id.clone(), s));
+            devices.push((d.id.clone(), s));
+            slots.push((d.id.clone(), d.slot));
         }
         Ok(VmState {
             vcpus,
@@ -519,6 +551,12 @@ impl Vm {
             cmos: self.cmos.lock().expect("CMOS lock poisoned").state(),
             ged: self.ged.lock().expect("GED lock poisoned").pending(),
             devices,
+            slots,
+            hotplug: self
+                .hotplug
+                .lock()
+                .expect("hot-plug lock poisoned")
+                .pending(),
         })
     }
 
@@ -580,8 +618,8 @@ impl Vm {
     /// runs guest code and no device touches guest memory or its backend.
     pub fn pause(&self) {
         self.vcpus.pause();
-        for (_, d) in &self.devices {
-            d.lock().expect("device lock poisoned").pause();
+        for d in self.devices().iter() {
+            d.device.lock().expect("device lock poisoned").pause();
         }
     }
 
@@ -595,11 +633,11 @@ impl Vm {
 
     /// Each device's counters, by device id.
     pub fn counters(&self) -> Vec<(String, Vec<(String, u64)>)> {
-        self.devices
+        self.devices()
             .iter()
-            .map(|(id, d)| {
-                let counters = d.lock().expect("device lock poisoned").device().counters();
-                (id.clone(), counters)
+            .map(|d| {
+                let device = d.device.lock().expect("device lock poisoned");
+                (d.id.clone(), device.device().counters())
             })
             .filter(|(_, c)| !c.is_empty())
             .collect()
@@ -607,16 +645,90 @@ impl Vm {
 
     /// Restarts the devices, then the vCPUs, after [`Vm::pause`] (or a restore).
     pub fn resume(&self) {
-        for (_, d) in &self.devices {
-            d.lock().expect("device lock poisoned").resume();
+        for d in self.devices().iter() {
+            d.device.lock().expect("device lock poisoned").resume();
         }
         self.vcpus.resume();
     }
 
     /// Asks network drivers that can to announce the guest where it now runs.
     pub fn announce(&self) {
-        for (_, d) in &self.devices {
-            d.lock().expect("device lock poisoned").announce();
+        for d in self.devices().iter() {
+            d.device.lock().expect("device lock poisoned").announce();
         }
+    }
+
+    fn devices(&self) -> std::sync::MutexGuard<'_, Vec<PciDeviceHandle>> {
+        self.devices.lock().expect("device list lock poisoned")
+    }
+
+    /// Hot-plugs device `id` of `config` (its backend already in `backends`) and tells the
+    /// guest through the GED; returns its slot.
+    pub fn add_device(
+        &self,
+        id: &str,
+        config: &VmConfig,
+        backends: &Backends,
+    ) -> Result<u8, Error> {
+        let handle = device_manager::hot_add(
+            id,
+            config,
+            backends,
+            &self.memory,
+            self.interrupts.clone(),
+            &mut self.pci.lock().expect("PCI lock poisoned"),
+        )
+        .map_err(Error::Devices)?;
+        let slot = handle.slot;
+        self.devices().push(handle);
+        self.hotplug
+            .lock()
+            .expect("hot-plug lock poisoned")
+            .arrived(slot);
+        self.notify_hotplug();
+        Ok(slot)
+    }
+
+    /// Asks the guest to let go of device `id`: it ejects it when its driver has stopped,
+    /// and [`Vm::take_ejected`] then names it. False if no such device is on PCI.
+    pub fn request_removal(&self, id: &str) -> bool {
+        let Some(slot) = self.devices().iter().find(|d| d.id == id).map(|d| d.slot) else {
+            return false;
+        };
+        self.hotplug
+            .lock()
+            .expect("hot-plug lock poisoned")
+            .request_removal(slot);
+        self.notify_hotplug();
+        true
+    }
+
+    fn notify_hotplug(&self) {
+        let raised = self
+            .ged
+            .lock()
+            .expect("GED lock poisoned")
+            .notify(devices::acpi::GED_EVENT_PCI_HOTPLUG);
+        if let Err(e) = raised {
+            log::warn!("cannot interrupt the guest about PCI hot-plug: {e}");
+        }
+    }
+
+    /// The devices the guest ejected since the last call, by id: they are off the bus and
+    /// stopped now, their notifications and interrupts given back.
+    pub fn take_ejected(&self) -> Vec<String> {
+        let slots = self
+            .hotplug
+            .lock()
+            .expect("hot-plug lock poisoned")
+            .take_ejected();
+        let mut devices = self.devices();
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *devices)
+            .into_iter()
+            .partition(|d| slots.contains(&d.slot));
+        *devices = kept;
+        drop(devices);
+        // Dropping the handles stops the devices.
+        gone.into_iter().map(|d| d.id).collect()
     }
 }

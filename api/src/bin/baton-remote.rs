@@ -144,14 +144,15 @@ const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
         "add-disk",
         "vm.add-disk",
         api::DiskConfig::SYNTAX,
-        "Add a disk to a VM that has not booted, or is shut down (PUT vm.add-disk)",
+        "Add a disk (PUT vm.add-disk): at the next boot, or hot-plugged into a running VM",
         |s| api::DiskConfig::from_option_string(s).map(json),
     ),
     (
         "remove-device",
         "vm.remove-device",
         "ID: the device's id (net0, disk0, rng0 ...)",
-        "Remove a device from a VM that has not booted, or is shut down (PUT vm.remove-device)",
+        "Remove a device (PUT vm.remove-device): at once if the VM is not running, else when \
+         the guest ejects it",
         |s| Ok(json(serde_json::json!({ "id": s }))),
     ),
 ];
@@ -189,8 +190,8 @@ fn command() -> Command {
     cmd.subcommand(
         Command::new("add-net")
             .about(
-                "Add a network card to a VM that has not booted (PUT vm.add-net); \
-                 TAP descriptors given with fd=[...] or --fd travel with SCM_RIGHTS",
+                "Add a network card (PUT vm.add-net): at the next boot, or hot-plugged into a \
+                 running VM; TAP descriptors given with fd=[...] or --fd travel with SCM_RIGHTS",
             )
             .arg(
                 Arg::new("net")

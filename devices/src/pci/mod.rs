@@ -5,9 +5,9 @@
 //! nothing there. Other functions (virtio devices) sit in slots 1 to 31, function 0; when the
 //! guest moves one of their BARs, the bus moves the function on the MMIO bus too.
 
-pub mod allocator;
 pub mod configuration;
 mod host_bridge;
+pub mod hotplug;
 pub mod msix;
 
 use std::sync::{Arc, Mutex, Weak};
@@ -40,6 +40,9 @@ pub enum PciError {
     /// All 31 slots are taken.
     #[error("No free PCI slot: at most 31 devices")]
     NoSlot,
+    /// The slot asked for is taken, or is no device slot.
+    #[error("PCI slot {0} is taken or does not exist")]
+    Taken(usize),
     /// Its BAR overlaps another device.
     #[error("Cannot map the device's BAR")]
     Bar(#[source] crate::BusError),
@@ -77,19 +80,27 @@ impl PciBus {
         }
     }
 
-    /// Places a function with one memory BAR at `bar` in the first free slot; returns the
-    /// slot. `bars` answers the guest's accesses to that BAR.
+    /// Places a function with one memory BAR at `bar` in slot `at`, or in the first free
+    /// slot if `at` is `None`; returns the slot. `bars` answers the guest's accesses to that
+    /// BAR.
     pub fn add(
         &mut self,
         config: Arc<Mutex<dyn PciDevice>>,
         bars: Arc<Mutex<dyn BusDevice>>,
         bar: Bar,
+        at: Option<u8>,
     ) -> Result<u8, PciError> {
-        let slot = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(PciError::NoSlot)?;
+        let slot = match at {
+            Some(slot) => usize::from(slot),
+            None => self
+                .slots
+                .iter()
+                .position(Option::is_none)
+                .ok_or(PciError::NoSlot)?,
+        };
+        if slot == 0 || self.slots.get(slot).is_none_or(Option::is_some) {
+            return Err(PciError::Taken(slot));
+        }
         self.mmio()
             .ok_or(PciError::NoBus)?
             .insert(bars.clone(), bar.addr, bar.size)
@@ -99,6 +110,28 @@ impl PciBus {
             bars: Some(bars),
         });
         Ok(slot as u8)
+    }
+
+    /// Takes the function in `slot` off the bus and its BARs off the MMIO bus; false if
+    /// there is none (or it is the host bridge, which stays).
+    pub fn remove(&mut self, slot: u8) -> bool {
+        let slot = usize::from(slot);
+        if slot == 0 {
+            return false;
+        }
+        let Some(removed) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return false;
+        };
+        if let (Some(bars), Some(mmio)) = (&removed.bars, self.mmio()) {
+            mmio.remove_device(bars);
+        }
+        true
+    }
+
+    /// Where a BAR of `size` bytes fits within `[base, base + window)` of the MMIO bus now
+    /// (see [`Bus::free_range`]).
+    pub fn free_range(&self, base: u64, window: u64, size: u64) -> Option<u64> {
+        self.mmio()?.free_range(base, window, size)
     }
 
     /// The MMIO bus; `None` only while the VM is being torn down.
@@ -257,7 +290,7 @@ impl BusDevice for PciEcam {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -294,7 +327,7 @@ mod tests {
     }
 
     /// A function with one 32-bit memory BAR whose reads answer `tag`.
-    struct Function {
+    pub(crate) struct Function {
         config: PciConfiguration,
         tag: u8,
     }
@@ -315,7 +348,8 @@ mod tests {
         fn write(&mut self, _offset: u64, _data: &[u8]) {}
     }
 
-    fn function(addr: u64, tag: u8) -> (Arc<Mutex<Function>>, Bar) {
+    /// A function with one 4 KiB memory BAR at `addr` whose bytes all read as `tag`.
+    pub(crate) fn function(addr: u64, tag: u8) -> (Arc<Mutex<Function>>, Bar) {
         let mut config = PciConfiguration::new(Identity {
             vendor: 0x1af4,
             device: 0x1044,
@@ -339,8 +373,8 @@ mod tests {
         let mut pci = PciBus::new(mmio.clone());
         let (a, bar_a) = function(0xc000_0000, 0xaa);
         let (b, bar_b) = function(0xc000_4000, 0xbb);
-        assert_eq!(pci.add(a.clone(), a, bar_a).unwrap(), 1);
-        assert_eq!(pci.add(b.clone(), b, bar_b).unwrap(), 2);
+        assert_eq!(pci.add(a.clone(), a, bar_a, None).unwrap(), 1);
+        assert_eq!(pci.add(b.clone(), b, bar_b, None).unwrap(), 2);
         let mut byte = [0u8; 1];
         let at = |addr: u64| {
             let mut byte = [0u8; 1];
@@ -358,5 +392,44 @@ mod tests {
         pci.write(0, 1, 0, 0x10, &0xc000_8000u32.to_le_bytes());
         assert_eq!((at(0xc000_4000), at(0xc000_8000)), (Some(0xbb), Some(0xaa)));
         pci.read(0, 1, 0, 0x10, &mut byte);
+    }
+
+    #[test]
+    fn functions_come_and_go_by_slot() {
+        let mmio = Arc::new(Bus::new());
+        let mut pci = PciBus::new(mmio.clone());
+        let (a, bar_a) = function(0xc000_0000, 0xaa);
+        let (b, bar_b) = function(0xc000_4000, 0xbb);
+        assert_eq!(pci.add(a.clone(), a.clone(), bar_a, Some(5)).unwrap(), 5);
+        assert!(matches!(
+            pci.add(b.clone(), b.clone(), bar_b, Some(5)),
+            Err(PciError::Taken(5))
+        ));
+        assert!(matches!(
+            pci.add(b.clone(), b.clone(), bar_b, Some(0)),
+            Err(PciError::Taken(0))
+        ));
+        assert!(matches!(
+            pci.add(b.clone(), b.clone(), bar_b, Some(32)),
+            Err(PciError::Taken(32))
+        ));
+        let vendor = |pci: &mut PciBus, dev: u8| {
+            let mut id = [0u8; 2];
+            pci.read(0, dev, 0, 0, &mut id);
+            u16::from_le_bytes(id)
+        };
+        assert_eq!(vendor(&mut pci, 5), 0x1af4);
+        let mut byte = [0u8; 1];
+        assert!(mmio.read(0xc000_0000, &mut byte));
+        assert!(!pci.remove(0), "the host bridge stays");
+        assert!(pci.remove(5));
+        assert!(!pci.remove(5));
+        assert_eq!(
+            vendor(&mut pci, 5),
+            0xffff,
+            "an empty slot reads as all ones"
+        );
+        assert!(!mmio.read(0xc000_0000, &mut byte), "its BAR is unmapped");
+        assert_eq!(pci.add(b.clone(), b, bar_b, None).unwrap(), 1);
     }
 }
