@@ -67,7 +67,8 @@ fn aml_bytes(item: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn dsdt() -> Sdt {
+/// The DSDT of a VM whose 64-bit device window starts at `window64`.
+fn dsdt(window64: u64) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     // Each object is serialised within one statement: the AML builders borrow temporaries.
     dsdt.append_slice(&aml_bytes(&aml::Name::new(
@@ -96,6 +97,13 @@ fn dsdt() -> Sdt {
                         true,
                         MEM_32BIT_DEVICES_START as u32,
                         (MEM_32BIT_DEVICES_START + MEM_32BIT_DEVICES_SIZE - 1) as u32,
+                        None,
+                    ),
+                    &aml::AddressSpace::new_memory(
+                        aml::AddressSpaceCacheable::NotCacheable,
+                        true,
+                        window64,
+                        window64 + MEM_64BIT_DEVICES_SIZE - 1,
                         None,
                     ),
                 ]),
@@ -364,8 +372,9 @@ fn mcfg() -> Vec<u8> {
     aml_bytes(&mcfg)
 }
 
-/// Builds every table for a VM with `cpus` vCPUs, laid out from [`ACPI_START`].
-pub fn build(cpus: u8) -> Result<Tables, Error> {
+/// Builds every table for a VM with `cpus` vCPUs and `ram` bytes of RAM, laid out from
+/// [`ACPI_START`].
+pub fn build(cpus: u8, ram: u64) -> Result<Tables, Error> {
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let mut next = align(rsdp_addr + Rsdp::len() as u64);
@@ -376,7 +385,7 @@ pub fn build(cpus: u8) -> Result<Tables, Error> {
         blobs.push((addr, bytes));
         addr
     };
-    let dsdt_addr = place(dsdt().as_slice().to_vec());
+    let dsdt_addr = place(dsdt(mem_64bit_devices_start(ram)).as_slice().to_vec());
     let fadt_addr = place(fadt(dsdt_addr));
     let madt_addr = place(madt(cpus).as_slice().to_vec());
     let mcfg_addr = place(mcfg());
@@ -418,7 +427,7 @@ mod tests {
 
     #[test]
     fn rsdp_points_to_xsdt_listing_tables() {
-        let t = build(4).unwrap();
+        let t = build(4, 256 << 20).unwrap();
         let (rsdp_addr, rsdp) = (t.blobs[0].0, &t.blobs[0].1);
         assert_eq!(rsdp_addr, ACPI_START);
         assert_eq!(&rsdp[0..8], b"RSD PTR ");
@@ -440,7 +449,7 @@ mod tests {
 
     #[test]
     fn every_table_has_valid_length_and_checksum() {
-        let t = build(16).unwrap();
+        let t = build(16, 256 << 20).unwrap();
         for (addr, b) in t.blobs.iter().skip(1) {
             assert_eq!(
                 u32_at(b, 4) as usize,
@@ -468,7 +477,7 @@ mod tests {
 
     #[test]
     fn madt_lists_each_cpu_and_the_ioapic() {
-        let t = build(5).unwrap();
+        let t = build(5, 256 << 20).unwrap();
         let (_, madt) = table(&t, b"APIC");
         assert_eq!(u32_at(madt, 36), APIC_START as u32);
         let mut off = 44;
@@ -496,7 +505,7 @@ mod tests {
 
     #[test]
     fn fadt_is_hardware_reduced_with_our_registers() {
-        let t = build(1).unwrap();
+        let t = build(1, 256 << 20).unwrap();
         let (_, fadt) = table(&t, b"FACP");
         let (dsdt_addr, dsdt) = table(&t, b"DSDT");
         let flags = u32_at(fadt, 112);
@@ -526,7 +535,7 @@ mod tests {
     /// also held its register window.
     #[test]
     fn ged_resources_are_only_its_interrupt() {
-        let t = build(1).unwrap();
+        let t = build(1, 256 << 20).unwrap();
         let (_, dsdt) = table(&t, b"DSDT");
         let ged = dsdt.windows(4).position(|w| w == b"GED_").expect("GED_");
         let crs = ged
@@ -548,7 +557,7 @@ mod tests {
 
     #[test]
     fn mcfg_covers_bus_zero_ecam() {
-        let t = build(1).unwrap();
+        let t = build(1, 256 << 20).unwrap();
         let (_, mcfg) = table(&t, b"MCFG");
         assert_eq!(mcfg.len(), 44 + 16);
         assert_eq!(u64_at(mcfg, 44), PCI_MMCONFIG_START);

@@ -22,7 +22,7 @@ use devices::virtio::transport::TransportState;
 use devices::virtio::{GuestMemory, VirtioDevice, VirtioPciDevice, VmOps};
 use net_util::{Tap, TapQueues, TapState};
 
-use crate::layout::{MEM_32BIT_DEVICES_SIZE, MEM_32BIT_DEVICES_START};
+use crate::layout::{mem_64bit_devices_start, MEM_64BIT_DEVICES_SIZE};
 
 /// Errors opening backends or building devices.
 #[derive(Debug, thiserror::Error)]
@@ -445,28 +445,33 @@ impl DeviceOf<'_> {
     }
 }
 
-/// Where devices go: the VM's memory and hypervisor operations, its PCI bus, and the window
-/// for new BARs.
+/// Where devices go: the VM's memory and hypervisor operations, its PCI bus, and the start
+/// of the 64-bit window for new BARs.
 struct Target<'a> {
     mem: &'a GuestMemory,
     vm: Arc<dyn VmOps>,
     pci: &'a mut PciBus,
-    bar_window: (u64, u64),
+    bar_window: u64,
 }
 
 impl<'a> Target<'a> {
-    fn new(mem: &'a GuestMemory, vm: Arc<dyn VmOps>, pci: &'a mut PciBus) -> Self {
+    fn new(
+        config: &VmConfig,
+        mem: &'a GuestMemory,
+        vm: Arc<dyn VmOps>,
+        pci: &'a mut PciBus,
+    ) -> Self {
         Target {
             mem,
             vm,
             pci,
-            bar_window: (MEM_32BIT_DEVICES_START, MEM_32BIT_DEVICES_SIZE),
+            bar_window: mem_64bit_devices_start(config.memory.size),
         }
     }
 }
 
 /// Puts `device` on the bus as `id`: in slot `slot` (or the first free one), with BAR 0 in
-/// the first free place of the device window, or as `saved` describes the function.
+/// the first free place of the 64-bit device window, or as `saved` describes the function.
 fn place(
     id: String,
     device: Box<dyn VirtioDevice>,
@@ -478,7 +483,7 @@ fn place(
     let function = match saved {
         None => {
             let addr = pci
-                .free_range(to.bar_window.0, to.bar_window.1, BAR_SIZE)
+                .free_range(to.bar_window, MEM_64BIT_DEVICES_SIZE, BAR_SIZE)
                 .ok_or_else(|| Error::BarSpace(id.clone()))?;
             VirtioPciDevice::new(id.clone(), device, addr, mem.clone(), vm.clone())
         }
@@ -533,7 +538,7 @@ pub fn create(
             order.push((id.clone(), of, None));
         }
     }
-    let mut to = Target::new(mem, vm, pci);
+    let mut to = Target::new(config, mem, vm, pci);
     let mut handles = Vec::new();
     for (id, of, slot) in order {
         let state = saved.map(|s| s.state(&id)).transpose()?;
@@ -556,5 +561,11 @@ pub fn hot_add(
         .find(|(i, _)| i == id)
         .ok_or_else(|| Error::State(id.into(), "no such device is configured".into()))?;
     let device = of.build(None)?;
-    place(id, device, None, None, &mut Target::new(mem, vm, pci))
+    place(
+        id,
+        device,
+        None,
+        None,
+        &mut Target::new(config, mem, vm, pci),
+    )
 }

@@ -15,6 +15,7 @@
 //! 0xfec0_0000  IOAPIC, 0xfee0_0000 local APIC
 //! 0xfffb_c000  KVM identity map page and TSS (3 pages)
 //! 4 GiB        the rest of RAM
+//! next GiB     64-bit device MMIO (PCI BARs of baton's devices)         16 GiB
 //! ```
 
 /// Start of the GDT used by 64-bit boot.
@@ -62,6 +63,18 @@ pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 /// RAM above the hole starts here.
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+/// Size of the 64-bit PCI BAR window.
+pub const MEM_64BIT_DEVICES_SIZE: u64 = 16 << 30;
+
+/// Start of the 64-bit PCI BAR window of a VM with `ram` bytes of RAM: the first GiB
+/// boundary above RAM (which continues at 4 GiB past the hole). virtio BARs are 64-bit and
+/// go here, above 4 GiB, as Cloud Hypervisor places them; the 32-bit window stays for BARs
+/// a guest moves there, and for states saved before.
+pub fn mem_64bit_devices_start(ram: u64) -> u64 {
+    let top = RAM_64BIT_START + ram.saturating_sub(MEM_32BIT_RESERVED_START);
+    top.next_multiple_of(1 << 30)
+}
+
 /// Port of the first serial port and its IRQ.
 pub const COM1_PORT: u64 = 0x3f8;
 /// COM1's IRQ (ISA IRQ 4, GSI 4).
@@ -78,3 +91,17 @@ pub const PCI_CONFIG_PORT: u64 = 0xcf8;
 pub const ACPI_GED_IRQ: u32 = 5;
 /// SCI interrupt announced in the FADT.
 pub const SCI_IRQ: u16 = 9;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_64_bit_window_starts_at_the_first_gib_above_ram() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(mem_64bit_devices_start(256 << 20), 4 * GIB);
+        assert_eq!(mem_64bit_devices_start(3 * GIB), 4 * GIB);
+        assert_eq!(mem_64bit_devices_start(4 * GIB), 5 * GIB);
+        assert_eq!(mem_64bit_devices_start(5 * GIB + GIB / 2), 7 * GIB);
+    }
+}

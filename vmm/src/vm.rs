@@ -456,7 +456,7 @@ impl Vm {
         let entry = match saved {
             Some(_) => None,
             None => {
-                let tables = acpi::build(cpus).map_err(Error::Acpi)?;
+                let tables = acpi::build(cpus, config.memory.size).map_err(Error::Acpi)?;
                 tables.write(&mem).map_err(Error::Acpi)?;
                 let map = memory::memory_map(config.memory.size);
                 Some(
