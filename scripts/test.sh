@@ -2,8 +2,8 @@
 # Runs every check baton has: formatting, clippy with warnings denied, unit tests and the
 # integration tests that boot real guests on KVM (baton's test guest, and a small Linux
 # built from Debian's kernel source by scripts/linux-kernel.sh, cached outside the
-# repository), then api/openapi.yaml against a running baton with schemathesis
-# (scripts/schemathesis.sh). Installs what it needs on Debian.
+# repository) and, on QEMU, the test guest again; then api/openapi.yaml against a running
+# baton with schemathesis (scripts/schemathesis.sh). Installs what it needs on Debian.
 # Usage: scripts/test.sh [cargo test args...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,7 +12,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 help_if_asked "$@"
 
 ensure_build_deps
-ensure_packages iproute2 iputils-ping
+# qemu-system-x86: tests/tests/qemu.rs boots the test guest on QEMU.
+ensure_packages iproute2 iputils-ping qemu-system-x86
 require_kvm
 BATON_LINUX_DIR=$(scripts/linux-kernel.sh)
 export BATON_LINUX_DIR
