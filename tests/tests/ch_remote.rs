@@ -1,9 +1,9 @@
 //! Cloud Hypervisor's own clients drive baton unchanged: a client that writes requests,
 //! bodies and descriptors exactly as `ch-remote` v53 does, and reads answers as its
 //! `api_client` does, takes one test guest through every verb: create, add-net with passed
-//! TAP descriptors, add-disk, remove-device, boot, info, counters, pause, snapshot, resume,
-//! reboot, a local migration with backend transfer, shutdown, delete, restore with net_fds,
-//! power-button, and shutdown-vmm. Each step's effect is checked, on the guest where it shows.
+//! TAP descriptors, add-disk, remove-device, boot, info, counters, hot-plug and unplug of a
+//! disk, pause, snapshot, resume, reboot, a local migration with backend transfer, shutdown,
+//! delete, restore with net_fds, power-button, and shutdown-vmm. Each step's effect is checked, on the guest where it shows.
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -153,6 +153,43 @@ fn ch_remote_drives_every_verb() {
         counters["net0"]["rx_frames"].as_u64().unwrap_or(0) > 0,
         "{counters}"
     );
+
+    // Hot-plug: ch-remote prints the PciDeviceInfo; the guest sees the disk come and go.
+    let hot = ok(
+        &ch,
+        "PUT",
+        "vm.add-disk",
+        Some(&bodies::add_disk("hot", &image)),
+    )
+    .expect("a hot-plug answers with the device's address");
+    assert_eq!(hot["id"], "hot", "{hot}");
+    let slot = hot["bdf"]
+        .as_str()
+        .and_then(|b| b.strip_prefix("0000:00:")?.strip_suffix(".0"))
+        .and_then(|s| u8::from_str_radix(s, 16).ok())
+        .unwrap_or_else(|| panic!("no 0000:00:SS.0 address: {hot}"));
+    // The guest drives its first disk only: it sees this one arrive without starting it.
+    let added = console.wait_for("hotplug: added", BOOT);
+    assert!(added.contains(&format!("slot={slot} ")), "{added}");
+    ok(
+        &ch,
+        "PUT",
+        "vm.remove-device",
+        Some(&bodies::remove_device("hot")),
+    );
+    let ejected = console.wait_for("hotplug: ejected", BOOT);
+    assert!(ejected.contains(&format!("slot={slot} ")), "{ejected}");
+    let deadline = std::time::Instant::now() + BOOT;
+    while ok(&ch, "GET", "vm.info", None).expect("info")["config"]["disks"]
+        .as_array()
+        .is_some_and(|d| d.len() != 1)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hot disk never left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     ok(&ch, "PUT", "vm.pause", None);
     let snapshot = format!("file://{}", files.path().join("snapshot").display());
