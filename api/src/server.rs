@@ -155,19 +155,21 @@ impl ApiSocket {
 /// Requests being handled: read, but their answers not yet written.
 #[derive(Default)]
 struct InFlight {
-    count: Mutex<usize>,
+    /// Requests in flight, and whether [`Server::drain`] waits for them.
+    count: Mutex<(usize, bool)>,
     idle: Condvar,
 }
 
 impl InFlight {
     fn start(&self) {
-        *self.count.lock().expect("API lock poisoned") += 1;
+        self.count.lock().expect("API lock poisoned").0 += 1;
     }
 
     fn finish(&self) {
         let mut n = self.count.lock().expect("API lock poisoned");
-        *n -= 1;
-        if *n == 0 {
+        n.0 -= 1;
+        // A wake-up is a system call: only when someone waits.
+        if n.0 == 0 && n.1 {
             self.idle.notify_all();
         }
     }
@@ -183,11 +185,12 @@ impl Server {
     /// Waits (up to `timeout`) until every answer has been written, so that a VMM ending on
     /// `vmm.shutdown` still answers it.
     pub fn drain(&self, timeout: Duration) {
-        let n = self.in_flight.count.lock().expect("API lock poisoned");
+        let mut n = self.in_flight.count.lock().expect("API lock poisoned");
+        n.1 = true;
         let _ = self
             .in_flight
             .idle
-            .wait_timeout_while(n, timeout, |n| *n > 0);
+            .wait_timeout_while(n, timeout, |n| n.0 > 0);
     }
 }
 
@@ -229,6 +232,10 @@ struct Connection {
     closing: bool,
     /// The client shut its side.
     hung_up: bool,
+    /// epoll said input came that has not been read to the end yet.
+    readable: bool,
+    /// epoll said the client shut its side: read to the end of the stream.
+    peer_closed: bool,
     /// epoll reports when the socket takes more output (only while some waits).
     watching_out: bool,
     /// When the request being read began, or when the connection went idle.
@@ -256,13 +263,19 @@ impl EventLoop {
     ) -> Result<Self, ServerError> {
         let epoll = Epoll::new().map_err(ServerError::Thread)?;
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(ServerError::Thread)?);
-        for (fd, token) in [(listener.as_raw_fd(), LISTENER), (wake.as_raw_fd(), WAKE)] {
+        // The wake-up eventfd is edge-triggered: every write to an eventfd is an edge, so it
+        // never needs reading (its counter cannot reach its 2^64 - 1 limit), which saves each
+        // answer a system call.
+        for (fd, token, set) in [
+            (listener.as_raw_fd(), LISTENER, EventSet::IN),
+            (
+                wake.as_raw_fd(),
+                WAKE,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ),
+        ] {
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
                 .map_err(ServerError::Thread)?;
         }
         Ok(EventLoop {
@@ -292,7 +305,6 @@ impl EventLoop {
                 match event.data() {
                     LISTENER => self.accept(),
                     WAKE => {
-                        let _ = self.wake.read();
                         let waiting: Vec<u64> = self
                             .connections
                             .iter()
@@ -303,81 +315,94 @@ impl EventLoop {
                             self.advance(token);
                         }
                     }
-                    token => self.advance(token),
+                    token => {
+                        if let Some(conn) = self.connections.get_mut(&token) {
+                            let set = event.event_set();
+                            conn.readable |= set.intersects(EventSet::IN | EventSet::READ_HANG_UP);
+                            conn.peer_closed |=
+                                set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP);
+                        }
+                        self.advance(token)
+                    }
                 }
             }
             self.expire();
         }
     }
 
+    /// Takes one connection: the listener is level-triggered, so epoll reports the next one
+    /// at once, without a last accept that finds none.
     fn accept(&mut self) {
-        loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Out of descriptors, say: the connection waits in the backlog until
-                    // one is closed.
-                    log::warn!("API: accept failed: {e}");
-                    return;
-                }
-            };
-            if self.connections.len() >= MAX_CONNECTIONS {
-                // Room is made by dropping the connection idle (or trickling a request in)
-                // for longest: a flood of idle or slow clients cannot lock others out.
-                let idlest = self
-                    .connections
-                    .iter()
-                    .filter(|(_, c)| c.pending.is_none() && c.output.is_empty())
-                    .min_by_key(|(_, c)| c.since)
-                    .map(|(t, _)| *t);
-                if let Some(token) = idlest {
-                    self.drop_connection(token);
-                }
+        let stream = match accept_nonblocking(&self.listener) {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                return
             }
-            if self.connections.len() >= MAX_CONNECTIONS {
-                let mut out = Vec::new();
-                let body = error_body(&[format!(
-                    "Too many API connections (at most {MAX_CONNECTIONS}); retry later"
-                )]);
-                http::write_response(&mut out, 503, Some(&body), true, None);
-                // Best effort: a fresh socket's buffer takes a short answer at once.
-                let _ = stream.set_nonblocking(true);
-                let _ = (&stream).write(&out);
-                continue;
+            Err(e) => {
+                // Out of descriptors, say: the connection waits in the backlog until
+                // one is closed.
+                log::warn!("API: accept failed: {e}");
+                return;
             }
-            if stream.set_nonblocking(true).is_err() {
-                continue;
+        };
+        if self.connections.len() >= MAX_CONNECTIONS {
+            // Room is made by dropping the connection idle (or trickling a request in)
+            // for longest: a flood of idle or slow clients cannot lock others out.
+            let idlest = self
+                .connections
+                .iter()
+                .filter(|(_, c)| c.pending.is_none() && c.output.is_empty())
+                .min_by_key(|(_, c)| c.since)
+                .map(|(t, _)| *t);
+            if let Some(token) = idlest {
+                self.drop_connection(token);
             }
-            let token = self.next_token;
-            self.next_token += 1;
-            if let Err(e) = self.epoll.ctl(
-                ControlOperation::Add,
-                stream.as_raw_fd(),
-                EpollEvent::new(interest(false), token),
-            ) {
-                log::warn!("API: cannot watch a connection: {e}");
-                continue;
-            }
-            self.connections.insert(
-                token,
-                Connection {
-                    stream,
-                    input: Vec::new(),
-                    fds: Vec::new(),
-                    output: Vec::new(),
-                    written: 0,
-                    pending: None,
-                    counted: 0,
-                    continued: false,
-                    closing: false,
-                    hung_up: false,
-                    watching_out: false,
-                    since: Instant::now(),
-                },
-            );
         }
+        if self.connections.len() >= MAX_CONNECTIONS {
+            let mut out = Vec::new();
+            let body = error_body(&[format!(
+                "Too many API connections (at most {MAX_CONNECTIONS}); retry later"
+            )]);
+            http::write_response(&mut out, 503, Some(&body), true, None);
+            // Best effort: a fresh socket's buffer takes a short answer at once.
+            let _ = (&stream).write(&out);
+            return;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            stream.as_raw_fd(),
+            EpollEvent::new(interest(false), token),
+        ) {
+            log::warn!("API: cannot watch a connection: {e}");
+            return;
+        }
+        self.connections.insert(
+            token,
+            Connection {
+                stream,
+                input: Vec::new(),
+                fds: Vec::new(),
+                output: Vec::new(),
+                written: 0,
+                pending: None,
+                counted: 0,
+                continued: false,
+                closing: false,
+                hung_up: false,
+                // Adding the socket to epoll reports input that came already.
+                readable: false,
+                peer_closed: false,
+                watching_out: false,
+                since: Instant::now(),
+            },
+        );
     }
 
     /// Does everything connection `token` allows now: read, collect a finished answer,
@@ -485,16 +510,12 @@ impl EventLoop {
         true
     }
 
+    /// Closes connection `token`; closing its only descriptor also takes it off the epoll.
     fn drop_connection(&mut self, token: u64) {
         if let Some(conn) = self.connections.remove(&token) {
             for _ in 0..conn.counted {
                 self.in_flight.finish();
             }
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                conn.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
         }
     }
 
@@ -543,6 +564,26 @@ impl EventLoop {
 
 /// What epoll watches on a connection: input, edge-triggered (every read drains the socket),
 /// and room for output when `out`.
+/// Accepts a connection that is non-blocking and close-on-exec from the start (one system
+/// call, where accept and then fcntl take two).
+fn accept_nonblocking(listener: &UnixListener) -> std::io::Result<UnixStream> {
+    // SAFETY: accept4 with null address arguments writes nothing back; a descriptor it
+    // returns is new and ours.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a connected socket no one else owns.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+}
+
 fn interest(out: bool) -> EventSet {
     let set = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
     if out {
@@ -572,9 +613,14 @@ fn deadline(conn: &Connection) -> Option<Instant> {
 }
 
 /// Reads what the client has sent, up to one request's worth beyond what is buffered.
+///
+/// Connections are edge-triggered: input is read until the socket has no more, which a read
+/// shorter than asked already says (epoll(7)); then nothing is read until epoll reports more.
+/// Every system call counts here, where one costs microseconds.
 fn read_available(conn: &mut Connection) {
     let mut chunk = [0u8; 8192];
-    while conn.input.len() < INPUT_LIMIT && !conn.hung_up {
+    while conn.readable && conn.input.len() < INPUT_LIMIT && !conn.hung_up {
+        let fds_before = conn.fds.len();
         match recv_with_fds(&conn.stream, &mut chunk, &mut conn.fds) {
             Ok(0) => conn.hung_up = true,
             Ok(n) => {
@@ -583,8 +629,24 @@ fn read_available(conn: &mut Connection) {
                     conn.since = Instant::now();
                 }
                 conn.input.extend_from_slice(&chunk[..n]);
+                // After a short read the socket is empty, unless the client also hung up
+                // (the end of the stream is still to be read) or descriptors came: a UNIX
+                // socket ends a read where they are attached, whatever follows. Only a
+                // request still unfinished is worth one more read: its rest (the second
+                // write of a client like Cloud Hypervisor's) may have come meanwhile.
+                let fds_came = conn.fds.len() != fds_before;
+                if n < chunk.len()
+                    && !conn.peer_closed
+                    && !fds_came
+                    && !matches!(http::parse_request(&conn.input), Ok(Parsed::Incomplete))
+                {
+                    conn.readable = false;
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                conn.readable = false;
+                return;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => {
                 conn.hung_up = true;
