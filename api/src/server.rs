@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -115,7 +115,8 @@ impl ApiSocket {
     pub fn from_fd(fd: RawFd) -> Result<Self, ServerError> {
         // The API is unauthenticated: it may only ever listen on a UNIX socket.
         let listening = socket_option(fd, libc::SO_ACCEPTCONN).is_some_and(|v| v != 0);
-        let unix = socket_option(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX);
+        // SAFETY: only borrowed for the check; `fd` stays the caller's until taken below.
+        let unix = fd_passing::is_unix_socket(unsafe { BorrowedFd::borrow_raw(fd) });
         if !listening || !unix {
             return Err(ServerError::BadFd(fd));
         }
@@ -422,7 +423,17 @@ impl EventLoop {
                 conn.pending = None;
                 write_answer(conn, response, close, None);
             }
-            read_available(conn);
+            if let Some(e) = read_available(conn) {
+                // Answered (unless an answer is on its way), then closed: the stream is out
+                // of step with its descriptors.
+                if conn.pending.is_none() {
+                    conn.counted += 1;
+                    self.in_flight.start();
+                    let body = error_body(&[format!("Bad request: {e}")]);
+                    http::write_response(&mut conn.output, 400, Some(&body), true, None);
+                }
+                break;
+            }
             if conn.closing || conn.pending.is_some() || !self.next_request(token) {
                 break;
             }
@@ -617,7 +628,9 @@ fn deadline(conn: &Connection) -> Option<Instant> {
 /// Connections are edge-triggered: input is read until the socket has no more, which a read
 /// shorter than asked already says (epoll(7)); then nothing is read until epoll reports more.
 /// Every system call counts here, where one costs microseconds.
-fn read_available(conn: &mut Connection) {
+/// Returns the error that ends the connection, if the client sent more descriptors than a
+/// request takes.
+fn read_available(conn: &mut Connection) -> Option<std::io::Error> {
     let mut chunk = [0u8; 8192];
     while conn.readable && conn.input.len() < INPUT_LIMIT && !conn.hung_up {
         let fds_before = conn.fds.len();
@@ -645,7 +658,12 @@ fn read_available(conn: &mut Connection) {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 conn.readable = false;
-                return;
+                return None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                conn.hung_up = true;
+                conn.closing = true;
+                return Some(e);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => {
@@ -654,6 +672,7 @@ fn read_available(conn: &mut Connection) {
             }
         }
     }
+    None
 }
 
 /// Queues the answer to a request on `conn`.

@@ -7,7 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use crate::protocol::{
 use crate::url::MigrationUrl;
 
 /// Descriptors in one message: the kernel's SCM_MAX_FD.
-pub const MAX_FDS_PER_MESSAGE: usize = 253;
+pub const MAX_FDS_PER_MESSAGE: usize = fd_passing::MAX_PER_MESSAGE;
 
 #[derive(Debug)]
 enum Stream {
@@ -75,7 +75,7 @@ impl Channel {
     /// Whether the connected socket is a UNIX domain socket, asked of the socket itself: only
     /// then can descriptors travel.
     pub fn is_unix(&self) -> bool {
-        socket_family(self.as_fd()).is_ok_and(|f| f == libc::AF_UNIX)
+        fd_passing::is_unix_socket(self.as_fd())
     }
 
     /// Bounds every read; `None` waits forever.
@@ -111,23 +111,23 @@ impl Channel {
         }
     }
 
-    fn require_unix(&self) -> io::Result<()> {
-        if self.is_unix() {
-            Ok(())
-        } else {
-            Err(unsupported(
+    /// The UNIX domain socket descriptors travel on.
+    fn unix_stream(&self) -> io::Result<&UnixStream> {
+        match &self.stream {
+            Stream::Unix(s) if self.is_unix() => Ok(s),
+            _ => Err(unsupported(
                 "Descriptors can only be passed over a UNIX domain socket",
-            ))
+            )),
         }
     }
 
     /// Sends `fds` as ceil(n / 253) one-byte messages, each byte the number of descriptors its
     /// message carries. The receiver gets duplicates; ours stay open.
     pub fn send_fds(&mut self, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        self.require_unix()?;
+        let sock = self.unix_stream()?;
         for chunk in fds.chunks(MAX_FDS_PER_MESSAGE) {
             let raw: Vec<RawFd> = chunk.iter().map(|fd| fd.as_raw_fd()).collect();
-            send_fd_message(self.as_fd(), &raw)?;
+            send_fd_message(sock, &raw)?;
         }
         Ok(())
     }
@@ -135,11 +135,10 @@ impl Channel {
     /// Receives exactly `n` descriptors sent by [`Channel::send_fds`]. On any error, the
     /// descriptors received so far are closed.
     pub fn recv_fds(&mut self, n: usize) -> io::Result<Vec<OwnedFd>> {
-        self.require_unix()?;
+        let sock = self.unix_stream()?;
         let mut fds = Vec::with_capacity(n.min(1024));
-        let mut control = vec![0u64; cmsg_space(MAX_FDS_PER_MESSAGE).div_ceil(8)];
         while fds.len() < n {
-            let (count, mut got) = recv_fd_message(self.as_fd(), &mut control)?;
+            let (count, mut got) = recv_fd_message(sock)?;
             if usize::from(count) != got.len() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -324,136 +323,26 @@ impl AsFd for Channel {
     }
 }
 
-fn socket_family(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into `addr`, which is that large.
-    let r = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(libc::c_int::from(addr.ss_family))
-}
-
-fn cmsg_space(fds: usize) -> usize {
-    // SAFETY: CMSG_SPACE is arithmetic.
-    unsafe { libc::CMSG_SPACE((fds * std::mem::size_of::<RawFd>()) as u32) as usize }
-}
-
 /// One byte, `fds.len()`, carrying `fds` (at most [`MAX_FDS_PER_MESSAGE`]).
-fn send_fd_message(sock: BorrowedFd<'_>, fds: &[RawFd]) -> io::Result<()> {
-    let body = [fds.len() as u8];
-    let space = cmsg_space(fds.len());
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: body.as_ptr() as *mut libc::c_void,
-        iov_len: body.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid; the fields set below point at live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: `control` holds CMSG_SPACE(len) bytes, room for one header and `fds`, so the
-    // first header exists and its data area takes size_of_val(fds) bytes; a byte copy needs
-    // no alignment.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
-        std::ptr::copy_nonoverlapping(
-            fds.as_ptr().cast::<u8>(),
-            libc::CMSG_DATA(cmsg),
-            std::mem::size_of_val(fds),
-        );
-    }
-    loop {
-        // SAFETY: `msg` points at `iov`, `body` and `control`, all alive; sendmsg only reads.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        match n {
-            1 => return Ok(()),
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
+fn send_fd_message(sock: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
+    match fd_passing::send(sock, &[fds.len() as u8], fds)? {
+        1 => Ok(()),
+        _ => Err(io::ErrorKind::WriteZero.into()),
     }
 }
 
-/// Reads one byte and the descriptors that came with it; the descriptors are owned (and so
-/// closed on every error path) before anything is checked.
-fn recv_fd_message(sock: BorrowedFd<'_>, control: &mut [u64]) -> io::Result<(u8, Vec<OwnedFd>)> {
+/// Reads one byte and the descriptors that came with it (owned, so closed on every error
+/// path).
+fn recv_fd_message(sock: &UnixStream) -> io::Result<(u8, Vec<OwnedFd>)> {
     let mut body = [0u8; 1];
-    loop {
-        let mut iov = libc::iovec {
-            iov_base: body.as_mut_ptr().cast(),
-            iov_len: body.len(),
-        };
-        // SAFETY: an all-zero msghdr is valid; the fields set below point at live buffers.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(control) as _;
-        // SAFETY: recvmsg writes at most one byte into `body` and `msg_controllen` bytes into
-        // `control`, both owned here.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let fds = take_fds(&msg);
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "Descriptors were truncated (too many in one message, or out of descriptors)",
-            ));
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "The peer closed the connection before sending all descriptors",
-            ));
-        }
-        return Ok((body[0], fds));
+    let (n, fds) = fd_passing::recv(sock, &mut body, MAX_FDS_PER_MESSAGE)?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "The peer closed the connection before sending all descriptors",
+        ));
     }
-}
-
-/// Every descriptor in `msg`'s SCM_RIGHTS messages, now ours.
-fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
-    let mut fds = Vec::new();
-    // SAFETY: the CMSG_* macros walk the control buffer recvmsg filled, within
-    // `msg_controllen`; an SCM_RIGHTS payload holds whole descriptors, new and unowned, which
-    // are read unaligned and owned exactly once.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..bytes / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
-        }
-    }
-    fds
+    Ok((body[0], fds))
 }
 
 #[derive(Debug)]
@@ -647,6 +536,7 @@ mod tests {
     use super::*;
     use crate::protocol::{Command, Limits, Response};
     use std::fs::File;
+    use std::os::fd::FromRawFd;
     use std::thread;
 
     fn unix_pair() -> (Channel, Channel) {
@@ -813,7 +703,11 @@ mod tests {
         // The byte lies about the count.
         let (a, mut b) = unix_pair();
         let file = File::open("/dev/null").unwrap();
-        send_fd_message(a.as_fd(), &[file.as_raw_fd(), file.as_raw_fd()]).unwrap();
+        send_fd_message(
+            a.unix_stream().unwrap(),
+            &[file.as_raw_fd(), file.as_raw_fd()],
+        )
+        .unwrap();
         let e = b.recv_fds(1).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         // The peer leaves halfway.

@@ -70,6 +70,12 @@ fn add_net_with_a_passed_tap_before_boot() {
     let (status, body) = call(&vmm, "vm.add-net", Some("{}"), &[null.as_raw_fd()]);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("is not a TAP"), "{body}");
+    // More descriptors than a request takes: refused, closed, and baton serves on.
+    let many = vec![null.as_raw_fd(); api::fds::MAX_FDS + 1];
+    let (status, body) = call(&vmm, "vm.add-net", Some("{}"), &many);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("More than 64 descriptor(s)"), "{body}");
+    vmm.expect("GET", "vmm.ping", None, 200);
     // Two descriptors for a card with one queue pair.
     let (status, body) = call(
         &vmm,
