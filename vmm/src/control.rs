@@ -254,16 +254,8 @@ impl Vmm {
             )));
         }
         cfg.validate().map_err(|e| ApiError::new(400, &e))?;
-        let url: migration::MigrationUrl = cfg
-            .receiver_url
-            .parse()
-            .map_err(|e| ApiError::new(400, &crate::Error::Migration(migrate::Error::Url(e))))?;
-        if cfg.backend_transfer && !url.is_unix() {
-            return Err(ApiError::new(
-                400,
-                &crate::Error::Migration(migrate::Error::BackendTransferNeedsUnix),
-            ));
-        }
+        let url = migrate::check_receive(&cfg)
+            .map_err(|e| ApiError::new(400, &crate::Error::Migration(e)))?;
         let listener = migration::Listener::bind(&url).map_err(|e| {
             ApiError::new(
                 400,

@@ -142,12 +142,24 @@ impl Progress {
     }
 }
 
-/// Checks a send request before anything moves.
-pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<MigrationUrl, Error> {
-    let url: MigrationUrl = cfg.destination_url.parse().map_err(Error::Url)?;
-    if cfg.backend_transfer && !url.is_unix() {
+/// The migration URL `text`, which must name a UNIX socket when `backend_transfer` asks to
+/// pass TAP descriptors: the one check of the URL both sides make.
+fn migration_url(text: &str, backend_transfer: bool) -> Result<MigrationUrl, Error> {
+    let url: MigrationUrl = text.parse().map_err(Error::Url)?;
+    if backend_transfer && !url.is_unix() {
         return Err(Error::BackendTransferNeedsUnix);
     }
+    Ok(url)
+}
+
+/// Checks a receive request before anything listens.
+pub fn check_receive(cfg: &api::ReceiveMigrationConfig) -> Result<MigrationUrl, Error> {
+    migration_url(&cfg.receiver_url, cfg.backend_transfer)
+}
+
+/// Checks a send request before anything moves.
+pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<MigrationUrl, Error> {
+    let url = migration_url(&cfg.destination_url, cfg.backend_transfer)?;
     if cfg.local && !url.is_unix() {
         return Err(Error::LocalNeedsUnix);
     }
