@@ -21,7 +21,7 @@ use crate::migrate::{self, Progress};
 use crate::console::Console;
 use crate::device_manager::Backends;
 use crate::vm::{Start, Vm, VmEvents};
-use crate::{cpuid, snapshot};
+use crate::{config, snapshot};
 
 /// What the control loop should do after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,57 +73,8 @@ fn conflict(msg: String) -> ApiError {
 }
 
 /// Validates `config` and names its devices, or says why not (400).
-pub(crate) fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
-    config
-        .validate(&cpuid::feature_names())
-        .and_then(|_| config.assign_device_ids())
-        .map_err(|e| ApiError::new(400, &crate::Error::Config(e)))
-}
-
-/// Lines up descriptors that came for network cards (`net_fds`, in the order listed) with
-/// the cards of `config`: those cards take descriptors instead of opening their TAP by name,
-/// in configuration order, which is how [`Backends::open`] hands them out.
-pub(crate) fn net_fds_in_order(
-    config: &mut VmConfig,
-    net_fds: &[api::NetFds],
-    fds: api::fds::Fds,
-) -> Result<api::fds::Fds, ApiError> {
-    let wanted: usize = net_fds.iter().map(|n| n.num_fds).sum();
-    if wanted != fds.len() {
-        return Err(ApiError::message(
-            400,
-            format!(
-                "net_fds lists {wanted} descriptor(s), but {} came with the request",
-                fds.len()
-            ),
-        ));
-    }
-    let mut fds = fds.into_iter();
-    let mut by_card: Vec<Option<api::fds::Fds>> = config.net.iter().map(|_| None).collect();
-    for entry in net_fds {
-        let Some(i) = config
-            .net
-            .iter()
-            .position(|n| n.id.as_deref() == Some(entry.id.as_str()))
-        else {
-            return Err(ApiError::message(
-                400,
-                format!(
-                    "net_fds names '{}', which is no network card of this VM",
-                    entry.id
-                ),
-            ));
-        };
-        if by_card[i].is_some() {
-            return Err(ApiError::message(
-                400,
-                format!("net_fds names '{}' twice", entry.id),
-            ));
-        }
-        by_card[i] = Some(fds.by_ref().take(entry.num_fds).collect());
-        config.net[i].tap = None;
-    }
-    Ok(by_card.into_iter().flatten().flatten().collect())
+fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
+    config::check_and_name(config).map_err(|e| ApiError::new(400, &e))
 }
 
 fn no_vm() -> ApiError {
@@ -707,7 +658,8 @@ impl Vmm {
         let bad = |e: snapshot::Error| ApiError::new(400, &crate::Error::Snapshot(e));
         let (mut config, state) = snapshot::load(&dir).map_err(bad)?;
         check_and_name(&mut config)?;
-        let fds = net_fds_in_order(&mut config, &cfg.net_fds, fds)?;
+        let fds = config::net_fds_in_order(&mut config, &cfg.net_fds, fds)
+            .map_err(|e| ApiError::new(400, &e))?;
         let backends = Backends::open(&mut config, fds)
             .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
         let mem = crate::memory::create(config.memory.size, config.memory.shared)

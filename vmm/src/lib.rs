@@ -9,6 +9,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod config;
 pub mod console;
 pub mod control;
 pub mod cpuid;

@@ -585,14 +585,12 @@ impl migration::Destination for Incoming {
 
     fn config(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
         let mut config: VmConfig = serde_json::from_slice(&bytes)?;
-        crate::control::check_and_name(&mut config)
-            .map_err(|e| -> BoxError { e.chain.join(": ").into() })?;
-        let fds = crate::control::net_fds_in_order(
+        crate::config::check_and_name(&mut config)?;
+        let fds = crate::config::net_fds_in_order(
             &mut config,
             &self.net_fds,
             std::mem::take(&mut self.fds),
-        )
-        .map_err(|e| -> BoxError { e.chain.join(": ").into() })?;
+        )?;
         let transferred: Vec<String> = self.accepted.iter().map(|(id, _)| id.clone()).collect();
         for (id, fds) in &self.accepted {
             let net = config.net.iter().find(|n| n.id.as_deref() == Some(id));
