@@ -121,7 +121,7 @@ impl Vmm {
     }
 
     /// Starts sending the VM; `reply` gets the answer when the migration ends.
-    pub fn send_migration(&mut self, cfg: api::SendMigrationConfig, reply: Reply) {
+    fn send_migration(&mut self, cfg: api::SendMigrationConfig, reply: Reply) {
         match self.start_send(cfg) {
             Ok(job) => self.job = Some((job, reply)),
             Err(e) => {
@@ -179,7 +179,7 @@ impl Vmm {
     }
 
     /// Starts receiving a VM; `reply` gets the answer when the migration ends.
-    pub fn receive_migration(
+    fn receive_migration(
         &mut self,
         cfg: api::ReceiveMigrationConfig,
         fds: api::fds::Fds,
@@ -405,7 +405,29 @@ impl Vmm {
         self.stop_vm();
     }
 
-    /// Handles one request.
+    /// Takes one request from the API: answers it, or, for a migration, starts it and
+    /// answers when it ends (from [`Vmm::migration_done`]). The one dispatcher of API requests.
+    pub fn dispatch(&mut self, request: api::request::ApiRequest) -> After {
+        match request.action {
+            ApiAction::VmSendMigration(cfg) => {
+                self.send_migration(cfg, request.reply);
+                After::Continue
+            }
+            ApiAction::VmReceiveMigration(cfg, fds) => {
+                self.receive_migration(cfg, fds, request.reply);
+                After::Continue
+            }
+            action => {
+                let (response, after) = self.handle(action);
+                // A client that hung up does not need its answer.
+                let _ = request.reply.send(response);
+                after
+            }
+        }
+    }
+
+    /// Handles one request that is answered at once (every request but migrations, which
+    /// only [`Vmm::dispatch`] starts).
     pub fn handle(&mut self, action: ApiAction) -> (ApiResponse, After) {
         let mut after = After::Continue;
         let read_only = matches!(

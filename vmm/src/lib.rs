@@ -265,21 +265,7 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
             _ => {
                 let (requests, _, server) = api.as_ref().expect("index 6 is the API eventfd");
                 while let Ok(request) = requests.try_recv() {
-                    let (response, after) = match request.action {
-                        // Migrations answer when they end, from their own thread.
-                        ApiAction::VmSendMigration(cfg) => {
-                            vmm.send_migration(cfg, request.reply);
-                            continue;
-                        }
-                        ApiAction::VmReceiveMigration(cfg, fds) => {
-                            vmm.receive_migration(cfg, fds, request.reply);
-                            continue;
-                        }
-                        action => vmm.handle(action),
-                    };
-                    // A client that hung up does not need its answer.
-                    let _ = request.reply.send(response);
-                    if after == After::Exit {
+                    if vmm.dispatch(request) == After::Exit {
                         log::info!("vmm.shutdown requested");
                         while let Ok(late) = requests.try_recv() {
                             let _ = late
