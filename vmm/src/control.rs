@@ -530,9 +530,12 @@ impl Vmm {
     }
 
     /// Whether devices may change now, and if so whether the VM runs (hot-plug) or not.
-    fn may_change_devices(&self) -> Result<bool, ApiError> {
+    fn may_change_devices(&mut self) -> Result<bool, ApiError> {
         self.not_migrating()?;
         let state = self.state()?;
+        // Ejections the guest made are settled first, so that no request acts on a device
+        // that has left already.
+        self.devices_ejected();
         Ok(matches!(state, VmState::Running | VmState::Paused))
     }
 

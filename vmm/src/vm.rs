@@ -717,15 +717,19 @@ impl Vm {
     /// The devices the guest ejected since the last call, by id: they are off the bus and
     /// stopped now, their notifications and interrupts given back.
     pub fn take_ejected(&self) -> Vec<String> {
-        let slots = self
+        let ejected = self
             .hotplug
             .lock()
             .expect("hot-plug lock poisoned")
             .take_ejected();
+        // By the function, not the slot: a device hot-plugged since may sit there already.
+        let is = |d: &PciDeviceHandle, f: &devices::pci::hotplug::Ejected| {
+            std::ptr::addr_eq(Arc::as_ptr(&d.device), Arc::as_ptr(&f.1))
+        };
         let mut devices = self.devices();
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *devices)
             .into_iter()
-            .partition(|d| slots.contains(&d.slot));
+            .partition(|d| ejected.iter().any(|f| is(d, f)));
         *devices = kept;
         drop(devices);
         // Dropping the handles stops the devices.

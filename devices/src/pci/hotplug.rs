@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::PciBus;
+use super::{PciBus, PciDevice};
 use crate::BusDevice;
 
 /// Offset of the register of slots that arrived.
@@ -41,9 +41,13 @@ pub struct PciHotplug {
     up: u32,
     down: u32,
     bus: Arc<Mutex<PciBus>>,
-    ejected: Vec<u8>,
+    ejected: Vec<Ejected>,
     eject_evt: EventFd,
 }
+
+/// A function the guest ejected, and the slot it was in: the function itself names the
+/// device, since its slot may be taken again before the VMM looks.
+pub type Ejected = (u8, Arc<Mutex<dyn PciDevice>>);
 
 /// Slots with news the guest has not read: `(up, down)` bitmaps (saved with the VM).
 pub type Pending = (u32, u32);
@@ -78,17 +82,20 @@ impl PciHotplug {
         self.up &= !bit(slot);
     }
 
-    /// Slots the guest ejected since the last call: their functions are off the bus already.
-    pub fn take_ejected(&mut self) -> Vec<u8> {
+    /// Functions the guest ejected since the last call: they are off the bus already.
+    pub fn take_ejected(&mut self) -> Vec<Ejected> {
         std::mem::take(&mut self.ejected)
     }
 
     fn eject(&mut self, slots: u32) {
         let mut bus = self.bus.lock().expect("PCI lock poisoned");
         for slot in 1..32u8 {
-            if slots & bit(slot) != 0 && bus.remove(slot) {
+            if slots & bit(slot) == 0 {
+                continue;
+            }
+            if let Some(function) = bus.remove(slot) {
                 self.down &= !bit(slot);
-                self.ejected.push(slot);
+                self.ejected.push((slot, function));
             }
         }
         drop(bus);
@@ -146,7 +153,11 @@ mod tests {
         let mmio = Arc::new(Bus::new());
         let bus = Arc::new(Mutex::new(PciBus::new(mmio.clone())));
         let (f, bar) = function(0xc000_0000, 0x5a);
-        let slot = bus.lock().unwrap().add(f.clone(), f, bar, None).unwrap();
+        let slot = bus
+            .lock()
+            .unwrap()
+            .add(f.clone(), f.clone(), bar, None)
+            .unwrap();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut h = PciHotplug::new(bus.clone(), evt.try_clone().unwrap(), (0, 0));
 
@@ -163,7 +174,13 @@ mod tests {
         assert!(evt.read().is_err(), "nothing to report");
 
         h.write(B0EJ_OFFSET, &(1u32 << slot).to_le_bytes());
-        assert_eq!(h.take_ejected(), vec![slot]);
+        let ejected = h.take_ejected();
+        assert_eq!(ejected.len(), 1);
+        assert_eq!(ejected[0].0, slot);
+        assert!(
+            std::ptr::addr_eq(Arc::as_ptr(&ejected[0].1), Arc::as_ptr(&f)),
+            "the ejected function itself comes back"
+        );
         assert_eq!(evt.read().unwrap(), 1);
         let mut byte = [0u8; 1];
         assert!(!mmio.read(0xc000_0000, &mut byte), "its BAR is gone");

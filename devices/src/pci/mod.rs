@@ -112,20 +112,18 @@ impl PciBus {
         Ok(slot as u8)
     }
 
-    /// Takes the function in `slot` off the bus and its BARs off the MMIO bus; false if
-    /// there is none (or it is the host bridge, which stays).
-    pub fn remove(&mut self, slot: u8) -> bool {
+    /// Takes the function in `slot` off the bus and its BARs off the MMIO bus, and returns
+    /// it; `None` if there is none (or it is the host bridge, which stays).
+    pub fn remove(&mut self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         let slot = usize::from(slot);
         if slot == 0 {
-            return false;
+            return None;
         }
-        let Some(removed) = self.slots.get_mut(slot).and_then(Option::take) else {
-            return false;
-        };
+        let removed = self.slots.get_mut(slot).and_then(Option::take)?;
         if let (Some(bars), Some(mmio)) = (&removed.bars, self.mmio()) {
             mmio.remove_device(bars);
         }
-        true
+        Some(removed.config)
     }
 
     /// Where a BAR of `size` bytes fits within `[base, base + window)` of the MMIO bus now
@@ -421,9 +419,9 @@ pub(crate) mod tests {
         assert_eq!(vendor(&mut pci, 5), 0x1af4);
         let mut byte = [0u8; 1];
         assert!(mmio.read(0xc000_0000, &mut byte));
-        assert!(!pci.remove(0), "the host bridge stays");
-        assert!(pci.remove(5));
-        assert!(!pci.remove(5));
+        assert!(pci.remove(0).is_none(), "the host bridge stays");
+        assert!(pci.remove(5).is_some());
+        assert!(pci.remove(5).is_none());
         assert_eq!(
             vendor(&mut pci, 5),
             0xffff,
