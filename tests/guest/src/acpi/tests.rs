@@ -468,9 +468,15 @@ fn ged(crs: &[&[u8]]) -> Vec<u8> {
 
 /// `OperationRegion (GDST, SystemMemory, base, 0x10)`
 fn op_region(base: u32) -> Vec<u8> {
+    named_region(b"GDST", base)
+}
+
+/// `OperationRegion (name, SystemMemory, base, 0x10)` with a DWord base.
+fn named_region(name: &[u8; 4], base: u32) -> Vec<u8> {
     [
         &[0x5b, 0x80][..],
-        b"GDST\x00\x0c",
+        name,
+        b"\x00\x0c",
         &base.to_le_bytes(),
         &[0x0a, 0x10],
     ]
@@ -694,15 +700,9 @@ fn mcfg_gives_segment0_ecam() {
     assert_eq!(tables.unwrap().ecam, None);
 }
 
-/// `OperationRegion (PCST, SystemMemory, base, 0x10)` with a DWord base.
+/// `OperationRegion (PCST, SystemMemory, base, 0x10)`
 fn hotplug_region(base: u32) -> Vec<u8> {
-    [
-        &[0x5b, 0x80][..],
-        b"PCST\x00\x0c",
-        &base.to_le_bytes(),
-        &[0x0a, 0x10],
-    ]
-    .concat()
+    named_region(b"PCST", base)
 }
 
 #[test]
