@@ -469,6 +469,18 @@ impl ApiVmm {
         (!r.body.is_empty()).then(|| serde_json::from_slice(&r.body).expect("JSON body"))
     }
 
+    /// The ids of the VM's disks and network cards, as `vm.info` lists them.
+    pub fn device_ids(&self) -> Vec<String> {
+        let info = self
+            .expect("GET", "vm.info", None, 200)
+            .expect("vm.info body");
+        ["disks", "net"]
+            .iter()
+            .flat_map(|k| info["config"][k].as_array().cloned().unwrap_or_default())
+            .filter_map(|d| d["id"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Runs `baton-remote --api-socket SOCKET args...`.
     pub fn remote(&self, args: &[&str]) -> Output {
         let mut child = Command::new(remote_bin())
@@ -669,6 +681,25 @@ pub fn num(line: &str, key: &str) -> u64 {
 /// counter 0, 1, 2 ... as u64s).
 pub fn stream_byte(offset: u64) -> u8 {
     (offset / 8).to_le_bytes()[(offset % 8) as usize]
+}
+
+/// Polls `cond` every 20 ms until it holds; fails the test after `timeout`, saying `what`
+/// did not happen.
+pub fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The slot of a hot-plug answer (`{"id", "bdf": "0000:00:SS.0"}`).
+pub fn hotplug_slot(info: &serde_json::Value) -> u8 {
+    let slot = info["bdf"]
+        .as_str()
+        .and_then(|b| b.strip_prefix("0000:00:")?.strip_suffix(".0"))
+        .unwrap_or_else(|| panic!("no 0000:00:SS.0 address: {info}"));
+    u8::from_str_radix(slot, 16).unwrap_or_else(|_| panic!("bad slot in {info}"))
 }
 
 /// Bytes of a sector, as the test guest's disk commands count them.

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use baton_tests::ch::{bodies, ChClient, ChError};
-use baton_tests::{guest_bin, ApiVmm, NetNs, TempDir, READY};
+use baton_tests::{eventually, guest_bin, hotplug_slot, ApiVmm, NetNs, TempDir, READY};
 
 const BOOT: Duration = Duration::from_secs(60);
 const MAC: &str = "52:54:00:12:34:56";
@@ -163,11 +163,7 @@ fn ch_remote_drives_every_verb() {
     )
     .expect("a hot-plug answers with the device's address");
     assert_eq!(hot["id"], "hot", "{hot}");
-    let slot = hot["bdf"]
-        .as_str()
-        .and_then(|b| b.strip_prefix("0000:00:")?.strip_suffix(".0"))
-        .and_then(|s| u8::from_str_radix(s, 16).ok())
-        .unwrap_or_else(|| panic!("no 0000:00:SS.0 address: {hot}"));
+    let slot = hotplug_slot(&hot);
     // The guest drives its first disk only: it sees this one arrive without starting it.
     let added = console.wait_for("hotplug: added", BOOT);
     assert!(added.contains(&format!("slot={slot} ")), "{added}");
@@ -179,17 +175,11 @@ fn ch_remote_drives_every_verb() {
     );
     let ejected = console.wait_for("hotplug: ejected", BOOT);
     assert!(ejected.contains(&format!("slot={slot} ")), "{ejected}");
-    let deadline = std::time::Instant::now() + BOOT;
-    while ok(&ch, "GET", "vm.info", None).expect("info")["config"]["disks"]
-        .as_array()
-        .is_some_and(|d| d.len() != 1)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the hot disk never left"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("the hot disk leaves vm.info", BOOT, || {
+        ok(&ch, "GET", "vm.info", None).expect("info")["config"]["disks"]
+            .as_array()
+            .is_some_and(|d| d.len() == 1)
+    });
 
     ok(&ch, "PUT", "vm.pause", None);
     let snapshot = format!("file://{}", files.path().join("snapshot").display());

@@ -8,43 +8,14 @@ use std::time::{Duration, Instant};
 
 use baton_tests::flood::{fd_count, thread_count};
 use baton_tests::netns::NetNs;
-use baton_tests::{field, guest_config_json, num, sector_image, ApiVmm, TempDir, READY, SECTOR};
+use baton_tests::{
+    eventually, field, guest_config_json, hotplug_slot, num, sector_image, ApiVmm, TempDir, READY,
+    SECTOR,
+};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(60);
 const REPLY: Duration = Duration::from_secs(30);
-
-/// Polls `cond` every 20 ms until it holds, for at most `timeout`.
-fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "no {what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The ids of the VM's disks and cards in `vm.info`.
-fn device_ids(vmm: &ApiVmm) -> Vec<String> {
-    let info = vmm
-        .expect("GET", "vm.info", None, 200)
-        .expect("vm.info body");
-    let config = &info["config"];
-    ["disks", "net"]
-        .iter()
-        .flat_map(|k| config[k].as_array().cloned().unwrap_or_default())
-        .filter_map(|d| d["id"].as_str().map(str::to_string))
-        .collect()
-}
-
-/// The slot in a `0000:00:SS.0` address.
-fn slot_of(bdf: &serde_json::Value) -> u8 {
-    let bdf = bdf.as_str().expect("bdf is a string");
-    let slot = bdf
-        .strip_prefix("0000:00:")
-        .and_then(|r| r.strip_suffix(".0"))
-        .unwrap_or_else(|| panic!("bdf {bdf} is not 0000:00:SS.0"));
-    u8::from_str_radix(slot, 16).expect("hex slot")
-}
 
 #[test]
 fn the_test_guest_sees_disks_come_and_go() {
@@ -69,11 +40,11 @@ fn the_test_guest_sees_disks_come_and_go() {
             .expect("PUT", "vm.add-disk", Some(&add), 200)
             .expect("a PciDeviceInfo body");
         assert_eq!(info["id"], "hot0", "{info}");
-        let slot = slot_of(&info["bdf"]);
+        let slot = hotplug_slot(&info);
         let added = console.wait_for("hotplug: added", REPLY);
         assert_eq!(num(&added, "slot"), u64::from(slot), "{added}");
         assert_eq!(field(&added, "kind"), Some("disk"), "{added}");
-        assert!(device_ids(&vmm).contains(&"hot0".to_string()));
+        assert!(vmm.device_ids().contains(&"hot0".to_string()));
 
         console.assert_disk_reads(&data, 2, 30);
         let disk = console.command("disk info", "disk:", REPLY);
@@ -88,7 +59,7 @@ fn the_test_guest_sees_disks_come_and_go() {
         assert_eq!(num(&ejected, "slot"), u64::from(slot), "{ejected}");
         assert_eq!(field(&ejected, "kind"), Some("disk"), "{ejected}");
         eventually("the disk leaves vm.info", REPLY, || {
-            !device_ids(&vmm).contains(&"hot0".to_string())
+            !vmm.device_ids().contains(&"hot0".to_string())
         });
         let gone = console.command("disk info", "disk:", REPLY);
         assert!(gone.starts_with("error: disk:"), "{gone}");
@@ -149,7 +120,7 @@ fn a_hot_plugged_card_answers_pings_and_its_tap_goes_with_it() {
             .expect("PUT", "vm.add-net", Some(&add), 200)
             .expect("a PciDeviceInfo body");
         let added = console.wait_for("hotplug: added", REPLY);
-        assert_eq!(num(&added, "slot"), u64::from(slot_of(&info["bdf"])));
+        assert_eq!(num(&added, "slot"), u64::from(hotplug_slot(&info)));
         assert_eq!(field(&added, "kind"), Some("net"), "{added}");
         eventually("the hot-plugged card answers a ping", REPLY, || {
             answers(&ns, "10.0.9.2")
@@ -159,7 +130,7 @@ fn a_hot_plugged_card_answers_pings_and_its_tap_goes_with_it() {
         let ejected = console.wait_for("hotplug: ejected", REPLY);
         assert_eq!(field(&ejected, "kind"), Some("net"), "{ejected}");
         eventually("the card leaves vm.info", REPLY, || {
-            !device_ids(&vmm).contains(&"net0".to_string())
+            !vmm.device_ids().contains(&"net0".to_string())
         });
         // baton created the TAP: with its last queue closed, it is gone.
         eventually("the TAP goes with the card", REPLY, || !tap_exists());
@@ -196,7 +167,7 @@ fn a_hot_plugged_disk_keeps_its_slot_across_a_migration() {
             200,
         )
         .expect("a PciDeviceInfo body");
-    let slot = slot_of(&info["bdf"]);
+    let slot = hotplug_slot(&info);
     console.wait_for("hotplug: added", REPLY);
     src.expect("PUT", "vm.remove-device", Some(r#"{"id":"rng0"}"#), 204);
     let ejected = console.wait_for("hotplug: ejected", REPLY);
@@ -220,7 +191,7 @@ fn a_hot_plugged_disk_keeps_its_slot_across_a_migration() {
     assert_eq!(wrote, "disk: wrote sector=60 count=2");
     let after = std::fs::read(&image).expect("read the image");
     assert!(after[60 * SECTOR..62 * SECTOR].iter().all(|b| *b == 7));
-    assert_eq!(device_ids(&dst), vec!["hot0".to_string()]);
+    assert_eq!(dst.device_ids(), vec!["hot0".to_string()]);
     let info = dst.expect("GET", "vm.info", None, 200).unwrap();
     assert!(info["config"]["rng"].is_null(), "{info}");
     // The guest still finds it where it was: the slot its driver knows is the one asked
@@ -230,6 +201,6 @@ fn a_hot_plugged_disk_keeps_its_slot_across_a_migration() {
     assert_eq!(num(&ejected, "slot"), u64::from(slot), "{ejected}");
     assert_eq!(field(&ejected, "kind"), Some("disk"), "{ejected}");
     eventually("the disk leaves vm.info", REPLY, || {
-        device_ids(&dst).is_empty()
+        dst.device_ids().is_empty()
     });
 }

@@ -393,20 +393,6 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
     assert_vcpus_idle(third.pid());
 }
 
-/// The ids of the disks in the VM's configuration (`vm.info`).
-fn disk_ids(vmm: &ApiVmm) -> Vec<String> {
-    let info = vmm
-        .expect("GET", "vm.info", None, 200)
-        .expect("vm.info body");
-    info["config"]["disks"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|d| d["id"].as_str().map(str::to_string))
-        .collect()
-}
-
 #[test]
 fn linux_sees_a_disk_hot_plugged_and_ejects_it_when_asked() {
     let _alone = one_linux_at_a_time();
@@ -438,7 +424,7 @@ fn linux_sees_a_disk_hot_plugged_and_ejects_it_when_asked() {
         // _EJ0, and baton drops the device.
         vmm.expect("PUT", "vm.remove-device", Some(remove), 204);
         let deadline = std::time::Instant::now() + LATER;
-        while disk_ids(&vmm).contains(&"hot0".to_string()) {
+        while vmm.device_ids().contains(&"hot0".to_string()) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "round {round}: Linux never ejected the disk; last lines:\n{}",
