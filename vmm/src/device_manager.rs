@@ -514,7 +514,6 @@ pub fn create(
     saved: Option<Saved<'_>>,
 ) -> Result<Vec<PciDeviceHandle>, Error> {
     let all: Vec<_> = devices_of(config, backends).collect();
-    let mut order: Vec<(String, &DeviceOf, Option<u8>)> = Vec::new();
     if let Some(saved) = saved {
         if saved.devices.len() != all.len() {
             return Err(Error::State(
@@ -526,18 +525,16 @@ pub fn create(
                 ),
             ));
         }
-        // Devices whose slot was saved first, so none takes another's slot.
-        for (id, of) in &all {
-            if let Some(slot) = saved.slot(id) {
-                order.push((id.clone(), of, Some(slot)));
-            }
-        }
     }
-    for (id, of) in &all {
-        if saved.and_then(|s| s.slot(id)).is_none() {
-            order.push((id.clone(), of, None));
-        }
-    }
+    let mut order: Vec<_> = all
+        .into_iter()
+        .map(|(id, of)| {
+            let slot = saved.and_then(|s| s.slot(&id));
+            (id, of, slot)
+        })
+        .collect();
+    // Devices whose slot was saved go first (a stable sort), so none takes another's slot.
+    order.sort_by_key(|(_, _, slot)| slot.is_none());
     let mut to = Target::new(config, mem, vm, pci);
     let mut handles = Vec::new();
     for (id, of, slot) in order {
