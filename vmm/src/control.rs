@@ -6,8 +6,7 @@
 //! request that needs a VM when there is none is a 404.
 
 use api::request::{
-    ApiAction, ApiError, ApiReply, ApiResponse, BackendTransferSupport, Reply, TransferableDevice,
-    VmInfoResponse, VmState, VmmPingResponse,
+    ApiAction, ApiError, ApiReply, ApiResponse, Reply, VmInfoResponse, VmState, VmmPingResponse,
 };
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use api::VmConfig;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::migrate::{self, Progress};
+use crate::migration::{self, backend, Done, Notify, Progress};
 
 use crate::console::Console;
 use crate::device_manager::Backends;
@@ -38,14 +37,6 @@ enum Job {
     Sending(Arc<Progress>),
     /// A VM is being received.
     Receiving,
-}
-
-/// What a migration thread reports when it ends.
-pub enum Done {
-    /// The VM was sent (it runs there now) or not (it runs here as before).
-    Sent(Result<migrate::Stats, migrate::Error>),
-    /// A VM arrived (None: the source abandoned), or receiving failed.
-    Received(Result<Option<Box<migrate::Arrived>>, String>),
 }
 
 /// The VMM's VM, if any.
@@ -75,6 +66,11 @@ fn conflict(msg: String) -> ApiError {
 /// Validates `config` and names its devices, or says why not (400).
 fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
     config::check_and_name(config).map_err(|e| ApiError::new(400, &e))
+}
+
+/// A migration error as the API answers it.
+fn migration_error(status: u16, e: migration::Error) -> ApiError {
+    ApiError::new(status, &crate::Error::Migration(e))
 }
 
 fn no_vm() -> ApiError {
@@ -138,44 +134,28 @@ impl Vmm {
             .config
             .clone()
             .expect("require() checked the VM exists");
-        migrate::check_send(&config, &cfg)
-            .map_err(|e| ApiError::new(400, &crate::Error::Migration(e)))?;
+        migration::check_send(&config, &cfg).map_err(|e| migration_error(400, e))?;
         let vm = self.vm.clone().expect("a running VM exists");
-        let transferable = self.backends.transferable();
-        let progress = Arc::new(Progress::default());
-        let (p, tx, evt) = (progress.clone(), self.done_tx.clone(), self.wake()?);
-        std::thread::Builder::new()
-            .name("migration-send".into())
-            .spawn(move || {
-                let result = migrate::send(&vm, &config, &cfg, transferable, &p);
-                let _ = tx.send(Done::Sent(result));
-                let _ = evt.write(1);
-            })
-            .map_err(|e| ApiError::new(500, &e))?;
+        let offered = if cfg.backend_transfer {
+            backend::transferable(&self.backends)
+        } else {
+            Vec::new()
+        };
+        let progress = migration::send::spawn(vm, config, cfg, offered, self.notify()?)
+            .map_err(|e| migration_error(500, e))?;
         Ok(Job::Sending(progress))
     }
 
-    fn wake(&self) -> Result<EventFd, ApiError> {
-        self.done_evt
+    /// Where a migration thread reports its end.
+    fn notify(&self) -> Result<Notify, ApiError> {
+        let evt = self
+            .done_evt
             .try_clone()
-            .map_err(|e| ApiError::new(500, &e))
-    }
-
-    /// What `vmm.backend-transfer-support` answers.
-    fn backend_transfer_support(&self) -> BackendTransferSupport {
-        BackendTransferSupport {
-            kinds: vec![migrate::TAP_KIND.to_string()],
-            devices: self
-                .backends
-                .transferable()
-                .into_iter()
-                .map(|(id, taps)| TransferableDevice {
-                    id,
-                    kind: migrate::TAP_KIND.to_string(),
-                    fds: taps.len() as u32,
-                })
-                .collect(),
-        }
+            .map_err(|e| ApiError::new(500, &e))?;
+        Ok(Notify {
+            tx: self.done_tx.clone(),
+            evt,
+        })
     }
 
     /// Starts receiving a VM; `reply` gets the answer when the migration ends.
@@ -205,43 +185,18 @@ impl Vmm {
             )));
         }
         cfg.validate().map_err(|e| ApiError::new(400, &e))?;
-        let url = migrate::check_receive(&cfg)
-            .map_err(|e| ApiError::new(400, &crate::Error::Migration(e)))?;
-        let listener = migration::Listener::bind(&url).map_err(|e| {
-            ApiError::new(
-                400,
-                &crate::Error::Migration(migrate::Error::Listen(cfg.receiver_url.clone(), e)),
-            )
-        })?;
         let events = self
             .events
             .try_clone()
             .map_err(|e| ApiError::new(500, &e))?;
-        let mut incoming = migrate::Incoming::new(
-            self.kvm.clone(),
-            events,
-            cfg.net_fds,
-            fds,
-            cfg.backend_transfer,
-        );
-        let (tx, evt) = (self.done_tx.clone(), self.wake()?);
-        std::thread::Builder::new()
-            .name("migration-receive".into())
-            .spawn(move || {
-                let result = incoming.serve(&listener).map(|completed| {
-                    completed
-                        .then(|| incoming.arrived.take().map(Box::new))
-                        .flatten()
-                });
-                // The socket goes before the answer: a client told the migration failed may
-                // ask to receive on the same path at once, and a source must not reach this
-                // listener's backlog only to be reset.
-                drop(listener);
-                let _ = tx.send(Done::Received(result));
-                let _ = evt.write(1);
-            })
-            .map_err(|e| ApiError::new(500, &e))?;
-        log::info!("waiting for a migration on {}", cfg.receiver_url);
+        let notify = self.notify()?;
+        migration::receive::spawn(self.kvm.clone(), events, cfg, fds, notify).map_err(|e| {
+            let status = match e {
+                migration::Error::Thread(_) => 500,
+                _ => 400,
+            };
+            migration_error(status, e)
+        })?;
         Ok(Job::Receiving)
     }
 
@@ -261,10 +216,7 @@ impl Vmm {
                 let body = serde_json::to_value(&stats).expect("stats serialise");
                 (Ok(ApiReply::Json(body)), After::Exit)
             }
-            Done::Sent(Err(e)) => (
-                Err(ApiError::new(500, &crate::Error::Migration(e))),
-                After::Continue,
-            ),
+            Done::Sent(Err(e)) => (Err(migration_error(500, e)), After::Continue),
             Done::Received(Ok(Some(arrived))) => {
                 let arrived = *arrived;
                 log::info!("migration received: the VM runs here now");
@@ -282,13 +234,11 @@ impl Vmm {
                 )),
                 After::Continue,
             ),
-            Done::Received(Err(e)) => (
-                Err(ApiError {
-                    status: 500,
-                    chain: vec!["Receiving the migration failed; nothing was kept".into(), e],
-                }),
-                After::Continue,
-            ),
+            Done::Received(Err(e)) => {
+                let mut chain = vec!["Receiving the migration failed; nothing was kept".into()];
+                chain.extend(api::request::error_chain(&e));
+                (Err(ApiError { status: 500, chain }), After::Continue)
+            }
         };
         let _ = reply.send(response);
         after
@@ -453,7 +403,7 @@ impl Vmm {
                 .expect("ping answer serialises"),
             )),
             ApiAction::VmmBackendTransferSupport => Ok(ApiReply::Json(
-                serde_json::to_value(self.backend_transfer_support())
+                serde_json::to_value(backend::support(&self.backends))
                     .expect("the support answer serialises"),
             )),
             ApiAction::VmmShutdown => {

@@ -20,7 +20,7 @@ use devices::virtio::pci::BAR_SIZE;
 use devices::virtio::rng::Rng;
 use devices::virtio::transport::TransportState;
 use devices::virtio::{GuestMemory, VirtioDevice, VirtioPciDevice, VmOps};
-use net_util::{Tap, TapQueues, TapState};
+use net_util::{Tap, TapQueues};
 
 use crate::layout::{mem_64bit_devices_start, MEM_64BIT_DEVICES_SIZE};
 
@@ -58,19 +58,6 @@ pub enum Error {
     /// The saved state has no entry for a configured device, or a bad one.
     #[error("Device '{0}': {1}")]
     State(String, String),
-    /// Backend descriptors came for a card that does not wait for them.
-    #[error("Network card '{0}' does not wait for a transferred backend")]
-    NotWaiting(String),
-    /// A transferred backend has another number of queues than the card.
-    #[error("Network card '{id}' has {configured} queue pair(s), but its transferred backend has {sent} queue(s)")]
-    QueueCount {
-        /// The card.
-        id: String,
-        /// Queues the source sent.
-        sent: usize,
-        /// Queue pairs configured.
-        configured: usize,
-    },
     /// A network card's transferred backend never came.
     #[error("Network card '{0}': its transferred backend never came")]
     NoBackend(String),
@@ -86,6 +73,20 @@ pub struct NetBackend {
     taps: Option<Arc<TapQueues>>,
     /// The queues came from a migration's source, which shared them as they were.
     transferred: bool,
+}
+
+impl NetBackend {
+    /// Queue pairs configured: one TAP queue each.
+    pub fn queue_pairs(&self) -> usize {
+        self.config.queue_pairs()
+    }
+
+    /// Runs the card on TAP queues a migration's source handed over.
+    pub fn install_transferred(&mut self, taps: TapQueues) {
+        self.config.tap = Some(taps.name().to_string());
+        self.taps = Some(Arc::new(taps));
+        self.transferred = true;
+    }
 }
 
 /// A disk's open image.
@@ -185,7 +186,7 @@ impl Backends {
     }
 
     /// [`Backends::open`], except for the network cards in `transferred`: they open nothing
-    /// and wait for [`Backends::take_over`] to hand them the backend a migration's source
+    /// and wait for [`crate::migration::backend::take_over`] to hand them the backend a migration's source
     /// sends.
     pub fn open_except(
         config: &mut VmConfig,
@@ -240,43 +241,18 @@ impl Backends {
         }
     }
 
-    /// Gives network card `id`, which waits for its transferred backend, the descriptors
-    /// and state the source sent. They are checked and taken as they are: nothing is set on
-    /// them. On error they are closed, and the card still waits.
-    pub fn take_over(
-        &mut self,
-        id: &str,
-        fds: Vec<OwnedFd>,
-        state: &TapState,
-    ) -> Result<(), Error> {
-        let net = self
-            .nets
+    /// Network card `id` if it waits for the backend a migration's source hands over
+    /// ([`crate::migration::backend::take_over`]).
+    pub fn waiting_net(&mut self, id: &str) -> Option<&mut NetBackend> {
+        self.nets
             .iter_mut()
             .find(|n| n.config.id.as_deref() == Some(id) && n.taps.is_none())
-            .ok_or_else(|| Error::NotWaiting(id.into()))?;
-        let pairs = net.config.queue_pairs();
-        if state.queues != pairs {
-            return Err(Error::QueueCount {
-                id: id.into(),
-                sent: state.queues,
-                configured: pairs,
-            });
-        }
-        let taps = TapQueues::from_transferred(fds, state).map_err(|e| Error::Tap(id.into(), e))?;
-        net.config.tap = Some(taps.name().to_string());
-        net.taps = Some(Arc::new(taps));
-        net.transferred = true;
-        Ok(())
     }
 
-    /// Network cards whose backend would be handed over in a migration with backend
-    /// transfer (their `backend_transfer` is on), with their TAP queues.
-    pub fn transferable(&self) -> Vec<(String, Arc<TapQueues>)> {
-        self.nets
-            .iter()
-            .filter(|n| n.config.backend_transfer)
-            .filter_map(|n| Some((n.config.id.clone()?, n.taps.clone()?)))
-            .collect()
+    /// Each network card's configuration and TAP queues (none while a transferred backend
+    /// has yet to come).
+    pub fn nets(&self) -> impl Iterator<Item = (&NetConfig, Option<&Arc<TapQueues>>)> {
+        self.nets.iter().map(|n| (&n.config, n.taps.as_ref()))
     }
 
     /// The network configurations as the backends filled them in (TAP names included).

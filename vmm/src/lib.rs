@@ -18,7 +18,7 @@ pub mod interrupt;
 pub mod layout;
 pub mod logger;
 pub mod memory;
-pub mod migrate;
+pub mod migration;
 pub mod regs;
 pub mod snapshot;
 pub mod state;
@@ -67,7 +67,7 @@ pub enum Error {
     Devices(#[source] device_manager::Error),
     /// A live migration.
     #[error("Live migration")]
-    Migration(#[source] migrate::Error),
+    Migration(#[source] crate::migration::Error),
     /// Writing or reading a snapshot.
     #[error("Snapshot")]
     Snapshot(#[source] snapshot::Error),

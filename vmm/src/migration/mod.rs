@@ -1,0 +1,211 @@
+//! Live migration between two batons: the source's side ([`send`]) and the destination's
+//! ([`receive`], driven by [`::migration::session::receive`]), and backend transfer ([`backend`]):
+//! the one place that knows which backends can be handed over and how. Both run on a migration thread
+//! of their own, so the control loop keeps answering the API meanwhile.
+//!
+//! Source, in order (see the `migration` crate for the wire protocol):
+//! 1. Start (protocol version, local or not, and with backend transfer the network cards
+//!    whose TAP it offers); the destination checks and answers which it takes over.
+//! 2. `local=on`: the shared-memory descriptors of guest RAM (nothing is copied later).
+//! 3. Config: the VM configuration; the destination opens backends and prepares memory.
+//! 4. `local=off`: pre-copy. Dirty logging starts, every non-zero page goes, then each pass
+//!    sends what was written meanwhile (KVM's log of vCPU writes plus the pages devices
+//!    wrote), until what is left fits `downtime_ms` at the bandwidth of the last pass.
+//!    Past `timeout_s` the migration is abandoned and the VM runs on here.
+//! 5. Pause (vCPUs, then devices: network cards stop reading their TAPs, whose frames wait in
+//!    the kernel), the last dirty pages, State, then for each network card taken over its
+//!    TAP state and queue descriptors (Fds), and Complete. The destination builds the VM
+//!    from that state on those descriptors, resumes it, and only then answers Complete:
+//!    until that answer any failure resumes the VM here as it was, on its own descriptors
+//!    (the destination got duplicates, and set nothing on them).
+pub mod backend;
+pub mod receive;
+pub mod send;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ::migration::{MigrationUrl, ProtocolError};
+use api::{SendMigrationConfig, VmConfig};
+use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vm;
+
+pub use receive::Arrived;
+pub use send::send;
+
+/// How long either side waits for the other before giving up.
+const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The URL does not parse.
+    #[error("Invalid migration URL")]
+    Url(#[source] ::migration::UrlError),
+    /// `local=on` needs memory whose descriptors can be handed over.
+    #[error("local=on needs guest memory created with shared=on")]
+    LocalNeedsShared,
+    /// `local=on` needs a channel that carries descriptors.
+    #[error("local=on needs a unix: URL: memory descriptors cannot travel over TCP")]
+    LocalNeedsUnix,
+    /// Backend transfer needs a channel that carries descriptors.
+    #[error("backend_transfer needs a unix: URL: TAP descriptors cannot travel over TCP")]
+    BackendTransferNeedsUnix,
+    /// A backend could not be handed over or taken over.
+    #[error("Backend transfer")]
+    Backend(#[source] backend::Error),
+    /// Nobody listens at the URL.
+    #[error("Cannot connect to {0}")]
+    Connect(String, #[source] std::io::Error),
+    /// Cannot listen at the URL.
+    #[error("Cannot listen on {0}")]
+    Listen(String, #[source] std::io::Error),
+    /// The source could not be accepted.
+    #[error("Cannot accept the source")]
+    Accept(#[source] std::io::Error),
+    /// The socket's timeouts could not be set.
+    #[error("Cannot set up the migration socket")]
+    Socket(#[source] std::io::Error),
+    /// The migration thread could not be started.
+    #[error("Cannot start the migration thread")]
+    Thread(#[source] std::io::Error),
+    /// The protocol failed (the destination refused, the stream broke ...).
+    #[error("Migration protocol")]
+    Protocol(#[source] ProtocolError),
+    /// Pre-copy did not converge in time.
+    #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
+    Timeout(u64),
+    /// The VM could not be paused, saved or logged.
+    #[error("VM")]
+    Vm(#[source] vm::Error),
+    /// The state would not encode.
+    #[error("Cannot encode the VM state")]
+    Encode(#[source] ::migration::SnapshotError),
+}
+
+impl From<ProtocolError> for Error {
+    fn from(e: ProtocolError) -> Self {
+        Error::Protocol(e)
+    }
+}
+
+impl From<backend::Error> for Error {
+    fn from(e: backend::Error) -> Self {
+        Error::Backend(e)
+    }
+}
+
+/// What `vm.send-migration` answers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    /// From the request to the destination's final answer.
+    pub total_ms: u64,
+    /// From pausing here to the destination resuming.
+    pub downtime_ms: u64,
+    /// Guest memory bytes sent (0 with local=on).
+    pub memory_bytes: u64,
+    /// Pre-copy passes, the first (whole memory) included.
+    pub iterations: u64,
+    /// Time spent sending memory (with the guest running), for throughput.
+    pub memory_ms: u64,
+    /// Devices whose backends the destination took over.
+    pub transferred_backends: Vec<String>,
+}
+
+/// Where a running migration is, for `vm.info` and `baton-remote`'s progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    phase: Mutex<&'static str>,
+    iteration: AtomicU64,
+    bytes: AtomicU64,
+    remaining: AtomicU64,
+}
+
+/// A snapshot of [`Progress`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgressReport {
+    /// connecting, memory, pre-copy, downtime, completing.
+    pub phase: String,
+    /// Current pre-copy pass.
+    pub iteration: u64,
+    /// Memory bytes sent so far.
+    pub bytes_sent: u64,
+    /// Bytes the current pass sends.
+    pub bytes_in_pass: u64,
+}
+
+impl Progress {
+    pub(super) fn phase(&self, phase: &'static str) {
+        *self.phase.lock().expect("progress lock poisoned") = phase;
+    }
+
+    /// The current figures.
+    pub fn report(&self) -> ProgressReport {
+        ProgressReport {
+            phase: self
+                .phase
+                .lock()
+                .expect("progress lock poisoned")
+                .to_string(),
+            iteration: self.iteration.load(Ordering::Relaxed),
+            bytes_sent: self.bytes.load(Ordering::Relaxed),
+            bytes_in_pass: self.remaining.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The migration URL `text`, which must name a UNIX socket when `backend_transfer` asks to
+/// pass TAP descriptors: the one check of the URL both sides make.
+pub(crate) fn migration_url(text: &str, backend_transfer: bool) -> Result<MigrationUrl, Error> {
+    let url: MigrationUrl = text.parse().map_err(Error::Url)?;
+    if backend_transfer && !url.is_unix() {
+        return Err(Error::BackendTransferNeedsUnix);
+    }
+    Ok(url)
+}
+
+/// Checks a receive request before anything listens.
+pub fn check_receive(cfg: &api::ReceiveMigrationConfig) -> Result<MigrationUrl, Error> {
+    migration_url(&cfg.receiver_url, cfg.backend_transfer)
+}
+
+/// Checks a send request before anything moves.
+pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<MigrationUrl, Error> {
+    let url = migration_url(&cfg.destination_url, cfg.backend_transfer)?;
+    if cfg.local && !url.is_unix() {
+        return Err(Error::LocalNeedsUnix);
+    }
+    if cfg.local && !config.memory.shared {
+        return Err(Error::LocalNeedsShared);
+    }
+    Ok(url)
+}
+
+/// What a migration thread reports when it ends.
+pub enum Done {
+    /// The VM was sent (it runs there now) or not (it runs here as before).
+    Sent(Result<Stats, Error>),
+    /// A VM arrived (None: the source abandoned), or receiving failed.
+    Received(Result<Option<Box<Arrived>>, Error>),
+}
+
+/// Where a migration thread reports its end: the control loop's channel, and the eventfd
+/// that wakes the loop.
+pub struct Notify {
+    /// The control loop's end of the channel.
+    pub tx: Sender<Done>,
+    /// Written once the report is in the channel.
+    pub evt: EventFd,
+}
+
+impl Notify {
+    /// Reports `done` and wakes the control loop (which may be gone, if baton is exiting).
+    fn report(self, done: Done) {
+        let _ = self.tx.send(done);
+        let _ = self.evt.write(1);
+    }
+}

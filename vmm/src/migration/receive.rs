@@ -1,0 +1,243 @@
+//! The destination's side of a migration: a `migration-receive` thread that accepts one
+//! source and builds the VM from what it sends ([`Incoming`], driven by
+//! [`::migration::session::receive`]).
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use ::migration::protocol::{self, FdsHeader, Start};
+use ::migration::{BoxError, Limits};
+use api::VmConfig;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::{backend, check_receive, Done, Error, Notify, PEER_TIMEOUT};
+use crate::device_manager::Backends;
+use crate::memory;
+use crate::vm::{self, Vm, VmEvents, VmState};
+
+/// Binds the URL `cfg` names and waits there, on a `migration-receive` thread, for one
+/// source; `notify` gets the outcome. Descriptors `fds` are TAP queues for the cards
+/// `cfg.net_fds` names.
+pub fn spawn(
+    kvm: Arc<kvm_ioctls::Kvm>,
+    events: VmEvents,
+    cfg: api::ReceiveMigrationConfig,
+    fds: Vec<OwnedFd>,
+    notify: Notify,
+) -> Result<(), Error> {
+    let url = check_receive(&cfg)?;
+    let listener = ::migration::Listener::bind(&url)
+        .map_err(|e| Error::Listen(cfg.receiver_url.clone(), e))?;
+    let mut incoming = Incoming::new(kvm, events, cfg.net_fds, fds, cfg.backend_transfer);
+    std::thread::Builder::new()
+        .name("migration-receive".into())
+        .spawn(move || {
+            let result = incoming.serve(&listener).map(|completed| {
+                completed
+                    .then(|| incoming.arrived.take().map(Box::new))
+                    .flatten()
+            });
+            // The socket goes before the answer: a client told the migration failed may
+            // ask to receive on the same path at once, and a source must not reach this
+            // listener's backlog only to be reset.
+            drop(listener);
+            notify.report(Done::Received(result));
+        })
+        .map_err(Error::Thread)?;
+    log::info!("waiting for a migration on {}", cfg.receiver_url);
+    Ok(())
+}
+
+/// A VM that arrived: what the control loop installs.
+pub struct Arrived {
+    /// Its configuration (device ids assigned).
+    pub config: VmConfig,
+    /// Its backends.
+    pub backends: Backends,
+    /// Its console.
+    pub console: crate::console::Console,
+    /// The VM, running.
+    pub vm: Vm,
+}
+
+/// The destination's side, fed by [`migration::session::receive`].
+pub struct Incoming {
+    kvm: Arc<kvm_ioctls::Kvm>,
+    events: VmEvents,
+    net_fds: Vec<api::NetFds>,
+    fds: Vec<OwnedFd>,
+    /// Whether this destination takes over backends.
+    backend_transfer: bool,
+    /// The proposed backends accepted, with their descriptor counts.
+    accepted: Vec<(String, u32)>,
+    local: bool,
+    shared_memory: Option<Vec<OwnedFd>>,
+    config: Option<VmConfig>,
+    backends: Option<Backends>,
+    shell: Option<vm::Shell>,
+    state: Option<VmState>,
+    /// The VM once Complete built it.
+    pub arrived: Option<Arrived>,
+}
+
+impl Incoming {
+    /// A destination that opens net backends by name, or from `fds` as `net_fds` says, or,
+    /// with `backend_transfer`, takes over the TAP backends the source offers.
+    pub fn new(
+        kvm: Arc<kvm_ioctls::Kvm>,
+        events: VmEvents,
+        net_fds: Vec<api::NetFds>,
+        fds: Vec<OwnedFd>,
+        backend_transfer: bool,
+    ) -> Self {
+        Incoming {
+            kvm,
+            events,
+            net_fds,
+            fds,
+            backend_transfer,
+            accepted: Vec::new(),
+            local: false,
+            shared_memory: None,
+            config: None,
+            backends: None,
+            shell: None,
+            state: None,
+            arrived: None,
+        }
+    }
+
+    /// Accepts one source on `listener` and serves its session; true if the VM arrived
+    /// (it is then in [`Incoming::arrived`]), false if the source abandoned.
+    pub fn serve(&mut self, listener: &::migration::Listener) -> Result<bool, Error> {
+        let mut channel = listener.accept().map_err(Error::Accept)?;
+        let timeouts = channel
+            .set_read_timeout(Some(PEER_TIMEOUT))
+            .and_then(|_| channel.set_write_timeout(Some(PEER_TIMEOUT)));
+        timeouts.map_err(Error::Socket)?;
+        let outcome = ::migration::session::receive(&mut channel, Limits::default(), self)?;
+        Ok(outcome == ::migration::Outcome::Completed)
+    }
+
+    fn missing(what: &str) -> BoxError {
+        format!("no {what} before this request").into()
+    }
+}
+
+impl ::migration::Destination for Incoming {
+    fn start(&mut self, start: &Start) -> Result<Vec<String>, BoxError> {
+        self.local = start.local;
+        self.accepted = backend::accept(start, self.backend_transfer);
+        Ok(self.accepted.iter().map(|(id, _)| id.clone()).collect())
+    }
+
+    fn memory_fds(
+        &mut self,
+        _regions: Vec<protocol::MemoryRegion>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), BoxError> {
+        // Mapped once the configuration says how large RAM is (and checks the regions).
+        self.shared_memory = Some(fds);
+        Ok(())
+    }
+
+    fn config(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
+        let mut config: VmConfig = serde_json::from_slice(&bytes)?;
+        crate::config::check_and_name(&mut config)?;
+        let fds = crate::config::net_fds_in_order(
+            &mut config,
+            &self.net_fds,
+            std::mem::take(&mut self.fds),
+        )?;
+        backend::check_accepted(&config, &self.accepted)?;
+        let transferred: Vec<String> = self.accepted.iter().map(|(id, _)| id.clone()).collect();
+        // Cards taken over open no TAP: their queues come after State.
+        let backends = Backends::open_except(&mut config, fds, &transferred)?;
+        let mem = match self.shared_memory.take() {
+            Some(fds) => {
+                if !config.memory.shared {
+                    return Err("memory descriptors came for a VM without shared memory".into());
+                }
+                memory::from_fds(config.memory.size, fds)?
+            }
+            None if self.local => return Err(Self::missing("memory descriptors")),
+            None => memory::create(config.memory.size, config.memory.shared)?,
+        };
+        // The VM and its memory are set up now, while the source still runs.
+        self.shell = Some(vm::Shell::new(&self.kvm, &config, Some(mem))?);
+        self.config = Some(config);
+        self.backends = Some(backends);
+        Ok(())
+    }
+
+    fn write_memory(&mut self, gpa: u64, data: &[u8]) -> std::io::Result<()> {
+        let mem = self
+            .shell
+            .as_ref()
+            .map(vm::Shell::memory)
+            .ok_or_else(|| std::io::Error::other("memory before the configuration"))?;
+        mem.write_slice(data, GuestAddress(gpa)).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} bytes at {gpa:#x}: {e}", data.len()),
+            )
+        })
+    }
+
+    fn state(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
+        self.state = Some(::migration::snapshot::decode(&bytes)?);
+        Ok(())
+    }
+
+    fn backend_fds(&mut self, header: FdsHeader, fds: Vec<OwnedFd>) -> Result<(), BoxError> {
+        // Dropped, and so closed, on any error here or later.
+        let backends = self
+            .backends
+            .as_mut()
+            .ok_or_else(|| Self::missing("configuration"))?;
+        let id = header.id.clone();
+        let state = backend::take_over(backends, header, fds)?;
+        log::info!(
+            "{id}: took over TAP '{}' with {} queue(s)",
+            state.name,
+            state.queues
+        );
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<(), BoxError> {
+        let mut config = self
+            .config
+            .take()
+            .ok_or_else(|| Self::missing("configuration"))?;
+        let backends = self
+            .backends
+            .take()
+            .ok_or_else(|| Self::missing("configuration"))?;
+        let shell = self
+            .shell
+            .take()
+            .ok_or_else(|| Self::missing("configuration"))?;
+        let state = self.state.take().ok_or_else(|| Self::missing("state"))?;
+        // What vm.info shows: the TAPs the cards run on, taken over or opened.
+        config.net = backends.net_configs().cloned().collect();
+        let console = crate::console::Console::taking_over(&config.serial)?;
+        let vm = Vm::start(
+            &self.kvm,
+            &config,
+            &backends,
+            &console,
+            &self.events,
+            vm::Start::Restore(Box::new(state), shell),
+        )?;
+        vm.resume();
+        vm.announce();
+        self.arrived = Some(Arrived {
+            config,
+            backends,
+            console,
+            vm,
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,328 @@
+//! The source's side of a migration: pre-copy or memory descriptors, then, paused, the
+//! state and the handed-over backends, on a `migration-send` thread.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::migration::protocol::{self, Command, MemoryRanges, Start, PROTOCOL_VERSION};
+use ::migration::{Channel, Limits};
+use api::{SendMigrationConfig, VmConfig};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::backend::{self, Transferable};
+use super::{check_send, Done, Error, Notify, Progress, Stats, PEER_TIMEOUT};
+use crate::memory::{self, GuestMemory};
+use crate::vm::{Vm, PAGE_SIZE};
+
+/// Starts sending `vm` on a `migration-send` thread, offering the `transferable` backends
+/// when `cfg` asks for backend transfer; `notify` gets the outcome. Returns the migration's
+/// progress.
+pub fn spawn(
+    vm: Arc<Vm>,
+    config: VmConfig,
+    cfg: SendMigrationConfig,
+    transferable: Vec<Transferable>,
+    notify: Notify,
+) -> Result<Arc<Progress>, Error> {
+    let progress = Arc::new(Progress::default());
+    let p = progress.clone();
+    std::thread::Builder::new()
+        .name("migration-send".into())
+        .spawn(move || {
+            let result = send(&vm, &config, &cfg, transferable, &p);
+            notify.report(Done::Sent(result));
+        })
+        .map_err(Error::Thread)?;
+    Ok(progress)
+}
+
+/// Byte ranges (offsets into a region of `len` bytes) that may hold data: the rest is known
+/// to read as zero without touching it, which matters because touching a never-used page
+/// costs a page fault, and an idle guest has mostly those.
+/// - Shared memory: the memfd's allocated extents (SEEK_DATA/SEEK_HOLE); pages written by
+///   another process that had the memory before (a local migration) count too.
+/// - Private memory: the pages /proc/self/pagemap shows present or swapped.
+fn candidate_ranges(host: *mut u8, len: u64, file: Option<&std::fs::File>) -> Vec<(u64, u64)> {
+    let whole = vec![(0, len)];
+    match file {
+        Some(f) => crate::snapshot::data_extents(f, len).unwrap_or(whole),
+        None => pagemap_ranges(host as u64, len).unwrap_or(whole),
+    }
+}
+
+/// The pages of `[addr, addr + len)` present or swapped in this process, as offsets.
+fn pagemap_ranges(addr: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let pages = len / PAGE_SIZE;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut page = 0;
+    while page < pages {
+        let n = (pages - page).min(4096);
+        let bytes = &mut buf[..(n * 8) as usize];
+        pagemap.read_exact_at(bytes, (addr / PAGE_SIZE + page) * 8)?;
+        for (i, entry) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            if entry & (PRESENT | SWAPPED) == 0 {
+                continue;
+            }
+            let at = (page + i as u64) * PAGE_SIZE;
+            match ranges.last_mut() {
+                Some((start, l)) if *start + *l == at => *l += PAGE_SIZE,
+                _ => ranges.push((at, PAGE_SIZE)),
+            }
+        }
+        page += n;
+    }
+    Ok(ranges)
+}
+
+/// The non-zero pages of guest memory, as ranges: the first pre-copy pass (the destination's
+/// memory starts zeroed).
+fn nonzero_ranges(mem: &GuestMemory) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut page = [0u8; PAGE_SIZE as usize];
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("region start is inside guest memory");
+        let file = region.file_offset().map(|f| f.file());
+        for (from, len) in candidate_ranges(host, region.len(), file) {
+            for offset in (from..from + len).step_by(PAGE_SIZE as usize) {
+                let addr = base + offset;
+                if mem.read_slice(&mut page, GuestAddress(addr)).is_err()
+                    || page.iter().all(|b| *b == 0)
+                {
+                    continue;
+                }
+                match ranges.last_mut() {
+                    Some((start, len)) if *start + *len == addr => *len += PAGE_SIZE,
+                    _ => ranges.push((addr, PAGE_SIZE)),
+                }
+            }
+        }
+    }
+    ranges
+}
+
+fn bytes_of(ranges: &[(u64, u64)]) -> u64 {
+    ranges.iter().map(|(_, l)| l).sum()
+}
+
+/// Sends `ranges` of guest memory; returns the bytes sent.
+fn send_ranges(
+    channel: &mut Channel,
+    mem: &GuestMemory,
+    ranges: Vec<(u64, u64)>,
+    progress: &Progress,
+) -> Result<u64, Error> {
+    let mut sent = 0;
+    for batch in MemoryRanges::batches(ranges, &Limits::default())? {
+        let n = channel.send_memory(&batch, |gpa, buf| {
+            mem.read_slice(buf, GuestAddress(gpa))
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })?;
+        sent += n;
+        progress.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    Ok(sent)
+}
+
+/// Pre-copy until the rest fits `downtime_ms`; returns the last dirty set (to send paused).
+fn precopy(
+    vm: &Vm,
+    channel: &mut Channel,
+    cfg: &SendMigrationConfig,
+    started: Instant,
+    progress: &Progress,
+    stats: &mut Stats,
+) -> Result<(), Error> {
+    progress.phase("pre-copy");
+    vm.dirty_logging(true).map_err(Error::Vm)?;
+    let mut pass = nonzero_ranges(vm.memory());
+    let deadline = started + Duration::from_secs(cfg.timeout_s);
+    let downtime = Duration::from_millis(cfg.downtime_ms);
+    loop {
+        stats.iterations += 1;
+        progress
+            .iteration
+            .store(stats.iterations, Ordering::Relaxed);
+        progress.remaining.store(bytes_of(&pass), Ordering::Relaxed);
+        let t = Instant::now();
+        let sent = send_ranges(channel, vm.memory(), pass, progress)?;
+        stats.memory_bytes += sent;
+        stats.memory_ms += t.elapsed().as_millis() as u64;
+        // Bytes per second of this pass; a tiny pass says little, so assume at least 100 MB/s.
+        let rate = (sent as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(100e6);
+        pass = vm.take_dirty().map_err(Error::Vm)?;
+        let left = bytes_of(&pass) as f64 / rate;
+        log::debug!(
+            "pre-copy pass {}: {sent} bytes at {:.0} MB/s; {} bytes dirty",
+            stats.iterations,
+            rate / 1e6,
+            bytes_of(&pass)
+        );
+        if left <= downtime.as_secs_f64() {
+            // This pass still goes while the guest runs; what it leaves dirty goes paused.
+            stats.iterations += 1;
+            progress
+                .iteration
+                .store(stats.iterations, Ordering::Relaxed);
+            let t = Instant::now();
+            stats.memory_bytes += send_ranges(channel, vm.memory(), pass, progress)?;
+            stats.memory_ms += t.elapsed().as_millis() as u64;
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout(cfg.timeout_s));
+        }
+    }
+}
+
+/// Sends the VM to the destination `cfg` names, offering the `transferable` backends when
+/// `cfg` asks for backend transfer. On success the VM runs there (this one is paused for
+/// good and should be dropped, which closes its descriptors and changes nothing on the
+/// TAPs); on failure it runs here as before.
+pub fn send(
+    vm: &Vm,
+    config: &VmConfig,
+    cfg: &SendMigrationConfig,
+    transferable: Vec<Transferable>,
+    progress: &Progress,
+) -> Result<Stats, Error> {
+    let started = Instant::now();
+    let url = check_send(config, cfg)?;
+    progress.phase("connecting");
+    let mut channel =
+        Channel::connect(&url).map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
+    let timeouts = channel
+        .set_read_timeout(Some(PEER_TIMEOUT))
+        .and_then(|_| channel.set_write_timeout(Some(PEER_TIMEOUT)));
+    timeouts.map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
+    let mut stats = Stats::default();
+    let offered = if cfg.backend_transfer {
+        transferable
+    } else {
+        Vec::new()
+    };
+    let result = send_on(
+        vm,
+        config,
+        cfg,
+        &offered,
+        &mut channel,
+        started,
+        progress,
+        &mut stats,
+    );
+    let logging_off = vm.dirty_logging(false);
+    match result {
+        Ok(()) => {
+            stats.total_ms = started.elapsed().as_millis() as u64;
+            Ok(stats)
+        }
+        Err(e) => {
+            // Tell the destination to drop what it built (it may be gone already).
+            let _ = channel.request(Command::Abandon, &[]);
+            if let Err(e) = logging_off {
+                log::warn!("cannot stop dirty logging: {e}");
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send_on(
+    vm: &Vm,
+    config: &VmConfig,
+    cfg: &SendMigrationConfig,
+    offered: &[Transferable],
+    channel: &mut Channel,
+    started: Instant,
+    progress: &Progress,
+    stats: &mut Stats,
+) -> Result<(), Error> {
+    let start = Start {
+        version: PROTOCOL_VERSION,
+        local: cfg.local,
+        backend_transfer: cfg.backend_transfer,
+        devices: backend::proposal(offered),
+    };
+    let accepted = ::migration::session::start(channel, &start)?.accepted;
+    let handed: Vec<&Transferable> = offered
+        .iter()
+        .filter(|t| accepted.contains(&t.id))
+        .collect();
+    if !offered.is_empty() {
+        log::info!(
+            "backend transfer: the destination takes over {:?} of {:?}",
+            accepted,
+            offered.iter().map(|t| &t.id).collect::<Vec<_>>()
+        );
+    }
+    if cfg.local {
+        progress.phase("memory");
+        let fds = memory::fds(vm.memory()).ok_or(Error::LocalNeedsShared)?;
+        let regions: Vec<protocol::MemoryRegion> = vm
+            .memory()
+            .iter()
+            .map(|r| protocol::MemoryRegion {
+                gpa: r.start_addr().0,
+                len: r.len(),
+            })
+            .collect();
+        channel.request_with_fds(Command::MemoryFds, &protocol::to_json(&regions), &fds)?;
+    }
+    channel.request(
+        Command::Config,
+        &serde_json::to_vec(config).expect("configurations serialise"),
+    )?;
+    if !cfg.local {
+        precopy(vm, channel, cfg, started, progress, stats)?;
+    }
+
+    progress.phase("downtime");
+    let paused_at = Instant::now();
+    vm.pause();
+    let result = (|| {
+        if !cfg.local {
+            let last = vm.take_dirty().map_err(Error::Vm)?;
+            stats.memory_bytes += send_ranges(channel, vm.memory(), last, progress)?;
+        }
+        let state = vm.state().map_err(Error::Vm)?;
+        let state = ::migration::snapshot::encode(&state).map_err(Error::Encode)?;
+        channel.request(Command::State, &state)?;
+        for t in &handed {
+            let (header, fds) = backend::hand_over(t)?;
+            channel.request_with_fds(Command::Fds, &protocol::to_json(&header), &fds)?;
+        }
+        progress.phase("completing");
+        channel.request(Command::Complete, &[])?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            stats.downtime_ms = paused_at.elapsed().as_millis() as u64;
+            stats.transferred_backends = handed.iter().map(|t| t.id.clone()).collect();
+            log::info!(
+                "migration done: {} ms, {} ms down, {} bytes in {} passes",
+                started.elapsed().as_millis(),
+                stats.downtime_ms,
+                stats.memory_bytes,
+                stats.iterations
+            );
+            Ok(())
+        }
+        Err(e) => {
+            log::warn!("migration failed while paused; resuming here");
+            vm.resume();
+            Err(e)
+        }
+    }
+}
