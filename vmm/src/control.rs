@@ -19,6 +19,7 @@ use crate::migration::{self, backend, Done, Notify, Progress};
 
 use crate::console::Console;
 use crate::device_manager::Backends;
+use crate::error::Error;
 use crate::vm::{Start, Vm, VmEvents};
 use crate::{config, snapshot};
 
@@ -70,7 +71,7 @@ fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
 
 /// A migration error as the API answers it.
 fn migration_error(status: u16, e: migration::Error) -> ApiError {
-    ApiError::new(status, &crate::Error::Migration(e))
+    ApiError::new(status, &Error::Migration(e))
 }
 
 fn no_vm() -> ApiError {
@@ -291,7 +292,7 @@ impl Vmm {
             &self.events,
             start,
         )
-        .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)))?;
+        .map_err(|e| ApiError::new(500, &Error::Vm(e)))?;
         log::info!(
             "VM {} with {} vCPUs: built in {} us",
             if restoring { "restored" } else { "started" },
@@ -475,7 +476,7 @@ impl Vmm {
         let id = net.id.clone().unwrap_or_default();
         self.backends
             .add_net(net, fds)
-            .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
+            .map_err(|e| ApiError::new(400, &Error::Devices(e)))?;
         self.plug(candidate, &id, hot)
     }
 
@@ -501,7 +502,7 @@ impl Vmm {
             Ok(slot) => slot,
             Err(e) => {
                 self.backends.remove(id);
-                return Err(ApiError::new(500, &crate::Error::Vm(e)));
+                return Err(ApiError::new(500, &Error::Vm(e)));
             }
         };
         // As Cloud Hypervisor answers a hot-plug: the device and where it sits.
@@ -521,7 +522,7 @@ impl Vmm {
         let id = disk.id.clone().unwrap_or_default();
         self.backends
             .add_disk(disk)
-            .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
+            .map_err(|e| ApiError::new(400, &Error::Devices(e)))?;
         self.plug(candidate, &id, hot)
     }
 
@@ -586,8 +587,8 @@ impl Vmm {
         check_and_name(&mut config)?;
         // TAPs and images are opened now, so a bad one is refused here, and they stay open
         // across reboots.
-        self.backends = Backends::open(&mut config, fds)
-            .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
+        self.backends =
+            Backends::open(&mut config, fds).map_err(|e| ApiError::new(400, &Error::Devices(e)))?;
         self.config = Some(config);
         self.state = VmState::Created;
         Ok(ApiReply::Empty)
@@ -603,16 +604,14 @@ impl Vmm {
             .as_ref()
             .expect("require() checked the VM exists");
         let started = std::time::Instant::now();
-        let state = vm
-            .state()
-            .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)))?;
+        let state = vm.state().map_err(|e| ApiError::new(500, &Error::Vm(e)))?;
         snapshot::save(&dir, config, &state, vm.memory()).map_err(|e| {
             let status = if matches!(e, snapshot::Error::Exists(_)) {
                 409
             } else {
                 500
             };
-            ApiError::new(status, &crate::Error::Snapshot(e))
+            ApiError::new(status, &Error::Snapshot(e))
         })?;
         log::info!(
             "snapshot written to {} in {} ms",
@@ -630,15 +629,15 @@ impl Vmm {
         }
         cfg.validate().map_err(|e| ApiError::new(400, &e))?;
         let dir = snapshot::dir_of(&cfg.source_url).map_err(|e| ApiError::new(400, &e))?;
-        let bad = |e: snapshot::Error| ApiError::new(400, &crate::Error::Snapshot(e));
+        let bad = |e: snapshot::Error| ApiError::new(400, &Error::Snapshot(e));
         let (mut config, state) = snapshot::load(&dir).map_err(bad)?;
         check_and_name(&mut config)?;
         let fds = config::net_fds_in_order(&mut config, &cfg.net_fds, fds)
             .map_err(|e| ApiError::new(400, &e))?;
-        let backends = Backends::open(&mut config, fds)
-            .map_err(|e| ApiError::new(400, &crate::Error::Devices(e)))?;
+        let backends =
+            Backends::open(&mut config, fds).map_err(|e| ApiError::new(400, &Error::Devices(e)))?;
         let mem = crate::memory::create(config.memory.size, config.memory.shared)
-            .map_err(|e| ApiError::new(500, &crate::Error::Vm(crate::vm::Error::Memory(e))))?;
+            .map_err(|e| ApiError::new(500, &Error::Vm(crate::vm::Error::Memory(e))))?;
         snapshot::load_memory(&dir, &mem).map_err(bad)?;
         self.config = Some(config);
         self.backends = backends;
@@ -648,7 +647,7 @@ impl Vmm {
             self.config.as_ref().expect("set above"),
             Some(mem),
         )
-        .map_err(|e| ApiError::new(500, &crate::Error::Vm(e)));
+        .map_err(|e| ApiError::new(500, &Error::Vm(e)));
         let built = shell.and_then(|shell| self.build_vm(Start::Restore(Box::new(state), shell)));
         if let Err(e) = built {
             self.config = None;
