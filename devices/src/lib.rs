@@ -34,16 +34,55 @@ impl vm_superio::Trigger for Trigger {
     }
 }
 
-/// Saved state that does not fit the device it is restored into (another layout, another
-/// version, or a corrupted snapshot): the message says which field and why.
+/// Saved state that does not fit the device it is restored into: another layout version, or
+/// a field that cannot be (another layout, a corrupted snapshot).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StateError(pub String);
+pub enum StateError {
+    /// The state was saved in a layout this baton does not read.
+    #[error(
+        "{kind} state version {found} is not supported (this baton reads version {supported})"
+    )]
+    Version {
+        /// The device kind.
+        kind: &'static str,
+        /// The version saved.
+        found: u32,
+        /// The version this baton reads.
+        supported: u32,
+    },
+    /// A field does not fit: the message says which and why.
+    #[error("{0}")]
+    Invalid(String),
+}
 
 impl StateError {
     /// `what` was wrong.
     pub fn new(what: impl Into<String>) -> Self {
-        StateError(what.into())
+        StateError::Invalid(what.into())
+    }
+}
+
+/// A device's saved state, with the version of its layout. A device is restored by
+/// construction from its state, which first passes [`Versioned::check_version`]: a state of
+/// another layout is refused with both versions named, never misread.
+pub trait Versioned {
+    /// The device kind, as messages name it.
+    const KIND: &'static str;
+    /// The layout this baton writes, and the only one it reads.
+    const VERSION: u32;
+    /// The version the state was saved with.
+    fn version(&self) -> u32;
+    /// Refuses a state saved in another layout.
+    fn check_version(&self) -> Result<(), StateError> {
+        if self.version() == Self::VERSION {
+            Ok(())
+        } else {
+            Err(StateError::Version {
+                kind: Self::KIND,
+                found: self.version(),
+                supported: Self::VERSION,
+            })
+        }
     }
 }
 

@@ -20,8 +20,9 @@ use serde::Serialize;
 
 /// First bytes of every snapshot state.
 pub const MAGIC: [u8; 8] = *b"BATONSNP";
-/// The format this baton writes, and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this baton writes, and the only one it reads. 2: each virtio device's own
+/// state is a typed, versioned value by kind (1 had an untyped value with no version).
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest payload accepted: device and vCPU state is kilobytes; this only stops a hostile
 /// length from allocating the host away.
 pub const MAX_STATE_LEN: u64 = 64 << 20;
@@ -309,12 +310,12 @@ mod tests {
             e,
             SnapshotError::Version {
                 found: 7,
-                supported: 1
+                supported: FORMAT_VERSION
             }
         ));
         assert_eq!(
             e.to_string(),
-            "Snapshot format version 7 is not supported (this baton reads version 1)"
+            "Snapshot format version 7 is not supported (this baton reads version 2)"
         );
     }
 

@@ -606,19 +606,34 @@ fn document_matches_the_routes_and_the_server() {
     c.call(&vmm, "PUT", "vm.delete", None, 204);
     c.call(&vmm, "GET", "vm.info", None, 404);
 
-    // A snapshot whose configuration no longer fits its state cannot be built.
+    // A snapshot whose configuration no longer fits its state is refused (the caller's
+    // input: 400); one whose serial socket another process serves cannot be built (500).
     let bad = vmm.dir().join("snap-bad");
     std::fs::create_dir(&bad).expect("mkdir");
     for file in ["state.bin", "memory.bin"] {
         std::fs::hard_link(snap.join(file), bad.join(file)).expect("link the snapshot");
     }
-    let mut bad_config: Value = serde_json::from_slice(
+    let config: Value = serde_json::from_slice(
         &std::fs::read(snap.join("config.json")).expect("the snapshot's config.json"),
     )
     .expect("config.json is JSON");
+    let bad_url = format!("file://{}", bad.display());
+    let mut bad_config = config.clone();
     bad_config["cpus"] = serde_json::json!({"boot_vcpus": 2, "max_vcpus": 2});
     std::fs::write(bad.join("config.json"), bad_config.to_string()).expect("write");
-    let bad_url = format!("file://{}", bad.display());
+    c.call(
+        &vmm,
+        "PUT",
+        "vm.restore",
+        Some(&url_body("source_url", &bad_url)),
+        400,
+    );
+    c.call(&vmm, "GET", "vm.info", None, 404);
+    let taken = vmm.dir().join("taken.sock");
+    let _other = std::os::unix::net::UnixListener::bind(&taken).expect("another serial server");
+    let mut bad_config = config;
+    bad_config["serial"] = serde_json::json!({"mode": "Socket", "socket": taken});
+    std::fs::write(bad.join("config.json"), bad_config.to_string()).expect("write");
     c.call(
         &vmm,
         "PUT",

@@ -122,12 +122,11 @@ fn bad_snapshot_requests_are_refused_and_the_vm_keeps_running() {
 
     let (status, err) = put(&vmm, "vm.snapshot", body.clone());
     assert_eq!(status, 404, "no VM yet: {err}");
-    vmm.expect(
-        "PUT",
-        "vm.create",
-        Some(&guest_config(&serial, 1, false)),
-        204,
-    );
+    // With a device, so that a device's own state can be spoiled below.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&guest_config(&serial, 1, false)).unwrap();
+    config["rng"] = serde_json::json!({"id": "rng0"});
+    vmm.expect("PUT", "vm.create", Some(&config.to_string()), 204);
     vmm.expect("PUT", "vm.boot", None, 204);
     let mut console = vmm.console(&serial);
     console.wait_for(READY, BOOT);
@@ -190,6 +189,39 @@ fn bad_snapshot_requests_are_refused_and_the_vm_keeps_running() {
     let (status, err) = restore(&dir);
     assert_eq!(status, 400, "{err}");
     assert!(err.contains("version"), "{err}");
+
+    // The format before device states were typed and versioned.
+    let mut older = state.clone();
+    older[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(dir.join("state.bin"), &older).unwrap();
+    let (status, err) = restore(&dir);
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err.contains("Snapshot format version 1 is not supported (this baton reads version 2)"),
+        "{err}"
+    );
+
+    // A device's own state in a layout version this baton does not read. The restore gets
+    // as far as the console, so the first VM lets go of the serial socket first.
+    let (status, err) = put(&vmm, "vm.delete", serde_json::json!({}));
+    assert_eq!(status, 204, "{err}");
+    let mut payload: serde_json::Value = migration::snapshot::decode(&state).unwrap();
+    let device = &mut payload["devices"][0];
+    let id = device[0].as_str().expect("a device id").to_string();
+    let own = device[1]["device"]
+        .as_object_mut()
+        .and_then(|kinds| kinds.values_mut().next())
+        .expect("the device's own state, by kind");
+    own["version"] = serde_json::json!(9);
+    let other_layout = migration::snapshot::encode(&payload).unwrap();
+    std::fs::write(dir.join("state.bin"), &other_layout).unwrap();
+    let (status, err) = restore(&dir);
+    assert_eq!(status, 400, "{err}");
+    assert!(err.contains(&format!("Device '{id}'")), "{err}");
+    assert!(
+        err.contains("state version 9 is not supported (this baton reads version 1)"),
+        "{err}"
+    );
 
     std::fs::write(dir.join("state.bin"), &state[..state.len() / 2]).unwrap();
     let (status, err) = restore(&dir);

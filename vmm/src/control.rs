@@ -292,7 +292,10 @@ impl Vmm {
             &self.events,
             start,
         )
-        .map_err(|e| ApiError::new(500, &Error::Vm(e)))?;
+        .map_err(|e| {
+            let status = if e.is_bad_state() { 400 } else { 500 };
+            ApiError::new(status, &Error::Vm(e))
+        })?;
         log::info!(
             "VM {} with {} vCPUs: built in {} us",
             if restoring { "restored" } else { "started" },

@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use api::{MacAddr, NetConfig, VmConfig};
 use devices::pci::PciBus;
-use devices::virtio::block::{Block, BlockParams};
+use devices::virtio::block::{Block, BlockParams, BlockState};
 use devices::virtio::net::{Net, NetParams, NetState};
 use devices::virtio::pci::BAR_SIZE;
-use devices::virtio::rng::Rng;
+use devices::virtio::rng::{Rng, RngState};
 use devices::virtio::transport::TransportState;
-use devices::virtio::{GuestMemory, VirtioDevice, VirtioPciDevice, VmOps};
+use devices::virtio::{DeviceState, GuestMemory, VirtioDevice, VirtioPciDevice, VmOps};
+use devices::Versioned;
 use net_util::{Tap, TapQueues};
 
 use crate::layout::{mem_64bit_devices_start, MEM_64BIT_DEVICES_SIZE};
@@ -55,15 +56,68 @@ pub enum Error {
         /// Descriptors left.
         left: usize,
     },
-    /// The saved state has no entry for a configured device, or a bad one.
-    #[error("Device '{0}': {1}")]
-    State(String, String),
+    /// The saved state has no entry for a configured device.
+    #[error("Device '{0}': the saved state has no such device")]
+    NotSaved(String),
+    /// The saved state has another number of devices than the configuration.
+    #[error("{saved} devices saved, {configured} configured")]
+    DeviceCount {
+        /// Devices in the state.
+        saved: usize,
+        /// Devices configured.
+        configured: usize,
+    },
+    /// A device's saved state is of another kind.
+    #[error("Device '{id}': its saved state is a {saved} state, not a {wanted} one")]
+    StateKind {
+        /// The device.
+        id: String,
+        /// The kind saved.
+        saved: &'static str,
+        /// The kind configured.
+        wanted: &'static str,
+    },
+    /// A device's saved state does not fit it.
+    #[error("Device '{0}': the saved state does not fit")]
+    State(String, #[source] devices::StateError),
+    /// A disk could not be built.
+    #[error("Disk '{0}'")]
+    Disk(String, #[source] devices::virtio::block::Error),
+    /// A network card's saved state uses other queue pairs than its transferred TAP has.
+    #[error("Network card '{id}': the device uses {active} queue pair(s), but its transferred TAP has {attached} attached")]
+    TransferredPairs {
+        /// The card.
+        id: String,
+        /// Queue pairs the saved device uses.
+        active: usize,
+        /// Queues attached on the TAP.
+        attached: usize,
+    },
+    /// No configured device has this id.
+    #[error("Device '{0}' is not configured")]
+    NotConfigured(String),
     /// A network card's transferred backend never came.
     #[error("Network card '{0}': its transferred backend never came")]
     NoBackend(String),
     /// More TAP descriptors came than any network card takes.
     #[error("{0} TAP descriptor(s) passed but not used: only network cards without a tap name take descriptors, one per queue pair")]
     UnusedFds(usize),
+}
+
+impl Error {
+    /// The saved state does not fit the configured devices (see
+    /// [`crate::vm::Error::is_bad_state`]).
+    pub fn is_bad_state(&self) -> bool {
+        matches!(
+            self,
+            Error::NotSaved(_)
+                | Error::DeviceCount { .. }
+                | Error::StateKind { .. }
+                | Error::State(..)
+                | Error::TransferredPairs { .. }
+                | Error::Disk(_, devices::virtio::block::Error::State(_))
+        )
+    }
 }
 
 /// A network card's open TAP queues; `None` while a migration's backend transfer has yet to
@@ -319,7 +373,7 @@ impl<'a> Saved<'a> {
             .iter()
             .find(|(i, _)| i == id)
             .map(|(_, s)| s)
-            .ok_or_else(|| Error::State(id.into(), "the saved state has no such device".into()))
+            .ok_or_else(|| Error::NotSaved(id.into()))
     }
 
     fn slot(self, id: &str) -> Option<u8> {
@@ -330,7 +384,7 @@ impl<'a> Saved<'a> {
 /// The virtio device of network card `net`, at power-on or as `saved` left it.
 fn net_device(
     net: &NetBackend,
-    saved: Option<&TransportState>,
+    saved: Option<&DeviceState>,
 ) -> Result<Box<dyn VirtioDevice>, Error> {
     let c = &net.config;
     let params = NetParams {
@@ -346,44 +400,65 @@ fn net_device(
         .taps
         .clone()
         .ok_or_else(|| Error::NoBackend(id.clone()))?;
-    let state = match saved {
-        Some(s) => Some(
-            serde_json::from_value::<NetState>(s.device.clone())
-                .map_err(|e| Error::State(id.clone(), format!("network state: {e}")))?,
-        ),
-        None => None,
+    let Some(saved) = saved else {
+        return Ok(Box::new(Net::new(params, taps)));
     };
-    if let Some(s) = state.as_ref().filter(|_| net.transferred) {
+    let DeviceState::Net(state) = saved else {
+        return Err(wrong_kind(id, saved, NetState::KIND));
+    };
+    if net.transferred && state.active_pairs != taps.active_pairs() {
         // The device would attach or detach queues the source shares: refuse instead.
-        if s.active_pairs != taps.active_pairs() {
-            return Err(Error::State(
-                id,
-                format!(
-                    "the device uses {} queue pair(s), but its transferred TAP has {} attached",
-                    s.active_pairs,
-                    taps.active_pairs()
-                ),
-            ));
-        }
+        return Err(Error::TransferredPairs {
+            id,
+            active: state.active_pairs,
+            attached: taps.active_pairs(),
+        });
     }
-    Ok(Box::new(Net::new(params, taps, state)))
+    let net = Net::restore(params, taps, state.clone()).map_err(|e| Error::State(id, e))?;
+    Ok(Box::new(net))
 }
 
-/// The virtio device of `disk`.
-fn disk_device(disk: &DiskBackend) -> Result<Box<dyn VirtioDevice>, Error> {
+fn wrong_kind(id: String, saved: &DeviceState, wanted: &'static str) -> Error {
+    Error::StateKind {
+        id,
+        saved: saved.kind(),
+        wanted,
+    }
+}
+
+/// The virtio device of `disk`, at power-on or as `saved` left it.
+fn disk_device(
+    disk: &DiskBackend,
+    saved: Option<&DeviceState>,
+) -> Result<Box<dyn VirtioDevice>, Error> {
     let id = disk.config.id.clone().unwrap_or_default();
     let file = disk
         .file
         .try_clone()
         .map_err(|e| Error::Device(id.clone(), e))?;
-    let block = Block::new(BlockParams {
+    let params = BlockParams {
         file,
         readonly: disk.config.readonly,
         direct: disk.config.direct,
         serial: id.clone(),
-    })
-    .map_err(|e| Error::Device(id, e))?;
-    Ok(Box::new(block))
+    };
+    let block = match saved {
+        None => Block::new(params),
+        Some(DeviceState::Block(state)) => Block::restore(params, state.clone()),
+        Some(other) => return Err(wrong_kind(id, other, BlockState::KIND)),
+    };
+    Ok(Box::new(block.map_err(|e| Error::Disk(id, e))?))
+}
+
+/// The entropy device `id`, at power-on or as `saved` left it.
+fn rng_device(id: &str, saved: Option<&DeviceState>) -> Result<Box<dyn VirtioDevice>, Error> {
+    match saved {
+        None => Ok(Box::new(Rng::new())),
+        Some(DeviceState::Rng(state)) => Ok(Box::new(
+            Rng::restore(state.clone()).map_err(|e| Error::State(id.into(), e))?,
+        )),
+        Some(other) => Err(wrong_kind(id.into(), other, RngState::KIND)),
+    }
 }
 
 /// Every device of `config` on `backends`, by id, in configuration order.
@@ -412,11 +487,17 @@ enum DeviceOf<'a> {
 }
 
 impl DeviceOf<'_> {
-    fn build(&self, saved: Option<&TransportState>) -> Result<Box<dyn VirtioDevice>, Error> {
+    /// Device `id` on this, at power-on or as `saved` left it.
+    fn build(
+        &self,
+        id: &str,
+        saved: Option<&TransportState>,
+    ) -> Result<Box<dyn VirtioDevice>, Error> {
+        let saved = saved.map(|s| &s.device);
         match self {
             DeviceOf::Net(net) => net_device(net, saved),
-            DeviceOf::Disk(disk) => disk_device(disk),
-            DeviceOf::Rng => Ok(Box::new(Rng::new())),
+            DeviceOf::Disk(disk) => disk_device(disk, saved),
+            DeviceOf::Rng => rng_device(id, saved),
         }
     }
 }
@@ -492,14 +573,10 @@ pub fn create(
     let all: Vec<_> = devices_of(config, backends).collect();
     if let Some(saved) = saved {
         if saved.devices.len() != all.len() {
-            return Err(Error::State(
-                String::new(),
-                format!(
-                    "{} devices saved, {} configured",
-                    saved.devices.len(),
-                    all.len()
-                ),
-            ));
+            return Err(Error::DeviceCount {
+                saved: saved.devices.len(),
+                configured: all.len(),
+            });
         }
     }
     let mut order: Vec<_> = all
@@ -515,7 +592,7 @@ pub fn create(
     let mut handles = Vec::new();
     for (id, of, slot) in order {
         let state = saved.map(|s| s.state(&id)).transpose()?;
-        let device = of.build(state)?;
+        let device = of.build(&id, state)?;
         handles.push(place(id, device, state, slot, &mut to)?);
     }
     Ok(handles)
@@ -532,8 +609,8 @@ pub fn hot_add(
 ) -> Result<PciDeviceHandle, Error> {
     let (id, of) = devices_of(config, backends)
         .find(|(i, _)| i == id)
-        .ok_or_else(|| Error::State(id.into(), "no such device is configured".into()))?;
-    let device = of.build(None)?;
+        .ok_or_else(|| Error::NotConfigured(id.into()))?;
+    let device = of.build(&id, None)?;
     place(
         id,
         device,

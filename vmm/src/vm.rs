@@ -70,12 +70,29 @@ pub enum Error {
     /// A legacy device's saved state does not fit.
     #[error("Cannot restore the {0}")]
     DeviceState(&'static str, #[source] devices::StateError),
-    /// The saved state is for another machine than the configuration describes.
-    #[error("The saved state does not match the configuration: {0}")]
-    Mismatch(String),
+    /// The saved state has another number of vCPUs than the configuration.
+    #[error("The saved state does not match the configuration: {saved} vCPUs saved, {configured} configured")]
+    VcpuCount {
+        /// vCPUs in the state.
+        saved: usize,
+        /// vCPUs configured.
+        configured: u8,
+    },
     /// A device was still running when its state was wanted.
     #[error("Cannot save device state")]
     NotPaused(#[source] devices::virtio::transport::NotPaused),
+}
+
+impl Error {
+    /// The saved state a restore was given does not fit the configuration or this baton:
+    /// the caller's input, not a failure of the host.
+    pub fn is_bad_state(&self) -> bool {
+        match self {
+            Error::VcpuCount { .. } | Error::DeviceState(..) => true,
+            Error::Devices(e) => e.is_bad_state(),
+            _ => false,
+        }
+    }
 }
 
 /// Granularity of dirty-page tracking.
@@ -424,11 +441,10 @@ impl Vm {
         let saved = saved.as_deref();
         if let Some(s) = saved {
             if s.vcpus.len() != usize::from(config.cpus.boot_vcpus) {
-                return Err(Error::Mismatch(format!(
-                    "{} vCPUs saved, {} configured",
-                    s.vcpus.len(),
-                    config.cpus.boot_vcpus
-                )));
+                return Err(Error::VcpuCount {
+                    saved: s.vcpus.len(),
+                    configured: config.cpus.boot_vcpus,
+                });
             }
         }
         let Shell { vm_fd, mem } = match shell {

@@ -60,16 +60,27 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CmosState {
+    /// The layout's version ([`crate::Versioned`]).
+    pub version: u32,
     /// Selected register.
     pub index: u8,
     /// The 128 bytes of RAM.
     pub ram: Vec<u8>,
 }
 
+impl crate::Versioned for CmosState {
+    const KIND: &'static str = "CMOS";
+    const VERSION: u32 = 1;
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
 impl Cmos {
     /// The state to save.
     pub fn state(&self) -> CmosState {
         CmosState {
+            version: <CmosState as crate::Versioned>::VERSION,
             index: self.index,
             ram: self.ram.to_vec(),
         }
@@ -77,8 +88,9 @@ impl Cmos {
 
     /// A CMOS in the state `state`.
     pub fn from_state(state: &CmosState) -> Result<Self, crate::StateError> {
+        crate::Versioned::check_version(state)?;
         let ram = state.ram.as_slice().try_into().map_err(|_| {
-            crate::StateError(format!("CMOS RAM of {} bytes, not 128", state.ram.len()))
+            crate::StateError::Invalid(format!("CMOS RAM of {} bytes, not 128", state.ram.len()))
         })?;
         Ok(Cmos {
             index: state.index,
@@ -169,5 +181,37 @@ mod tests {
         cmos.write(1, &[0x5a]);
         cmos.read(1, &mut b);
         assert_eq!(b[0], 0x5a);
+    }
+
+    #[test]
+    fn state_round_trips_and_other_versions_or_sizes_are_refused() {
+        let mut cmos = Cmos::default();
+        cmos.write(0, &[0x40]);
+        cmos.write(1, &[0x5a]);
+        let saved = cmos.state();
+        assert_eq!(
+            (saved.version, saved.index, saved.ram[0x40]),
+            (1, 0x40, 0x5a)
+        );
+        let json = serde_json::to_string(&saved).expect("serialises");
+        let back: CmosState = serde_json::from_str(&json).expect("parses");
+        assert_eq!(Cmos::from_state(&back).expect("restores").state(), saved);
+        let e = Cmos::from_state(&CmosState {
+            version: 2,
+            ..saved.clone()
+        })
+        .err()
+        .expect("another version");
+        assert_eq!(
+            e.to_string(),
+            "CMOS state version 2 is not supported (this baton reads version 1)"
+        );
+        let e = Cmos::from_state(&CmosState {
+            ram: vec![0; 64],
+            ..saved
+        })
+        .err()
+        .expect("another size");
+        assert_eq!(e.to_string(), "CMOS RAM of 64 bytes, not 128");
     }
 }

@@ -8,9 +8,11 @@ use std::io::Write;
 use crate::{BusDevice, Trigger};
 
 /// The UART's registers and receive FIFO, for snapshots.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialState {
+    /// The layout's version ([`crate::Versioned`]).
+    pub version: u32,
     /// Divisor latch, low and high bytes.
     pub divisor: [u8; 2],
     /// Interrupt enable.
@@ -29,6 +31,14 @@ pub struct SerialState {
     pub scr: u8,
     /// Bytes received and not yet read by the guest.
     pub input: Vec<u8>,
+}
+
+impl crate::Versioned for SerialState {
+    const KIND: &'static str = "serial port";
+    const VERSION: u32 = 1;
+    fn version(&self) -> u32 {
+        self.version
+    }
 }
 
 /// The serial port as a bus device.
@@ -50,6 +60,7 @@ impl Serial {
         out: Box<dyn Write + Send>,
         state: &SerialState,
     ) -> Result<Self, crate::StateError> {
+        crate::Versioned::check_version(state)?;
         let s = vm_superio::serial::SerialState {
             baud_divisor_low: state.divisor[0],
             baud_divisor_high: state.divisor[1],
@@ -63,7 +74,7 @@ impl Serial {
             in_buffer: state.input.clone(),
         };
         let inner = vm_superio::Serial::from_state(&s, irq, vm_superio::serial::NoEvents, out)
-            .map_err(|e| crate::StateError(format!("serial port: {e:?}")))?;
+            .map_err(|e| crate::StateError::Invalid(format!("serial port: {e:?}")))?;
         Ok(Serial { inner })
     }
 
@@ -71,6 +82,7 @@ impl Serial {
     pub fn state(&self) -> SerialState {
         let s = self.inner.state();
         SerialState {
+            version: <SerialState as crate::Versioned>::VERSION,
             divisor: [s.baud_divisor_low, s.baud_divisor_high],
             ier: s.interrupt_enable,
             iir: s.interrupt_identification,
@@ -116,5 +128,55 @@ impl BusDevice for Serial {
                 log::warn!("serial write failed: {e:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn irq() -> Trigger {
+        Trigger::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+    }
+
+    #[test]
+    fn state_round_trips_and_other_versions_are_refused() {
+        let mut serial = Serial::new(irq(), Box::new(std::io::sink()));
+        serial.write(3, &[0x83]); // LCR: divisor latch on, 8 bits
+        serial.write(0, &[0x0c]);
+        serial.write(3, &[0x03]);
+        serial.write(7, &[0x5a]);
+        assert_eq!(serial.enqueue_input(b"ls\n"), 3);
+        let saved = serial.state();
+        assert_eq!(
+            (
+                saved.version,
+                saved.divisor,
+                saved.scr,
+                saved.input.as_slice()
+            ),
+            (1, [0x0c, 0], 0x5a, &b"ls\n"[..])
+        );
+        let json = serde_json::to_string(&saved).expect("serialises");
+        let back: SerialState = serde_json::from_str(&json).expect("parses");
+        let restored =
+            Serial::from_state(irq(), Box::new(std::io::sink()), &back).expect("restores");
+        assert_eq!(restored.state(), saved);
+
+        let e = Serial::from_state(
+            irq(),
+            Box::new(std::io::sink()),
+            &SerialState {
+                version: 3,
+                ..saved
+            },
+        )
+        .err()
+        .expect("another version");
+        assert_eq!(
+            e.to_string(),
+            "serial port state version 3 is not supported (this baton reads version 1)"
+        );
     }
 }

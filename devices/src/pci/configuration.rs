@@ -292,7 +292,7 @@ impl PciConfiguration {
         for (reg, (&saved, &now)) in state.regs.iter().zip(self.regs.iter()).enumerate() {
             let fixed = !self.writable[reg];
             if saved & fixed != now & fixed {
-                return Err(crate::StateError(format!(
+                return Err(crate::StateError::Invalid(format!(
                     "PCI configuration register {reg:#x} is {saved:#x} in the state, but this \
                      device has {now:#x} in its read-only bits"
                 )));
@@ -303,7 +303,7 @@ impl PciConfiguration {
                 (Some(bar), Some(addr)) => bar.addr = *addr,
                 (None, None) => {}
                 _ => {
-                    return Err(crate::StateError(format!(
+                    return Err(crate::StateError::Invalid(format!(
                         "BAR {i} is declared on one side only"
                     )))
                 }

@@ -92,7 +92,7 @@ impl Msix {
             || saved.pending.len() != fresh.pending.len()
             || saved.control & !(CONTROL_ENABLE | CONTROL_FUNCTION_MASK) != fresh.control
         {
-            return Err(crate::StateError(format!(
+            return Err(crate::StateError::Invalid(format!(
                 "MSI-X state has {} vectors, the device has {vectors}",
                 saved.table.len()
             )));

@@ -115,13 +115,13 @@ impl CommonConfig {
     ) -> Result<Self, crate::StateError> {
         let fresh = CommonConfig::new(features, queue_max_sizes);
         if saved.device_features != fresh.device_features {
-            return Err(crate::StateError(format!(
+            return Err(crate::StateError::Invalid(format!(
                 "the device offers features {:#x}, the state {:#x}",
                 fresh.device_features, saved.device_features
             )));
         }
         if saved.queues.len() != fresh.queues.len() {
-            return Err(crate::StateError(format!(
+            return Err(crate::StateError::Invalid(format!(
                 "the device has {} queues, the state {}",
                 fresh.queues.len(),
                 saved.queues.len()
@@ -129,7 +129,7 @@ impl CommonConfig {
         }
         for (i, (q, f)) in saved.queues.iter().zip(&fresh.queues).enumerate() {
             if q.max_size != f.max_size || !q.size.is_power_of_two() || q.size > q.max_size {
-                return Err(crate::StateError(format!(
+                return Err(crate::StateError::Invalid(format!(
                     "queue {i} has size {} of at most {} in the state; the device allows {}",
                     q.size, q.max_size, f.max_size
                 )));

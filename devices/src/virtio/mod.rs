@@ -90,6 +90,31 @@ pub enum ActivateError {
     Backend(#[source] std::io::Error),
 }
 
+/// A virtio device's own state besides its transport and queues, by kind: each kind's state
+/// is its own versioned type ([`crate::Versioned`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DeviceState {
+    /// A network card.
+    Net(net::NetState),
+    /// A disk.
+    Block(block::BlockState),
+    /// An entropy source.
+    Rng(rng::RngState),
+}
+
+impl DeviceState {
+    /// The device kind, as messages name it.
+    pub fn kind(&self) -> &'static str {
+        use crate::Versioned;
+        match self {
+            DeviceState::Net(_) => net::NetState::KIND,
+            DeviceState::Block(_) => block::BlockState::KIND,
+            DeviceState::Rng(_) => rng::RngState::KIND,
+        }
+    }
+}
+
 /// What a virtio device tells the transport about itself, and how it runs.
 pub trait VirtioDevice: Send {
     /// virtio device type (1 net, 2 block, 4 entropy ...).
@@ -113,10 +138,9 @@ pub trait VirtioDevice: Send {
     /// returns, no worker touches guest memory or the backend; [`VirtioDevice::activate`]
     /// with the same queues carries on where the device stopped.
     fn pause(&mut self) -> Vec<Option<ActiveQueue>>;
-    /// What a snapshot must carry for this device besides its transport and queues.
-    fn state(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
+    /// What a snapshot must carry for this device besides its transport and queues; each
+    /// device kind is built again from it by its own `restore` constructor.
+    fn save(&self) -> DeviceState;
     /// Asks the driver to tell the network the guest moved (after a migration), if the
     /// device and driver support it; true when the driver must be told through a
     /// configuration change interrupt.

@@ -179,7 +179,7 @@ impl VirtioPci {
         let features = device.features();
         let sizes = device.queue_max_sizes();
         let mut pci = VirtioPci::new(device, bar)
-            .map_err(|e| crate::StateError(format!("BAR 0 at {bar:#x}: {e}")))?;
+            .map_err(|e| crate::StateError::Invalid(format!("BAR 0 at {bar:#x}: {e}")))?;
         pci.config.restore(&state.config)?;
         pci.common = CommonConfig::from_state(features, &sizes, state.common)?;
         let vectors = pci.lock_msix().vectors();
@@ -358,6 +358,9 @@ mod tests {
             data.fill(0xab);
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn save(&self) -> crate::virtio::DeviceState {
+            crate::virtio::DeviceState::Rng(crate::virtio::rng::RngState { version: 1 })
+        }
     }
 
     fn function() -> VirtioPci {

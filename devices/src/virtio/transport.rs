@@ -85,7 +85,7 @@ pub struct TransportState {
     /// Each queue's position while running, by index.
     pub queues: Vec<Option<QueuePosition>>,
     /// The device's own state.
-    pub device: serde_json::Value,
+    pub device: super::DeviceState,
 }
 
 /// Why a device's state cannot be taken now.
@@ -240,7 +240,7 @@ impl VirtioPciDevice {
         let common = self.pci.common();
         let event_idx = common.acked_features() & VIRTIO_RING_F_EVENT_IDX != 0;
         if positions.len() != common.queues().len() {
-            return Err(crate::StateError(format!(
+            return Err(crate::StateError::Invalid(format!(
                 "{} queue positions for {} queues",
                 positions.len(),
                 common.queues().len()
@@ -254,7 +254,7 @@ impl VirtioPciDevice {
             };
             let mut active = self
                 .active_queue(i, config, event_idx)
-                .map_err(|e| crate::StateError(format!("queue {i} in the state: {e}")))?;
+                .map_err(|e| crate::StateError::Invalid(format!("queue {i} in the state: {e}")))?;
             active.queue.set_next_avail(pos.next_avail);
             active.queue.set_next_used(pos.next_used);
             queues.push(Some(active));
@@ -378,7 +378,7 @@ impl VirtioPciDevice {
             broken: self.interrupt.broken.load(Ordering::Acquire),
             active: self.active,
             queues,
-            device: self.pci.device().state(),
+            device: self.pci.device().save(),
         })
     }
 

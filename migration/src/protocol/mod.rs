@@ -73,8 +73,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub use memory::{recv_memory, send_memory, MemoryRanges, CHUNK};
 pub use receiver::{Receiver, ReceiverState};
 
-/// The protocol this baton speaks; Start must carry exactly this.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol this baton speaks; Start must carry exactly this. 2: State carries each
+/// virtio device's state as its own versioned type (snapshot format 2).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First four bytes of every request header.
 pub const REQUEST_MAGIC: [u8; 4] = *b"BTNM";
 /// First four bytes of every response header.

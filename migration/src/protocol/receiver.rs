@@ -633,11 +633,11 @@ mod tests {
         let mut r = Receiver::new(Limits::default());
         r.check(&header(Start, 10)).unwrap();
         let mut s = start(false, &[]);
-        s.version = 2;
+        s.version = 1;
         let e = r.started(&s).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "Peer speaks migration protocol version 2, this baton speaks 1"
+            "Peer speaks migration protocol version 1, this baton speaks 2"
         );
         assert!(r.is_done());
     }

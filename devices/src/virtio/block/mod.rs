@@ -44,6 +44,36 @@ pub struct BlockParams {
     pub serial: String,
 }
 
+/// What a disk carries across a snapshot or migration besides its queues: the size the guest
+/// was told, which the image must still have.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    /// The layout's version ([`crate::Versioned`]).
+    pub version: u32,
+    /// The capacity the guest read, in 512-byte sectors.
+    pub sectors: u64,
+}
+
+impl crate::Versioned for BlockState {
+    const KIND: &'static str = "virtio-blk";
+    const VERSION: u32 = 1;
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
+/// Why a disk could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image's size cannot be read.
+    #[error("Cannot read the image's size")]
+    Size(#[source] std::io::Error),
+    /// The state does not fit.
+    #[error("The saved state does not fit this disk")]
+    State(#[source] crate::StateError),
+}
+
 /// A virtio-blk device.
 pub struct Block {
     disk: Arc<request::Disk>,
@@ -51,19 +81,37 @@ pub struct Block {
 }
 
 impl Block {
-    /// A device over `params.file`; its size is fixed now.
-    pub fn new(params: BlockParams) -> std::io::Result<Self> {
-        let size = params.file.metadata()?.len();
-        Ok(Block {
+    /// A device over `params.file`, as at power-on; its size is fixed now.
+    pub fn new(params: BlockParams) -> Result<Self, Error> {
+        let size = params.file.metadata().map_err(Error::Size)?.len();
+        Ok(Self::build(params, size / SECTOR_SIZE))
+    }
+
+    /// A device over `params.file` in the state `state` describes: the image must have the
+    /// size the guest was told.
+    pub fn restore(params: BlockParams, state: BlockState) -> Result<Self, Error> {
+        crate::Versioned::check_version(&state).map_err(Error::State)?;
+        let block = Self::new(params)?;
+        if block.disk.sectors != state.sectors {
+            return Err(Error::State(crate::StateError::Invalid(format!(
+                "the image has {} sectors, but the guest was told {}",
+                block.disk.sectors, state.sectors
+            ))));
+        }
+        Ok(block)
+    }
+
+    fn build(params: BlockParams, sectors: u64) -> Self {
+        Block {
             disk: Arc::new(request::Disk {
                 file: params.file,
-                sectors: size / SECTOR_SIZE,
+                sectors,
                 readonly: params.readonly,
                 direct: params.direct,
                 serial: params.serial,
             }),
             worker: None,
-        })
+        }
     }
 
     fn config_bytes(&self) -> [u8; 24] {
@@ -125,5 +173,92 @@ impl VirtioDevice for Block {
 
     fn pause(&mut self) -> Vec<Option<ActiveQueue>> {
         worker::stop_single_queue(&mut self.worker)
+    }
+
+    fn save(&self) -> super::DeviceState {
+        super::DeviceState::Block(BlockState {
+            version: <BlockState as crate::Versioned>::VERSION,
+            sectors: self.disk.sectors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::DeviceState;
+
+    fn image(sectors: u64) -> BlockParams {
+        let file = tempfile_of(sectors * SECTOR_SIZE);
+        BlockParams {
+            file,
+            readonly: false,
+            direct: false,
+            serial: "disk0".into(),
+        }
+    }
+
+    /// An unlinked file of `len` bytes.
+    fn tempfile_of(len: u64) -> File {
+        let path = std::env::temp_dir().join(format!(
+            "baton-block-state-{}-{len}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("temporary image");
+        std::fs::remove_file(&path).expect("unlinked");
+        file.set_len(len).expect("sized");
+        file
+    }
+
+    #[test]
+    fn state_round_trips_and_other_versions_or_sizes_are_refused() {
+        let saved = Block::new(image(8)).expect("opens").save();
+        assert_eq!(
+            saved,
+            DeviceState::Block(BlockState {
+                version: 1,
+                sectors: 8
+            })
+        );
+        let json = serde_json::to_value(&saved).expect("serialises");
+        assert_eq!(
+            json,
+            serde_json::json!({"block": {"version": 1, "sectors": 8}})
+        );
+        let DeviceState::Block(state) = serde_json::from_value(json).expect("parses") else {
+            panic!("not a block state");
+        };
+        let restored = Block::restore(image(8), state.clone()).expect("restores");
+        assert_eq!(restored.save(), saved);
+
+        let e = Block::restore(
+            image(8),
+            BlockState {
+                version: 7,
+                ..state.clone()
+            },
+        )
+        .err()
+        .expect("another version");
+        assert_eq!(
+            crate::error_chain(&e),
+            "The saved state does not fit this disk: virtio-blk state version 7 is not supported (this baton reads version 1)"
+        );
+        let e = Block::restore(image(16), state)
+            .err()
+            .expect("another size");
+        assert_eq!(
+            crate::error_chain(&e),
+            "The saved state does not fit this disk: the image has 16 sectors, but the guest was told 8"
+        );
+        // The layout before versions (format 1) saved nothing for a disk: it does not parse.
+        assert!(serde_json::from_value::<DeviceState>(serde_json::Value::Null).is_err());
     }
 }

@@ -101,6 +101,8 @@ pub struct Counters {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetState {
+    /// The layout's version ([`crate::Versioned`]).
+    pub version: u32,
     /// Queue pairs the driver uses (their TAP queues are attached, the others detached).
     pub active_pairs: usize,
     /// The configuration status field (link up, announce requested).
@@ -121,14 +123,46 @@ pub struct Net {
     acked: u64,
 }
 
+impl crate::Versioned for NetState {
+    const KIND: &'static str = "virtio-net";
+    const VERSION: u32 = 1;
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
 impl Net {
-    /// A device over `taps`, one per queue pair, in the state `state` describes, or as at
-    /// power-on.
-    pub fn new(params: NetParams, taps: Arc<TapQueues>, state: Option<NetState>) -> Self {
-        let state = state.unwrap_or(NetState {
-            active_pairs: 1,
-            status: STATUS_LINK_UP,
-        });
+    /// A device over `taps`, one per queue pair, as at power-on.
+    pub fn new(params: NetParams, taps: Arc<TapQueues>) -> Self {
+        Self::build(
+            params,
+            taps,
+            NetState {
+                version: <NetState as crate::Versioned>::VERSION,
+                active_pairs: 1,
+                status: STATUS_LINK_UP,
+            },
+        )
+    }
+
+    /// A device over `taps`, one per queue pair, in the state `state` describes.
+    pub fn restore(
+        params: NetParams,
+        taps: Arc<TapQueues>,
+        state: NetState,
+    ) -> Result<Self, crate::StateError> {
+        crate::Versioned::check_version(&state)?;
+        if state.active_pairs > taps.len() {
+            return Err(crate::StateError::Invalid(format!(
+                "the network card uses {} queue pair(s) but has {}",
+                state.active_pairs,
+                taps.len()
+            )));
+        }
+        Ok(Self::build(params, taps, state))
+    }
+
+    fn build(params: NetParams, taps: Arc<TapQueues>, state: NetState) -> Self {
         let net = Net {
             params,
             counters: (0..taps.len()).map(|_| Arc::default()).collect(),
@@ -330,12 +364,12 @@ impl VirtioDevice for Net {
         queues
     }
 
-    fn state(&self) -> serde_json::Value {
-        let state = NetState {
+    fn save(&self) -> super::DeviceState {
+        super::DeviceState::Net(NetState {
+            version: <NetState as crate::Versioned>::VERSION,
             active_pairs: self.taps.active_pairs(),
             status: self.status.load(Ordering::Acquire),
-        };
-        serde_json::to_value(state).expect("net state serialises")
+        })
     }
 
     fn announce(&mut self) -> bool {
@@ -398,7 +432,7 @@ mod tests {
 
     #[test]
     fn config_space_and_features() {
-        let net = Net::new(params(), no_taps(), None);
+        let net = Net::new(params(), no_taps());
         let mut b = [0u8; 12];
         net.read_config(0, &mut b);
         assert_eq!(&b[..6], &[0x52, 0x54, 0, 1, 2, 3]);
@@ -419,13 +453,63 @@ mod tests {
                 ..params()
             },
             no_taps(),
-            None,
         );
         assert_eq!(
             plain.features() & (features::GUEST_TSO4 | features::CSUM),
             0
         );
         assert_eq!(plain.features() & features::MTU, 0);
+    }
+
+    #[test]
+    fn state_round_trips_and_other_versions_are_refused() {
+        use crate::virtio::DeviceState;
+        let saved = NetState {
+            version: 1,
+            active_pairs: 0,
+            status: STATUS_LINK_UP | STATUS_ANNOUNCE,
+        };
+        let net = Net::restore(params(), no_taps(), saved.clone()).expect("restores");
+        assert_eq!(net.save(), DeviceState::Net(saved.clone()));
+        let json = serde_json::to_value(net.save()).expect("serialises");
+        assert_eq!(
+            json,
+            serde_json::json!({"net": {"version": 1, "active_pairs": 0, "status": 3}})
+        );
+        let back: DeviceState = serde_json::from_value(json).expect("parses");
+        assert_eq!(back, DeviceState::Net(saved.clone()));
+
+        let e = Net::restore(
+            params(),
+            no_taps(),
+            NetState {
+                version: 2,
+                ..saved.clone()
+            },
+        )
+        .err()
+        .expect("another version");
+        assert_eq!(
+            e.to_string(),
+            "virtio-net state version 2 is not supported (this baton reads version 1)"
+        );
+        let e = Net::restore(
+            params(),
+            no_taps(),
+            NetState {
+                active_pairs: 1,
+                ..saved
+            },
+        )
+        .err()
+        .expect("more pairs than TAP queues");
+        assert_eq!(
+            e.to_string(),
+            "the network card uses 1 queue pair(s) but has 0"
+        );
+        // The layout before versions (format 1) had no version field: it does not parse.
+        let old = serde_json::json!({"active_pairs": 1, "status": 1});
+        assert!(serde_json::from_value::<DeviceState>(old).is_err());
     }
 
     #[test]
