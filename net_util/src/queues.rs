@@ -256,7 +256,7 @@ mod tests {
     fn a_descriptor_that_is_not_a_tap_is_refused() {
         let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         let e = TapQueues::from_transferred(vec![null], &state(1)).unwrap_err();
-        assert!(matches!(e, Error::NotTap(_)), "{e}");
+        assert!(matches!(e, Error::NotTun(..)), "{e}");
     }
 
     #[test]

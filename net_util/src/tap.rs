@@ -12,20 +12,28 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_val};
+
 /// Bytes of the vnet header on every frame (virtio 1.x layout, with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
 /// Longest interface name, without the terminating NUL.
 pub const IFNAMSIZ: usize = 15;
 
-const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
-const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
-const SIOCSIFADDR: libc::c_ulong = 0x8916;
-const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
-const SIOCGIFMTU: libc::c_ulong = 0x8921;
-const SIOCSIFMTU: libc::c_ulong = 0x8922;
-const SIOCSIFHWADDR: libc::c_ulong = 0x8924;
-const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
-const SIOCGIFINDEX: libc::c_ulong = 0x8933;
+/// The TUN/TAP ioctls (`linux/if_tun.h`: type 'T'), encoded by vmm-sys-util's macros.
+mod tun {
+    use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
+
+    const TUNTAP: libc::c_uint = b'T' as libc::c_uint;
+    ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, libc::c_int);
+    ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, libc::c_uint);
+    ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, libc::c_uint);
+    ioctl_ior_nr!(TUNGETVNETHDRSZ, TUNTAP, 215, libc::c_int);
+    ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, libc::c_int);
+    ioctl_iow_nr!(TUNSETQUEUE, TUNTAP, 217, libc::c_int);
+}
+use tun::{TUNGETIFF, TUNGETVNETHDRSZ, TUNSETIFF, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
+
+// The interface ioctls on a socket (SIOC*) are plain numbers, not _IOC encodings: libc's.
 const ARPHRD_ETHER: u16 = 1;
 
 /// Errors opening or configuring a TAP.
@@ -59,7 +67,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A passed descriptor is not a TAP with a vnet header.
+    /// A passed descriptor is not a TUN/TAP queue at all.
+    #[error("Descriptor {0} is not a TAP: TUNGETIFF refused it")]
+    NotTun(RawFd, #[source] io::Error),
+    /// A passed descriptor is a TUN/TAP queue, but not a TAP with a vnet header.
     #[error("Descriptor {0} is not a TAP opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR")]
     NotTap(RawFd),
     /// Passed descriptors name different interfaces.
@@ -117,22 +128,9 @@ fn check_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// `ioctl(fd, request, arg)` with a pointer argument.
-///
-/// # Safety
-/// `arg` must point to memory of the layout `request` expects, valid for reads and writes.
-unsafe fn ioctl_ptr<T>(fd: RawFd, request: libc::c_ulong, arg: *mut T) -> io::Result<()> {
-    // SAFETY: the caller vouches for `arg`; a bad fd only makes the call fail.
-    if unsafe { libc::ioctl(fd, request as _, arg) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// `ioctl(fd, request, value)` with an integer argument.
-fn ioctl_val(fd: RawFd, request: libc::c_ulong, value: libc::c_ulong) -> io::Result<()> {
-    // SAFETY: the requests used with this helper take an integer, not a pointer.
-    if unsafe { libc::ioctl(fd, request as _, value) } < 0 {
+/// vmm-sys-util's ioctl calls answer -1 with errno set; this turns that into the error.
+fn ioctl_result(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -150,11 +148,12 @@ pub(crate) struct TunInfo {
 }
 
 impl TunInfo {
-    fn of(raw: RawFd) -> Result<Self, Error> {
+    fn of(fd: &impl AsRawFd) -> Result<Self, Error> {
+        let raw = fd.as_raw_fd();
         let mut req = IfReq::new("");
         // SAFETY: `req` is a full `struct ifreq` that TUNGETIFF fills.
-        unsafe { ioctl_ptr(raw, libc::TUNGETIFF as _, &mut req) }
-            .map_err(|_| Error::NotTap(raw))?;
+        ioctl_result(unsafe { ioctl_with_mut_ref(fd, TUNGETIFF(), &mut req) })
+            .map_err(|e| Error::NotTun(raw, e))?;
         let flags = i32::from(req.short()) & 0xffff;
         let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
         if flags & want != want {
@@ -233,7 +232,7 @@ pub fn interface_index(name: &str) -> io::Result<i32> {
     let sock = control_socket()?;
     let mut req = IfReq::new(name);
     // SAFETY: `req` is a full `struct ifreq`.
-    unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCGIFINDEX, &mut req) }?;
+    ioctl_result(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFINDEX, &mut req) })?;
     Ok(req.int())
 }
 
@@ -267,7 +266,7 @@ impl Tap {
                 let mut req = IfReq::new(name);
                 req.set_short(flags as i16);
                 // SAFETY: `req` is a full `struct ifreq` that TUNSETIFF reads and fills.
-                unsafe { ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF as _, &mut req) }.map_err(
+                ioctl_result(unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) }).map_err(
                     |source| Error::Attach {
                         name: name.into(),
                         queues,
@@ -290,7 +289,7 @@ impl Tap {
         let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
         for fd in fds {
             let raw = fd.as_raw_fd();
-            let name = TunInfo::of(raw)?.name;
+            let name = TunInfo::of(&fd)?.name;
             if let Some(first) = taps.first() {
                 if first.name != name {
                     return Err(Error::Mixed(first.name.clone(), name));
@@ -316,7 +315,7 @@ impl Tap {
     /// vnet header or flag change, since the source shares its open file. Returns the
     /// descriptor's interface name, and whether it is attached.
     pub(crate) fn adopt(fd: OwnedFd) -> Result<(Tap, TunInfo), Error> {
-        let info = TunInfo::of(fd.as_raw_fd())?;
+        let info = TunInfo::of(&fd)?;
         let tap = Tap {
             file: File::from(fd),
             name: info.name.clone(),
@@ -326,14 +325,14 @@ impl Tap {
 
     /// What the kernel says about this queue.
     pub(crate) fn info(&self) -> Result<TunInfo, Error> {
-        TunInfo::of(self.file.as_raw_fd())
+        TunInfo::of(&self.file)
     }
 
     /// The vnet header length the TAP uses (shared by every queue).
     pub fn vnet_hdr_len(&self) -> Result<u32, Error> {
         let mut len: libc::c_int = 0;
         // SAFETY: TUNGETVNETHDRSZ writes one int.
-        unsafe { ioctl_ptr(self.file.as_raw_fd(), libc::TUNGETVNETHDRSZ as _, &mut len) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&self.file, TUNGETVNETHDRSZ(), &mut len) })
             .map_err(self.ioctl_error("read the vnet header length"))?;
         Ok(len as u32)
     }
@@ -349,7 +348,7 @@ impl Tap {
     fn set_vnet_hdr_len(&self) -> Result<(), Error> {
         let mut len: libc::c_int = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int.
-        unsafe { ioctl_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &mut len) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&self.file, TUNSETVNETHDRSZ(), &mut len) })
             .map_err(self.ioctl_error("set the vnet header length"))
     }
 
@@ -364,12 +363,10 @@ impl Tap {
 
     /// Sets which offloaded frames the TAP may hand to the guest.
     pub fn set_offloads(&self, offloads: Offloads) -> Result<(), Error> {
-        ioctl_val(
-            self.file.as_raw_fd(),
-            libc::TUNSETOFFLOAD as _,
-            offloads.tun_flags().into(),
-        )
-        .map_err(self.ioctl_error("set offloads"))
+        let flags = offloads.tun_flags().into();
+        // SAFETY: TUNSETOFFLOAD takes an integer, not a pointer.
+        ioctl_result(unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD(), flags) })
+            .map_err(self.ioctl_error("set offloads"))
     }
 
     /// Attaches (`true`) or detaches this queue from a multi-queue TAP: a detached queue
@@ -383,7 +380,7 @@ impl Tap {
         };
         req.set_short(flag as i16);
         // SAFETY: `req` is a full `struct ifreq` that TUNSETQUEUE reads.
-        unsafe { ioctl_ptr(self.file.as_raw_fd(), libc::TUNSETQUEUE as _, &mut req) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&self.file, TUNSETQUEUE(), &mut req) })
             .map_err(self.ioctl_error("attach or detach a queue"))
     }
 
@@ -391,15 +388,15 @@ impl Tap {
     pub fn set_ipv4(&self, addr: Ipv4Addr, mask: Ipv4Addr) -> Result<(), Error> {
         let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
         for (request, value, what) in [
-            (SIOCSIFADDR, addr, "set the address"),
-            (SIOCSIFNETMASK, mask, "set the netmask"),
+            (libc::SIOCSIFADDR, addr, "set the address"),
+            (libc::SIOCSIFNETMASK, mask, "set the netmask"),
         ] {
             let mut req = IfReq::new(&self.name);
             // struct sockaddr_in: family, port, address.
             req.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
             req.data[4..8].copy_from_slice(&value.octets());
             // SAFETY: `req` is a full `struct ifreq` holding a sockaddr_in.
-            unsafe { ioctl_ptr(sock.as_raw_fd(), request, &mut req) }
+            ioctl_result(unsafe { ioctl_with_mut_ref(&sock, request, &mut req) })
                 .map_err(self.ioctl_error(what))?;
         }
         Ok(())
@@ -412,7 +409,7 @@ impl Tap {
         req.data[..2].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
         req.data[2..8].copy_from_slice(&mac);
         // SAFETY: `req` is a full `struct ifreq` holding a sockaddr with the address.
-        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCSIFHWADDR, &mut req) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCSIFHWADDR, &mut req) })
             .map_err(self.ioctl_error("set the MAC address"))
     }
 
@@ -421,7 +418,7 @@ impl Tap {
         let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
         let mut req = IfReq::new(&self.name);
         // SAFETY: `req` is a full `struct ifreq` that SIOCGIFHWADDR fills.
-        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCGIFHWADDR, &mut req) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFHWADDR, &mut req) })
             .map_err(self.ioctl_error("read the MAC address"))?;
         Ok(req.data[2..8].try_into().expect("6 bytes"))
     }
@@ -432,7 +429,7 @@ impl Tap {
         let mut req = IfReq::new(&self.name);
         req.set_int(i32::from(mtu));
         // SAFETY: `req` is a full `struct ifreq` holding an int.
-        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCSIFMTU, &mut req) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCSIFMTU, &mut req) })
             .map_err(self.ioctl_error("set the MTU"))
     }
 
@@ -441,7 +438,7 @@ impl Tap {
         let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
         let mut req = IfReq::new(&self.name);
         // SAFETY: `req` is a full `struct ifreq` that SIOCGIFMTU fills.
-        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCGIFMTU, &mut req) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFMTU, &mut req) })
             .map_err(self.ioctl_error("read the MTU"))?;
         Ok(req.int().clamp(0, i32::from(u16::MAX)) as u16)
     }
@@ -451,12 +448,12 @@ impl Tap {
         let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
         let mut req = IfReq::new(&self.name);
         // SAFETY: `req` is a full `struct ifreq` that SIOCGIFFLAGS fills.
-        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCGIFFLAGS, &mut req) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFFLAGS, &mut req) })
             .map_err(self.ioctl_error("read the interface flags"))?;
         let flags = req.short() | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
         req.set_short(flags);
         // SAFETY: as above, with the flags set.
-        unsafe { ioctl_ptr(sock.as_raw_fd(), SIOCSIFFLAGS, &mut req) }
+        ioctl_result(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCSIFFLAGS, &mut req) })
             .map_err(self.ioctl_error("bring the interface up"))
     }
 
@@ -506,6 +503,16 @@ impl AsRawFd for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tun_ioctls_encode_as_the_kernel_headers_say() {
+        assert_eq!(TUNSETIFF(), libc::TUNSETIFF as libc::c_ulong);
+        assert_eq!(TUNSETOFFLOAD(), libc::TUNSETOFFLOAD as libc::c_ulong);
+        assert_eq!(TUNGETIFF(), libc::TUNGETIFF as libc::c_ulong);
+        assert_eq!(TUNGETVNETHDRSZ(), libc::TUNGETVNETHDRSZ as libc::c_ulong);
+        assert_eq!(TUNSETVNETHDRSZ(), libc::TUNSETVNETHDRSZ as libc::c_ulong);
+        assert_eq!(TUNSETQUEUE(), libc::TUNSETQUEUE as libc::c_ulong);
+    }
 
     #[test]
     fn names_are_checked_before_any_syscall() {
