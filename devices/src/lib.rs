@@ -50,6 +50,9 @@ pub enum StateError {
         /// The version this baton reads.
         supported: u32,
     },
+    /// A running queue in the state cannot run here.
+    #[error("queue {0} in the state")]
+    Queue(usize, #[source] virtio::transport::QueueError),
     /// A field does not fit: the message says which and why.
     #[error("{0}")]
     Invalid(String),

@@ -27,7 +27,10 @@ pub enum Error {
     Msr(u32),
     /// A list does not fit KVM's structure.
     #[error("Too many {0} in the state")]
-    TooMany(&'static str),
+    TooMany(&'static str, #[source] vmm_sys_util::fam::Error),
+    /// The state has more interrupt controllers than the PICs and the IOAPIC.
+    #[error("The state has {0} interrupt controllers; a VM has 3 (two PICs, one IOAPIC)")]
+    Irqchips(usize),
     /// The XSAVE area has another size than this host uses.
     #[error("The XSAVE area in the state has {saved} bytes; this host uses {host}")]
     XsaveSize {
@@ -95,7 +98,7 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, Error> {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::TooMany("MSRs"))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::TooMany("MSRs", e))?;
         let read = vcpu
             .get_msrs(&mut msrs)
             .map_err(|e| Error::Kvm("read MSRs", e))?;
@@ -126,7 +129,7 @@ fn get_xsave(vcpu: &VcpuFd, size: usize) -> Result<Vec<u32>, Error> {
         return Ok(x.region.to_vec());
     }
     let extra = (size - std::mem::size_of::<kvm_xsave>()).div_ceil(4);
-    let mut x = Xsave::new(extra).map_err(|_| Error::TooMany("XSAVE words"))?;
+    let mut x = Xsave::new(extra).map_err(|e| Error::TooMany("XSAVE words", e))?;
     // SAFETY: `x` was sized from KVM_CAP_XSAVE2, the size KVM writes, and no XSTATE feature
     // is enabled dynamically in this process afterwards.
     unsafe { vcpu.get_xsave2(&mut x) }.map_err(|e| Error::Kvm("read the XSAVE area", e))?;
@@ -150,7 +153,7 @@ fn set_xsave(vcpu: &VcpuFd, size: usize, words: &[u32]) -> Result<(), Error> {
         return unsafe { vcpu.set_xsave(&x) }.map_err(|e| Error::Kvm("set the XSAVE area", e));
     }
     let (head, tail) = words.split_at(1024);
-    let mut x = Xsave::from_entries(tail).map_err(|_| Error::TooMany("XSAVE words"))?;
+    let mut x = Xsave::from_entries(tail).map_err(|e| Error::TooMany("XSAVE words", e))?;
     // SAFETY: only the fixed-size header is written; the FAM was sized by `from_entries`.
     unsafe { x.as_mut_fam_struct() }
         .xsave
@@ -189,7 +192,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, msrs: &[u32], xsave: usize) -> Result<VcpuState,
             ..Default::default()
         })
         .collect();
-    let mut list = Msrs::from_entries(&entries).map_err(|_| Error::TooMany("MSRs"))?;
+    let mut list = Msrs::from_entries(&entries).map_err(|e| Error::TooMany("MSRs", e))?;
     let read = vcpu
         .get_msrs(&mut list)
         .map_err(|e| Error::Kvm("read MSRs", e))?;
@@ -216,7 +219,8 @@ pub fn save_vcpu(vcpu: &VcpuFd, msrs: &[u32], xsave: usize) -> Result<VcpuState,
 
 /// Puts `state` into a new `vcpu` that has not run.
 pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, xsave: usize) -> Result<(), Error> {
-    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| Error::TooMany("CPUID entries"))?;
+    let cpuid =
+        CpuId::from_entries(&state.cpuid).map_err(|e| Error::TooMany("CPUID entries", e))?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| Error::Kvm("set CPUID", e))?;
     if let Some(khz) = state.tsc_khz {
@@ -238,7 +242,7 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, xsave: usize) -> Result<()
         .map_err(|e| Error::Kvm("set debug registers", e))?;
     vcpu.set_lapic(&state.lapic)
         .map_err(|e| Error::Kvm("set the local APIC", e))?;
-    let msrs = Msrs::from_entries(&state.msrs).map_err(|_| Error::TooMany("MSRs"))?;
+    let msrs = Msrs::from_entries(&state.msrs).map_err(|e| Error::TooMany("MSRs", e))?;
     let written = vcpu
         .set_msrs(&msrs)
         .map_err(|e| Error::Kvm("set MSRs", e))?;
@@ -278,7 +282,7 @@ pub fn save_vm(vm: &VmFd) -> Result<KvmVmState, Error> {
 /// Puts `state` into a new VM with an in-kernel irqchip and PIT.
 pub fn restore_vm(vm: &VmFd, state: &KvmVmState) -> Result<(), Error> {
     if state.irqchips.len() > 3 {
-        return Err(Error::TooMany("interrupt controllers"));
+        return Err(Error::Irqchips(state.irqchips.len()));
     }
     for chip in &state.irqchips {
         vm.set_irqchip(chip)

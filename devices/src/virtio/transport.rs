@@ -88,6 +88,17 @@ pub struct TransportState {
     pub device: super::DeviceState,
 }
 
+/// Why a queue the driver enabled cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Its rings are outside memory or otherwise unusable.
+    #[error("its rings are not usable")]
+    Rings,
+    /// Its notification eventfd could not be shared with a worker.
+    #[error("cannot clone its eventfd")]
+    Notify(#[source] io::Error),
+}
+
 /// Why a device's state cannot be taken now.
 #[derive(Debug, thiserror::Error)]
 #[error("Device {0} is running: pause it before saving its state")]
@@ -254,7 +265,7 @@ impl VirtioPciDevice {
             };
             let mut active = self
                 .active_queue(i, config, event_idx)
-                .map_err(|e| crate::StateError::Invalid(format!("queue {i} in the state: {e}")))?;
+                .map_err(|e| crate::StateError::Queue(i, e))?;
             active.queue.set_next_avail(pos.next_avail);
             active.queue.set_next_used(pos.next_used);
             queues.push(Some(active));
@@ -269,13 +280,11 @@ impl VirtioPciDevice {
         index: usize,
         config: &QueueConfig,
         event_idx: bool,
-    ) -> Result<ActiveQueue, String> {
+    ) -> Result<ActiveQueue, QueueError> {
         let queue = self
             .build_queue(index, config, event_idx)
-            .ok_or("its rings are not usable")?;
-        let notify = self.notify[index]
-            .try_clone()
-            .map_err(|e| format!("cannot clone its eventfd: {e}"))?;
+            .ok_or(QueueError::Rings)?;
+        let notify = self.notify[index].try_clone().map_err(QueueError::Notify)?;
         Ok(ActiveQueue {
             queue,
             notify,
@@ -468,7 +477,7 @@ impl VirtioPciDevice {
             match self.active_queue(i, config, event_idx) {
                 Ok(q) => queues.push(Some(q)),
                 Err(e) => {
-                    log::warn!("{}: queue {i}: {e}", self.id);
+                    log::warn!("{}: queue {i}: {}", self.id, crate::error_chain(&e));
                     return self.failed();
                 }
             }
