@@ -39,6 +39,9 @@ pub enum Error {
     /// Writing or reading a snapshot.
     #[error("Snapshot")]
     Snapshot(#[source] snapshot::Error),
+    /// The control loop's event manager.
+    #[error("Control loop failure")]
+    EventLoop(#[source] event_manager::Error),
     /// Control loop plumbing.
     #[error("Control loop failure")]
     Loop(#[source] std::io::Error),

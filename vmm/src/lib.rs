@@ -1,10 +1,11 @@
 //! baton, the VMM: builds a VM from a [`api::VmConfig`] on KVM and runs its control loop.
 //!
-//! The control loop ([`run`]) waits on eventfds: the guest powering off (baton exits 0), the
-//! guest resetting (the VM is rebuilt in the same process), a vCPU failing (baton exits with
-//! an error), the guest ejecting a hot-plugged device (it is released), SIGTERM/SIGINT (the
-//! VM is shut down and baton exits 0), and requests of the internal API ([`api::request`]),
-//! which [`control`] handles.
+//! The control loop ([`run`]) is event-manager's one subscriber on the main thread. It wakes
+//! on eventfds: the guest powering off (baton exits 0), the guest resetting (the VM is rebuilt
+//! in the same process), a vCPU failing (baton exits with an error), the guest ejecting a
+//! hot-plugged device (it is released), SIGTERM/SIGINT (the VM is shut down and baton exits
+//! 0), a migration thread ending, and requests of the internal API ([`api::request`]), which
+//! [`control`] handles.
 #![warn(missing_docs)]
 
 pub mod acpi;
@@ -33,7 +34,9 @@ use std::time::Duration;
 use api::request::{ApiAction, ApiError, ApiSender};
 use api::server::ApiSocket;
 use api::VmConfig;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{Cap, Kvm};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{After, Vmm};
@@ -79,34 +82,6 @@ fn install_terminate_handler(evt: &EventFd) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Waits until one of `fds` is readable; returns its index and drains it.
-fn wait_any(evts: &[&EventFd]) -> std::io::Result<usize> {
-    let mut pfds: Vec<libc::pollfd> = evts
-        .iter()
-        .map(|e| libc::pollfd {
-            fd: e.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if let Some(i) = pfds.iter().position(|p| p.revents & libc::POLLIN != 0) {
-            // Non-blocking eventfd; the value only says "it happened".
-            let _ = evts[i].read();
-            return Ok(i);
-        }
-    }
 }
 
 /// Checks that KVM has what baton relies on.
@@ -175,69 +150,195 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
         vmm.handle(action).0.map_err(Error::Request)?;
     }
 
+    let control = ControlLoop {
+        vmm,
+        terminate,
+        api,
+        outcome: None,
+    };
+    let mut manager = EventManager::<ControlLoop>::new().map_err(Error::EventLoop)?;
+    let id = manager.add_subscriber(control);
     loop {
-        let which = {
-            let events = vmm.events();
-            let mut fds = vec![
-                &events.exit,
-                &events.reset,
-                &events.fail,
-                &events.eject,
-                &terminate,
-                vmm.migration_event(),
-            ];
-            if let Some((_, wake, _)) = &api {
-                fds.push(wake);
-            }
-            wait_any(&fds).map_err(Error::Loop)?
-        };
-        match which {
-            0 => {
-                log::info!("guest powered off");
-                vmm.shutdown();
-                return Ok(Outcome::PoweredOff);
-            }
+        let control = manager.subscriber_mut(id).map_err(Error::EventLoop)?;
+        if let Some(outcome) = control.outcome.take() {
+            return outcome;
+        }
+        manager.run().map_err(Error::EventLoop)?;
+    }
+}
+
+/// What wakes the control loop, as the data of its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    PowerOff,
+    Reset,
+    VcpuFailed,
+    Ejected,
+    Signal,
+    MigrationDone,
+    Api,
+}
+
+impl Wake {
+    const ALL: [Wake; 7] = [
+        Wake::PowerOff,
+        Wake::Reset,
+        Wake::VcpuFailed,
+        Wake::Ejected,
+        Wake::Signal,
+        Wake::MigrationDone,
+        Wake::Api,
+    ];
+
+    fn from_data(data: u32) -> Option<Wake> {
+        Wake::ALL.get(data as usize).copied()
+    }
+
+    /// A guest event, which only means something while a VM exists.
+    fn is_guest_event(self) -> bool {
+        matches!(self, Wake::PowerOff | Wake::Reset | Wake::VcpuFailed)
+    }
+}
+
+/// The control loop, as event-manager's one subscriber on the main thread: it owns the VMM
+/// and everything that wakes it, and sets `outcome` when baton should end.
+struct ControlLoop {
+    vmm: Vmm,
+    terminate: EventFd,
+    api: Option<(
+        std::sync::mpsc::Receiver<api::request::ApiRequest>,
+        EventFd,
+        api::server::Server,
+    )>,
+    outcome: Option<Result<Outcome, Error>>,
+}
+
+impl ControlLoop {
+    fn eventfd(&self, wake: Wake) -> Option<&EventFd> {
+        let events = self.vmm.events();
+        Some(match wake {
+            Wake::PowerOff => &events.exit,
+            Wake::Reset => &events.reset,
+            Wake::VcpuFailed => &events.fail,
+            Wake::Ejected => &events.eject,
+            Wake::Signal => &self.terminate,
+            Wake::MigrationDone => self.vmm.migration_event(),
+            Wake::Api => &self.api.as_ref()?.1,
+        })
+    }
+
+    /// Acts on `wake`; `Some` when baton should end.
+    fn handle(&mut self, wake: Wake) -> Option<Result<Outcome, Error>> {
+        if wake.is_guest_event() && !self.vmm.has_vm() {
             // Guest events of a VM that is already gone (deleted or shut down while its
             // guest signalled) were drained with it; nothing is left to act on.
-            0..=2 if !vmm.has_vm() => {}
-            1 => {
+            return None;
+        }
+        match wake {
+            Wake::PowerOff => {
+                log::info!("guest powered off");
+                self.vmm.shutdown();
+                Some(Ok(Outcome::PoweredOff))
+            }
+            Wake::Reset => {
                 log::info!("guest reset: rebooting");
-                vmm.reboot().map_err(Error::Request)?;
+                self.vmm.reboot().err().map(|e| Err(Error::Request(e)))
             }
-            2 => {
-                vmm.shutdown();
-                return Err(Error::VcpuFailed);
+            Wake::VcpuFailed => {
+                self.vmm.shutdown();
+                Some(Err(Error::VcpuFailed))
             }
-            3 => vmm.devices_ejected(),
-            4 => {
+            Wake::Ejected => {
+                self.vmm.devices_ejected();
+                None
+            }
+            Wake::Signal => {
                 log::info!("signal received: shutting the VM down");
-                vmm.shutdown();
-                return Ok(Outcome::Signalled);
+                self.vmm.shutdown();
+                Some(Ok(Outcome::Signalled))
             }
-            5 => {
-                if vmm.migration_done() == After::Exit {
-                    log::info!("the VM was migrated: exiting");
-                    if let Some((_, _, server)) = &api {
-                        server.drain(Duration::from_secs(2));
-                    }
-                    return Ok(Outcome::Migrated);
+            Wake::MigrationDone => {
+                if self.vmm.migration_done() != After::Exit {
+                    return None;
                 }
+                log::info!("the VM was migrated: exiting");
+                if let Some((_, _, server)) = &self.api {
+                    server.drain(Duration::from_secs(2));
+                }
+                Some(Ok(Outcome::Migrated))
             }
-            _ => {
-                let (requests, _, server) = api.as_ref().expect("index 6 is the API eventfd");
-                while let Ok(request) = requests.try_recv() {
-                    if vmm.dispatch(request) == After::Exit {
-                        log::info!("vmm.shutdown requested");
-                        while let Ok(late) = requests.try_recv() {
-                            let _ = late
-                                .reply
-                                .send(Err(ApiError::message(503, "The VMM is shutting down")));
-                        }
-                        server.drain(Duration::from_secs(2));
-                        return Ok(Outcome::ApiShutdown);
-                    }
+            Wake::Api => self.serve_requests(),
+        }
+    }
+
+    /// Serves every request the API thread queued.
+    fn serve_requests(&mut self) -> Option<Result<Outcome, Error>> {
+        let (requests, _, server) = self.api.as_ref()?;
+        while let Ok(request) = requests.try_recv() {
+            if self.vmm.dispatch(request) == After::Exit {
+                log::info!("vmm.shutdown requested");
+                while let Ok(late) = requests.try_recv() {
+                    let _ = late
+                        .reply
+                        .send(Err(ApiError::message(503, "The VMM is shutting down")));
                 }
+                server.drain(Duration::from_secs(2));
+                return Some(Ok(Outcome::ApiShutdown));
             }
         }
+        None
+    }
+}
+
+impl MutEventSubscriber for ControlLoop {
+    fn init(&mut self, ops: &mut EventOps) {
+        for wake in Wake::ALL {
+            let Some(evt) = self.eventfd(wake) else {
+                continue;
+            };
+            let events = Events::with_data(evt, wake as u32, EventSet::IN);
+            if let Err(e) = ops.add(events) {
+                self.outcome = Some(Err(Error::EventLoop(e)));
+                return;
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if self.outcome.is_some() {
+            // Baton is ending: what else woke it in the same round waits for nobody.
+            return;
+        }
+        let Some(wake) = Wake::from_data(events.data()) else {
+            return;
+        };
+        if let Some(evt) = self.eventfd(wake) {
+            // Non-blocking eventfds; the value only says "it happened".
+            let _ = evt.read();
+        }
+        self.outcome = self.handle(wake);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wake_round_trips_through_its_event_data() {
+        for wake in Wake::ALL {
+            assert_eq!(Wake::from_data(wake as u32), Some(wake));
+        }
+        assert_eq!(Wake::from_data(Wake::ALL.len() as u32), None);
+        assert_eq!(Wake::from_data(u32::MAX), None);
+    }
+
+    #[test]
+    fn only_power_reset_and_vcpu_failure_are_guest_events() {
+        let guest: Vec<Wake> = Wake::ALL
+            .into_iter()
+            .filter(|w| w.is_guest_event())
+            .collect();
+        assert_eq!(guest, [Wake::PowerOff, Wake::Reset, Wake::VcpuFailed]);
     }
 }

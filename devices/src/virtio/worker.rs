@@ -170,7 +170,14 @@ impl<T: Send + 'static> Drop for Worker<T> {
     }
 }
 
-/// An epoll set keyed by tokens.
+/// An epoll set keyed by tokens (vmm-sys-util's `Epoll`).
+///
+/// Not event-manager, which runs the control loop: a worker is one thread per queue (pair)
+/// whose body owns its queues by value and returns them, positions intact, when it is asked
+/// to stop (pause, migration, reset), and its wake-up path is the datapath a ping flood
+/// measures. event-manager would own the queues inside a subscriber, to be pried out with
+/// `remove_subscriber` and a downcast at every pause, and add a dispatch step to every
+/// wake-up, for a set of two or three descriptors that never changes while the thread runs.
 pub struct Events {
     epoll: Epoll,
 }
