@@ -701,3 +701,149 @@ impl Vmm {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The state machine without a guest: everything here runs before any VM is built, so
+    //! only /dev/kvm is opened (never a VM created).
+    use super::*;
+
+    fn vmm() -> Vmm {
+        let kvm = Kvm::new().expect("the control loop's tests open /dev/kvm: is KVM available?");
+        Vmm::new(kvm, VmEvents::new().expect("eventfds")).expect("a VMM")
+    }
+
+    fn config() -> Box<VmConfig> {
+        let config = serde_json::json!({
+            "payload": {"kernel": "/nonexistent/vmlinux"},
+            "memory": {"size": 64 << 20},
+            "rng": {},
+        });
+        Box::new(serde_json::from_value(config).expect("a configuration"))
+    }
+
+    /// The status and the outermost message of `action`'s answer.
+    fn answer(vmm: &mut Vmm, action: ApiAction) -> (u16, String) {
+        match vmm.handle(action).0 {
+            Ok(ApiReply::Empty) => (204, String::new()),
+            Ok(ApiReply::Json(v)) => (200, v.to_string()),
+            Err(e) => (e.status, e.chain.join(": ")),
+        }
+    }
+
+    #[test]
+    fn without_a_vm_requests_that_need_one_are_404() {
+        let mut v = vmm();
+        for action in [
+            ApiAction::VmBoot,
+            ApiAction::VmPause,
+            ApiAction::VmResume,
+            ApiAction::VmShutdown,
+            ApiAction::VmReboot,
+            ApiAction::VmInfo,
+            ApiAction::VmCounters,
+            ApiAction::VmDelete,
+        ] {
+            let name = format!("{action:?}");
+            let (status, message) = answer(&mut v, action);
+            assert_eq!(status, 404, "{name}: {message}");
+            assert!(message.contains("vm.create"), "{name}: {message}");
+        }
+        let (status, ping) = answer(&mut v, ApiAction::VmmPing);
+        assert_eq!(status, 200);
+        assert!(
+            ping.contains(&format!("\"pid\":{}", std::process::id())),
+            "{ping}"
+        );
+    }
+
+    #[test]
+    fn a_created_vm_only_boots_or_goes() {
+        let mut v = vmm();
+        assert_eq!(
+            answer(&mut v, ApiAction::VmCreate(config(), Vec::new())).0,
+            204
+        );
+        assert_eq!(v.state, VmState::Created);
+        let (status, message) = answer(&mut v, ApiAction::VmCreate(config(), Vec::new()));
+        assert_eq!(
+            (status, message.as_str()),
+            (409, "A VM already exists (Created); delete it first")
+        );
+        for (action, verb) in [
+            (ApiAction::VmPause, "pause"),
+            (ApiAction::VmResume, "resume"),
+            (ApiAction::VmShutdown, "shut down"),
+            (ApiAction::VmReboot, "reboot"),
+            (ApiAction::VmPowerButton, "press the power button of"),
+        ] {
+            let (status, message) = answer(&mut v, action);
+            assert_eq!(status, 409, "{verb}: {message}");
+            assert_eq!(message, format!("Cannot {verb} a VM that is Created"));
+        }
+        let (status, info) = answer(&mut v, ApiAction::VmInfo);
+        assert_eq!(status, 200);
+        let info: serde_json::Value = serde_json::from_str(&info).expect("JSON");
+        assert_eq!(info["state"], "Created", "{info}");
+        assert!(info["config"]["rng"]["id"].is_string(), "named: {info}");
+        assert_eq!(answer(&mut v, ApiAction::VmDelete).0, 204);
+        assert_eq!(answer(&mut v, ApiAction::VmInfo).0, 404);
+        assert_eq!(
+            answer(&mut v, ApiAction::VmCreate(config(), Vec::new())).0,
+            204
+        );
+    }
+
+    #[test]
+    fn a_bad_configuration_is_400_and_leaves_no_vm() {
+        let mut v = vmm();
+        let mut bad = config();
+        bad.memory.size = 0;
+        let (status, message) = answer(&mut v, ApiAction::VmCreate(bad, Vec::new()));
+        assert_eq!(status, 400, "{message}");
+        assert_eq!(answer(&mut v, ApiAction::VmInfo).0, 404);
+    }
+
+    #[test]
+    fn while_a_migration_runs_only_reads_are_answered() {
+        let mut v = vmm();
+        assert_eq!(
+            answer(&mut v, ApiAction::VmCreate(config(), Vec::new())).0,
+            204
+        );
+        let (reply, _answer) = Reply::channel();
+        v.job = Some((Job::Receiving, reply));
+        for action in [
+            ApiAction::VmBoot,
+            ApiAction::VmDelete,
+            ApiAction::VmmShutdown,
+        ] {
+            let name = format!("{action:?}");
+            let (status, message) = answer(&mut v, action);
+            assert_eq!(status, 409, "{name}: {message}");
+            assert!(
+                message.contains("vm.receive-migration"),
+                "{name}: {message}"
+            );
+        }
+        for action in [
+            ApiAction::VmmPing,
+            ApiAction::VmInfo,
+            ApiAction::VmmBackendTransferSupport,
+        ] {
+            let name = format!("{action:?}");
+            assert_eq!(answer(&mut v, action).0, 200, "{name}");
+        }
+    }
+
+    #[test]
+    fn vmm_shutdown_ends_the_loop_and_migrations_only_come_through_dispatch() {
+        let mut v = vmm();
+        let (response, after) = v.handle(ApiAction::VmSendMigration(Default::default()));
+        assert_eq!(response.err().map(|e| e.status), Some(400));
+        assert_eq!(after, After::Continue);
+        let (response, after) = v.handle(ApiAction::VmmShutdown);
+        assert!(response.is_ok());
+        assert_eq!(after, After::Exit);
+    }
+}

@@ -560,6 +560,24 @@ fn place(
     })
 }
 
+/// The order devices go on the bus, each with its saved slot: devices whose slot was saved
+/// first (a stable sort), so none takes another's slot; the others after them, in
+/// configuration order, in the first free slots.
+fn placement_order<T>(
+    devices: Vec<(String, T)>,
+    saved: Option<Saved<'_>>,
+) -> Vec<(String, T, Option<u8>)> {
+    let mut order: Vec<_> = devices
+        .into_iter()
+        .map(|(id, of)| {
+            let slot = saved.and_then(|s| s.slot(&id));
+            (id, of, slot)
+        })
+        .collect();
+    order.sort_by_key(|(_, _, slot)| slot.is_none());
+    order
+}
+
 /// Builds the virtio devices of `config` on `backends` and puts them on `pci`: at power-on,
 /// or as `saved` describes them (same devices, same slots).
 pub fn create(
@@ -579,18 +597,9 @@ pub fn create(
             });
         }
     }
-    let mut order: Vec<_> = all
-        .into_iter()
-        .map(|(id, of)| {
-            let slot = saved.and_then(|s| s.slot(&id));
-            (id, of, slot)
-        })
-        .collect();
-    // Devices whose slot was saved go first (a stable sort), so none takes another's slot.
-    order.sort_by_key(|(_, _, slot)| slot.is_none());
     let mut to = Target::new(config, mem, vm, pci);
     let mut handles = Vec::new();
-    for (id, of, slot) in order {
+    for (id, of, slot) in placement_order(all, saved) {
         let state = saved.map(|s| s.state(&id)).transpose()?;
         let device = of.build(&id, state)?;
         handles.push(place(id, device, state, slot, &mut to)?);
@@ -618,4 +627,103 @@ pub fn hot_add(
         None,
         &mut Target::new(config, mem, vm, pci),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::block::BlockState;
+
+    #[test]
+    fn devices_with_saved_slots_go_first_and_the_rest_keep_their_order() {
+        let devices = ["net0", "disk0", "disk1", "rng0"]
+            .map(|id| (id.to_string(), ()))
+            .to_vec();
+        let ids = |order: Vec<(String, (), Option<u8>)>| {
+            order
+                .into_iter()
+                .map(|(id, _, slot)| (id, slot))
+                .collect::<Vec<_>>()
+        };
+        let at_power_on = ids(placement_order(devices.clone(), None));
+        assert_eq!(
+            at_power_on,
+            [
+                ("net0", None),
+                ("disk0", None),
+                ("disk1", None),
+                ("rng0", None)
+            ]
+            .map(|(i, s)| (i.to_string(), s))
+        );
+        let slots = [("rng0".to_string(), 1), ("disk1".to_string(), 4)];
+        let saved = Saved {
+            devices: &[],
+            slots: &slots,
+        };
+        assert_eq!(
+            ids(placement_order(devices, Some(saved))),
+            [
+                ("disk1", Some(4)),
+                ("rng0", Some(1)),
+                ("net0", None),
+                ("disk0", None)
+            ]
+            .map(|(i, s)| (i.to_string(), s))
+        );
+    }
+
+    #[test]
+    fn a_saved_state_must_be_of_the_device_s_kind_and_version() {
+        let block = DeviceState::Block(BlockState {
+            version: 1,
+            sectors: 8,
+        });
+        let e = rng_device("rng0", Some(&block))
+            .err()
+            .expect("another kind");
+        assert_eq!(
+            e.to_string(),
+            "Device 'rng0': its saved state is a virtio-blk state, not a virtio-rng one"
+        );
+        assert!(e.is_bad_state());
+        let newer = DeviceState::Rng(RngState { version: 2 });
+        let e = rng_device("rng0", Some(&newer))
+            .err()
+            .expect("another version");
+        assert_eq!(
+            devices::error_chain(&e),
+            "Device 'rng0': the saved state does not fit: virtio-rng state version 2 is not supported (this baton reads version 1)"
+        );
+        assert!(e.is_bad_state());
+        rng_device("rng0", Some(&DeviceState::Rng(RngState { version: 1 }))).expect("fits");
+        rng_device("rng0", None).expect("power-on");
+    }
+
+    #[test]
+    fn a_card_waiting_for_its_backend_cannot_be_built_and_unknown_ids_are_named() {
+        let mut config: VmConfig = serde_json::from_value(serde_json::json!({
+            "payload": {"kernel": "/k"},
+            "net": [{"id": "net0", "mac": "52:54:00:00:00:01"}],
+        }))
+        .expect("a configuration");
+        let backends =
+            Backends::open_except(&mut config, Vec::new(), &["net0".into()]).expect("waits");
+        let (_, net) = devices_of(&config, &backends).next().expect("the card");
+        let e = net.build("net0", None).err().expect("no backend yet");
+        assert_eq!(
+            e.to_string(),
+            "Network card 'net0': its transferred backend never came"
+        );
+        let saved = Saved {
+            devices: &[],
+            slots: &[],
+        };
+        let e = saved.state("net0").expect_err("not saved");
+        assert_eq!(
+            e.to_string(),
+            "Device 'net0': the saved state has no such device"
+        );
+        assert!(e.is_bad_state());
+    }
 }

@@ -300,3 +300,73 @@ pub fn restore_vm(vm: &VmFd, state: &KvmVmState) -> Result<(), Error> {
         .map_err(|e| Error::Kvm("set kvmclock", e))?;
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use kvm_bindings::kvm_msr_entry;
+
+    /// A vCPU state with a distinctive value in every part.
+    pub(crate) fn vcpu_state() -> VcpuState {
+        let mut lapic = kvm_lapic_state::default();
+        lapic.regs[0x20] = 1;
+        let sregs = kvm_sregs {
+            cr0: 0x8005_0033,
+            efer: 0xd01,
+            ..Default::default()
+        };
+        VcpuState {
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806f0,
+                ..Default::default()
+            }],
+            mp_state: kvm_mp_state { mp_state: 3 },
+            regs: kvm_regs {
+                rip: 0x10_0000,
+                rsp: 0x8000,
+                rflags: 0x202,
+                ..Default::default()
+            },
+            sregs,
+            xsave: (0..1024).collect(),
+            xcrs: kvm_xcrs::default(),
+            debugregs: kvm_debugregs::default(),
+            lapic,
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 123_456_789,
+                ..Default::default()
+            }],
+            events: kvm_vcpu_events::default(),
+            tsc_khz: Some(2_000_000),
+        }
+    }
+
+    #[test]
+    fn vcpu_state_round_trips_through_the_state_format() {
+        let state = vcpu_state();
+        let bytes = ::migration::snapshot::encode(&state).expect("encodes");
+        let back: VcpuState = ::migration::snapshot::decode(&bytes).expect("decodes");
+        assert_eq!(
+            serde_json::to_value(&back).expect("serialises"),
+            serde_json::to_value(&state).expect("serialises")
+        );
+        assert_eq!(
+            (back.regs.rip, back.sregs.efer, back.msrs[0].data),
+            (0x10_0000, 0xd01, 123_456_789)
+        );
+        assert_eq!(back.xsave.len(), 1024);
+        assert_eq!(back.lapic.regs[0x20], 1);
+    }
+
+    #[test]
+    fn a_vcpu_state_with_a_field_this_baton_does_not_know_is_refused() {
+        let mut v = serde_json::to_value(vcpu_state()).expect("serialises");
+        v["pkru"] = serde_json::json!(0);
+        let e = serde_json::from_value::<VcpuState>(v)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("unknown field `pkru`"), "{e}");
+    }
+}

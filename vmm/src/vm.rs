@@ -752,3 +752,51 @@ impl Vm {
         gone.into_iter().map(|d| d.id).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm_state() -> VmState {
+        let cmos = devices::legacy::Cmos::default().state();
+        let serial = devices::legacy::Serial::new(
+            devices::Trigger::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")),
+            Box::new(std::io::sink()),
+        )
+        .state();
+        VmState {
+            vcpus: vec![crate::state::tests::vcpu_state()],
+            kvm: KvmVmState {
+                irqchips: Vec::new(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            serial,
+            cmos,
+            ged: 2,
+            devices: Vec::new(),
+            slots: vec![("rng0".into(), 3)],
+            hotplug: (1 << 3, 0),
+        }
+    }
+
+    #[test]
+    fn vm_state_round_trips_and_a_state_saved_before_hot_plug_still_loads() {
+        let state = vm_state();
+        let bytes = ::migration::snapshot::encode(&state).expect("encodes");
+        let back: VmState = ::migration::snapshot::decode(&bytes).expect("decodes");
+        assert_eq!(
+            serde_json::to_value(&back).expect("serialises"),
+            serde_json::to_value(&state).expect("serialises")
+        );
+        assert_eq!((back.ged, back.hotplug), (2, (1 << 3, 0)));
+
+        let mut older = serde_json::to_value(&state).expect("serialises");
+        let fields = older.as_object_mut().expect("an object");
+        fields.remove("slots");
+        fields.remove("hotplug");
+        let older: VmState = serde_json::from_value(older).expect("loads");
+        assert!(older.slots.is_empty());
+        assert_eq!(older.hotplug, (0, 0));
+    }
+}

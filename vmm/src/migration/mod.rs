@@ -209,3 +209,87 @@ impl Notify {
         let _ = self.evt.write(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(shared: bool) -> VmConfig {
+        serde_json::from_value(serde_json::json!({
+            "payload": {"kernel": "/k"},
+            "memory": {"size": 64 << 20, "shared": shared},
+        }))
+        .expect("a configuration")
+    }
+
+    fn send(url: &str, local: bool, backend_transfer: bool) -> SendMigrationConfig {
+        SendMigrationConfig {
+            destination_url: url.into(),
+            local,
+            backend_transfer,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn both_sides_check_the_url_before_anything_moves() {
+        let ok = check_send(&config(true), &send("unix:/run/m.sock", true, true));
+        assert!(ok.expect("local backend transfer").is_unix());
+        check_send(&config(false), &send("tcp:127.0.0.1:6000", false, false))
+            .expect("copied memory over TCP");
+        let refused = [
+            (
+                send("tcp:127.0.0.1:6000", true, false),
+                true,
+                "local=on needs a unix: URL",
+            ),
+            (
+                send("unix:/run/m.sock", true, false),
+                false,
+                "local=on needs guest memory created with shared=on",
+            ),
+            (
+                send("tcp:127.0.0.1:6000", false, true),
+                true,
+                "backend_transfer needs a unix: URL",
+            ),
+            (
+                send("http://x", false, false),
+                true,
+                "Invalid migration URL",
+            ),
+        ];
+        for (cfg, shared, why) in refused {
+            let e = check_send(&config(shared), &cfg).expect_err(why);
+            assert!(
+                e.to_string().starts_with(why),
+                "{}: {e}",
+                cfg.destination_url
+            );
+        }
+        let receive = |url: &str, backend_transfer| api::ReceiveMigrationConfig {
+            receiver_url: url.into(),
+            backend_transfer,
+            ..Default::default()
+        };
+        check_receive(&receive("tcp:0.0.0.0:6000", false)).expect("TCP without transfer");
+        let e = check_receive(&receive("tcp:0.0.0.0:6000", true)).expect_err("TCP transfer");
+        assert!(matches!(e, Error::BackendTransferNeedsUnix), "{e}");
+    }
+
+    #[test]
+    fn progress_reports_its_phase_and_figures() {
+        let p = Progress::default();
+        p.phase("pre-copy");
+        p.iteration.store(3, Ordering::Relaxed);
+        p.bytes.store(4096, Ordering::Relaxed);
+        p.remaining.store(8192, Ordering::Relaxed);
+        let r = serde_json::to_value(p.report()).expect("serialises");
+        assert_eq!(
+            r,
+            serde_json::json!({
+                "phase": "pre-copy", "iteration": 3, "bytes_sent": 4096, "bytes_in_pass": 8192,
+            })
+        );
+    }
+}
