@@ -36,8 +36,24 @@ pub struct TapState {
 #[derive(Debug)]
 pub struct TapQueues {
     taps: Vec<Arc<Tap>>,
+    /// A socket for the interface's settings, opened with the queues: asking for the MTU
+    /// later (a driver activating the card, on a vCPU thread) creates none.
+    control: OwnedFd,
     attached: Mutex<Vec<bool>>,
     offloads: Mutex<Option<u32>>,
+}
+
+/// A control socket for the interface of `taps`.
+fn control(taps: &[Tap]) -> Result<OwnedFd, Error> {
+    control_of(taps.first().map(Tap::name).unwrap_or_default())
+}
+
+fn control_of(name: &str) -> Result<OwnedFd, Error> {
+    crate::tap::control_socket().map_err(|source| Error::Ioctl {
+        name: name.to_string(),
+        what: "open a control socket",
+        source,
+    })
 }
 
 impl TapQueues {
@@ -46,6 +62,7 @@ impl TapQueues {
     pub fn new(taps: Vec<Tap>) -> Result<Self, Error> {
         let attached = attachments(taps.iter())?;
         Ok(TapQueues {
+            control: control(&taps)?,
             taps: taps.into_iter().map(Arc::new).collect(),
             attached: Mutex::new(attached),
             offloads: Mutex::new(None),
@@ -108,10 +125,19 @@ impl TapQueues {
             taps.push(Arc::new(tap));
         }
         Ok(TapQueues {
+            control: control_of(&state.name)?,
             taps,
             attached: Mutex::new(state.enabled.clone()),
             offloads: Mutex::new(state.offloads),
         })
+    }
+
+    /// The interface's MTU, as the kernel has it now.
+    pub fn mtu(&self) -> Result<u16, Error> {
+        match self.taps.first() {
+            Some(tap) => tap.mtu_on(&self.control),
+            None => Ok(1500),
+        }
     }
 
     /// The interface name.
@@ -198,7 +224,7 @@ impl TapQueues {
             vnet_hdr_len: first.vnet_hdr_len()?,
             offloads: *self.offloads.lock().expect("TAP offload lock poisoned"),
             // Only readable by name in the interface's own network namespace.
-            mtu: first.mtu().ok(),
+            mtu: self.mtu().ok(),
             mac: first.mac().ok(),
         })
     }

@@ -236,7 +236,7 @@ pub fn interface_index(name: &str) -> io::Result<i32> {
     Ok(req.int())
 }
 
-fn control_socket() -> io::Result<OwnedFd> {
+pub(crate) fn control_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the descriptor is owned right away.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -436,9 +436,15 @@ impl Tap {
     /// The interface MTU.
     pub fn mtu(&self) -> Result<u16, Error> {
         let sock = control_socket().map_err(self.ioctl_error("open a control socket"))?;
+        self.mtu_on(&sock)
+    }
+
+    /// The interface MTU, asked on `sock`, a socket from [`control_socket`] (kept open by
+    /// a caller that must not create sockets later: a vCPU thread, under its seccomp filter).
+    pub(crate) fn mtu_on(&self, sock: &OwnedFd) -> Result<u16, Error> {
         let mut req = IfReq::new(&self.name);
         // SAFETY: `req` is a full `struct ifreq` that SIOCGIFMTU fills.
-        ioctl_result(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFMTU, &mut req) })
+        ioctl_result(unsafe { ioctl_with_mut_ref(sock, libc::SIOCGIFMTU, &mut req) })
             .map_err(self.ioctl_error("read the MTU"))?;
         Ok(req.int().clamp(0, i32::from(u16::MAX)) as u16)
     }

@@ -191,9 +191,7 @@ impl Net {
         if features & (GUEST_TSO4 | GUEST_TSO6 | GUEST_UFO) != 0 {
             return queue_pair::Room::Bytes(MAX_FRAME);
         }
-        let tap_mtu = (self.pairs() > 0)
-            .then(|| self.taps.queue(0).mtu().ok())
-            .flatten();
+        let tap_mtu = (self.pairs() > 0).then(|| self.taps.mtu().ok()).flatten();
         let mtu = [tap_mtu, self.params.mtu, Some(1500)]
             .into_iter()
             .flatten()
