@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -67,18 +67,6 @@ fn socket_option(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
     (rc == 0).then_some(value)
 }
 
-/// Removes a leftover socket file at `path`. Anything else there (a typo naming a disk image)
-/// is left alone, and binding then fails with "address in use".
-pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 /// A bound API socket; the lock stays held while this lives.
 pub struct ApiSocket {
     listener: UnixListener,
@@ -89,22 +77,30 @@ impl ApiSocket {
     /// Binds `path` owner-only, refusing if another live baton serves it.
     pub fn bind(path: &Path) -> Result<Self, ServerError> {
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        // Never through a symlink (O_NOFOLLOW), and owner-only if created.
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&lock_path)
             .map_err(|e| ServerError::Lock(lock_path.clone(), e))?;
+        let regular = lock.metadata().map(|m| m.file_type().is_file());
+        if !regular.map_err(|e| ServerError::Lock(lock_path.clone(), e))? {
+            return Err(ServerError::Lock(
+                lock_path,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
+        }
         // SAFETY: flock on a descriptor we own, with valid flags.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(ServerError::InUse(path.to_owned()));
         }
         // We hold the lock, so a socket file there belongs to a baton that is gone.
-        remove_stale_socket(path).map_err(|e| ServerError::Bind(path.to_owned(), e))?;
+        fd_passing::remove_stale_socket(path).map_err(|e| ServerError::Bind(path.to_owned(), e))?;
         let listener =
-            UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_owned(), e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| ServerError::Bind(path.to_owned(), e))?;
+            fd_passing::bind_owner_only(path).map_err(|e| ServerError::Bind(path.to_owned(), e))?;
         Ok(ApiSocket {
             listener,
             _lock: Some(lock),
@@ -1025,7 +1021,9 @@ mod tests {
         // A socket file nobody serves, as a killed VMM leaves behind, is replaced.
         drop(UnixListener::bind(&path).unwrap());
         let first = ApiSocket::bind(&path).expect("stale socket replaced");
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(ApiSocket::bind(&path), Err(ServerError::InUse(_))));
         drop(first);

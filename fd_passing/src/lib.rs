@@ -1,7 +1,8 @@
 //! Descriptors over UNIX domain sockets (SCM_RIGHTS): the one place baton passes them, for
 //! the API (TAP queues riding with `vm.create`, `vm.add-net`, `vm.restore` and
 //! `vm.receive-migration`) and for migration (shared memory, backend transfer), and the one
-//! place that asks whether a socket is a UNIX domain socket.
+//! place that asks whether a socket is a UNIX domain socket, and ([`path`]) the one place
+//! that binds a UNIX socket path and removes a stale one.
 //!
 //! Built on vmm-sys-util's [`ScmSocket`], with what it leaves to its callers: received
 //! descriptors are owned (closed on drop) and close-on-exec (its `recvmsg` does not ask for
@@ -9,6 +10,10 @@
 //! message carrying more descriptors than the caller takes is an error that says so (the
 //! kernel, or vmm-sys-util, closes them all).
 #![warn(missing_docs)]
+
+pub mod path;
+
+pub use path::{bind_owner_only, remove_stale_socket};
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -480,7 +480,7 @@ impl Drop for Listener {
 }
 
 fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    match UnixListener::bind(path) {
+    match fd_passing::bind_owner_only(path) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
         other => return other,
     }
@@ -498,8 +498,8 @@ fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         ));
     }
     // A socket file whose listener is gone.
-    std::fs::remove_file(path)?;
-    UnixListener::bind(path)
+    fd_passing::remove_stale_socket(path)?;
+    fd_passing::bind_owner_only(path)
 }
 
 /// Whether a listening socket is bound to `path`, by /proc/net/unix rather than by connecting:

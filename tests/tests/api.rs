@@ -233,6 +233,42 @@ fn socket_is_owner_only_and_exclusive() {
 }
 
 #[test]
+fn the_socket_path_never_replaces_or_follows_what_is_not_a_socket() {
+    let dir = baton_tests::TempDir::new("paths");
+    let fails = |path: &std::path::Path, text: &str| {
+        let out = baton_tests::run_baton(
+            &["--api-socket", &format!("path={}", path.display())],
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", path.display());
+        assert!(
+            stderr.contains(text),
+            "{}: expected {text:?} in {stderr}",
+            path.display()
+        );
+    };
+    // A file where the socket would go (a typo naming a disk image) is left as it was.
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, b"precious").unwrap();
+    fails(&image, "Address already in use");
+    assert_eq!(std::fs::read(&image).unwrap(), b"precious");
+    // A symlink at the socket path is not followed: nothing appears at its target.
+    let link = dir.path().join("link.sock");
+    let target = dir.path().join("elsewhere.sock");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    fails(&link, "Address already in use");
+    assert!(!target.exists());
+    // A lock file that is a symlink is refused (O_NOFOLLOW), and its target not created.
+    let sock = dir.path().join("api.sock");
+    let lock_target = dir.path().join("victim");
+    std::os::unix::fs::symlink(&lock_target, dir.path().join("api.sock.lock")).unwrap();
+    fails(&sock, "Cannot open lock file");
+    assert!(!lock_target.exists());
+    assert!(!sock.exists());
+}
+
+#[test]
 fn stale_socket_file_does_not_block_a_new_baton() {
     let dir = baton_tests::TempDir::new("stale");
     let socket = dir.path().join("api.sock");

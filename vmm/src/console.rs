@@ -243,7 +243,7 @@ impl Drop for Console {
         }
         // Wake the accept loop so it sees the console closed and drops the listener.
         let _ = UnixStream::connect(&path);
-        let _ = api::server::remove_stale_socket(&path);
+        let _ = fd_passing::remove_stale_socket(&path);
     }
 }
 
@@ -285,9 +285,9 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
             return Err(Error::SocketInUse(path.to_owned()));
         }
         // Nobody answers: a leftover from a process that died (only a socket is removed).
-        api::server::remove_stale_socket(path).map_err(|e| Error::Socket(path.to_owned(), e))?;
+        fd_passing::remove_stale_socket(path).map_err(|e| Error::Socket(path.to_owned(), e))?;
     }
-    UnixListener::bind(path).map_err(|e| Error::Socket(path.to_owned(), e))
+    fd_passing::bind_owner_only(path).map_err(|e| Error::Socket(path.to_owned(), e))
 }
 
 fn spawn_input(
