@@ -141,12 +141,24 @@ impl ApiSocket {
         std::thread::Builder::new()
             .name("http-server".into())
             .spawn(move || {
+                if let Some(hook) = ON_THREAD_START.get() {
+                    hook();
+                }
                 let _lock = lock;
                 events.run();
             })
             .map_err(ServerError::Thread)?;
         Ok(server)
     }
+}
+
+/// What the server thread runs first, if set ([`on_thread_start`]).
+static ON_THREAD_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Has the server thread, when [`ApiSocket::serve`] starts it, call `hook` first thing: the
+/// VMM loads the API thread's seccomp filter there. Only the first hook set counts.
+pub fn on_thread_start(hook: fn()) {
+    let _ = ON_THREAD_START.set(hook);
 }
 
 /// Requests being handled: read, but their answers not yet written.

@@ -297,7 +297,10 @@ fn spawn_input(
 ) -> Result<(), Error> {
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || body(target))
+        .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::Role::Serial);
+            body(target)
+        })
         .map(|_| ())
         .map_err(Error::Thread)
 }
@@ -381,7 +384,10 @@ fn serve(listener: UnixListener, output: ConsoleOutput, target: InputTarget) {
         let t = target.clone();
         let spawned = std::thread::Builder::new()
             .name("serial-client".into())
-            .spawn(move || pump(reader, t));
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::Role::Serial);
+                pump(reader, t)
+            });
         if let Err(e) = spawned {
             log::warn!("serial socket: cannot read from client: {e}");
         }

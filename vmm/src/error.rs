@@ -42,6 +42,9 @@ pub enum Error {
     /// The control loop's event manager.
     #[error("Control loop failure")]
     EventLoop(#[source] event_manager::Error),
+    /// The seccomp filters could not be built or loaded.
+    #[error("Cannot confine baton's threads (--seccomp)")]
+    Seccomp(#[source] crate::seccomp::Error),
     /// Control loop plumbing.
     #[error("Control loop failure")]
     Loop(#[source] std::io::Error),

@@ -22,6 +22,7 @@ pub mod logger;
 pub mod memory;
 pub mod migration;
 pub mod regs;
+pub mod seccomp;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

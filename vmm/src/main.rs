@@ -105,6 +105,19 @@ fn command() -> Command {
                 .help(api::RestoreConfig::SYNTAX),
         )
         .arg(
+            Arg::new("seccomp")
+                .long("seccomp")
+                .value_name("true|false|log")
+                .default_value("true")
+                .value_parser(["true", "false", "log"])
+                .help(
+                    "System call filtering per thread role (docs/security.md): \"true\" ends \
+                     baton, naming the call, when a thread makes a call its role does not \
+                     need; \"log\" lets it through and has the kernel log it; \"false\" \
+                     filters nothing",
+                ),
+        )
+        .arg(
             Arg::new("verbose")
                 .short('v')
                 .long("verbose")
@@ -212,6 +225,17 @@ fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
 }
 
 fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
+    let mode = m
+        .get_one::<String>("seccomp")
+        .map_or(Ok(vmm::seccomp::Mode::Trap), |s| s.parse())
+        .expect("clap checked the value");
+    vmm::seccomp::install(mode).map_err(vmm::Error::Seccomp)?;
+    if std::env::var_os("BATON_SECCOMP_SELFTEST").is_some() {
+        // For tests/seccomp.rs: getppid(2) is in no role's list.
+        // SAFETY: getppid takes no arguments and changes nothing.
+        let parent = unsafe { libc::syscall(libc::SYS_getppid) };
+        log::warn!("seccomp self-test: getppid() returned {parent}");
+    }
     let given = |o: &str| m.value_source(o).is_some();
     let wants_vm = VM_OPTIONS.iter().any(|o| given(o)) || !given("api-socket");
     let initial = if let Some(spec) = m.get_one::<String>("restore") {

@@ -385,6 +385,7 @@ impl Vcpus {
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    crate::seccomp::enter(crate::seccomp::Role::Vcpu);
                     vcpu.run();
                     control.ended(id);
                 })

@@ -110,6 +110,15 @@ pub fn wait_for_stop(events: &Events) {
     while events.wait(&mut tokens).is_ok() && !tokens.contains(&STOP_TOKEN) {}
 }
 
+/// What every worker thread runs first, if set ([`on_thread_start`]).
+static ON_THREAD_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Has every worker thread started from now on call `hook` first thing: the VMM loads the
+/// device threads' seccomp filter there. Only the first hook set counts.
+pub fn on_thread_start(hook: fn()) {
+    let _ = ON_THREAD_START.set(hook);
+}
+
 /// Token of the stop eventfd in every worker's epoll set.
 pub const STOP_TOKEN: u64 = u64::MAX;
 
@@ -130,9 +139,12 @@ impl<T: Send + 'static> Worker<T> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let events = Events::new()?;
         events.add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || body(events))?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            if let Some(hook) = ON_THREAD_START.get() {
+                hook();
+            }
+            body(events)
+        })?;
         Ok(Worker {
             stop,
             thread: Some(thread),

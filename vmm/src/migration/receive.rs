@@ -32,6 +32,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("migration-receive".into())
         .spawn(move || {
+            // It builds a VM, as the main thread does: the VMM's role.
+            crate::seccomp::enter(crate::seccomp::Role::Vmm);
             let result = incoming.serve(&listener).map(|completed| {
                 completed
                     .then(|| incoming.arrived.take().map(Box::new))

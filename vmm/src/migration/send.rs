@@ -30,6 +30,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("migration-send".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::Role::MigrationSend);
             let result = send(&vm, &config, &cfg, transferable, &p);
             notify.report(Done::Sent(result));
         })
