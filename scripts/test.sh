@@ -3,7 +3,8 @@
 # integration tests that boot real guests on KVM (baton's test guest, and a small Linux
 # built from Debian's kernel source by scripts/linux-kernel.sh, cached outside the
 # repository) and, on QEMU, the test guest again; then api/openapi.yaml against a running
-# baton with schemathesis (scripts/schemathesis.sh). Installs what it needs on Debian.
+# baton with schemathesis (scripts/schemathesis.sh); and every fuzz target for 20 seconds
+# (scripts/fuzz.sh, nightly toolchain). Installs what it needs on Debian.
 # Usage: scripts/test.sh [cargo test args...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,6 +22,7 @@ export BATON_LINUX_DIR
 log "cargo fmt --check"
 cargo fmt --all -- --check
 guest_cargo fmt -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 guest_cargo clippy --all-targets --locked -- -D warnings
@@ -32,3 +34,5 @@ guest_cargo test --lib --locked
 cargo test --workspace --locked -- "$@"
 log "schemathesis"
 BATON=target/debug/baton scripts/schemathesis.sh
+log "fuzz targets, 20 s each"
+scripts/fuzz.sh 20

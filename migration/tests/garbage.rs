@@ -1,7 +1,8 @@
 //! Hostile input for the migration stream's decoders and for a destination serving a session:
-//! random and mutated bytes must give an answer or an error, never a panic or a hang. (A
-//! stand-in for coverage-guided fuzzing, which needs a nightly toolchain this project cannot
-//! install; the generator is seeded, so failures replay.)
+//! every truncation of a valid session, and seeded mutations of it, must end with an answer
+//! or an error, never a panic or a hang. The coverage-guided search is the fuzz target
+//! `migration_stream` (scripts/fuzz.sh); these stay as fast, replayable checks that run with
+//! every `cargo test`, over sessions with descriptors, which the fuzz target does not send.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
