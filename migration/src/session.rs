@@ -123,7 +123,16 @@ fn step(
         }
         Command::Complete => {
             destination.complete().map_err(applying)?;
-            outcome = Some(Outcome::Completed);
+            // The VM runs here now, whether or not the source hears so: a source that gets
+            // no answer stays paused (it cannot tell), so neither dropping this VM nor
+            // resuming that one could be right.
+            if let Err(e) = channel.send_response(&Response::Ok(Vec::new())) {
+                log::warn!(
+                    "migration: the VM runs here, but the source did not get the answer to \
+                     Complete ({e}); it stays paused there"
+                );
+            }
+            return Ok(Some(Outcome::Completed));
         }
         Command::Abandon => outcome = Some(Outcome::Abandoned),
     }

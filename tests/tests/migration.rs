@@ -574,3 +574,57 @@ fn a_disk_write_in_flight_during_migration_lands() {
     assert!(data[..4096].iter().all(|b| *b == 172));
     assert!(data[4096..8192].iter().all(|b| *b == 171));
 }
+
+#[test]
+fn a_destination_that_never_answers_complete_leaves_the_source_paused_not_running_twice() {
+    let files = TempDir::new("mig-no-answer");
+    let (src, mut console, _) = lone_guest(&files, true);
+    still_beating(&mut console);
+    let url = urls(files.path(), "m.sock");
+    // A destination that takes everything, reads Complete (so it may have started the VM)
+    // and goes without answering.
+    let listener = std::os::unix::net::UnixListener::bind(files.path().join("m.sock")).unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut channel = migration::Channel::from(listener.accept().unwrap().0);
+        loop {
+            let h = channel.recv_request_header().unwrap();
+            let payload = channel.read_payload(h.length).unwrap();
+            let reply = match h.command {
+                migration::Command::Start => br#"{"accepted":[]}"#.to_vec(),
+                migration::Command::MemoryFds => {
+                    let regions: Vec<migration::protocol::MemoryRegion> =
+                        serde_json::from_slice(&payload).unwrap();
+                    channel.recv_fds(regions.len()).unwrap();
+                    Vec::new()
+                }
+                migration::Command::Complete => return,
+                _ => Vec::new(),
+            };
+            channel
+                .send_response(&migration::Response::Ok(reply))
+                .unwrap();
+        }
+    });
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination_url": url, "local": true}),
+    );
+    peer.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.to_string().contains("did not answer Complete"),
+        "{body}"
+    );
+    // Paused, not resumed: the destination may be running it.
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Paused", "{info}");
+    // Lines the guest wrote before the pause may still be on their way.
+    while console.try_next(Duration::from_millis(500)).is_some() {}
+    assert!(
+        console.try_next(Duration::from_secs(2)).is_none(),
+        "the guest ran on"
+    );
+    // The operator, knowing the destination has no VM, resumes it here.
+    src.expect("PUT", "vm.resume", None, 204);
+    still_beating(&mut console);
+}

@@ -217,7 +217,13 @@ impl Vmm {
                 let body = serde_json::to_value(&stats).expect("stats serialise");
                 (Ok(ApiReply::Json(body)), After::Exit)
             }
-            Done::Sent(Err(e)) => (Err(migration_error(500, e)), After::Continue),
+            Done::Sent(Err(e)) => {
+                if matches!(e, migration::Error::Unanswered(_)) {
+                    // Left paused on purpose: see migration::send.
+                    self.state = VmState::Paused;
+                }
+                (Err(migration_error(500, e)), After::Continue)
+            }
             Done::Received(Ok(Some(arrived))) => {
                 let arrived = *arrived;
                 log::info!("migration received: the VM runs here now");

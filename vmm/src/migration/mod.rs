@@ -76,6 +76,10 @@ pub enum Error {
     /// The protocol failed (the destination refused, the stream broke ...).
     #[error("Migration protocol")]
     Protocol(#[source] ProtocolError),
+    /// The destination got Complete but its answer never came: it may run the VM, so the VM
+    /// stays paused here.
+    #[error("The destination did not answer Complete, so it may be running the VM: the VM stays paused here. Resume it here (vm.resume) only if the destination has no VM")]
+    Unanswered(#[source] ProtocolError),
     /// Pre-copy did not converge in time.
     #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
     Timeout(u64),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::migration::protocol::{self, Command, MemoryRanges, Start, PROTOCOL_VERSION};
-use ::migration::{Channel, Limits};
+use ::migration::{Channel, Limits, ProtocolError};
 use api::{SendMigrationConfig, VmConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -304,9 +304,21 @@ fn send_on(
             channel.request_with_fds(Command::Fds, &protocol::to_json(&header), &fds)?;
         }
         progress.phase("completing");
-        channel.request(Command::Complete, &[])?;
+        // A Complete the destination did not get whole cannot have started the VM there.
+        channel.send_request(Command::Complete, &[])?;
         Ok(())
     })();
+    // From here the destination may be running the VM: only its explicit refusal resumes
+    // it here. No answer at all (the peer gone, or silent past the timeout) leaves the VM
+    // paused: never running in both places; the operator resumes it here if the
+    // destination has no VM.
+    let result = result.and_then(|()| match channel.recv_response(&Limits::default()) {
+        Ok(protocol::Response::Ok(_)) => Ok(()),
+        Ok(protocol::Response::Error(message)) => {
+            Err(Error::Protocol(ProtocolError::Remote(message)))
+        }
+        Err(e) => Err(Error::Unanswered(e)),
+    });
     match result {
         Ok(()) => {
             stats.downtime_ms = paused_at.elapsed().as_millis() as u64;
@@ -319,6 +331,13 @@ fn send_on(
                 stats.iterations
             );
             Ok(())
+        }
+        Err(e @ Error::Unanswered(_)) => {
+            log::error!(
+                "the destination did not answer Complete: the VM stays paused here, as it may \
+                 run there"
+            );
+            Err(e)
         }
         Err(e) => {
             log::warn!("migration failed while paused; resuming here");
