@@ -402,6 +402,7 @@ pub fn install(mode: Mode) -> Result<(), Error> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: mallopt only sets a malloc parameter.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(1024) as libc::c_int) };
+    warm_up_malloc();
     let mut filters = BTreeMap::new();
     for role in Role::ALL {
         filters.insert(role, compile(role, mode)?);
@@ -412,6 +413,23 @@ pub fn install(mode: Mode) -> Result<(), Error> {
     api::server::on_thread_start(|| enter(Role::Api));
     devices::virtio::on_worker_start(|| enter(Role::Device));
     Ok(())
+}
+
+/// glibc reads /proc/sys/vm/overcommit_memory once per process, the first time a thread's
+/// malloc heap shrinks, on whichever thread that is (the API server's, after a flood of
+/// connections): a file its filter forbids. A thread with an arena of its own fills and
+/// frees enough of it here, before any filter, so that read is done.
+fn warm_up_malloc() {
+    let warm = std::thread::Builder::new()
+        .name("malloc-warm-up".into())
+        .spawn(|| {
+            // Below the mmap threshold (128 KiB), so they come from the thread's heap.
+            let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 96 << 10]).collect();
+            std::hint::black_box(&blocks);
+        });
+    if let Ok(thread) = warm {
+        let _ = thread.join();
+    }
 }
 
 fn apply(role: Role, filters: &BTreeMap<Role, BpfProgram>) -> Result<(), Error> {
