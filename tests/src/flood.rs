@@ -49,12 +49,17 @@ impl FloodResult {
 impl PingFlood {
     /// Starts `count` echo requests to `addr`, one every `interval`, from inside `ns`.
     pub fn start(ns: &NetNs, addr: &str, interval: Duration, count: u64) -> Self {
+        // With a deadline, ping waits for every reply (until the deadline) instead of giving
+        // the last ones twice the round trip seen so far: a late last reply is not a loss.
+        let deadline = (interval.as_secs_f64() * count as f64).ceil() as u64 + 5;
         let mut child = ns
             .command(Path::new("ping"))
             .args(["-D", "-n", "-W", "2", "-i"])
             .arg(format!("{:.3}", interval.as_secs_f64()))
             .arg("-c")
             .arg(count.to_string())
+            .arg("-w")
+            .arg(deadline.to_string())
             .arg(addr)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -3,12 +3,12 @@
 //! [`install`] compiles every role's filter, so a bad list fails at start-up, and loads the
 //! VMM's on the main thread before anything else runs; every thread baton starts then calls
 //! [`enter`] with its role first thing (the API server and device workers through the hooks
-//! of `api::server` and `devices::virtio::worker`). A thread inherits the filter of the thread
-//! that started it and adds its own, and the kernel applies both: a thread's own list must
-//! therefore be within its parent's. The VMM role (the main thread, which also starts the
-//! migration-receive thread that builds a VM) allows what any role does; the others allow
-//! only what their role needs, so a compromised vCPU, device or API thread cannot open
-//! files, create processes or change credentials.
+//! `api::server::on_thread_start` and `devices::virtio::on_worker_start`). A thread inherits
+//! the filter of the thread that started it and adds its own, and the kernel applies both:
+//! a role must therefore let through what the threads it starts do ([`Role`]'s `starts`).
+//! The VMM role (the main thread, and the migration-receive thread that builds a VM) allows
+//! what any role does; the others allow only what their role needs, so a compromised vCPU,
+//! device or API thread cannot open files, execute programs or change credentials.
 //!
 //! With `true` a forbidden system call raises SIGSYS, whose handler names the thread's role
 //! and the call's number on standard error and ends baton with status 159 (128 + SIGSYS),
