@@ -133,8 +133,19 @@ fn default_timeout() -> u64 {
     3600
 }
 
+/// How long, by default, either side of a migration waits for its peer to send or take a
+/// byte before giving up.
+pub const DEFAULT_STEP_TIMEOUT_S: u64 = 60;
+
+fn default_step_timeout() -> u64 {
+    DEFAULT_STEP_TIMEOUT_S
+}
+
+/// The longest `step_timeout_s` taken: a day.
+pub const MAX_STEP_TIMEOUT_S: u64 = 86_400;
+
 /// `vm.send-migration`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendMigrationConfig {
     /// `unix:/path` or `tcp:host:port` of a baton waiting in vm.receive-migration.
@@ -153,6 +164,10 @@ pub struct SendMigrationConfig {
     /// (+) Hand device backends (TAP descriptors) to the destination.
     #[serde(default)]
     pub backend_transfer: bool,
+    /// (+) Give up (and keep running here) when the destination has sent nothing, or taken
+    /// no byte, for this many seconds at any step.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout_s: u64,
     /// Cloud Hypervisor's timeout strategy; only `Cancel` (its default, and what baton does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_strategy: Option<TimeoutStrategy>,
@@ -165,6 +180,24 @@ pub struct SendMigrationConfig {
     /// Cloud Hypervisor's memory mode; only `Precopy` (its default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mode: Option<MigrationMemoryMode>,
+}
+
+/// An empty URL with every other field as a JSON body that leaves it out gets it.
+impl Default for SendMigrationConfig {
+    fn default() -> Self {
+        SendMigrationConfig {
+            destination_url: String::new(),
+            local: false,
+            downtime_ms: default_downtime(),
+            timeout_s: default_timeout(),
+            backend_transfer: false,
+            step_timeout_s: default_step_timeout(),
+            timeout_strategy: None,
+            connections: None,
+            tls_dir: None,
+            memory_mode: None,
+        }
+    }
 }
 
 fn check_tls_and_mode(
@@ -204,7 +237,7 @@ impl Supported for SendMigrationConfig {
 }
 
 /// `vm.receive-migration`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiveMigrationConfig {
     /// `unix:/path` or `tcp:host:port` to listen on.
@@ -215,12 +248,30 @@ pub struct ReceiveMigrationConfig {
     /// Network cards that take new TAP descriptors instead of opening their TAP by name.
     #[serde(default, deserialize_with = "null_as_empty")]
     pub net_fds: Vec<NetFds>,
+    /// (+) Drop what arrived (and be ready to receive again) when the source, once
+    /// connected, has sent nothing, or taken no byte, for this many seconds at any step.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout_s: u64,
     /// Cloud Hypervisor's TLS directory; only none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
     /// Cloud Hypervisor's memory mode; only `Precopy` (its default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mode: Option<MigrationMemoryMode>,
+}
+
+/// An empty URL with every other field as a JSON body that leaves it out gets it.
+impl Default for ReceiveMigrationConfig {
+    fn default() -> Self {
+        ReceiveMigrationConfig {
+            receiver_url: String::new(),
+            backend_transfer: false,
+            net_fds: Vec::new(),
+            step_timeout_s: default_step_timeout(),
+            tls_dir: None,
+            memory_mode: None,
+        }
+    }
 }
 
 impl Supported for ReceiveMigrationConfig {
@@ -235,15 +286,16 @@ impl Supported for SnapshotConfig {
     }
 }
 
-/// A URL whose scheme the endpoint does not take.
+/// A field whose value the endpoint does not take: a URL of another scheme, a timeout out
+/// of range.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{field} '{url}' is not {expected}")]
-pub struct UrlError {
+#[error("{field} '{value}' is not {expected}")]
+pub struct FieldError {
     /// The field.
     pub field: &'static str,
     /// The value.
-    pub url: String,
-    /// The forms accepted.
+    pub value: String,
+    /// The values accepted.
     pub expected: &'static str,
 }
 
@@ -252,17 +304,29 @@ fn check_url(
     url: &str,
     schemes: &[&str],
     expected: &'static str,
-) -> Result<(), UrlError> {
+) -> Result<(), FieldError> {
     let ok = schemes
         .iter()
         .any(|s| url.strip_prefix(s).is_some_and(|rest| !rest.is_empty()));
     if ok {
         Ok(())
     } else {
-        Err(UrlError {
+        Err(FieldError {
             field,
-            url: url.to_string(),
+            value: url.to_string(),
             expected,
+        })
+    }
+}
+
+fn check_step_timeout(seconds: u64) -> Result<(), FieldError> {
+    if (1..=MAX_STEP_TIMEOUT_S).contains(&seconds) {
+        Ok(())
+    } else {
+        Err(FieldError {
+            field: "step_timeout_s",
+            value: seconds.to_string(),
+            expected: "a number of seconds from 1 to 86400",
         })
     }
 }
@@ -280,7 +344,7 @@ impl SnapshotConfig {
     }
 
     /// Checks the URL's form.
-    pub fn validate(&self) -> Result<(), UrlError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         check_url(
             "destination_url",
             &self.destination_url,
@@ -323,14 +387,14 @@ impl RestoreConfig {
     }
 
     /// Checks the URL's form.
-    pub fn validate(&self) -> Result<(), UrlError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         check_url("source_url", &self.source_url, &["file://"], FILE_URL)
     }
 }
 
 impl SendMigrationConfig {
-    /// Parses `destination_url=...,local=on,downtime_ms=N,timeout_s=N,backend_transfer=on`,
-    /// and Cloud Hypervisor's `timeout_strategy`, `connections`, `tls_dir` and `memory_mode`.
+    /// Parses `destination_url=...,local=on,downtime_ms=N,timeout_s=N,backend_transfer=on,
+    /// step_timeout_s=N`, and Cloud Hypervisor's `timeout_strategy`, `connections`, `tls_dir` and `memory_mode`.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
         let keys = [
             "destination_url",
@@ -338,6 +402,7 @@ impl SendMigrationConfig {
             "downtime_ms",
             "timeout_s",
             "backend_transfer",
+            "step_timeout_s",
             "timeout_strategy",
             "connections",
             "tls_dir",
@@ -356,6 +421,9 @@ impl SendMigrationConfig {
             backend_transfer: p
                 .convert("backend_transfer", parse_toggle)?
                 .unwrap_or(false),
+            step_timeout_s: p
+                .convert("step_timeout_s", parse_int::<u64>)?
+                .unwrap_or_else(default_step_timeout),
             timeout_strategy: p.convert("timeout_strategy", |v| match v {
                 "cancel" => Ok(TimeoutStrategy::Cancel),
                 "ignore" => Ok(TimeoutStrategy::Ignore),
@@ -367,19 +435,20 @@ impl SendMigrationConfig {
         })
     }
 
-    /// Checks the URL's form.
-    pub fn validate(&self) -> Result<(), UrlError> {
+    /// Checks the URL's form and the step timeout.
+    pub fn validate(&self) -> Result<(), FieldError> {
         check_url(
             "destination_url",
             &self.destination_url,
             &["unix:", "tcp:"],
             STREAM_URL,
-        )
+        )?;
+        check_step_timeout(self.step_timeout_s)
     }
 }
 
 impl ReceiveMigrationConfig {
-    /// Parses `receiver_url=...,backend_transfer=on,net_fds=[net0@[3,4]]`.
+    /// Parses `receiver_url=...,backend_transfer=on,net_fds=[net0@[3,4]],step_timeout_s=N`.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
         let p = OptionParser::parse(
             s,
@@ -387,6 +456,7 @@ impl ReceiveMigrationConfig {
                 "receiver_url",
                 "backend_transfer",
                 "net_fds",
+                "step_timeout_s",
                 "tls_dir",
                 "memory_mode",
             ],
@@ -398,19 +468,23 @@ impl ReceiveMigrationConfig {
                 .convert("backend_transfer", parse_toggle)?
                 .unwrap_or(false),
             net_fds: p.convert("net_fds", parse_net_fds)?.unwrap_or_default(),
+            step_timeout_s: p
+                .convert("step_timeout_s", parse_int::<u64>)?
+                .unwrap_or_else(default_step_timeout),
             tls_dir: p.get("tls_dir").map(PathBuf::from),
             memory_mode: p.convert("memory_mode", parse_memory_mode)?,
         })
     }
 
-    /// Checks the URL's form.
-    pub fn validate(&self) -> Result<(), UrlError> {
+    /// Checks the URL's form and the step timeout.
+    pub fn validate(&self) -> Result<(), FieldError> {
         check_url(
             "receiver_url",
             &self.receiver_url,
             &["unix:", "tcp:"],
             STREAM_URL,
-        )
+        )?;
+        check_step_timeout(self.step_timeout_s)
     }
 }
 
@@ -462,6 +536,37 @@ mod tests {
         m.validate().unwrap();
         let r = ReceiveMigrationConfig::from_option_string("tcp:127.0.0.1:6000").unwrap();
         r.validate().unwrap();
+        assert_eq!(r.step_timeout_s, DEFAULT_STEP_TIMEOUT_S);
+        let r = ReceiveMigrationConfig::from_option_string("unix:/m,step_timeout_s=5").unwrap();
+        assert_eq!(r.step_timeout_s, 5);
+        let m = SendMigrationConfig::from_option_string("unix:/m,step_timeout_s=7").unwrap();
+        assert_eq!(m.step_timeout_s, 7);
+        // A body that leaves the fields out gets what Default gives.
+        let j: SendMigrationConfig = serde_json::from_str(r#"{"destination_url":""}"#).unwrap();
+        assert_eq!(j, SendMigrationConfig::default());
+        let j: ReceiveMigrationConfig = serde_json::from_str(r#"{"receiver_url":""}"#).unwrap();
+        assert_eq!(j, ReceiveMigrationConfig::default());
+    }
+
+    #[test]
+    fn step_timeouts_out_of_range_are_refused() {
+        for bad in [0, MAX_STEP_TIMEOUT_S + 1] {
+            let s = SendMigrationConfig {
+                destination_url: "unix:/m".into(),
+                step_timeout_s: bad,
+                ..Default::default()
+            };
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field, "step_timeout_s", "{e}");
+            assert!(e.to_string().contains("from 1 to 86400"), "{e}");
+            let r = ReceiveMigrationConfig {
+                receiver_url: "unix:/m".into(),
+                step_timeout_s: bad,
+                ..Default::default()
+            };
+            assert_eq!(r.validate().unwrap_err(), e);
+        }
+        assert!(ReceiveMigrationConfig::from_option_string("unix:/m,step_timeout_s=-1").is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use baton_tests::{
-    field, heartbeat_number, num, ApiVmm, Console, NetNs, SeqStream, TempDir, READY,
+    fd_count, field, heartbeat_number, num, ApiVmm, Console, NetNs, SeqStream, TempDir, READY,
 };
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -256,7 +256,22 @@ fn refused_migrations_say_why_and_the_vm_runs_on() {
     assert_eq!(info["state"], "Running");
 }
 
-/// Connects to a destination's migration socket, waiting for it to listen.
+/// Plays a destination that reads the next `n` requests (Start, then Config) and answers
+/// each with Ok, taking over no backend.
+fn answer(channel: &mut migration::Channel, n: usize) {
+    for _ in 0..n {
+        let h = channel.recv_request_header().unwrap();
+        channel.read_payload(h.length).unwrap();
+        let reply = match h.command {
+            migration::Command::Start => br#"{"accepted":[]}"#.to_vec(),
+            _ => Vec::new(),
+        };
+        channel
+            .send_response(&migration::Response::Ok(reply))
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_destination_that_dies_mid_stream_leaves_the_source_running() {
     let files = TempDir::new("mig-dst-dies");
@@ -267,17 +282,7 @@ fn a_destination_that_dies_mid_stream_leaves_the_source_running() {
     let listener = std::os::unix::net::UnixListener::bind(files.path().join("m.sock")).unwrap();
     let peer = std::thread::spawn(move || {
         let mut channel = migration::Channel::from(listener.accept().unwrap().0);
-        for _ in 0..2 {
-            let h = channel.recv_request_header().unwrap();
-            channel.read_payload(h.length).unwrap();
-            let reply = match h.command {
-                migration::Command::Start => br#"{"accepted":[]}"#.to_vec(),
-                _ => Vec::new(),
-            };
-            channel
-                .send_response(&migration::Response::Ok(reply))
-                .unwrap();
-        }
+        answer(&mut channel, 2);
         let h = channel.recv_request_header().unwrap();
         assert_eq!(h.command, migration::Command::Memory);
         channel.read_payload(h.length.min(MIB)).unwrap();
@@ -298,6 +303,32 @@ fn a_destination_that_dies_mid_stream_leaves_the_source_running() {
     migrate(src, &dst, &urls(files.path(), "again.sock"), false);
 }
 
+/// Plays a source at `url` that sends Start and the VM configuration `config`, then 1 MiB
+/// of a 64 MiB Memory request, and stops there; returns its channel.
+fn partial_source(url: &str, config: &str) -> migration::Channel {
+    use std::io::Write;
+    let mut channel = baton_tests::connect_migration(url);
+    let start = migration::protocol::Start {
+        version: migration::protocol::PROTOCOL_VERSION,
+        local: false,
+        backend_transfer: false,
+        devices: Vec::new(),
+    };
+    migration::session::start(&mut channel, &start).unwrap();
+    channel
+        .request(migration::Command::Config, config.as_bytes())
+        .unwrap();
+    let ranges = migration::protocol::MemoryRanges(vec![(0, 64 * MIB)]);
+    let header = migration::protocol::RequestHeader {
+        command: migration::Command::Memory,
+        length: ranges.payload_len().unwrap(),
+    };
+    channel.write_all(&header.encode()).unwrap();
+    channel.write_all(&ranges.encode_table()).unwrap();
+    channel.write_all(&vec![7u8; MIB as usize]).unwrap();
+    channel
+}
+
 #[test]
 fn a_source_that_dies_mid_stream_leaves_the_destination_empty_and_usable() {
     let files = TempDir::new("mig-src-dies");
@@ -305,30 +336,8 @@ fn a_source_that_dies_mid_stream_leaves_the_destination_empty_and_usable() {
     let dst = ApiVmm::start(&[]);
     let url = urls(files.path(), "m.sock");
     let receiving = receive(&dst, &url);
-    {
-        // A source that sends Start and Config, then part of the memory, and dies.
-        let mut channel = baton_tests::connect_migration(&url);
-        let start = migration::protocol::Start {
-            version: migration::protocol::PROTOCOL_VERSION,
-            local: false,
-            backend_transfer: false,
-            devices: Vec::new(),
-        };
-        migration::session::start(&mut channel, &start).unwrap();
-        let config = config(&serial, 1, 128, false, None);
-        channel
-            .request(migration::Command::Config, config.as_bytes())
-            .unwrap();
-        let ranges = migration::protocol::MemoryRanges(vec![(0, 64 * MIB)]);
-        let header = migration::protocol::RequestHeader {
-            command: migration::Command::Memory,
-            length: ranges.payload_len().unwrap(),
-        };
-        use std::io::Write;
-        channel.write_all(&header.encode()).unwrap();
-        channel.write_all(&ranges.encode_table()).unwrap();
-        channel.write_all(&vec![7u8; MIB as usize]).unwrap();
-    }
+    // A source that sends Start and Config, then part of the memory, and dies.
+    drop(partial_source(&url, &config(&serial, 1, 128, false, None)));
     let r = receiving.join().unwrap();
     let text = String::from_utf8_lossy(&r.body);
     assert_eq!(r.status, 500, "{text}");
@@ -627,4 +636,104 @@ fn a_destination_that_never_answers_complete_leaves_the_source_paused_not_runnin
     // The operator, knowing the destination has no VM, resumes it here.
     src.expect("PUT", "vm.resume", None, 204);
     still_beating(&mut console);
+}
+
+#[test]
+fn a_source_that_stalls_mid_stream_is_dropped_after_step_timeout_s() {
+    let ns = NetNs::new("migstall");
+    ns.run(&[
+        "ip", "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
+    ]);
+    let files = TempDir::new("mig-src-stalls");
+    let serial = files.path().join("serial.sock");
+    let dst = ApiVmm::start_in(Some(&ns), &[]);
+    let fds_before = fd_count(dst.pid());
+    let url = urls(files.path(), "m.sock");
+    let receiving = dst.receive_migration(
+        serde_json::json!({"receiver_url": url, "step_timeout_s": 2}),
+        Vec::new(),
+    );
+    // A source that sends Start, Config (the destination opens the TAP and maps 64 MiB) and
+    // part of the memory, then goes silent with the socket open, like a stopped process.
+    let mut channel = partial_source(&url, &config(&serial, 1, 64, false, Some("tap0")));
+    let r = receiving.join().unwrap();
+    let text = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 500, "{text}");
+    assert!(text.contains("nothing for 2 s (step_timeout_s)"), "{text}");
+    // The destination closed its end: the silent source reads its error, then the end.
+    use std::io::Read;
+    let mut rest = Vec::new();
+    channel.set_read_timeout(Some(REPLY)).unwrap();
+    channel.read_to_end(&mut rest).unwrap();
+    dst.expect("GET", "vm.info", None, 404);
+    // The TAP, the memory and the socket went with what arrived.
+    baton_tests::eventually("the destination's fds are back", REPLY, || {
+        fd_count(dst.pid()) == fds_before
+    });
+    // The TAP is free again: it takes one queue, so this would fail were it still held.
+    drop(ns.open_tap("tap0", false));
+    // And the destination takes a VM again.
+    let mut src = ApiVmm::start(&[]);
+    let _ = std::fs::remove_file(&serial);
+    let mut console = boot(&mut src, &config(&serial, 1, 64, false, None), &serial);
+    still_beating(&mut console);
+    migrate(src, &dst, &urls(files.path(), "again.sock"), false);
+    let mut dst = dst;
+    let mut console = dst.console(&serial);
+    still_beating(&mut console);
+}
+
+/// Sends the VM from `src` with `step_timeout_s` 2 to a destination played at `sock` in
+/// `files` that answers the first `answered` requests (Start, then Config) and then neither
+/// reads nor answers, with the socket open; checks the source gave up on it and the VM
+/// runs on, and returns the error.
+fn send_to_stalled_destination(
+    src: &ApiVmm,
+    files: &TempDir,
+    sock: &str,
+    answered: usize,
+) -> String {
+    let url = urls(files.path(), sock);
+    let listener = std::os::unix::net::UnixListener::bind(files.path().join(sock)).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let mut channel = migration::Channel::from(listener.accept().unwrap().0);
+        answer(&mut channel, answered);
+        // Holds the socket open until the source is done with it.
+        let _ = done_rx.recv();
+    });
+    let (status, body) = send(
+        src,
+        serde_json::json!({"destination_url": url, "step_timeout_s": 2}),
+    );
+    done_tx.send(()).unwrap();
+    peer.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    let text = body.to_string();
+    assert!(text.contains("nothing for 2 s (step_timeout_s)"), "{text}");
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
+    assert!(info.get("migration").is_none(), "{info}");
+    text
+}
+
+#[test]
+fn a_destination_that_goes_silent_or_stops_reading_is_given_up_and_the_vm_runs_on() {
+    let files = TempDir::new("mig-dst-stalls");
+    let (src, mut console, _) = lone_guest(&files, false);
+    // Silent: Start is never answered.
+    let text = send_to_stalled_destination(&src, &files, "silent.sock", 0);
+    assert!(text.contains("reading the response"), "{text}");
+    still_beating(&mut console);
+    // Stops reading: it takes Start and Config, then leaves the memory unread. The test
+    // guest keeps a buffer dirty, so there is more memory than the socket holds.
+    console.command("dirty 16 50", "dirty:", REPLY);
+    let text = send_to_stalled_destination(&src, &files, "full.sock", 2);
+    assert!(text.contains("writing a Memory request"), "{text}");
+    still_beating(&mut console);
+    let check = console.command("dirty check", "dirty:", REPLY);
+    assert!(check.starts_with("dirty: ok"), "{check}");
+    // It still migrates for real.
+    let dst = ApiVmm::start(&[]);
+    migrate(src, &dst, &urls(files.path(), "again.sock"), false);
 }

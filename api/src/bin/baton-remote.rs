@@ -119,7 +119,7 @@ const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
         "send-migration",
         "vm.send-migration",
         "destination_url=unix:/path|tcp:host:port[,local=on][,downtime_ms=N][,timeout_s=N]\
-         [,backend_transfer=on] (Cloud Hypervisor's timeout_strategy=cancel, connections=1 \
+         [,step_timeout_s=N][,backend_transfer=on] (Cloud Hypervisor's timeout_strategy=cancel, connections=1 \
          and memory_mode=precopy are accepted too)",
         "Migrate the VM to a baton waiting in receive-migration; shows progress on standard \
          error while it runs (PUT vm.send-migration)",
@@ -128,7 +128,7 @@ const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
     (
         "receive-migration",
         "vm.receive-migration",
-        "receiver_url=unix:/path|tcp:host:port[,backend_transfer=on]\
+        "receiver_url=unix:/path|tcp:host:port[,backend_transfer=on][,step_timeout_s=N]\
          [,net_fds=[<id>@[<fd>,...],...]]",
         "Wait for a VM migrated from another baton (PUT vm.receive-migration). net_fds \
          names open TAP queues baton-remote inherited, per network card, which travel with \

@@ -25,7 +25,6 @@ pub mod send;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use ::migration::{MigrationUrl, ProtocolError};
 use api::{SendMigrationConfig, VmConfig};
@@ -36,9 +35,6 @@ use crate::vm;
 
 pub use receive::Arrived;
 pub use send::send;
-
-/// How long either side waits for the other before giving up.
-const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +76,17 @@ pub enum Error {
     /// stays paused here.
     #[error("The destination did not answer Complete, so it may be running the VM: the VM stays paused here. Resume it here (vm.resume) only if the destination has no VM")]
     Unanswered(#[source] ProtocolError),
+    /// The peer moved no byte for `step_timeout_s`.
+    #[error("The peer sent or took nothing for {seconds} s (step_timeout_s) while {during}")]
+    Stalled {
+        /// `step_timeout_s`.
+        seconds: u64,
+        /// What this side was doing.
+        during: &'static str,
+        /// The timed-out read or write.
+        #[source]
+        source: ProtocolError,
+    },
     /// Pre-copy did not converge in time.
     #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
     Timeout(u64),
@@ -94,6 +101,26 @@ pub enum Error {
 impl From<ProtocolError> for Error {
     fn from(e: ProtocolError) -> Self {
         Error::Protocol(e)
+    }
+}
+
+impl Error {
+    /// This error, told as the step timeout passing if a read or write timed out: the
+    /// sockets of a migration carry `step_timeout_s` as their timeouts.
+    pub(crate) fn stalled(self, seconds: u64) -> Self {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        match self {
+            Error::Protocol(ProtocolError::Io(during, io))
+                if matches!(io.kind(), WouldBlock | TimedOut) =>
+            {
+                Error::Stalled {
+                    seconds,
+                    during,
+                    source: ProtocolError::Io(during, io),
+                }
+            }
+            e => e,
+        }
     }
 }
 
@@ -279,6 +306,25 @@ mod tests {
         check_receive(&receive("tcp:0.0.0.0:6000", false)).expect("TCP without transfer");
         let e = check_receive(&receive("tcp:0.0.0.0:6000", true)).expect_err("TCP transfer");
         assert!(matches!(e, Error::BackendTransferNeedsUnix), "{e}");
+    }
+
+    #[test]
+    fn a_timed_out_read_or_write_is_told_as_the_step_timeout() {
+        let io = |kind| std::io::Error::from(kind);
+        for kind in [std::io::ErrorKind::WouldBlock, std::io::ErrorKind::TimedOut] {
+            let e = Error::Protocol(ProtocolError::Io("reading the response", io(kind)));
+            let e = e.stalled(5);
+            assert_eq!(
+                e.to_string(),
+                "The peer sent or took nothing for 5 s (step_timeout_s) while reading the response"
+            );
+        }
+        let broken = Error::Protocol(ProtocolError::Io(
+            "reading the response",
+            io(std::io::ErrorKind::UnexpectedEof),
+        ));
+        assert!(matches!(broken.stalled(5), Error::Protocol(_)));
+        assert!(matches!(Error::Timeout(3).stalled(5), Error::Timeout(3)));
     }
 
     #[test]

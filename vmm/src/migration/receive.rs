@@ -4,13 +4,14 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ::migration::protocol::{self, FdsHeader, Start};
 use ::migration::{BoxError, Limits};
 use api::VmConfig;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{backend, check_receive, Done, Error, Notify, PEER_TIMEOUT};
+use super::{backend, check_receive, Done, Error, Notify};
 use crate::device_manager::Backends;
 use crate::memory;
 use crate::vm::{self, Vm, VmEvents, VmState};
@@ -28,7 +29,8 @@ pub fn spawn(
     let url = check_receive(&cfg)?;
     let listener = ::migration::Listener::bind(&url)
         .map_err(|e| Error::Listen(cfg.receiver_url.clone(), e))?;
-    let mut incoming = Incoming::new(kvm, events, cfg.net_fds, fds, cfg.backend_transfer);
+    let receiver_url = cfg.receiver_url.clone();
+    let mut incoming = Incoming::new(kvm, events, cfg, fds);
     std::thread::Builder::new()
         .name("migration-receive".into())
         .spawn(move || {
@@ -46,7 +48,7 @@ pub fn spawn(
             notify.report(Done::Received(result));
         })
         .map_err(Error::Thread)?;
-    log::info!("waiting for a migration on {}", cfg.receiver_url);
+    log::info!("waiting for a migration on {receiver_url}");
     Ok(())
 }
 
@@ -70,6 +72,8 @@ pub struct Incoming {
     fds: Vec<OwnedFd>,
     /// Whether this destination takes over backends.
     backend_transfer: bool,
+    /// The longest the source may leave a step without a byte moving.
+    step_timeout: Duration,
     /// The proposed backends accepted, with their descriptor counts.
     accepted: Vec<(String, u32)>,
     local: bool,
@@ -83,21 +87,21 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// A destination that opens net backends by name, or from `fds` as `net_fds` says, or,
-    /// with `backend_transfer`, takes over the TAP backends the source offers.
+    /// A destination that opens net backends by name, or from `fds` as `cfg.net_fds` says,
+    /// or, with `cfg.backend_transfer`, takes over the TAP backends the source offers.
     pub fn new(
         kvm: Arc<kvm_ioctls::Kvm>,
         events: VmEvents,
-        net_fds: Vec<api::NetFds>,
+        cfg: api::ReceiveMigrationConfig,
         fds: Vec<OwnedFd>,
-        backend_transfer: bool,
     ) -> Self {
         Incoming {
             kvm,
             events,
-            net_fds,
+            net_fds: cfg.net_fds,
             fds,
-            backend_transfer,
+            backend_transfer: cfg.backend_transfer,
+            step_timeout: Duration::from_secs(cfg.step_timeout_s),
             accepted: Vec::new(),
             local: false,
             shared_memory: None,
@@ -110,14 +114,18 @@ impl Incoming {
     }
 
     /// Accepts one source on `listener` and serves its session; true if the VM arrived
-    /// (it is then in [`Incoming::arrived`]), false if the source abandoned.
+    /// (it is then in [`Incoming::arrived`]), false if the source abandoned. Waiting for
+    /// the source to connect has no limit; once it has, a step in which it sends nothing,
+    /// or takes no byte of an answer, for `step_timeout_s` ends the session.
     pub fn serve(&mut self, listener: &::migration::Listener) -> Result<bool, Error> {
         let mut channel = listener.accept().map_err(Error::Accept)?;
         let timeouts = channel
-            .set_read_timeout(Some(PEER_TIMEOUT))
-            .and_then(|_| channel.set_write_timeout(Some(PEER_TIMEOUT)));
+            .set_read_timeout(Some(self.step_timeout))
+            .and_then(|_| channel.set_write_timeout(Some(self.step_timeout)));
         timeouts.map_err(Error::Socket)?;
-        let outcome = ::migration::session::receive(&mut channel, Limits::default(), self)?;
+        let seconds = self.step_timeout.as_secs();
+        let outcome = ::migration::session::receive(&mut channel, Limits::default(), self)
+            .map_err(|e| Error::from(e).stalled(seconds))?;
         Ok(outcome == ::migration::Outcome::Completed)
     }
 

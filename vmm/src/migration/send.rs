@@ -11,7 +11,7 @@ use api::{SendMigrationConfig, VmConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::backend::{self, Transferable};
-use super::{check_send, Done, Error, Notify, Progress, Stats, PEER_TIMEOUT};
+use super::{check_send, Done, Error, Notify, Progress, Stats};
 use crate::memory::{self, GuestMemory};
 use crate::vm::{Vm, PAGE_SIZE};
 
@@ -185,6 +185,9 @@ fn precopy(
     }
 }
 
+/// How long a failed source waits for the destination to take and answer Abandon.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Sends the VM to the destination `cfg` names, offering the `transferable` backends when
 /// `cfg` asks for backend transfer. On success the VM runs there (this one is paused for
 /// good and should be dropped, which closes its descriptors and changes nothing on the
@@ -201,9 +204,11 @@ pub fn send(
     progress.phase("connecting");
     let mut channel =
         Channel::connect(&url).map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
+    // The longest the destination may leave a step without a byte moving.
+    let step = Duration::from_secs(cfg.step_timeout_s);
     let timeouts = channel
-        .set_read_timeout(Some(PEER_TIMEOUT))
-        .and_then(|_| channel.set_write_timeout(Some(PEER_TIMEOUT)));
+        .set_read_timeout(Some(step))
+        .and_then(|_| channel.set_write_timeout(Some(step)));
     timeouts.map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
     let mut stats = Stats::default();
     let offered = if cfg.backend_transfer {
@@ -228,8 +233,14 @@ pub fn send(
             Ok(stats)
         }
         Err(e) => {
-            // Tell the destination to drop what it built (it may be gone already).
+            // Tell the destination to drop what it built (it may be gone already). A live
+            // one answers at once; a stalled one is not waited for a second step timeout.
+            let brief = step.min(ABANDON_TIMEOUT);
+            let _ = channel
+                .set_read_timeout(Some(brief))
+                .and_then(|_| channel.set_write_timeout(Some(brief)));
             let _ = channel.request(Command::Abandon, &[]);
+            let e = e.stalled(cfg.step_timeout_s);
             if let Err(e) = logging_off {
                 log::warn!("cannot stop dirty logging: {e}");
             }
