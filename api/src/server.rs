@@ -48,6 +48,9 @@ pub enum ServerError {
     /// The server thread could not start.
     #[error("Cannot start the API server thread")]
     Thread(#[source] std::io::Error),
+    /// `max_connections` out of range.
+    #[error("max_connections={0} is not from 1 to 512")]
+    MaxConnections(usize),
 }
 
 /// The integer socket option `opt` of `fd`, if `fd` is a socket.
@@ -71,6 +74,7 @@ fn socket_option(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
 pub struct ApiSocket {
     listener: UnixListener,
     _lock: Option<File>,
+    max_connections: usize,
 }
 
 impl ApiSocket {
@@ -104,6 +108,7 @@ impl ApiSocket {
         Ok(ApiSocket {
             listener,
             _lock: Some(lock),
+            max_connections: MAX_CONNECTIONS,
         })
     }
 
@@ -126,7 +131,15 @@ impl ApiSocket {
         Ok(ApiSocket {
             listener,
             _lock: None,
+            max_connections: MAX_CONNECTIONS,
         })
+    }
+
+    /// Serves at most `n` connections at once instead of [`MAX_CONNECTIONS`]; `n` must
+    /// pass [`check_max_connections`].
+    pub fn max_connections(mut self, n: usize) -> Result<Self, ServerError> {
+        self.max_connections = check_max_connections(n)?;
+        Ok(self)
     }
 
     /// Serves the socket on its own thread, sending requests through `sender`.
@@ -136,7 +149,7 @@ impl ApiSocket {
         self.listener
             .set_nonblocking(true)
             .map_err(ServerError::Thread)?;
-        let mut events = EventLoop::new(self.listener, sender, in_flight)?;
+        let mut events = EventLoop::new(self.listener, sender, in_flight, self.max_connections)?;
         let lock = self._lock;
         std::thread::Builder::new()
             .name("http-server".into())
@@ -203,10 +216,22 @@ impl Server {
     }
 }
 
-/// Most connections served at once. At the limit, a new connection takes the place of the
-/// one idle for longest; only when every connection waits for an answer is it answered 503
-/// and closed.
+/// Most connections served at once by default (`--api-socket ...,max_connections=N` sets
+/// it). At the limit, a new connection takes the place of the one idle for longest; only
+/// when every connection waits for an answer is it answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 256;
+/// The limits `max_connections` may take: each connection holds a descriptor, and under
+/// the common soft limit of 1024 descriptors the rest stay for the VM.
+pub const CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 1..=512;
+
+/// `n` if it is in [`CONNECTIONS_RANGE`]: checked before the socket is bound.
+pub fn check_max_connections(n: usize) -> Result<usize, ServerError> {
+    if CONNECTIONS_RANGE.contains(&n) {
+        Ok(n)
+    } else {
+        Err(ServerError::MaxConnections(n))
+    }
+}
 /// How long a request may take to arrive, from its first byte to its last.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection may sit idle between requests.
@@ -261,6 +286,7 @@ struct EventLoop {
     wake: Arc<EventFd>,
     in_flight: Arc<InFlight>,
     connections: HashMap<u64, Connection>,
+    max_connections: usize,
     next_token: u64,
 }
 
@@ -269,6 +295,7 @@ impl EventLoop {
         listener: UnixListener,
         sender: ApiSender,
         in_flight: Arc<InFlight>,
+        max_connections: usize,
     ) -> Result<Self, ServerError> {
         let epoll = Epoll::new().map_err(ServerError::Thread)?;
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(ServerError::Thread)?);
@@ -294,6 +321,7 @@ impl EventLoop {
             wake,
             in_flight,
             connections: HashMap::new(),
+            max_connections,
             next_token: WAKE + 1,
         })
     }
@@ -359,7 +387,7 @@ impl EventLoop {
                 return;
             }
         };
-        if self.connections.len() >= MAX_CONNECTIONS {
+        if self.connections.len() >= self.max_connections {
             // Room is made by dropping the connection idle (or trickling a request in)
             // for longest: a flood of idle or slow clients cannot lock others out.
             let idlest = self
@@ -372,10 +400,11 @@ impl EventLoop {
                 self.drop_connection(token);
             }
         }
-        if self.connections.len() >= MAX_CONNECTIONS {
+        if self.connections.len() >= self.max_connections {
             let mut out = Vec::new();
             let body = error_body(&[format!(
-                "Too many API connections (at most {MAX_CONNECTIONS}); retry later"
+                "Too many API connections (at most {}); retry later",
+                self.max_connections
             )]);
             http::write_response(&mut out, 503, Some(&body), true, None);
             // Best effort: a fresh socket's buffer takes a short answer at once.

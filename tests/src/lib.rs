@@ -401,12 +401,22 @@ impl ApiVmm {
 
     /// [`ApiVmm::start`] inside a network namespace, when given.
     pub fn start_in(ns: Option<&NetNs>, args: &[&str]) -> Self {
+        Self::start_with(ns, "", args)
+    }
+
+    /// [`ApiVmm::start_in`] with `api_options` (such as `max_connections=16`) added to
+    /// `--api-socket path=...`.
+    pub fn start_with(ns: Option<&NetNs>, api_options: &str, args: &[&str]) -> Self {
         require_kvm();
         let dir = TempDir::new("api");
         let socket = dir.path().join("api.sock");
+        let mut spec = format!("path={}", socket.display());
+        if !api_options.is_empty() {
+            spec = format!("{spec},{api_options}");
+        }
         let mut child = baton_command(ns)
             .arg("--api-socket")
-            .arg(format!("path={}", socket.display()))
+            .arg(spec)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -501,8 +501,20 @@ fn http_as_cloud_hypervisors_clients_speak_it() {
 
 #[test]
 fn idle_and_slow_clients_do_not_hold_up_the_api() {
+    clients_beyond_the_limit("", api::server::MAX_CONNECTIONS, 1000);
+}
+
+#[test]
+fn the_connection_limit_is_the_operators() {
+    clients_beyond_the_limit("max_connections=16", 16, 100);
+}
+
+/// Opens `clients_wanted` connections to a baton started with `api_options`, which serves
+/// `limit` at once, and checks `vmm.ping` still answers promptly and baton's descriptors
+/// and threads stay bounded.
+fn clients_beyond_the_limit(api_options: &str, limit: usize, clients_wanted: usize) {
     use std::io::Write;
-    let vmm = ApiVmm::start(&[]);
+    let vmm = ApiVmm::start_with(None, api_options, &[]);
     let (fds_before, threads_before) = (
         baton_tests::fd_count(vmm.pid()),
         baton_tests::thread_count(vmm.pid()),
@@ -510,7 +522,7 @@ fn idle_and_slow_clients_do_not_hold_up_the_api() {
     // More clients than baton serves at once: half idle, half sending a request one
     // byte at a time and never finishing it.
     let mut clients = Vec::new();
-    for i in 0..1000 {
+    for i in 0..clients_wanted {
         let Ok(mut s) = std::os::unix::net::UnixStream::connect(&vmm.socket) else {
             continue;
         };
@@ -524,7 +536,7 @@ fn idle_and_slow_clients_do_not_hold_up_the_api() {
         vmm.expect("GET", "vmm.ping", None, 200);
         assert!(
             start.elapsed() < Duration::from_secs(2),
-            "vmm.ping took {:?} with 1000 idle and slow clients",
+            "vmm.ping took {:?} with {clients_wanted} idle and slow clients",
             start.elapsed()
         );
     }
@@ -533,7 +545,7 @@ fn idle_and_slow_clients_do_not_hold_up_the_api() {
         baton_tests::thread_count(vmm.pid()),
     );
     assert!(
-        fds <= fds_before + api::server::MAX_CONNECTIONS + 2,
+        fds <= fds_before + limit + 2,
         "{fds} descriptors open, {fds_before} before the clients came"
     );
     assert_eq!(

@@ -100,6 +100,21 @@ fn unknown_option_keys() {
 }
 
 #[test]
+fn api_connection_limit_out_of_range_binds_nothing() {
+    let dir = TempDir::new("api-limit");
+    let socket = dir.path().join("api.sock");
+    for (n, expected) in [
+        ("0", "max_connections=0 is not from 1 to 512"),
+        ("513", "max_connections=513 is not from 1 to 512"),
+        ("-1", "Invalid --api-socket option"),
+    ] {
+        let spec = format!("path={},max_connections={n}", socket.display());
+        fails_with(&["--api-socket", &spec], &[expected]);
+        assert!(!socket.exists(), "{spec} left a socket behind");
+    }
+}
+
+#[test]
 fn unknown_flag_is_a_usage_error() {
     let out = run_baton(&["--frobnicate"], Duration::from_secs(30));
     let stderr = String::from_utf8_lossy(&out.stderr);

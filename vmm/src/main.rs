@@ -31,8 +31,9 @@ fn command() -> Command {
                 .value_name("OPTIONS")
                 .help(
                     "Serve the REST API: \"path=<socket path>\" (created owner-only) or \
-                     \"fd=<n>\" (an inherited listening socket). Without VM options baton \
-                     waits for vm.create",
+                     \"fd=<n>\" (an inherited listening socket), and \"max_connections=<n>\" \
+                     (served at once, 1 to 512, default 256; at the limit the connection idle \
+                     longest is closed). Without VM options baton waits for vm.create",
                 ),
         )
         .arg(
@@ -208,11 +209,19 @@ fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
         return Ok(None);
     };
     let invalid = vmm::Error::ApiSocketOption;
-    let p = OptionParser::parse(spec, &["path", "fd"], Some("path")).map_err(invalid)?;
+    let p = OptionParser::parse(spec, &["path", "fd", "max_connections"], Some("path"))
+        .map_err(invalid)?;
     let fd = p.convert("fd", parse_int::<i32>).map_err(invalid)?;
+    // Checked before anything is bound.
+    let max_connections = p
+        .convert("max_connections", parse_int::<usize>)
+        .map_err(invalid)?
+        .map(api::server::check_max_connections)
+        .transpose()
+        .map_err(vmm::Error::Api)?;
     match (p.get("path"), fd) {
-        (Some(path), None) => ApiSocket::bind(Path::new(path)).map(Some),
-        (None, Some(fd)) => ApiSocket::from_fd(fd).map(Some),
+        (Some(path), None) => ApiSocket::bind(Path::new(path)),
+        (None, Some(fd)) => ApiSocket::from_fd(fd),
         _ => {
             return Err(invalid(OptionError::InvalidValue {
                 key: "api-socket".into(),
@@ -221,6 +230,11 @@ fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
             }))
         }
     }
+    .and_then(|s| match max_connections {
+        Some(n) => s.max_connections(n),
+        None => Ok(s),
+    })
+    .map(Some)
     .map_err(vmm::Error::Api)
 }
 
