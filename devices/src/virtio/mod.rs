@@ -9,6 +9,8 @@
 
 pub mod block;
 pub mod common_config;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 #[cfg(test)]
 mod hostile;
 pub mod net;

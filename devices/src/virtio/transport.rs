@@ -145,7 +145,7 @@ impl Interrupt {
     }
 
     /// An interrupt with `vectors` vectors whose MSI-X is off (everything pends), for tests.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn for_test(vectors: u16) -> Self {
         Interrupt {
             msix: Arc::new(Mutex::new(Msix::new(vectors))),
@@ -192,6 +192,25 @@ fn position(q: &ActiveQueue) -> QueuePosition {
 
 fn notify_addr(bar: u64, queue: usize) -> u64 {
     bar + NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_MULTIPLIER)
+}
+
+/// The queue `config` describes, as the driver enabled it; `None` if its size is not one
+/// the device takes or its rings do not lie in `mem`.
+pub(crate) fn queue_of(config: &QueueConfig, event_idx: bool, mem: &GuestMemory) -> Option<Queue> {
+    let mut queue = Queue::new(config.max_size).ok()?;
+    queue.try_set_size(config.size).ok()?;
+    queue
+        .try_set_desc_table_address(GuestAddress(config.desc))
+        .ok()?;
+    queue
+        .try_set_avail_ring_address(GuestAddress(config.driver))
+        .ok()?;
+    queue
+        .try_set_used_ring_address(GuestAddress(config.device))
+        .ok()?;
+    queue.set_event_idx(event_idx);
+    queue.set_ready(true);
+    queue.is_valid(mem).then_some(queue)
 }
 
 impl VirtioPciDevice {
@@ -442,24 +461,14 @@ impl VirtioPciDevice {
     }
 
     fn build_queue(&self, index: usize, config: &QueueConfig, event_idx: bool) -> Option<Queue> {
-        let mut queue = Queue::new(config.max_size).ok()?;
-        queue.try_set_size(config.size).ok()?;
-        queue
-            .try_set_desc_table_address(GuestAddress(config.desc))
-            .ok()?;
-        queue
-            .try_set_avail_ring_address(GuestAddress(config.driver))
-            .ok()?;
-        queue
-            .try_set_used_ring_address(GuestAddress(config.device))
-            .ok()?;
-        queue.set_event_idx(event_idx);
-        queue.set_ready(true);
-        if !queue.is_valid(&self.mem) {
-            log::warn!("{}: queue {index} lies outside guest memory", self.id);
-            return None;
+        let queue = queue_of(config, event_idx, &self.mem);
+        if queue.is_none() {
+            log::warn!(
+                "{}: queue {index} is not valid (its size, or rings outside guest memory)",
+                self.id
+            );
         }
-        Some(queue)
+        queue
     }
 
     fn activate(&mut self) {

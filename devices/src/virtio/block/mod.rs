@@ -183,6 +183,32 @@ impl VirtioDevice for Block {
     }
 }
 
+/// Serves every available chain of `q` once over `image`, as the worker does, for the fuzz
+/// targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn process_for_fuzzing(
+    mut q: ActiveQueue,
+    mem: &GuestMemory,
+    interrupt: &super::Interrupt,
+    image: &File,
+    readonly: bool,
+) -> Result<(), worker::QueueError> {
+    let size = image.metadata().map(|m| m.len()).unwrap_or(0);
+    let disk = request::Disk {
+        file: image
+            .try_clone()
+            .expect("the fuzz target's image duplicates"),
+        sectors: size / SECTOR_SIZE,
+        readonly,
+        direct: false,
+        serial: "fuzz".into(),
+    };
+    let mut bounce = request::Bounce::default();
+    let mut serve: Box<worker::ServeChain> =
+        Box::new(move |chain, mem: &GuestMemory| request::execute(mem, chain, &disk, &mut bounce));
+    worker::serve_queue(&mut q, mem, interrupt, &mut serve)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

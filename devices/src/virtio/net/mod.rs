@@ -409,6 +409,64 @@ impl VirtioDevice for Net {
     }
 }
 
+/// Serves the receive queue (one frame waits on the backend), the transmit queue or the
+/// control queue of a card with one queue pair once, as its worker does, on the fuzz
+/// targets' socket instead of a TAP.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn process_for_fuzzing(
+    target: super::fuzz::Target,
+    q: ActiveQueue,
+    mem: &super::GuestMemory,
+    interrupt: Arc<super::Interrupt>,
+    backends: &super::fuzz::Backends,
+) -> Result<(), super::worker::QueueError> {
+    use super::fuzz::Target;
+    let fd = backends
+        .net
+        .try_clone()
+        .expect("the fuzz target's socket duplicates");
+    let tap = Arc::new(net_util::Tap::unchecked(fd));
+    // The control queue's view of the TAP: one pair, which needs no attaching.
+    let taps = Arc::new(TapQueues::new(Vec::new()).expect("no queues"));
+    let idle = super::fuzz::idle_queue;
+    let (rx, tx, ctrl_queue, room) = match target {
+        Target::NetRx { mergeable } => {
+            let room = if mergeable {
+                queue_pair::Room::Bytes(MAX_FRAME)
+            } else {
+                queue_pair::Room::Chain
+            };
+            (q, idle(), None, room)
+        }
+        Target::NetTx => (idle(), q, None, queue_pair::Room::Chain),
+        _ => (idle(), idle(), Some(q), queue_pair::Room::Chain),
+    };
+    let mut qp = queue_pair::QueuePair {
+        rx_used: UsedSince::new(&rx.queue),
+        rx,
+        tx,
+        tap,
+        mem: mem.clone(),
+        interrupt: interrupt.clone(),
+        counters: Default::default(),
+        ctrl: ctrl_queue.map(|queue| ctrl::Ctrl {
+            queue,
+            taps,
+            status: Arc::new(AtomicU16::new(STATUS_LINK_UP | STATUS_ANNOUNCE)),
+            interrupt,
+            max_pairs: 1,
+        }),
+        tap_pending: true,
+        room,
+        rx_taken: Default::default(),
+    };
+    match target {
+        Target::NetRx { .. } => qp.fuzz_receive(),
+        Target::NetTx => qp.fuzz_transmit(),
+        _ => qp.ctrl.as_mut().map_or(Ok(()), |c| c.process(mem)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -273,6 +273,18 @@ impl QueuePair {
         Ok(())
     }
 
+    /// [`QueuePair::receive`], for the fuzz targets.
+    #[cfg(feature = "fuzzing")]
+    pub(super) fn fuzz_receive(&mut self) -> Result<(), QueueError> {
+        self.receive()
+    }
+
+    /// [`QueuePair::transmit`], for the fuzz targets.
+    #[cfg(feature = "fuzzing")]
+    pub(super) fn fuzz_transmit(&mut self) -> Result<(), QueueError> {
+        self.transmit()
+    }
+
     /// Sends every chain the driver queued for transmission.
     fn transmit(&mut self) -> Result<(), QueueError> {
         let mem = &self.mem;

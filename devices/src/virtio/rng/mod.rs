@@ -7,7 +7,7 @@ use std::sync::Arc;
 use virtio_queue::DescriptorChain;
 
 use super::worker::{self, IoVecs, Worker};
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 use super::Interrupt;
 use super::{ActivateError, Activation, ActiveQueue, GuestMemory, VirtioDevice};
 
@@ -120,8 +120,8 @@ impl VirtioDevice for Rng {
     }
 }
 
-/// The chain handler, for the hostile-driver tests.
-#[cfg(test)]
+/// The chain handler, for the hostile-driver tests and the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn process_for_test(
     q: &mut ActiveQueue,
     mem: &GuestMemory,
