@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs baton's fuzz targets (fuzz/fuzz_targets: the HTTP parser, every API body, the
 # command-line option parsers, a migration destination on an arbitrary stream, saved VM
-# and device state) with cargo fuzz (libFuzzer, AddressSanitizer) on the nightly toolchain,
+# and device state, snapshot directories, virtio rings served by each device) with cargo fuzz (libFuzzer, AddressSanitizer) on the nightly toolchain,
 # each for SECONDS (default 60), starting from the seed corpus in fuzz/seeds/TARGET. The
 # corpus it grows and any crash go under ~/.cache/baton/fuzz, outside the repository; a
 # crash fails the run and names the input that reproduces it. Installs cargo-fuzz if
