@@ -1,13 +1,18 @@
-//! The destination of a migration on an arbitrary byte stream from its source: every
-//! request header, payload (Start, Config, memory ranges, State, Fds headers) and the order
-//! they come in. The session ends with an outcome or an error, never a panic, and never
-//! writes outside the guest's memory.
+//! The destination of a migration on an arbitrary stream from its source: every request
+//! header, payload (Start, Config, memory ranges, State, Fds headers), descriptor message
+//! and the order they come in. The session ends with an outcome or an error, never a panic,
+//! and never writes outside the guest's memory.
+//!
+//! Input: a byte n (mod 9), n marks of three bytes (where in the stream, as u16, and how
+//! many descriptors, mod 9, a descriptor message carries there), then the stream.
 #![no_main]
 
+use std::fs::File;
 use std::io::Write;
 use std::net::Shutdown;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use migration::protocol::{FdsHeader, Limits, MemoryRegion, Start};
@@ -56,19 +61,54 @@ impl Destination for Sink {
     }
 }
 
+/// Descriptors the source sends: /dev/null, opened once.
+fn null() -> &'static File {
+    static NULL: OnceLock<File> = OnceLock::new();
+    NULL.get_or_init(|| File::open("/dev/null").expect("/dev/null"))
+}
+
 fuzz_target!(|data: &[u8]| {
-    // The whole stream fits the socket's buffer, so it is written before the destination
-    // reads; its answers are small and go unread.
-    if data.len() > 64 << 10 {
+    // Up to 8 marks, each where in the stream (u16) a message of how many descriptors (up
+    // to 8) goes, as the source sends memory and TAP descriptors.
+    let Some((&marks, rest)) = data.split_first() else {
+        return;
+    };
+    let marks = usize::from(marks % 9);
+    if rest.len() < 3 * marks {
         return;
     }
-    let (mut source, destination) = UnixStream::pair().expect("a socket pair");
-    source.write_all(data).expect("fits the buffer");
+    let (marks, stream) = rest.split_at(3 * marks);
+    // The whole stream fits the socket's buffer, so it is written before the destination
+    // reads; its answers are small and go unread.
+    if stream.len() > 64 << 10 {
+        return;
+    }
+    let mut at: Vec<(usize, usize)> = marks
+        .chunks(3)
+        .map(|m| {
+            let pos = usize::from(u16::from_le_bytes([m[0], m[1]]));
+            (pos.min(stream.len()), usize::from(m[2] % 9))
+        })
+        .collect();
+    at.sort_unstable();
+    let (source, destination) = UnixStream::pair().expect("a socket pair");
+    let mut source = Channel::from(source);
+    let mut from = 0;
+    for (pos, count) in at {
+        source
+            .write_all(&stream[from..pos])
+            .expect("fits the buffer");
+        source
+            .send_fds(&vec![null().as_fd(); count])
+            .expect("fits the buffer");
+        from = pos;
+    }
+    source.write_all(&stream[from..]).expect("fits the buffer");
     source.shutdown(Shutdown::Write).expect("shut down");
     let mut channel = Channel::from(destination);
     let limits = Limits {
         max_json: 16 << 10,
-        max_state: 16 << 10,
+        max_state: 32 << 10,
         max_memory_message: 64 << 10,
         max_ranges: 16,
         max_fds: 8,

@@ -1,6 +1,6 @@
 //! The command line's `key=value` option parsers (and baton-remote's) on arbitrary text:
 //! the first byte picks the option, the rest is its value. A configuration or an error that
-//! names the problem, never a panic.
+//! names the problem, never a panic; a migration URL that parses prints back as itself.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -23,6 +23,11 @@ fuzz_target!(|data: &[u8]| {
         7 => drop(api::RestoreConfig::from_option_string(s)),
         8 => drop(api::SendMigrationConfig::from_option_string(s)),
         9 => drop(api::ReceiveMigrationConfig::from_option_string(s)),
-        _ => drop(s.parse::<migration::MigrationUrl>()),
+        _ => match s.parse::<migration::MigrationUrl>() {
+            // A URL that parses prints back as one that parses the same.
+            Ok(url) => assert_eq!(url.to_string().parse().as_ref(), Ok(&url), "{s}"),
+            // An error names what it refused.
+            Err(e) => assert!(e.to_string().contains(s), "{s}: {e}"),
+        },
     }
 });

@@ -3,8 +3,8 @@
 //! URLs. Each device's state is its own type, in the `devices` crate; this crate carries it.
 //!
 //! This crate depends on no other crate of baton's but `fd_passing`, and knows nothing of KVM
-//! or devices, so
-//! everything in it is tested (and fed hostile input, see `tests/garbage.rs`) on its own.
+//! or devices, so everything in it is tested on its own: sessions cut short in
+//! `tests/truncated.rs`, hostile input from the fuzz targets in `fuzz/`.
 //!
 //! - [`snapshot`]: header + checksum + serde payload, for state files and State requests.
 //! - [`url`]: `unix:`, `tcp:` and `file:` locations.

@@ -268,7 +268,7 @@ mod tests {
         assert_eq!(url.to_string(), "unix:/run/b.sock");
         let url = parse("file:/snap").unwrap();
         assert_eq!(url.to_string(), "file:///snap");
-        // Regression (found by tests/garbage.rs): "unix:////a" printed as "unix://a", which
+        // Regression (found by a garbage test, now the option_string fuzz target): "unix:////a" printed as "unix://a", which
         // does not parse.
         for text in ["unix:////a", "file:////a"] {
             let url = parse(text).unwrap();
