@@ -85,29 +85,38 @@ fn every_thread_of_a_running_baton_is_filtered_by_default() {
     }
 }
 
-#[test]
-fn a_forbidden_call_ends_baton_naming_it() {
+/// Runs baton with `args` and `BATON_SECCOMP_SELFTEST=selftest`; checks it stopped with
+/// status 159, naming the `role` thread and the call `nr`.
+fn stops_on(args: &[&str], selftest: &str, role: &str, nr: i64) {
     require_kvm();
-    let files = TempDir::new("seccomp-trap");
-    let api = format!(
-        "--api-socket=path={}",
-        files.path().join("api.sock").display()
-    );
     let out = Command::new(baton_bin())
-        .arg(&api)
-        .env("BATON_SECCOMP_SELFTEST", "1")
+        .args(args)
+        .env("BATON_SECCOMP_SELFTEST", selftest)
         .stdin(Stdio::null())
         .output()
         .expect("run baton");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(159), "{err}");
-    assert!(
-        err.contains(&format!(
-            "baton: seccomp: a vmm thread made a forbidden system call (number {})",
-            libc::SYS_getppid
-        )),
-        "{err}"
+    let said =
+        format!("baton: seccomp: a {role} thread made a forbidden system call (number {nr})");
+    assert!(err.contains(&said), "{err}");
+}
+
+#[test]
+fn a_forbidden_call_ends_baton_naming_it() {
+    let files = TempDir::new("seccomp-trap");
+    let api = format!(
+        "--api-socket=path={}",
+        files.path().join("api.sock").display()
     );
+    stops_on(&[&api], "1", "vmm", libc::SYS_getppid);
+}
+
+#[test]
+fn a_vcpu_may_make_kvm_requests_only() {
+    let guest = baton_tests::guest_bin().to_string_lossy().into_owned();
+    let args = ["--kernel", &guest, "--serial", "off"];
+    stops_on(&args, "vcpu-ioctl", "vcpu", libc::SYS_ioctl);
 }
 
 #[test]

@@ -244,7 +244,7 @@ fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
         .map_or(Ok(vmm::seccomp::Mode::Trap), |s| s.parse())
         .expect("clap checked the value");
     vmm::seccomp::install(mode).map_err(vmm::Error::Seccomp)?;
-    if std::env::var_os("BATON_SECCOMP_SELFTEST").is_some() {
+    if std::env::var_os(vmm::seccomp::SELFTEST).is_some_and(|v| v == "1") {
         // For tests/seccomp.rs: getppid(2) is in no role's list.
         // SAFETY: getppid takes no arguments and changes nothing.
         let parent = unsafe { libc::syscall(libc::SYS_getppid) };

@@ -108,6 +108,7 @@ impl Role {
                     libc::SYS_ioctl,
                     requests.iter().map(|&r| rule(1, r)).collect(),
                 ),
+                Allow::KvmIoctls => (libc::SYS_ioctl, vec![kvm_ioctl_rule()]),
             };
             if more.is_empty() {
                 unconditional.insert(nr);
@@ -149,6 +150,22 @@ impl Role {
     }
 }
 
+/// A rule: `ioctl`'s request is one of KVM's (type 0xAE, bits 8 to 15 of the number, on
+/// the KVM, VM or vCPU descriptor).
+fn kvm_ioctl_rule() -> SeccompRule {
+    let condition = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(0xff00),
+        u64::from(KVMIO) << 8,
+    )
+    .expect("argument indices are below 6");
+    SeccompRule::new(vec![condition]).expect("one condition")
+}
+
+/// The ioctl type of KVM's requests (`linux/kvm.h`).
+const KVMIO: u8 = 0xAE;
+
 /// A rule: argument `index` (as a 32-bit value) equals `value`.
 fn rule(index: u8, value: u64) -> SeccompRule {
     let condition = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
@@ -180,6 +197,8 @@ enum Allow {
     Prctl,
     /// `ioctl` with one of these requests.
     Ioctls(&'static [u64]),
+    /// `ioctl` with any of KVM's requests.
+    KvmIoctls,
 }
 
 use libc::{
@@ -301,12 +320,14 @@ const API: &[Allow] = &[
     Call(SYS_sendmsg),
 ];
 
-/// A vCPU: KVM_RUN and the exits it serves. A driver activating its device starts the
-/// device's workers here (a thread, an epoll set, TAP offloads and queue attachment, the
-/// MTU asked on the card's control socket); the serial port's output goes to socket
-/// clients with send.
+/// A vCPU: KVM_RUN, its own state, and the exits it serves (ioeventfds, irqfds and MSI
+/// routes as the driver moves BARs and programs MSI-X: KVM's requests only). A driver
+/// activating its device starts the device's workers here (a thread, an epoll set, TAP
+/// offloads and queue attachment, the MTU asked on the card's control socket); the serial
+/// port's output goes to socket clients with send.
 const VCPU: &[Allow] = &[
-    Call(SYS_ioctl),
+    Allow::KvmIoctls,
+    Allow::Ioctls(&[libc::SIOCGIFMTU]),
     Call(SYS_clone),
     Call(SYS_clone3),
     Call(SYS_sendto),
@@ -448,7 +469,18 @@ pub fn enter(role: Role) {
         log::error!("{}", api::request::error_chain(&e).join(": "));
         std::process::abort();
     }
+    if role == Role::Vcpu && std::env::var_os(SELFTEST).is_some_and(|v| v == "vcpu-ioctl") {
+        // For tests/seccomp.rs: TCGETS is no KVM request.
+        let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: TCGETS writes one termios into memory that holds one.
+        let rc = unsafe { libc::ioctl(0, libc::TCGETS, termios.as_mut_ptr()) };
+        log::warn!("seccomp self-test: a vCPU's TCGETS returned {rc}");
+    }
 }
+
+/// The environment variable that has baton make a call its filters forbid, for the tests:
+/// `1` the main thread calls getppid; `vcpu-ioctl` a vCPU makes a terminal ioctl.
+pub const SELFTEST: &str = "BATON_SECCOMP_SELFTEST";
 
 /// Exit status after a forbidden call: what a shell shows for a process SIGSYS killed.
 pub const FORBIDDEN_EXIT: i32 = 128 + libc::SIGSYS;
@@ -573,6 +605,11 @@ mod tests {
         assert!(
             Role::Vmm.allowed()[&SYS_ioctl].is_empty(),
             "the VMM's ioctls are any"
+        );
+        // A vCPU's: KVM's, the MTU, and its device workers' two.
+        assert_eq!(
+            Role::Vcpu.allowed()[&SYS_ioctl].len(),
+            1 + 1 + TAP_IOCTLS.len()
         );
     }
 
