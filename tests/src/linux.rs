@@ -178,17 +178,25 @@ pub fn vcpu_load(pid: u32, over: Duration) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// Fails the test unless every vCPU thread of `pid` is mostly idle while the guest is:
-/// a vCPU that spins (an interrupt storm, a driver polling a queue the device never
-/// serves) shows up here long before anything else notices.
+/// Fails the test unless every vCPU thread of `pid` goes mostly idle while the guest is: a
+/// vCPU that spins (an interrupt storm, a driver polling a queue the device never serves)
+/// stays busy and shows up here long before anything else notices. A guest still catching
+/// up after a flood (slow where its kernel code is interpreted) is busy for a while, then
+/// idle: 3-second windows are measured until one is idle, for up to 30 s.
 pub fn assert_vcpus_idle(pid: u32) {
-    let load = vcpu_load(pid, Duration::from_secs(3));
-    assert!(!load.is_empty(), "no vCPU threads in process {pid}");
-    for (name, busy) in &load {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut windows = Vec::new();
+    loop {
+        let load = vcpu_load(pid, Duration::from_secs(3));
+        assert!(!load.is_empty(), "no vCPU threads in process {pid}");
+        if load.iter().all(|(_, busy)| *busy < 0.25) {
+            return;
+        }
+        windows.push(load);
         assert!(
-            *busy < 0.25,
-            "{name} of process {pid} is busy {:.0}% of the time while the guest is idle: {load:?}",
-            busy * 100.0
+            Instant::now() < deadline,
+            "a vCPU of process {pid} stayed busy while the guest is idle, in every 3 s \
+             window for 30 s: {windows:?}"
         );
     }
 }
