@@ -385,7 +385,7 @@ impl Supported for NetConfig {
 }
 
 /// A virtio-blk disk on a raw image file (`--disk`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Device name; `disk0`, `disk1` ... when not given.
@@ -399,6 +399,9 @@ pub struct DiskConfig {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[serde(default)]
     pub direct: bool,
+    /// Allow handing this disk's open image to the destination of a local migration.
+    #[serde(default = "default_true")]
+    pub backend_transfer: bool,
     /// Cloud Hypervisor's PCI segment; only 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_segment: Option<u16>,
@@ -453,14 +456,50 @@ pub struct DiskConfig {
     pub lock_granularity: Option<LockGranularity>,
 }
 
+/// An empty path with every other field as a body that leaves it out gets it.
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            id: None,
+            path: PathBuf::new(),
+            readonly: false,
+            direct: false,
+            backend_transfer: true,
+            pci_segment: None,
+            iommu: None,
+            pci_device_id: None,
+            num_queues: None,
+            queue_size: None,
+            vhost_user: None,
+            vhost_socket: None,
+            rate_limit_group: None,
+            rate_limiter_config: None,
+            disable_io_uring: None,
+            disable_aio: None,
+            serial: None,
+            queue_affinity: None,
+            backing_files: None,
+            sparse: None,
+            image_type: None,
+            lock_granularity: None,
+        }
+    }
+}
+
 impl DiskConfig {
     /// Help text for `--disk`.
     pub const SYNTAX: &'static str = "Disk (repeatable): \"path=<raw image>,readonly=on|off,\
-        direct=on|off,id=<name>\" (direct=on opens the image with O_DIRECT)";
+        direct=on|off,id=<name>,backend_transfer=on|off\" (direct=on opens the image with \
+        O_DIRECT; backend_transfer=off keeps the image from being handed to a local \
+        migration's destination, which then opens it by path)";
 
     /// Parses a `--disk` option string.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
-        let p = OptionParser::parse(s, &["path", "readonly", "direct", "id"], None)?;
+        let p = OptionParser::parse(
+            s,
+            &["path", "readonly", "direct", "id", "backend_transfer"],
+            None,
+        )?;
         let path = p.get("path").ok_or_else(|| OptionError::InvalidValue {
             key: "path".into(),
             value: String::new(),
@@ -471,6 +510,7 @@ impl DiskConfig {
             path: path.into(),
             readonly: p.convert("readonly", parse_toggle)?.unwrap_or(false),
             direct: p.convert("direct", parse_toggle)?.unwrap_or(false),
+            backend_transfer: p.convert("backend_transfer", parse_toggle)?.unwrap_or(true),
             ..Default::default()
         })
     }
@@ -755,8 +795,20 @@ mod tests {
     #[test]
     fn disk_and_rng_option_strings() {
         let d = DiskConfig::from_option_string("path=/tmp/d.raw,readonly=on").unwrap();
-        assert!(d.readonly && !d.direct);
+        assert!(d.readonly && !d.direct && d.backend_transfer);
         assert!(DiskConfig::from_option_string("readonly=on").is_err());
+        let d = DiskConfig::from_option_string("path=/d,backend_transfer=off").unwrap();
+        assert!(!d.backend_transfer);
+        // A body without the field gets what Default and the option string give.
+        let j: DiskConfig = serde_json::from_str(r#"{"path":"/d"}"#).unwrap();
+        assert_eq!(
+            j,
+            DiskConfig {
+                path: "/d".into(),
+                ..Default::default()
+            }
+        );
+        assert!(j.backend_transfer);
         assert_eq!(RngConfig::from_option_string("off").unwrap(), None);
         assert_eq!(
             RngConfig::from_option_string("on").unwrap(),

@@ -292,7 +292,7 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
         .unwrap();
     assert_eq!(
         support,
-        serde_json::json!({"kinds": ["virtio-net-tap"], "devices": []})
+        serde_json::json!({"kinds": ["virtio-net-tap", "virtio-blk-file"], "devices": []})
     );
     let mut src = ApiVmm::start_in(Some(&ns), &[]);
     let mut cfg: serde_json::Value =
@@ -307,7 +307,7 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
         .expect("GET", "vmm.backend-transfer-support", None, 200)
         .unwrap();
     let want = serde_json::json!({
-        "kinds": ["virtio-net-tap"],
+        "kinds": ["virtio-net-tap", "virtio-blk-file"],
         "devices": [{"id": "net0", "kind": "virtio-net-tap", "fds": 1}],
     });
     assert_eq!(support, want);
@@ -480,4 +480,85 @@ fn a_destination_refuses_descriptors_that_do_not_fit_and_closes_them() {
         dst.expect("GET", "vm.info", None, 404);
         assert_eq!(settled_fds(&dst), baseline, "case {i}");
     }
+}
+
+/// FNV-1a 64, as the test guest digests what it reads.
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[test]
+fn a_disk_hands_over_its_open_image_even_once_its_path_is_gone() {
+    use std::io::Read;
+    let files = TempDir::new("btdisk");
+    let serial = files.path().join("serial.sock");
+    let image = files.path().join("disk.raw");
+    std::fs::File::create(&image).unwrap().set_len(MIB).unwrap();
+    let cfg = serde_json::json!({
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 256u64 << 20, "shared": true},
+        "payload": {"kernel": baton_tests::guest_bin(), "cmdline": "heartbeat_ms=20"},
+        "serial": {"mode": "Socket", "socket": serial},
+        "disks": [{"id": "disk0", "path": image}],
+    });
+    let mut src = ApiVmm::start(&[]);
+    let mut console = boot(&mut src, &cfg.to_string(), &serial);
+    let support = src
+        .expect("GET", "vmm.backend-transfer-support", None, 200)
+        .unwrap();
+    assert_eq!(
+        support["devices"],
+        serde_json::json!([{"id": "disk0", "kind": "virtio-blk-file", "fds": 1}])
+    );
+    let wrote = console.command("disk write 0 8 171", "disk:", REPLY);
+    assert_eq!(wrote, "disk: wrote sector=0 count=8");
+    // The image's path goes away (a cleaned-up directory, another mount namespace): only
+    // the descriptor the source holds still reaches it.
+    let mut kept = std::fs::File::open(&image).unwrap();
+    std::fs::remove_file(&image).unwrap();
+
+    // Without backend transfer the destination opens the image by path, and cannot: the
+    // source runs on.
+    let dst = ApiVmm::start(&[]);
+    let receiving = dst.receive_migration(
+        serde_json::json!({"receiver_url": url(&files, "plain.sock")}),
+        Vec::new(),
+    );
+    let (status, body) = src.send_migration(serde_json::json!({
+        "destination_url": url(&files, "plain.sock"), "local": true,
+    }));
+    assert_eq!(status, 500, "{body}");
+    assert!(body.to_string().contains("disk.raw"), "{body}");
+    assert_eq!(receiving.join().unwrap().status, 500);
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
+    let wrote = console.command("disk write 8 8 172", "disk:", REPLY);
+    assert_eq!(wrote, "disk: wrote sector=8 count=8");
+
+    // With it, the destination runs the disk on the source's open image.
+    let stats = migrate(src, &dst, &url(&files, "transfer.sock"), true, true);
+    assert_eq!(stats["transferred_backends"], serde_json::json!(["disk0"]));
+    let mut dst = dst;
+    let mut console = dst.console(&serial);
+    let wrote = console.command("disk write 16 8 173", "disk:", REPLY);
+    assert_eq!(wrote, "disk: wrote sector=16 count=8");
+    let mut data = vec![0u8; 24 * 512];
+    kept.read_exact(&mut data).unwrap();
+    for (i, byte) in [171u8, 172, 173].into_iter().enumerate() {
+        let part = &data[i * 4096..(i + 1) * 4096];
+        assert!(
+            part.iter().all(|b| *b == byte),
+            "sectors {}.. are not {byte}",
+            i * 8
+        );
+    }
+    let read = console.command("disk read 0 24", "disk:", REPLY);
+    assert_eq!(
+        read,
+        format!("disk: read sector=0 count=24 fnv={:#018x}", fnv(&data))
+    );
+    let info = dst.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["config"]["disks"][0]["path"], serde_json::json!(image));
 }

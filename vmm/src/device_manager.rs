@@ -97,7 +97,7 @@ pub enum Error {
     #[error("Device '{0}' is not configured")]
     NotConfigured(String),
     /// A network card's transferred backend never came.
-    #[error("Network card '{0}': its transferred backend never came")]
+    #[error("Device '{0}': its transferred backend never came")]
     NoBackend(String),
     /// More TAP descriptors came than any network card takes.
     #[error("{0} TAP descriptor(s) passed but not used: only network cards without a tap name take descriptors, one per queue pair")]
@@ -143,10 +143,22 @@ impl NetBackend {
     }
 }
 
-/// A disk's open image.
+/// A disk's open image; `None` while a migration's backend transfer has yet to deliver it.
 pub struct DiskBackend {
     config: api::DiskConfig,
-    file: File,
+    file: Option<File>,
+}
+
+impl DiskBackend {
+    /// The disk's configuration.
+    pub fn config(&self) -> &api::DiskConfig {
+        &self.config
+    }
+
+    /// Runs the disk on the image a migration's source handed over.
+    pub fn install_transferred(&mut self, file: File) {
+        self.file = Some(file);
+    }
 }
 
 /// What the VM's devices run on, kept from creation to deletion.
@@ -227,7 +239,7 @@ fn open_disk(config: &api::DiskConfig) -> Result<DiskBackend, Error> {
     }
     Ok(DiskBackend {
         config: config.clone(),
-        file,
+        file: Some(file),
     })
 }
 
@@ -239,9 +251,9 @@ impl Backends {
         Self::open_except(config, fds, &[])
     }
 
-    /// [`Backends::open`], except for the network cards in `transferred`: they open nothing
-    /// and wait for [`crate::migration::backend::take_over`] to hand them the backend a migration's source
-    /// sends.
+    /// [`Backends::open`], except for the network cards and disks in `transferred`: they
+    /// open nothing and wait for [`crate::migration::backend::take_over`] to hand them the
+    /// backend a migration's source sends.
     pub fn open_except(
         config: &mut VmConfig,
         fds: Vec<OwnedFd>,
@@ -279,6 +291,13 @@ impl Backends {
             return Err(Error::UnusedFds(fds.len()));
         }
         for disk in &config.disks {
+            if disk.id.as_ref().is_some_and(|id| transferred.contains(id)) {
+                backends.disks.push(DiskBackend {
+                    config: disk.clone(),
+                    file: None,
+                });
+                continue;
+            }
             backends.disks.push(open_disk(disk)?);
         }
         Ok(backends)
@@ -301,6 +320,20 @@ impl Backends {
         self.nets
             .iter_mut()
             .find(|n| n.config.id.as_deref() == Some(id) && n.taps.is_none())
+    }
+
+    /// Disk `id` if it waits for the image a migration's source hands over
+    /// ([`crate::migration::backend::take_over`]).
+    pub fn waiting_disk(&mut self, id: &str) -> Option<&mut DiskBackend> {
+        self.disks
+            .iter_mut()
+            .find(|d| d.config.id.as_deref() == Some(id) && d.file.is_none())
+    }
+
+    /// Each disk's configuration and open image (none while a transferred image has yet to
+    /// come).
+    pub fn disks(&self) -> impl Iterator<Item = (&api::DiskConfig, Option<&File>)> {
+        self.disks.iter().map(|d| (&d.config, d.file.as_ref()))
     }
 
     /// Each network card's configuration and TAP queues (none while a transferred backend
@@ -434,6 +467,8 @@ fn disk_device(
     let id = disk.config.id.clone().unwrap_or_default();
     let file = disk
         .file
+        .as_ref()
+        .ok_or_else(|| Error::NoBackend(id.clone()))?
         .try_clone()
         .map_err(|e| Error::Device(id.clone(), e))?;
     let params = BlockParams {
@@ -713,7 +748,7 @@ mod tests {
         let e = net.build("net0", None).err().expect("no backend yet");
         assert_eq!(
             e.to_string(),
-            "Network card 'net0': its transferred backend never came"
+            "Device 'net0': its transferred backend never came"
         );
         let saved = Saved {
             devices: &[],

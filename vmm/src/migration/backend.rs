@@ -1,27 +1,37 @@
 //! Backend transfer: the one place that knows which backends a migration can hand over, and
 //! how.
 //!
-//! Today one kind goes: a network card's TAP ([`TAP_KIND`]), as its queues' descriptors and
-//! the TAP's state. The source offers every card whose `backend_transfer` flag is on
+//! Two kinds go: a network card's TAP ([`TAP_KIND`]), as its queues' descriptors and the
+//! TAP's state, and a disk's image ([`DISK_KIND`]), as its open descriptor and what it was
+//! opened as. The source offers every device whose `backend_transfer` flag is on
 //! ([`transferable`], [`proposal`]); a destination asked with `backend_transfer` takes the
 //! kinds it knows ([`accept`]) if they fit its configuration ([`check_accepted`]); while the
-//! guest is paused the source sends each accepted card's TAP ([`hand_over`]) and the
-//! destination installs it on the waiting card ([`take_over`]). The source keeps its own
+//! guest is paused the source sends each accepted device's backend ([`hand_over`]) and the
+//! destination installs it on the waiting device ([`take_over`]). The source keeps its own
 //! descriptors open until the destination answers Complete, so any failure before resumes
-//! it on them.
+//! it on them. A destination that does not know a kind leaves that device to the ordinary
+//! path (a TAP or image opened by name), which is how an older baton answers.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use ::migration::protocol::{FdsHeader, ProposedBackend, Start};
 use api::request::{BackendTransferSupport, TransferableDevice};
 use api::VmConfig;
 use net_util::{TapQueues, TapState};
+use serde::{Deserialize, Serialize};
 
 use crate::device_manager::Backends;
 
 /// The backend kind a network card's TAP hands over as.
 pub const TAP_KIND: &str = "virtio-net-tap";
+
+/// The backend kind a disk's image hands over as.
+pub const DISK_KIND: &str = "virtio-blk-file";
+
+/// Every kind this baton hands over and takes over.
+pub const KINDS: [&str; 2] = [TAP_KIND, DISK_KIND];
 
 /// Errors handing a backend over or taking it over.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +39,12 @@ pub enum Error {
     /// A TAP's state cannot be read for the hand-over.
     #[error("Cannot read the TAP state of network card '{0}'")]
     TapState(String, #[source] net_util::tap::Error),
-    /// The source offers a card the configuration does not have.
-    #[error("No network card '{0}' for its backend")]
-    NoCard(String),
+    /// A disk's image cannot be described for the hand-over.
+    #[error("Cannot read the image of disk '{0}'")]
+    DiskState(String, #[source] std::io::Error),
+    /// The source offers a device the configuration does not have.
+    #[error("No network card or disk '{0}' for its backend")]
+    NoDevice(String),
     /// The source offers a card with another number of queues than configured.
     #[error(
         "Network card '{id}' has {pairs} queue pair(s), but {offered} TAP queue(s) are offered"
@@ -44,11 +57,19 @@ pub enum Error {
         /// Queues offered.
         offered: u32,
     },
-    /// The TAP state that came with the descriptors does not parse.
-    #[error("The TAP state of '{0}' does not parse")]
+    /// The source offers a disk with other than one descriptor.
+    #[error("Disk '{id}' takes one image descriptor, but {offered} are offered")]
+    OfferedDisk {
+        /// The disk.
+        id: String,
+        /// Descriptors offered.
+        offered: u32,
+    },
+    /// The state that came with the descriptors does not parse.
+    #[error("The backend state of '{0}' does not parse")]
     BadState(String, #[source] serde_json::Error),
-    /// Backend descriptors came for a card that does not wait for them.
-    #[error("Network card '{0}' does not wait for a transferred backend")]
+    /// Backend descriptors came for a device that does not wait for them.
+    #[error("Device '{0}' does not wait for a transferred backend")]
     NotWaiting(String),
     /// A transferred backend has another number of queues than the card.
     #[error("Network card '{id}' has {configured} queue pair(s), but its transferred backend has {sent} queue(s)")]
@@ -63,42 +84,119 @@ pub enum Error {
     /// The descriptors are not the TAP queues the state describes.
     #[error("Network card '{0}': the transferred descriptors")]
     Tap(String, #[source] net_util::tap::Error),
+    /// The descriptor is not an image the disk can run on.
+    #[error("Disk '{id}': the transferred descriptor {why}")]
+    Disk {
+        /// The disk.
+        id: String,
+        /// What does not fit.
+        why: String,
+    },
 }
 
-/// A backend this VM can hand over: a network card's TAP queues.
+/// What a device hands over.
+#[derive(Clone)]
+pub enum Backend {
+    /// A network card's TAP queues, one per queue pair.
+    Tap(Arc<TapQueues>),
+    /// A disk's open image (a duplicate of the disk's descriptor).
+    Disk(Arc<File>, DiskHandOver),
+}
+
+/// A backend this VM can hand over.
 #[derive(Clone)]
 pub struct Transferable {
-    /// The card's id.
+    /// The device's id.
     pub id: String,
-    /// Its TAP queues, one per queue pair.
-    pub taps: Arc<TapQueues>,
+    /// What it hands over.
+    pub backend: Backend,
+}
+
+impl Transferable {
+    /// The kind Start proposes it as.
+    pub fn kind(&self) -> &'static str {
+        match self.backend {
+            Backend::Tap(_) => TAP_KIND,
+            Backend::Disk(..) => DISK_KIND,
+        }
+    }
+
+    /// How many descriptors go.
+    pub fn fds(&self) -> u32 {
+        match &self.backend {
+            Backend::Tap(taps) => taps.len() as u32,
+            Backend::Disk(..) => 1,
+        }
+    }
+}
+
+/// What a disk's image hands over with: how it was opened, which the destination's
+/// configuration must match, and its size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskHandOver {
+    /// The image's path on the source (for the log: the descriptor is what counts).
+    pub path: std::path::PathBuf,
+    /// Opened read-only.
+    pub readonly: bool,
+    /// Opened with O_DIRECT.
+    pub direct: bool,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// The backends of `backends` a migration with backend transfer offers: the network cards
-/// whose `backend_transfer` flag is on.
+/// and disks whose `backend_transfer` flag is on.
 pub fn transferable(backends: &Backends) -> Vec<Transferable> {
-    backends
+    let nets = backends
         .nets()
         .filter(|(config, _)| config.backend_transfer)
         .filter_map(|(config, taps)| {
             Some(Transferable {
                 id: config.id.clone()?,
-                taps: taps?.clone(),
+                backend: Backend::Tap(taps?.clone()),
             })
-        })
-        .collect()
+        });
+    let disks = backends
+        .disks()
+        .filter(|(config, _)| config.backend_transfer)
+        .filter_map(|(config, file)| {
+            let id = config.id.clone()?;
+            let file = file?;
+            let described = file.try_clone().and_then(|dup| {
+                Ok(DiskHandOver {
+                    path: config.path.clone(),
+                    readonly: config.readonly,
+                    direct: config.direct,
+                    size: dup.metadata()?.len(),
+                })
+                .map(|d| (dup, d))
+            });
+            match described {
+                Ok((dup, d)) => Some(Transferable {
+                    id,
+                    backend: Backend::Disk(Arc::new(dup), d),
+                }),
+                Err(e) => {
+                    // Not offered: the destination opens it by path as before.
+                    log::warn!("{}", Error::DiskState(id, e));
+                    None
+                }
+            }
+        });
+    nets.chain(disks).collect()
 }
 
 /// What `vmm.backend-transfer-support` answers for `backends`.
 pub fn support(backends: &Backends) -> BackendTransferSupport {
     BackendTransferSupport {
-        kinds: vec![TAP_KIND.to_string()],
+        kinds: KINDS.iter().map(|k| k.to_string()).collect(),
         devices: transferable(backends)
             .into_iter()
             .map(|t| TransferableDevice {
-                fds: t.taps.len() as u32,
+                fds: t.fds(),
+                kind: t.kind().to_string(),
                 id: t.id,
-                kind: TAP_KIND.to_string(),
             })
             .collect(),
     }
@@ -110,8 +208,8 @@ pub fn proposal(offered: &[Transferable]) -> Vec<ProposedBackend> {
         .iter()
         .map(|t| ProposedBackend {
             id: t.id.clone(),
-            kind: TAP_KIND.into(),
-            fds: t.taps.len() as u32,
+            kind: t.kind().into(),
+            fds: t.fds(),
         })
         .collect()
 }
@@ -119,8 +217,8 @@ pub fn proposal(offered: &[Transferable]) -> Vec<ProposedBackend> {
 /// The devices of `start`'s proposal a destination takes over, with their descriptor
 /// counts: none unless both the destination (`enabled`) and the source asked for backend
 /// transfer, and only kinds this baton knows. The others take the ordinary path (their TAP
-/// opened by name or from `net_fds`); if that cannot work, Config fails, before the source
-/// pauses.
+/// or image opened by name, or a TAP from `net_fds`); if that cannot work, Config fails,
+/// before the source pauses.
 pub fn accept(start: &Start, enabled: bool) -> Vec<(String, u32)> {
     if !(enabled && start.backend_transfer) {
         return Vec::new();
@@ -128,61 +226,102 @@ pub fn accept(start: &Start, enabled: bool) -> Vec<(String, u32)> {
     start
         .devices
         .iter()
-        .filter(|d| d.kind == TAP_KIND)
+        .filter(|d| KINDS.contains(&d.kind.as_str()))
         .map(|d| (d.id.clone(), d.fds))
         .collect()
 }
 
 /// Checks that every accepted device is a network card of `config` with as many queue pairs
-/// as descriptors are offered.
+/// as descriptors are offered, or a disk of `config` offered one descriptor.
 pub fn check_accepted(config: &VmConfig, accepted: &[(String, u32)]) -> Result<(), Error> {
     for (id, fds) in accepted {
         let net = config.net.iter().find(|n| n.id.as_deref() == Some(id));
-        match net {
-            None => return Err(Error::NoCard(id.clone())),
-            Some(n) if n.queue_pairs() != *fds as usize => {
+        let disk = config.disks.iter().find(|d| d.id.as_deref() == Some(id));
+        match (net, disk) {
+            (Some(n), _) if n.queue_pairs() != *fds as usize => {
                 return Err(Error::Offered {
                     id: id.clone(),
                     pairs: n.queue_pairs(),
                     offered: *fds,
                 })
             }
-            Some(_) => {}
+            (Some(_), _) => {}
+            (None, Some(_)) if *fds != 1 => {
+                return Err(Error::OfferedDisk {
+                    id: id.clone(),
+                    offered: *fds,
+                })
+            }
+            (None, Some(_)) => {}
+            (None, None) => return Err(Error::NoDevice(id.clone())),
         }
     }
     Ok(())
 }
 
-/// The Fds message handing `t` over, while the guest is paused: its header (the TAP's
-/// state) and its queues' descriptors, which stay open here.
+/// The Fds message handing `t` over, while the guest is paused: its header (the backend's
+/// state) and its descriptors, which stay open here.
 pub fn hand_over(t: &Transferable) -> Result<(FdsHeader, Vec<BorrowedFd<'_>>), Error> {
-    let tap = t
-        .taps
-        .state()
-        .map_err(|e| Error::TapState(t.id.clone(), e))?;
+    let (state, fds) = match &t.backend {
+        Backend::Tap(taps) => {
+            let tap = taps.state().map_err(|e| Error::TapState(t.id.clone(), e))?;
+            let state = serde_json::to_value(&tap).expect("TAP state serialises");
+            (state, taps.fds())
+        }
+        Backend::Disk(file, disk) => {
+            let state = serde_json::to_value(disk).expect("disk state serialises");
+            (state, vec![file.as_fd()])
+        }
+    };
     let header = FdsHeader {
         id: t.id.clone(),
-        count: t.taps.len() as u32,
-        state: serde_json::to_value(&tap).expect("TAP state serialises"),
+        count: t.fds(),
+        state,
     };
-    Ok((header, t.taps.fds()))
+    Ok((header, fds))
 }
 
-/// Installs the backend `header` and `fds` describe on the network card of `backends` that
-/// waits for it. The descriptors are checked and taken as they are: nothing is set on them.
-/// On error they are closed, and the card still waits.
+/// A backend installed by [`take_over`], for the log.
+#[derive(Debug)]
+pub enum TakenOver {
+    /// A network card's TAP.
+    Tap(TapState),
+    /// A disk's image.
+    Disk(DiskHandOver),
+}
+
+impl std::fmt::Display for TakenOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TakenOver::Tap(t) => write!(f, "TAP '{}' with {} queue(s)", t.name, t.queues),
+            TakenOver::Disk(d) => write!(f, "image {} ({} bytes)", d.path.display(), d.size),
+        }
+    }
+}
+
+/// Installs the backend `header` and `fds` describe on the network card or disk of
+/// `backends` that waits for it. The descriptors are checked and taken as they are: nothing
+/// is set on them. On error they are closed, and the device still waits.
 pub fn take_over(
     backends: &mut Backends,
     header: FdsHeader,
     fds: Vec<OwnedFd>,
-) -> Result<TapState, Error> {
+) -> Result<TakenOver, Error> {
     let id = header.id;
-    let state: TapState =
-        serde_json::from_value(header.state).map_err(|e| Error::BadState(id.clone(), e))?;
+    if backends.waiting_disk(&id).is_some() {
+        let disk: DiskHandOver =
+            serde_json::from_value(header.state).map_err(|e| Error::BadState(id.clone(), e))?;
+        let waiting = backends.waiting_disk(&id).expect("looked up above");
+        let file = check_image(&id, waiting.config(), &disk, fds)?;
+        waiting.install_transferred(file);
+        return Ok(TakenOver::Disk(disk));
+    }
     let pairs = backends
         .waiting_net(&id)
         .ok_or_else(|| Error::NotWaiting(id.clone()))?
         .queue_pairs();
+    let state: TapState =
+        serde_json::from_value(header.state).map_err(|e| Error::BadState(id.clone(), e))?;
     if state.queues != pairs {
         return Err(Error::QueueCount {
             id,
@@ -195,7 +334,70 @@ pub fn take_over(
         .waiting_net(&id)
         .expect("looked up above")
         .install_transferred(taps);
-    Ok(state)
+    Ok(TakenOver::Tap(state))
+}
+
+/// The one descriptor of `fds` as disk `id`'s image, if it is a file or block device opened
+/// the way `config` opens it (writable unless read-only, O_DIRECT when direct) and of the
+/// size `sent` says.
+fn check_image(
+    id: &str,
+    config: &api::DiskConfig,
+    sent: &DiskHandOver,
+    fds: Vec<OwnedFd>,
+) -> Result<File, Error> {
+    use std::os::unix::fs::FileTypeExt;
+    let refuse = |why: String| Error::Disk {
+        id: id.to_string(),
+        why,
+    };
+    let count = fds.len();
+    let [fd] =
+        <[OwnedFd; 1]>::try_from(fds).map_err(|_| refuse(format!("count is {count}, not 1")))?;
+    let file = File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| refuse(format!("cannot be examined: {e}")))?;
+    if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
+        return Err(refuse("is not a file or block device".into()));
+    }
+    // SAFETY: F_GETFL on a descriptor we own reads its status flags and changes nothing.
+    let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(refuse(format!(
+            "has no status flags: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let writable = flags & libc::O_ACCMODE == libc::O_RDWR;
+    if !config.readonly && !writable {
+        return Err(refuse("is read-only, but the disk is not".into()));
+    }
+    if config.direct != (flags & libc::O_DIRECT != 0) {
+        return Err(refuse(format!(
+            "was opened {} O_DIRECT, but the disk has direct={}",
+            if flags & libc::O_DIRECT != 0 {
+                "with"
+            } else {
+                "without"
+            },
+            config.direct
+        )));
+    }
+    if (sent.readonly, sent.direct) != (config.readonly, config.direct) {
+        return Err(refuse(format!(
+            "comes as readonly={} direct={}, but the disk has readonly={} direct={}",
+            sent.readonly, sent.direct, config.readonly, config.direct
+        )));
+    }
+    if meta.len() != sent.size && meta.file_type().is_file() {
+        return Err(refuse(format!(
+            "is {} bytes, but the source said {}",
+            meta.len(),
+            sent.size
+        )));
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -215,7 +417,12 @@ mod tests {
                 },
                 ProposedBackend {
                     id: "disk0".into(),
-                    kind: "virtio-blk-file".into(),
+                    kind: DISK_KIND.into(),
+                    fds: 1,
+                },
+                ProposedBackend {
+                    id: "fs0".into(),
+                    kind: "virtio-fs-socket".into(),
                     fds: 1,
                 },
             ],
@@ -224,7 +431,10 @@ mod tests {
 
     #[test]
     fn accepts_only_known_kinds_and_only_when_both_sides_ask() {
-        assert_eq!(accept(&start(true), true), vec![("net0".to_string(), 2)]);
+        assert_eq!(
+            accept(&start(true), true),
+            vec![("net0".to_string(), 2), ("disk0".to_string(), 1)]
+        );
         assert!(accept(&start(true), false).is_empty(), "destination off");
         assert!(accept(&start(false), true).is_empty(), "source off");
     }
@@ -250,7 +460,10 @@ mod tests {
         check_accepted(&c, &[("net0".into(), 2)]).expect("fits");
         check_accepted(&c, &[]).expect("nothing accepted");
         let e = check_accepted(&c, &[("net1".into(), 2)]).unwrap_err();
-        assert_eq!(e.to_string(), "No network card 'net1' for its backend");
+        assert_eq!(
+            e.to_string(),
+            "No network card or disk 'net1' for its backend"
+        );
         let e = check_accepted(&c, &[("net0".into(), 1)]).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -304,5 +517,85 @@ mod tests {
             backends.waiting_net("net0").is_some(),
             "the card still waits"
         );
+    }
+
+    /// A configuration with disk `disk0` on `path`, and a scratch image there.
+    fn disk_config(path: &std::path::Path, readonly: bool) -> VmConfig {
+        std::fs::write(path, vec![7u8; 4096]).expect("scratch image");
+        let mut c = config(&[]);
+        c.disks.push(api::DiskConfig {
+            id: Some("disk0".into()),
+            path: path.into(),
+            readonly,
+            ..Default::default()
+        });
+        c
+    }
+
+    fn disk_header(size: u64, readonly: bool) -> FdsHeader {
+        let sent = DiskHandOver {
+            path: "/src/disk.raw".into(),
+            readonly,
+            direct: false,
+            size,
+        };
+        FdsHeader {
+            id: "disk0".into(),
+            count: 1,
+            state: serde_json::to_value(sent).expect("serialises"),
+        }
+    }
+
+    #[test]
+    fn a_disk_takes_one_descriptor_opened_as_it_would_open_it() {
+        let dir = std::env::temp_dir().join(format!("baton-disk-take-over-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        let path = dir.join("disk.raw");
+        let mut c = disk_config(&path, false);
+        check_accepted(&c, &[("disk0".into(), 1)]).expect("one descriptor");
+        let e = check_accepted(&c, &[("disk0".into(), 2)]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Disk 'disk0' takes one image descriptor, but 2 are offered"
+        );
+        let mut backends = Backends::open_except(&mut c, Vec::new(), &["disk0".into()])
+            .expect("a waiting disk opens nothing");
+        let open = |write: bool| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(&path)
+                .expect("the image");
+            vec![OwnedFd::from(f)]
+        };
+        // Read-only descriptor for a writable disk, another size, two descriptors.
+        let refusals = [
+            (open(false), disk_header(4096, false), "is read-only"),
+            (open(true), disk_header(8192, false), "is 4096 bytes"),
+            (
+                open(true),
+                disk_header(4096, true),
+                "comes as readonly=true",
+            ),
+            (
+                open(true).into_iter().chain(open(true)).collect(),
+                disk_header(4096, false),
+                "count is 2",
+            ),
+        ];
+        for (fds, header, why) in refusals {
+            let e = take_over(&mut backends, header, fds).unwrap_err();
+            assert!(e.to_string().contains(why), "{why}: {e}");
+            assert!(backends.waiting_disk("disk0").is_some(), "still waits");
+        }
+        let taken = take_over(&mut backends, disk_header(4096, false), open(true)).expect("fits");
+        assert_eq!(taken.to_string(), "image /src/disk.raw (4096 bytes)");
+        assert!(backends.waiting_disk("disk0").is_none(), "installed");
+        let e = take_over(&mut backends, disk_header(4096, false), open(true)).unwrap_err();
+        assert!(matches!(e, Error::NotWaiting(..)), "{e}");
+        let offered = transferable(&backends);
+        assert_eq!(offered.len(), 1);
+        assert_eq!((offered[0].kind(), offered[0].fds()), (DISK_KIND, 1));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -206,12 +206,8 @@ impl ::migration::Destination for Incoming {
             .as_mut()
             .ok_or_else(|| Self::missing("configuration"))?;
         let id = header.id.clone();
-        let state = backend::take_over(backends, header, fds)?;
-        log::info!(
-            "{id}: took over TAP '{}' with {} queue(s)",
-            state.name,
-            state.queues
-        );
+        let taken = backend::take_over(backends, header, fds)?;
+        log::info!("{id}: took over {taken}");
         Ok(())
     }
 
