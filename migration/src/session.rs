@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 
 use crate::protocol::{
     self, check_transport, parse_json, to_json, Command, FdsHeader, Limits, MemoryRegion,
-    ProtocolError, Receiver, Response, Start, StartReply,
+    ProtocolError, Receiver, Response, Software, Start, StartReply,
 };
 use crate::transport::Channel;
 use crate::BoxError;
@@ -22,6 +22,10 @@ pub trait Destination {
     /// Start passed the version, transport and sanity checks. Returns the ids of the proposed
     /// devices whose backends this destination takes; the others take the ordinary path.
     fn start(&mut self, start: &Start) -> Result<Vec<String>, BoxError>;
+    /// The software this destination runs, for the reply to Start.
+    fn software(&self) -> Option<Software> {
+        None
+    }
     /// The shared guest memory of a local migration: one descriptor per region, in order.
     fn memory_fds(&mut self, regions: Vec<MemoryRegion>, fds: Vec<OwnedFd>)
         -> Result<(), BoxError>;
@@ -89,7 +93,9 @@ fn step(
             check_transport(&start, channel.is_unix())?;
             receiver.started(&start)?;
             let ids = destination.start(&start).map_err(applying)?;
-            reply = to_json(&receiver.accept(&ids)?);
+            let mut accepted = receiver.accept(&ids)?;
+            accepted.software = destination.software();
+            reply = to_json(&accepted);
         }
         Command::MemoryFds => {
             let regions: Vec<MemoryRegion> =
@@ -274,6 +280,7 @@ mod tests {
                     fds: *fds,
                 })
                 .collect(),
+            software: None,
         }
     }
 

@@ -94,6 +94,7 @@ fn copying_session() -> Vec<Op> {
                 local: false,
                 backend_transfer: false,
                 devices: vec![],
+                software: None,
             }),
         ),
         request(Command::Config, br#"{"cpus":2}"#),
@@ -138,6 +139,7 @@ fn local_session() -> Vec<Op> {
                         fds: *fds,
                     })
                     .collect(),
+                software: None,
             }),
         ),
         request(Command::MemoryFds, &to_json(&regions)),

@@ -401,12 +401,17 @@ impl ApiVmm {
 
     /// [`ApiVmm::start`] inside a network namespace, when given.
     pub fn start_in(ns: Option<&NetNs>, args: &[&str]) -> Self {
-        Self::start_with(ns, "", args)
+        Self::start_with(ns, "", &[], args)
     }
 
     /// [`ApiVmm::start_in`] with `api_options` (such as `max_connections=16`) added to
-    /// `--api-socket path=...`.
-    pub fn start_with(ns: Option<&NetNs>, api_options: &str, args: &[&str]) -> Self {
+    /// `--api-socket path=...`, and the environment variables `env`.
+    pub fn start_with(
+        ns: Option<&NetNs>,
+        api_options: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Self {
         require_kvm();
         let dir = TempDir::new("api");
         let socket = dir.path().join("api.sock");
@@ -415,6 +420,7 @@ impl ApiVmm {
             spec = format!("{spec},{api_options}");
         }
         let mut child = baton_command(ns)
+            .envs(env.iter().copied())
             .arg("--api-socket")
             .arg(spec)
             .args(args)

@@ -514,7 +514,7 @@ fn the_connection_limit_is_the_operators() {
 /// and threads stay bounded.
 fn clients_beyond_the_limit(api_options: &str, limit: usize, clients_wanted: usize) {
     use std::io::Write;
-    let vmm = ApiVmm::start_with(None, api_options, &[]);
+    let vmm = ApiVmm::start_with(None, api_options, &[], &[]);
     let (fds_before, threads_before) = (
         baton_tests::fd_count(vmm.pid()),
         baton_tests::thread_count(vmm.pid()),

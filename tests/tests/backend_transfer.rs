@@ -461,6 +461,7 @@ fn a_destination_refuses_descriptors_that_do_not_fit_and_closes_them() {
                 kind: "virtio-net-tap".into(),
                 fds: 1,
             }],
+            software: None,
         };
         ch.request(Command::Start, &to_json(&start)).unwrap();
         ch.request(Command::Config, &config_bytes).unwrap();

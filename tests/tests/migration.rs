@@ -313,6 +313,7 @@ fn partial_source(url: &str, config: &str) -> migration::Channel {
         local: false,
         backend_transfer: false,
         devices: Vec::new(),
+        software: None,
     };
     migration::session::start(&mut channel, &start).unwrap();
     channel
@@ -362,6 +363,7 @@ fn a_source_speaking_another_protocol_version_is_refused() {
         local: false,
         backend_transfer: false,
         devices: Vec::new(),
+        software: None,
     };
     let e = channel
         .request(
@@ -736,4 +738,76 @@ fn a_destination_that_goes_silent_or_stops_reading_is_given_up_and_the_vm_runs_o
     // It still migrates for real.
     let dst = ApiVmm::start(&[]);
     migrate(src, &dst, &urls(files.path(), "again.sock"), false);
+}
+
+#[test]
+fn batons_that_lay_out_the_state_differently_refuse_before_anything_pauses() {
+    let files = TempDir::new("mig-skew");
+    let (src, mut console, _) = lone_guest(&files, false);
+    let ours = format!(
+        "baton {} (state format {})",
+        env!("CARGO_PKG_VERSION"),
+        migration::snapshot::FORMAT_VERSION
+    );
+    let theirs = format!("baton {} (state format 99)", env!("CARGO_PKG_VERSION"));
+    let refused = |body: &serde_json::Value| {
+        let text = body.to_string();
+        assert!(
+            text.contains(&format!(
+                "The source runs {ours} and the destination {theirs}"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("Nothing was paused"), "{text}");
+    };
+
+    // A destination built with another layout refuses Start.
+    let dst = ApiVmm::start_with(None, "", &[("BATON_TEST_STATE_FORMAT", "99")], &[]);
+    let receiving = receive(&dst, &urls(files.path(), "newer.sock"));
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination_url": urls(files.path(), "newer.sock")}),
+    );
+    assert_eq!(status, 500, "{body}");
+    refused(&body);
+    let r = receiving.join().unwrap();
+    assert_eq!(r.status, 500);
+    refused(&serde_json::Value::String(
+        String::from_utf8_lossy(&r.body).into_owned(),
+    ));
+    dst.expect("GET", "vm.info", None, 404);
+
+    // One that does not check (another VMM, an older baton) but says what it runs: the
+    // source refuses its answer to Start and abandons.
+    let sock = files.path().join("other.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut channel = migration::Channel::from(listener.accept().unwrap().0);
+        let h = channel.recv_request_header().unwrap();
+        channel.read_payload(h.length).unwrap();
+        let reply = serde_json::json!({
+            "accepted": [],
+            "software": {"vmm": format!("baton {}", env!("CARGO_PKG_VERSION")), "state_format": 99},
+        });
+        channel
+            .send_response(&migration::Response::Ok(reply.to_string().into_bytes()))
+            .unwrap();
+        // What comes next is Abandon, nothing else.
+        let h = channel.recv_request_header().unwrap();
+        assert_eq!(h.command, migration::Command::Abandon);
+    });
+    let (status, body) = send(
+        &src,
+        serde_json::json!({"destination_url": urls(files.path(), "other.sock")}),
+    );
+    peer.join().unwrap();
+    assert_eq!(status, 500, "{body}");
+    refused(&body);
+
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
+    still_beating(&mut console);
+    // A destination of the same layout takes it.
+    let dst = ApiVmm::start(&[]);
+    migrate(src, &dst, &urls(files.path(), "same.sock"), false);
 }

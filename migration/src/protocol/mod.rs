@@ -25,8 +25,9 @@
 //!
 //! ```text
 //! source                                               destination
-//! Start {version, local, backend_transfer, devices}  -> check version, channel, features
-//!                                                    <- Ok StartReply {accepted}
+//! Start {version, local, backend_transfer, devices,  -> check version, channel, features,
+//!        software}                                      software
+//!                                                    <- Ok StartReply {accepted, software}
 //! [local]     MemoryFds [{gpa, len}, ...]            -> one descriptor per region, in order
 //!                                                    <- Ok
 //! Config (the VM config, opaque to this crate)       -> create the VM
@@ -326,6 +327,26 @@ pub struct Start {
     /// The devices whose backends the source offers.
     #[serde(default)]
     pub devices: Vec<ProposedBackend>,
+    /// The source's software (absent from a source that does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub software: Option<Software>,
+}
+
+/// Which software a side runs, so that a pair that cannot work together is refused while
+/// Start is answered, before anything is paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Software {
+    /// The VMM and its version, such as `baton 0.1.0`.
+    pub vmm: String,
+    /// The layout version of the VM state it writes and reads.
+    pub state_format: u32,
+}
+
+impl std::fmt::Display for Software {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (state format {})", self.vmm, self.state_format)
+    }
 }
 
 impl Start {
@@ -359,6 +380,9 @@ pub struct StartReply {
     /// Ids of the proposed devices whose backends the destination takes; the others take the
     /// ordinary path.
     pub accepted: Vec<String>,
+    /// The destination's software (absent from a destination that does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub software: Option<Software>,
 }
 
 /// A guest memory region shared in a local migration; MemoryFds carries a list of them.
@@ -695,9 +719,11 @@ mod tests {
                 kind: "virtio-net-tap".into(),
                 fds: 2,
             }],
+            software: None,
         };
         let reply = |ids: &[&str]| StartReply {
             accepted: ids.iter().map(|s| s.to_string()).collect(),
+            software: None,
         };
         assert!(start.check_reply(&reply(&[])).is_ok());
         assert!(start.check_reply(&reply(&["net0"])).is_ok());
@@ -712,6 +738,7 @@ mod tests {
             local: false,
             backend_transfer: false,
             devices: vec![],
+            software: None,
         };
         assert!(check_transport(&start, false).is_ok());
         start.backend_transfer = true;

@@ -276,6 +276,7 @@ impl Receiver {
         self.pending = ids.to_vec();
         Ok(StartReply {
             accepted: ids.to_vec(),
+            software: None,
         })
     }
 
@@ -375,6 +376,7 @@ mod tests {
                     fds: *fds,
                 })
                 .collect(),
+            software: None,
         }
     }
 

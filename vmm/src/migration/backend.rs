@@ -426,6 +426,7 @@ mod tests {
                     fds: 1,
                 },
             ],
+            software: None,
         }
     }
 

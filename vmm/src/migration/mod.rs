@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
 
+use ::migration::protocol::Software;
 use ::migration::{MigrationUrl, ProtocolError};
 use api::{SendMigrationConfig, VmConfig};
 use serde::Serialize;
@@ -86,6 +87,14 @@ pub enum Error {
         /// The timed-out read or write.
         #[source]
         source: ProtocolError,
+    },
+    /// The two batons write and read the VM state in different layouts.
+    #[error("The source runs {source_software} and the destination {destination_software}: they lay out the VM state differently, so the VM cannot move between them. Nothing was paused; the VM runs on at the source")]
+    Skew {
+        /// The source's software.
+        source_software: Software,
+        /// The destination's.
+        destination_software: Software,
     },
     /// Pre-copy did not converge in time.
     #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
@@ -214,6 +223,41 @@ pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<Migrat
         return Err(Error::LocalNeedsShared);
     }
     Ok(url)
+}
+
+/// Makes this baton announce, and accept, another state layout version: for the tests of
+/// version skew only, which have no second build at hand.
+pub const TEST_STATE_FORMAT: &str = "BATON_TEST_STATE_FORMAT";
+
+/// The software this baton runs, as it tells a migration's peer.
+pub fn software() -> Software {
+    let state_format = std::env::var(TEST_STATE_FORMAT)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(::migration::snapshot::FORMAT_VERSION);
+    Software {
+        vmm: format!("baton {}", env!("CARGO_PKG_VERSION")),
+        state_format,
+    }
+}
+
+/// Refuses a peer whose state this baton cannot read, or which cannot read this one's
+/// (`here_is_source`: this baton sends); a peer that does not say is taken as compatible (the
+/// protocol version already matched).
+pub fn check_peer(there: Option<&Software>, here_is_source: bool) -> Result<(), Error> {
+    let here = software();
+    let Some(there) = there.filter(|t| t.state_format != here.state_format) else {
+        return Ok(());
+    };
+    let (source_software, destination_software) = if here_is_source {
+        (here, there.clone())
+    } else {
+        (there.clone(), here)
+    };
+    Err(Error::Skew {
+        source_software,
+        destination_software,
+    })
 }
 
 /// What a migration thread reports when it ends.

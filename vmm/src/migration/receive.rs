@@ -135,7 +135,12 @@ impl Incoming {
 }
 
 impl ::migration::Destination for Incoming {
+    fn software(&self) -> Option<::migration::protocol::Software> {
+        Some(super::software())
+    }
+
     fn start(&mut self, start: &Start) -> Result<Vec<String>, BoxError> {
+        super::check_peer(start.software.as_ref(), false)?;
         self.local = start.local;
         self.accepted = backend::accept(start, self.backend_transfer);
         Ok(self.accepted.iter().map(|(id, _)| id.clone()).collect())

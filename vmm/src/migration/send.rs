@@ -265,8 +265,13 @@ fn send_on(
         local: cfg.local,
         backend_transfer: cfg.backend_transfer,
         devices: backend::proposal(offered),
+        software: Some(super::software()),
     };
-    let accepted = ::migration::session::start(channel, &start)?.accepted;
+    let reply = ::migration::session::start(channel, &start)?;
+    // A destination that took Start may still be one whose state layout this baton cannot
+    // write: refused here, before anything is paused (Abandon tells it).
+    super::check_peer(reply.software.as_ref(), true)?;
+    let accepted = reply.accepted;
     let handed: Vec<&Transferable> = offered
         .iter()
         .filter(|t| accepted.contains(&t.id))
