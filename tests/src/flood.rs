@@ -15,6 +15,8 @@ use crate::NetNs;
 /// A running `ping -D -i INTERVAL -c COUNT`.
 pub struct PingFlood {
     child: Child,
+    /// Echo requests asked for.
+    count: u64,
     replies: Arc<AtomicU64>,
     reader: Option<JoinHandle<Vec<String>>>,
     started: Instant,
@@ -24,20 +26,25 @@ pub struct PingFlood {
 /// What a flood saw.
 #[derive(Debug, Clone)]
 pub struct FloodResult {
-    /// Echo requests sent.
+    /// Echo requests asked for: only these count.
+    pub asked: u64,
+    /// Echo requests sent. With a deadline ping goes on sending past `asked` until that
+    /// many replies came, and stops as soon as they did: requests beyond `asked` still on
+    /// their way then are not losses.
     pub sent: u64,
     /// Replies received.
     pub received: u64,
     /// The longest gap between two consecutive replies, in milliseconds.
     pub max_gap_ms: f64,
-    /// The sequence numbers (from 1) that got no reply, to tell a burst from stray losses.
+    /// The sequence numbers (from 1 to `asked`) that got no reply, to tell a burst from
+    /// stray losses.
     pub missing: Vec<u64>,
 }
 
 impl FloodResult {
-    /// Requests never answered.
+    /// Requests asked for and never answered.
     pub fn lost(&self) -> u64 {
-        self.sent.saturating_sub(self.received)
+        self.missing.len() as u64
     }
 
     /// Requests from sequence number `seq` on never answered.
@@ -89,6 +96,7 @@ impl PingFlood {
         });
         PingFlood {
             child,
+            count,
             replies,
             reader: Some(reader),
             started: Instant::now(),
@@ -173,8 +181,9 @@ impl PingFlood {
             .filter_map(|l| crate::field(l, "icmp_seq")?.parse().ok())
             .collect();
         let sent = number_before("packets");
-        let missing = (1..=sent).filter(|s| !answered.contains(s)).collect();
+        let missing = (1..=self.count).filter(|s| !answered.contains(s)).collect();
         FloodResult {
+            asked: self.count,
             sent,
             received: number_before("received"),
             max_gap_ms,

@@ -111,7 +111,7 @@ fn flood_across_migrations(tag: &str, pairs: usize) {
             0,
             "local={local}: {} of {} pings lost across the migration ({stats})",
             result.lost(),
-            result.sent
+            result.asked
         );
         assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
         eprintln!(
@@ -269,7 +269,7 @@ fn without_backend_transfer_management_passes_a_new_tap_and_frames_are_lost() {
         eprintln!(
             "new TAP (backend_transfer asked: {asked}): {} of {} pings lost, longest gap {:.1} ms, downtime {} ms",
             result.lost(),
-            result.sent,
+            result.asked,
             result.max_gap_ms,
             stats["downtime_ms"]
         );

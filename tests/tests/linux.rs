@@ -93,7 +93,7 @@ fn migrate_under_pings(
         stats["total_ms"],
         result.max_gap_ms,
         result.lost(),
-        result.sent
+        result.asked
     );
     (dst, stats, result)
 }
