@@ -101,14 +101,25 @@ impl Role {
                 Allow::Prctl => (
                     libc::SYS_prctl,
                     [libc::PR_SET_NAME, libc::PR_SET_NO_NEW_PRIVS]
-                        .map(|option| rule(0, option as u64))
+                        .map(|option| rule(0, SeccompCmpOp::Eq, option as u64))
                         .to_vec(),
                 ),
                 Allow::Ioctls(requests) => (
                     libc::SYS_ioctl,
-                    requests.iter().map(|&r| rule(1, r)).collect(),
+                    requests
+                        .iter()
+                        .map(|&r| rule(1, SeccompCmpOp::Eq, r))
+                        .collect(),
                 ),
-                Allow::KvmIoctls => (libc::SYS_ioctl, vec![kvm_ioctl_rule()]),
+                // KVM's requests: type 0xAE, bits 8 to 15 of the number.
+                Allow::KvmIoctls => (
+                    libc::SYS_ioctl,
+                    vec![rule(
+                        1,
+                        SeccompCmpOp::MaskedEq(0xff00),
+                        u64::from(KVMIO) << 8,
+                    )],
+                ),
             };
             if more.is_empty() {
                 unconditional.insert(nr);
@@ -150,25 +161,12 @@ impl Role {
     }
 }
 
-/// A rule: `ioctl`'s request is one of KVM's (type 0xAE, bits 8 to 15 of the number, on
-/// the KVM, VM or vCPU descriptor).
-fn kvm_ioctl_rule() -> SeccompRule {
-    let condition = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(0xff00),
-        u64::from(KVMIO) << 8,
-    )
-    .expect("argument indices are below 6");
-    SeccompRule::new(vec![condition]).expect("one condition")
-}
-
 /// The ioctl type of KVM's requests (`linux/kvm.h`).
 const KVMIO: u8 = 0xAE;
 
-/// A rule: argument `index` (as a 32-bit value) equals `value`.
-fn rule(index: u8, value: u64) -> SeccompRule {
-    let condition = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+/// A rule: argument `index` (as a 32-bit value) compares with `value` by `op`.
+fn rule(index: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
+    let condition = SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
         .expect("argument indices are below 6");
     SeccompRule::new(vec![condition]).expect("one condition")
 }

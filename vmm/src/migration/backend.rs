@@ -163,19 +163,21 @@ pub fn transferable(backends: &Backends) -> Vec<Transferable> {
         .filter_map(|(config, file)| {
             let id = config.id.clone()?;
             let file = file?;
-            let described = file.try_clone().and_then(|dup| {
-                Ok(DiskHandOver {
-                    path: config.path.clone(),
-                    readonly: config.readonly,
-                    direct: config.direct,
-                    size: dup.metadata()?.len(),
-                })
-                .map(|d| (dup, d))
-            });
-            match described {
-                Ok((dup, d)) => Some(Transferable {
+            let dup_and_size = file
+                .try_clone()
+                .and_then(|dup| Ok((dup.metadata()?.len(), dup)));
+            match dup_and_size {
+                Ok((size, dup)) => Some(Transferable {
                     id,
-                    backend: Backend::Disk(Arc::new(dup), d),
+                    backend: Backend::Disk(
+                        Arc::new(dup),
+                        DiskHandOver {
+                            path: config.path.clone(),
+                            readonly: config.readonly,
+                            direct: config.direct,
+                            size,
+                        },
+                    ),
                 }),
                 Err(e) => {
                     // Not offered: the destination opens it by path as before.
