@@ -373,11 +373,25 @@ impl VirtioPciDevice {
         }
     }
 
-    /// Restarts what [`VirtioPciDevice::pause`] stopped.
+    /// Restarts what [`VirtioPciDevice::pause`] stopped (in this process, or in the one a
+    /// snapshot or migration came from).
+    ///
+    /// Each queue then gets one interrupt: whether the driver was owed one for buffers used
+    /// just before the pause is not part of the queue's state (it is counted from the last
+    /// interrupt decision, which starts afresh here), and a driver waiting for an interrupt
+    /// it never gets never looks at that queue again (Linux's NAPI: a queue pair left
+    /// silent until its traffic moves there). One interrupt too many only makes the driver
+    /// look at a used ring with nothing new.
     pub fn resume(&mut self) {
         if let Some(queues) = self.paused.take() {
+            let vectors: Vec<u16> = queues.iter().flatten().map(|q| q.vector).collect();
             self.active = false;
             self.start(queues);
+            if self.active {
+                for vector in vectors {
+                    self.interrupt.queue(vector);
+                }
+            }
         }
     }
 
