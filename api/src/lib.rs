@@ -24,7 +24,8 @@ pub mod vm_config;
 
 pub use device_config::{DiskConfig, MacAddr, NetConfig, RngConfig};
 pub use migration_config::{
-    NetFds, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig, SnapshotConfig,
+    LiveUpgradeConfig, NetFds, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig,
+    SnapshotConfig,
 };
 pub use vm_config::{
     ConfigError, ConsoleConfig, ConsoleMode, CpuTemplate, CpusConfig, MemoryConfig, PayloadConfig,

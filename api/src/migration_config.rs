@@ -280,6 +280,51 @@ impl Supported for ReceiveMigrationConfig {
     }
 }
 
+/// (+) `vmm.live-upgrade`: the baton binary that takes the VM over from this one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveUpgradeConfig {
+    /// The new baton binary, as an absolute path.
+    #[serde(alias = "binary_path")]
+    pub binary: PathBuf,
+    /// Give up (and keep the VM running here) when the new baton has sent nothing, or taken
+    /// no byte, for this many seconds at any step.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout_s: u64,
+}
+
+impl Supported for LiveUpgradeConfig {
+    fn check_supported(&self) -> Result<(), Unsupported> {
+        Ok(())
+    }
+}
+
+impl LiveUpgradeConfig {
+    /// Parses `binary=PATH[,step_timeout_s=N]` or just the path.
+    pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
+        let p = OptionParser::parse(s, &["binary", "step_timeout_s"], Some("binary"))?;
+        Ok(LiveUpgradeConfig {
+            binary: PathBuf::from(p.required("binary")?),
+            step_timeout_s: p
+                .convert("step_timeout_s", parse_int::<u64>)?
+                .unwrap_or_else(default_step_timeout),
+        })
+    }
+
+    /// Checks that the binary is named by an absolute path (baton does not guess what a
+    /// relative one was relative to), and the step timeout.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if !self.binary.is_absolute() {
+            return Err(FieldError {
+                field: "binary",
+                value: self.binary.display().to_string(),
+                expected: "an absolute path",
+            });
+        }
+        check_step_timeout(self.step_timeout_s)
+    }
+}
+
 impl Supported for SnapshotConfig {
     fn check_supported(&self) -> Result<(), Unsupported> {
         Ok(())
@@ -491,6 +536,25 @@ impl ReceiveMigrationConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_live_upgrade_names_an_absolute_binary() {
+        let c = LiveUpgradeConfig::from_option_string("/usr/bin/baton").unwrap();
+        assert_eq!(c.binary, PathBuf::from("/usr/bin/baton"));
+        assert_eq!(c.step_timeout_s, DEFAULT_STEP_TIMEOUT_S);
+        c.validate().unwrap();
+        let json: LiveUpgradeConfig =
+            serde_json::from_str(r#"{"binary_path":"/b","step_timeout_s":5}"#).unwrap();
+        assert_eq!(json.step_timeout_s, 5);
+        let relative = LiveUpgradeConfig::from_option_string("binary=baton").unwrap();
+        assert_eq!(
+            relative.validate().unwrap_err().to_string(),
+            "binary 'baton' is not an absolute path"
+        );
+        let slow = LiveUpgradeConfig::from_option_string("/b,step_timeout_s=0").unwrap();
+        assert!(slow.validate().is_err());
+        assert!(LiveUpgradeConfig::from_option_string("step_timeout_s=3").is_err());
+    }
 
     #[test]
     fn cloud_hypervisor_option_strings() {

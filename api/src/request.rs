@@ -13,8 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::fds::Fds;
 use crate::{
-    DiskConfig, NetConfig, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig,
-    SnapshotConfig, VmConfig,
+    DiskConfig, LiveUpgradeConfig, NetConfig, ReceiveMigrationConfig, RestoreConfig,
+    SendMigrationConfig, SnapshotConfig, VmConfig,
 };
 
 /// What to do.
@@ -59,6 +59,9 @@ pub enum ApiAction {
     VmRestore(RestoreConfig, Fds),
     /// Migrate the VM to another baton.
     VmSendMigration(SendMigrationConfig),
+    /// (+) Hand the VM, its backends and the API socket to a new baton binary, answered
+    /// when it has them.
+    VmmLiveUpgrade(LiveUpgradeConfig),
     /// Wait for a VM migrated from another baton; TAP descriptors may come along.
     VmReceiveMigration(ReceiveMigrationConfig, Fds),
 }

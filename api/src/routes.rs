@@ -13,6 +13,8 @@ pub enum Endpoint {
     VmmShutdown,
     /// `GET vmm.backend-transfer-support`
     VmmBackendTransferSupport,
+    /// `PUT vmm.live-upgrade`
+    VmmLiveUpgrade,
     /// `PUT vm.create`
     VmCreate,
     /// `PUT vm.boot`
@@ -60,6 +62,7 @@ pub const ROUTES: &[(&str, &str, Endpoint)] = &[
         "GET",
         Endpoint::VmmBackendTransferSupport,
     ),
+    ("vmm.live-upgrade", "PUT", Endpoint::VmmLiveUpgrade),
     ("vm.create", "PUT", Endpoint::VmCreate),
     ("vm.boot", "PUT", Endpoint::VmBoot),
     ("vm.info", "GET", Endpoint::VmInfo),

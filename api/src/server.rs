@@ -13,10 +13,11 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -45,6 +46,9 @@ pub enum ServerError {
     /// The inherited descriptor is not a listening UNIX socket.
     #[error("File descriptor {0} is not a listening UNIX socket")]
     BadFd(RawFd),
+    /// The inherited lock descriptor is not an open regular file.
+    #[error("File descriptor {0} is not an open lock file")]
+    BadLockFd(RawFd),
     /// The server thread could not start.
     #[error("Cannot start the API server thread")]
     Thread(#[source] std::io::Error),
@@ -135,6 +139,27 @@ impl ApiSocket {
         })
     }
 
+    /// Holds the lock on the socket's path through `fd`, inherited from the baton that
+    /// bound it (a live upgrade): while any process holds it, no other baton takes the path.
+    pub fn with_lock_fd(mut self, fd: RawFd) -> Result<Self, ServerError> {
+        // SAFETY: only borrowed for the check; `fd` stays the caller's until taken below.
+        let regular = unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .map(File::from)
+            .and_then(|f| f.metadata())
+            .is_ok_and(|m| m.file_type().is_file());
+        if !regular {
+            return Err(ServerError::BadLockFd(fd));
+        }
+        // SAFETY: fcntl on a descriptor we checked is open.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        // SAFETY: the caller hands us `fd`, an open file nobody else owns.
+        self._lock = Some(unsafe { File::from_raw_fd(fd) });
+        Ok(self)
+    }
+
     /// Serves at most `n` connections at once instead of [`MAX_CONNECTIONS`]; `n` must
     /// pass [`check_max_connections`].
     pub fn max_connections(mut self, n: usize) -> Result<Self, ServerError> {
@@ -144,12 +169,30 @@ impl ApiSocket {
 
     /// Serves the socket on its own thread, sending requests through `sender`.
     pub fn serve(self, sender: ApiSender) -> Result<Server, ServerError> {
-        let server = Server::default();
-        let in_flight = server.in_flight.clone();
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(ServerError::Thread);
+        let handover = ApiHandover {
+            listener: dup(self.listener.as_fd())?,
+            lock: self._lock.as_ref().map(|l| dup(l.as_fd())).transpose()?,
+            max_connections: self.max_connections,
+        };
         self.listener
             .set_nonblocking(true)
             .map_err(ServerError::Thread)?;
-        let mut events = EventLoop::new(self.listener, sender, in_flight, self.max_connections)?;
+        let in_flight = Arc::new(InFlight::default());
+        let mut events = EventLoop::new(
+            self.listener,
+            sender,
+            in_flight.clone(),
+            self.max_connections,
+        )?;
+        let server = Server {
+            in_flight,
+            gate: AcceptGate {
+                accepting: events.accepting.clone(),
+                wake: events.wake.clone(),
+            },
+            handover,
+        };
         let lock = self._lock;
         std::thread::Builder::new()
             .name("http-server".into())
@@ -197,13 +240,65 @@ impl InFlight {
     }
 }
 
+/// What another baton needs to serve the same API socket: duplicates of the listening
+/// socket and of the lock on its path (when this baton holds one), and the connection limit.
+#[derive(Debug)]
+pub struct ApiHandover {
+    /// The listening socket.
+    pub listener: OwnedFd,
+    /// The lock file, held with `flock`.
+    pub lock: Option<OwnedFd>,
+    /// `max_connections`.
+    pub max_connections: usize,
+}
+
+impl ApiHandover {
+    /// New duplicates of the same descriptors.
+    pub fn try_clone(&self) -> std::io::Result<ApiHandover> {
+        Ok(ApiHandover {
+            listener: self.listener.try_clone()?,
+            lock: self.lock.as_ref().map(OwnedFd::try_clone).transpose()?,
+            max_connections: self.max_connections,
+        })
+    }
+}
+
+/// Whether the server takes new connections. While it does not, clients that connect wait
+/// in the socket's backlog (nobody is refused), for this server or another process serving
+/// the same socket.
+#[derive(Clone, Debug)]
+pub struct AcceptGate {
+    accepting: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+}
+
+impl AcceptGate {
+    /// Stops or resumes accepting; connections already taken are served either way.
+    pub fn set(&self, accepting: bool) {
+        self.accepting.store(accepting, Ordering::Release);
+        // A full eventfd counter already wakes the server.
+        let _ = self.wake.write(1);
+    }
+}
+
 /// A running API server.
-#[derive(Default)]
 pub struct Server {
     in_flight: Arc<InFlight>,
+    gate: AcceptGate,
+    handover: ApiHandover,
 }
 
 impl Server {
+    /// Its gate on new connections.
+    pub fn gate(&self) -> AcceptGate {
+        self.gate.clone()
+    }
+
+    /// Duplicates of the socket and lock another baton serves them with.
+    pub fn handover(&self) -> std::io::Result<ApiHandover> {
+        self.handover.try_clone()
+    }
+
     /// Waits (up to `timeout`) until every answer has been written, so that a VMM ending on
     /// `vmm.shutdown` still answers it.
     pub fn drain(&self, timeout: Duration) {
@@ -288,6 +383,10 @@ struct EventLoop {
     connections: HashMap<u64, Connection>,
     max_connections: usize,
     next_token: u64,
+    /// Whether to take new connections ([`AcceptGate`]).
+    accepting: Arc<AtomicBool>,
+    /// Whether the listener is on the epoll.
+    listening: bool,
 }
 
 impl EventLoop {
@@ -323,6 +422,8 @@ impl EventLoop {
             connections: HashMap::new(),
             max_connections,
             next_token: WAKE + 1,
+            accepting: Arc::new(AtomicBool::new(true)),
+            listening: true,
         })
     }
 
@@ -342,6 +443,7 @@ impl EventLoop {
                 match event.data() {
                     LISTENER => self.accept(),
                     WAKE => {
+                        self.follow_gate();
                         let waiting: Vec<u64> = self
                             .connections
                             .iter()
@@ -364,6 +466,27 @@ impl EventLoop {
                 }
             }
             self.expire();
+        }
+    }
+
+    /// Takes the listener off the epoll, or puts it back, as the [`AcceptGate`] says.
+    fn follow_gate(&mut self) {
+        let wanted = self.accepting.load(Ordering::Acquire);
+        if wanted == self.listening {
+            return;
+        }
+        let (op, what) = if wanted {
+            (ControlOperation::Add, "resume")
+        } else {
+            (ControlOperation::Delete, "stop")
+        };
+        match self.epoll.ctl(
+            op,
+            self.listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER),
+        ) {
+            Ok(()) => self.listening = wanted,
+            Err(e) => log::warn!("API: cannot {what} accepting connections: {e}"),
         }
     }
 
@@ -818,6 +941,7 @@ pub fn action_for(endpoint: Endpoint, body: &[u8], fds: Fds) -> Result<ApiAction
         Endpoint::VmmPing => ApiAction::VmmPing,
         Endpoint::VmmShutdown => ApiAction::VmmShutdown,
         Endpoint::VmmBackendTransferSupport => ApiAction::VmmBackendTransferSupport,
+        Endpoint::VmmLiveUpgrade => ApiAction::VmmLiveUpgrade(parse_body(body, "live-upgrade")?),
         Endpoint::VmCreate => ApiAction::VmCreate(Box::new(parse_body(body, "VM")?), fds),
         Endpoint::VmAddNet => ApiAction::VmAddNet(Box::new(parse_body(body, "network")?), fds),
         Endpoint::VmSnapshot => ApiAction::VmSnapshot(parse_body(body, "snapshot")?),

@@ -457,17 +457,33 @@ pub struct ConsoleConfig {
     /// Cloud Hypervisor's PCI slot of the virtio console; only none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
+    /// (+) A `Socket` serial console hands its listening socket, its client and its
+    /// backlog to the destination of a migration with backend transfer (absent: on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_transfer: Option<bool>,
 }
 
 impl ConsoleConfig {
     /// Help text for `--serial`.
     pub const SERIAL_SYNTAX: &'static str =
         "Serial port (ttyS0): \"tty|off|file=<path>|socket=<path>\" \
-        (socket: a UNIX socket to read the console from and type into; default tty)";
+        (socket: a UNIX socket to read the console from and type into; default tty), and \
+        \"backend_transfer=on|off\" (a socket console hands its socket and client to the \
+        destination of a migration with backend transfer; default on)";
 
-    /// Parses `tty`, `off`, `file=PATH` or `socket=PATH`.
+    /// Whether a socket console hands its socket over in a migration with backend transfer.
+    pub fn hands_over(&self) -> bool {
+        self.mode == ConsoleMode::Socket && self.backend_transfer != Some(false)
+    }
+
+    /// Parses `tty`, `off`, `file=PATH` or `socket=PATH`, and `backend_transfer=on|off`.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
-        let p = OptionParser::parse(s, &["mode", "file", "socket"], Some("mode"))?;
+        let p = OptionParser::parse(
+            s,
+            &["mode", "file", "socket", "backend_transfer"],
+            Some("mode"),
+        )?;
+        let backend_transfer = p.convert("backend_transfer", crate::option_parser::parse_toggle)?;
         let file = p.get("file").map(PathBuf::from);
         let socket = p.get("socket").map(PathBuf::from);
         let mode = match (p.get("mode"), &file, &socket) {
@@ -499,6 +515,7 @@ impl ConsoleConfig {
             mode,
             file,
             socket,
+            backend_transfer,
             ..Default::default()
         })
     }

@@ -30,6 +30,10 @@ pub enum After {
     Continue,
     /// End the VMM (vmm.shutdown).
     Exit,
+    /// The VM was taken over from the old baton of a live upgrade: serve the API now.
+    TookOver,
+    /// Taking the VM over failed (logged): end baton with an error.
+    TakeOverFailed,
 }
 
 /// A migration in progress, on its own thread.
@@ -38,6 +42,21 @@ enum Job {
     Sending(Arc<Progress>),
     /// A VM is being received.
     Receiving,
+    /// This VM is being handed to a new baton binary.
+    Upgrading(Arc<Progress>),
+    /// This new baton takes the VM over from the old one (nobody waits for an answer).
+    TakingOver,
+}
+
+/// What a live upgrade needs besides the VM: the launcher, and the API socket to hand
+/// over, once baton serves it.
+pub struct UpgradeSupport {
+    /// Starts the new binary.
+    pub launcher: Arc<crate::launcher::Launcher>,
+    /// Options the new baton runs with.
+    pub args: Vec<String>,
+    /// The API server's socket and gate, once it serves.
+    pub api: Option<(api::server::ApiHandover, api::server::AcceptGate)>,
 }
 
 /// The VMM's VM, if any.
@@ -58,6 +77,8 @@ pub struct Vmm {
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
     done_evt: EventFd,
+    /// What a live upgrade needs; none: this baton cannot do one.
+    upgrade: Option<UpgradeSupport>,
 }
 
 fn conflict(msg: String) -> ApiError {
@@ -72,6 +93,23 @@ fn check_and_name(config: &mut VmConfig) -> Result<(), ApiError> {
 /// A migration error as the API answers it.
 fn migration_error(status: u16, e: migration::Error) -> ApiError {
     ApiError::new(status, &Error::Migration(e))
+}
+
+/// Refuses a live upgrade's binary that cannot be run, before anything starts (400).
+fn check_binary(binary: &std::path::Path) -> Result<(), ApiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let refuse = |why: String| {
+        Err(ApiError::message(
+            400,
+            format!("Cannot run {}: {why}", binary.display()),
+        ))
+    };
+    match std::fs::metadata(binary) {
+        Err(e) => refuse(e.to_string()),
+        Ok(m) if !m.is_file() => refuse("not a regular file".into()),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => refuse("not executable".into()),
+        Ok(_) => Ok(()),
+    }
 }
 
 fn no_vm() -> ApiError {
@@ -96,6 +134,7 @@ impl Vmm {
             done_tx,
             done_rx,
             done_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            upgrade: None,
         })
     }
 
@@ -111,10 +150,100 @@ impl Vmm {
             Some((Job::Sending(_), _)) => Err(conflict(
                 "The VM is being migrated; wait for vm.send-migration to answer".into(),
             )),
-            Some((Job::Receiving, _)) => Err(conflict(
+            Some((Job::Receiving | Job::TakingOver, _)) => Err(conflict(
                 "A migration is being received; wait for vm.receive-migration to answer".into(),
             )),
+            Some((Job::Upgrading(_), _)) => Err(conflict(
+                "The VM is being handed to a new baton; wait for vmm.live-upgrade to answer".into(),
+            )),
         }
+    }
+
+    /// The VM's console with its configuration, if it has one.
+    fn console(&self) -> Option<(&api::ConsoleConfig, &Console)> {
+        self.console
+            .as_ref()
+            .map(|(config, console)| (config, console))
+    }
+
+    /// Lets this baton do live upgrades with `support`.
+    pub fn support_upgrades(&mut self, support: UpgradeSupport) {
+        self.upgrade = Some(support);
+    }
+
+    /// The API server now serves `handover`'s socket, whose gate is `gate`.
+    pub fn api_served(
+        &mut self,
+        handover: api::server::ApiHandover,
+        gate: api::server::AcceptGate,
+    ) {
+        if let Some(u) = &mut self.upgrade {
+            u.api = Some((handover, gate));
+        }
+    }
+
+    /// Starts a live upgrade; `reply` gets the answer when it ends.
+    fn live_upgrade(&mut self, cfg: api::LiveUpgradeConfig, reply: Reply) {
+        match self.start_upgrade(cfg) {
+            Ok(job) => self.job = Some((job, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn start_upgrade(&mut self, cfg: api::LiveUpgradeConfig) -> Result<Job, ApiError> {
+        self.not_migrating()?;
+        cfg.validate().map_err(|e| ApiError::new(400, &e))?;
+        self.require(&[VmState::Running], "upgrade under")?;
+        check_binary(&cfg.binary)?;
+        let Some(UpgradeSupport {
+            launcher,
+            args,
+            api: Some((api, gate)),
+        }) = &self.upgrade
+        else {
+            return Err(ApiError::message(
+                400,
+                "Live upgrade needs baton serving its API on a socket (--api-socket)",
+            ));
+        };
+        let handover = migration::upgrade::Handover {
+            launcher: launcher.clone(),
+            api: api.try_clone().map_err(|e| ApiError::new(500, &e))?,
+            gate: gate.clone(),
+            args: args.clone(),
+        };
+        let config = self
+            .config
+            .clone()
+            .expect("require() checked the VM exists");
+        let vm = self.vm.clone().expect("a running VM exists");
+        let offered = backend::transferable(&self.backends, self.console());
+        let progress =
+            migration::upgrade::spawn(vm, config, cfg, offered, handover, self.notify()?)
+                .map_err(|e| migration_error(500, e))?;
+        Ok(Job::Upgrading(progress))
+    }
+
+    /// Takes the VM over from the old baton of a live upgrade, which sends it over
+    /// `channel`.
+    pub fn take_over(
+        &mut self,
+        channel: ::migration::Channel,
+        step_timeout_s: u64,
+    ) -> Result<(), ApiError> {
+        let events = self
+            .events
+            .try_clone()
+            .map_err(|e| ApiError::new(500, &e))?;
+        let notify = self.notify()?;
+        migration::receive::spawn_on(self.kvm.clone(), events, channel, step_timeout_s, notify)
+            .map_err(|e| migration_error(500, e))?;
+        // Nobody waits for an answer: the old baton learns the outcome from the stream.
+        let (reply, _) = Reply::channel();
+        self.job = Some((Job::TakingOver, reply));
+        Ok(())
     }
 
     /// Starts sending the VM; `reply` gets the answer when the migration ends.
@@ -138,7 +267,7 @@ impl Vmm {
         migration::check_send(&config, &cfg).map_err(|e| migration_error(400, e))?;
         let vm = self.vm.clone().expect("a running VM exists");
         let offered = if cfg.backend_transfer {
-            backend::transferable(&self.backends)
+            backend::transferable(&self.backends, self.console())
         } else {
             Vec::new()
         };
@@ -206,10 +335,35 @@ impl Vmm {
         let Ok(done) = self.done_rx.try_recv() else {
             return After::Continue;
         };
-        let Some((_, reply)) = self.job.take() else {
+        let Some((job, reply)) = self.job.take() else {
             return After::Continue;
         };
+        if matches!(job, Job::TakingOver) {
+            return self.took_over(done);
+        }
         let (response, after) = match done {
+            Done::Upgraded(Ok(upgraded)) => {
+                log::info!(
+                    "live upgrade: pid {} runs the VM now ({} ms down)",
+                    upgraded.pid,
+                    upgraded.stats.downtime_ms
+                );
+                self.stop_vm();
+                self.state = VmState::Shutdown;
+                let body = serde_json::to_value(&upgraded).expect("the answer serialises");
+                (Ok(ApiReply::Json(body)), After::Exit)
+            }
+            Done::Upgraded(Err(e)) => {
+                if matches!(e, migration::Error::Unanswered(_)) {
+                    self.state = VmState::Paused;
+                }
+                let mut chain = vec!["Live upgrade failed; the VM runs on in this baton".into()];
+                if self.state == VmState::Paused {
+                    chain[0] = "Live upgrade failed; the VM stays paused here".into();
+                }
+                chain.extend(api::request::error_chain(&Error::Migration(e)));
+                (Err(ApiError { status: 500, chain }), After::Continue)
+            }
             Done::Sent(Ok(stats)) => {
                 // The VM runs at the destination now; this one stays paused and goes.
                 self.stop_vm();
@@ -249,6 +403,35 @@ impl Vmm {
         };
         let _ = reply.send(response);
         after
+    }
+
+    /// A live upgrade's take-over ended: the VM runs here, or baton ends.
+    fn took_over(&mut self, done: Done) -> After {
+        match done {
+            Done::Received(Ok(Some(arrived))) => {
+                let arrived = *arrived;
+                log::info!("live upgrade: the VM runs in this baton now");
+                self.console = Some((arrived.config.serial.clone(), arrived.console));
+                self.config = Some(arrived.config);
+                self.backends = arrived.backends;
+                self.vm = Some(Arc::new(arrived.vm));
+                self.state = VmState::Running;
+                After::TookOver
+            }
+            Done::Received(Ok(None)) => {
+                log::error!("live upgrade: the old baton kept the VM");
+                After::TakeOverFailed
+            }
+            Done::Received(Err(e)) => {
+                let chain = api::request::error_chain(&e);
+                log::error!(
+                    "live upgrade: taking the VM over failed: {}",
+                    chain.join(": ")
+                );
+                After::TakeOverFailed
+            }
+            Done::Sent(_) | Done::Upgraded(_) => After::TakeOverFailed,
+        }
     }
 
     /// The eventfds the VM's devices and vCPUs signal.
@@ -377,6 +560,10 @@ impl Vmm {
                 self.receive_migration(cfg, fds, request.reply);
                 After::Continue
             }
+            ApiAction::VmmLiveUpgrade(cfg) => {
+                self.live_upgrade(cfg, request.reply);
+                After::Continue
+            }
             action => {
                 let (response, after) = self.handle(action);
                 // A client that hung up does not need its answer.
@@ -413,7 +600,7 @@ impl Vmm {
                 .expect("ping answer serialises"),
             )),
             ApiAction::VmmBackendTransferSupport => Ok(ApiReply::Json(
-                serde_json::to_value(backend::support(&self.backends))
+                serde_json::to_value(backend::support(&self.backends, self.console()))
                     .expect("the support answer serialises"),
             )),
             ApiAction::VmmShutdown => {
@@ -438,6 +625,10 @@ impl Vmm {
             }),
             ApiAction::VmResume => self.require(&[VmState::Paused], "resume").and_then(|_| {
                 self.running()?.resume();
+                // A console held by a migration that never heard back serves again.
+                if let Some(handle) = self.console.as_ref().and_then(|(_, c)| c.handle()) {
+                    handle.release();
+                }
                 self.state = VmState::Running;
                 Ok(ApiReply::Empty)
             }),
@@ -459,9 +650,12 @@ impl Vmm {
                 .map(|_| ApiReply::Empty),
             ApiAction::VmSnapshot(cfg) => self.snapshot(&cfg),
             ApiAction::VmRestore(cfg, fds) => self.restore(cfg, fds),
-            ApiAction::VmSendMigration(_) | ApiAction::VmReceiveMigration(..) => Err(
-                ApiError::message(400, "Migrations are only taken through the REST API"),
-            ),
+            ApiAction::VmSendMigration(_)
+            | ApiAction::VmReceiveMigration(..)
+            | ApiAction::VmmLiveUpgrade(_) => Err(ApiError::message(
+                400,
+                "Migrations are only taken through the REST API",
+            )),
             ApiAction::VmDelete => self.state().map(|_| {
                 self.stop_vm();
                 self.config = None;
@@ -697,7 +891,7 @@ impl Vmm {
                 state,
                 memory_actual_size,
                 migration: match &self.job {
-                    Some((Job::Sending(p), _)) => {
+                    Some((Job::Sending(p) | Job::Upgrading(p), _)) => {
                         Some(serde_json::to_value(p.report()).expect("progress serialises"))
                     }
                     _ => None,

@@ -342,6 +342,15 @@ impl Backends {
         self.nets.iter().map(|n| (&n.config, n.taps.as_ref()))
     }
 
+    /// Whether a network card or disk has the id `id`.
+    pub fn has_device(&self, id: &str) -> bool {
+        self.nets.iter().any(|n| n.config.id.as_deref() == Some(id))
+            || self
+                .disks
+                .iter()
+                .any(|d| d.config.id.as_deref() == Some(id))
+    }
+
     /// The network configurations as the backends filled them in (TAP names included).
     pub fn net_configs(&self) -> impl Iterator<Item = &NetConfig> {
         self.nets.iter().map(|n| &n.config)

@@ -48,6 +48,11 @@ pub enum Error {
     /// Control loop plumbing.
     #[error("Control loop failure")]
     Loop(#[source] std::io::Error),
+    /// The new baton of a live upgrade did not get the VM (the old one runs it on).
+    #[error(
+        "The VM could not be taken over from the old baton, which runs it on (see the log above)"
+    )]
+    TakeOver,
     /// A vCPU failed; the guest cannot continue.
     #[error("The guest stopped on a vCPU error (see the log above)")]
     VcpuFailed,

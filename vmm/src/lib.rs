@@ -17,6 +17,7 @@ pub mod cpuid;
 pub mod device_manager;
 pub mod error;
 pub mod interrupt;
+pub mod launcher;
 pub mod layout;
 pub mod logger;
 pub mod memory;
@@ -114,12 +115,20 @@ pub enum Initial {
     Boot(Box<VmConfig>, api::fds::Fds),
     /// Restore this snapshot, with `net_fds` on these inherited descriptors.
     Restore(api::RestoreConfig, api::fds::Fds),
+    /// Take the VM over from the old baton of a live upgrade, which sends it over this
+    /// inherited socket with this step timeout; serve the API only once the VM runs here.
+    TakeOver(std::os::fd::OwnedFd, u64),
 }
 
 /// Runs the VMM: boots or restores the VM `initial` names, serves the API on `api_socket` if
 /// given, and handles guest and API events until the guest powers off, a signal arrives,
 /// `vmm.shutdown` is requested, or a vCPU fails. Guest resets rebuild the VM in place.
-pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, Error> {
+/// With `upgrades`, `vmm.live-upgrade` hands the VM to a new binary.
+pub fn run(
+    initial: Initial,
+    api_socket: Option<ApiSocket>,
+    upgrades: Option<control::UpgradeSupport>,
+) -> Result<Outcome, Error> {
     if let Initial::Boot(config, _) = &initial {
         // Before touching /dev/kvm, so a bad command line gets its own message everywhere.
         config
@@ -132,21 +141,39 @@ pub fn run(initial: Initial, api_socket: Option<ApiSocket>) -> Result<Outcome, E
     let terminate = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Loop)?;
     install_terminate_handler(&terminate).map_err(Error::Loop)?;
     let mut vmm = Vmm::new(kvm, VmEvents::new().map_err(Error::Vm)?).map_err(Error::Loop)?;
+    if let Some(upgrades) = upgrades {
+        vmm.support_upgrades(upgrades);
+    }
 
-    let api = match api_socket {
+    let mut api = match api_socket {
         Some(socket) => {
             let (sender, requests, wake) = ApiSender::new().map_err(Error::Loop)?;
-            let server = socket.serve(sender).map_err(Error::Api)?;
-            Some((requests, wake, server))
+            Some(Api {
+                requests,
+                wake,
+                server: None,
+                waiting: Some((socket, sender)),
+            })
         }
         None => None,
     };
+    // A new baton of a live upgrade serves the API once the VM runs here.
+    let taking_over = matches!(initial, Initial::TakeOver(..));
     // The command line goes through the same internal API as HTTP requests.
     let actions = match initial {
         Initial::Wait => Vec::new(),
         Initial::Boot(config, fds) => vec![ApiAction::VmCreate(config, fds), ApiAction::VmBoot],
         Initial::Restore(restore, fds) => vec![ApiAction::VmRestore(restore, fds)],
+        Initial::TakeOver(fd, step_timeout_s) => {
+            let channel = std::os::unix::net::UnixStream::from(fd).into();
+            vmm.take_over(channel, step_timeout_s)
+                .map_err(Error::Request)?;
+            Vec::new()
+        }
     };
+    if let (Some(api), false) = (&mut api, taking_over) {
+        api.serve(&mut vmm)?;
+    }
     for action in actions {
         vmm.handle(action).0.map_err(Error::Request)?;
     }
@@ -201,16 +228,49 @@ impl Wake {
     }
 }
 
+/// The API: requests from the server thread, the eventfd that says some came, and the
+/// server, or, until it serves (a new baton of a live upgrade waits for the VM first), its
+/// socket.
+struct Api {
+    requests: std::sync::mpsc::Receiver<api::request::ApiRequest>,
+    wake: EventFd,
+    server: Option<api::server::Server>,
+    waiting: Option<(ApiSocket, ApiSender)>,
+}
+
+impl Api {
+    /// Starts serving the socket, and tells `vmm` what a live upgrade hands over.
+    fn serve(&mut self, vmm: &mut Vmm) -> Result<(), Error> {
+        let Some((socket, sender)) = self.waiting.take() else {
+            return Ok(());
+        };
+        let server = socket.serve(sender).map_err(Error::Api)?;
+        match server.handover() {
+            Ok(handover) => vmm.api_served(handover, server.gate()),
+            Err(e) => log::warn!("the API socket cannot be handed over (no live upgrade): {e}"),
+        }
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Answers every request still queued with a 503 saying `why`, then waits (a little)
+    /// for every answer to be written.
+    fn refuse_the_rest(&self, why: &str) {
+        while let Ok(late) = self.requests.try_recv() {
+            let _ = late.reply.send(Err(ApiError::message(503, why)));
+        }
+        if let Some(server) = &self.server {
+            server.drain(Duration::from_secs(2));
+        }
+    }
+}
+
 /// The control loop, as event-manager's one subscriber on the main thread: it owns the VMM
 /// and everything that wakes it, and sets `outcome` when baton should end.
 struct ControlLoop {
     vmm: Vmm,
     terminate: EventFd,
-    api: Option<(
-        std::sync::mpsc::Receiver<api::request::ApiRequest>,
-        EventFd,
-        api::server::Server,
-    )>,
+    api: Option<Api>,
     outcome: Option<Result<Outcome, Error>>,
 }
 
@@ -224,7 +284,7 @@ impl ControlLoop {
             Wake::Ejected => &events.eject,
             Wake::Signal => &self.terminate,
             Wake::MigrationDone => self.vmm.migration_event(),
-            Wake::Api => &self.api.as_ref()?.1,
+            Wake::Api => &self.api.as_ref()?.wake,
         })
     }
 
@@ -258,32 +318,35 @@ impl ControlLoop {
                 self.vmm.shutdown();
                 Some(Ok(Outcome::Signalled))
             }
-            Wake::MigrationDone => {
-                if self.vmm.migration_done() != After::Exit {
-                    return None;
+            Wake::MigrationDone => match self.vmm.migration_done() {
+                After::Continue => None,
+                After::Exit => {
+                    log::info!("the VM was migrated: exiting");
+                    if let Some(api) = &self.api {
+                        api.refuse_the_rest(
+                            "This baton has handed its VM over and is ending; send the \
+                             request again",
+                        );
+                    }
+                    Some(Ok(Outcome::Migrated))
                 }
-                log::info!("the VM was migrated: exiting");
-                if let Some((_, _, server)) = &self.api {
-                    server.drain(Duration::from_secs(2));
+                After::TookOver => {
+                    let api = self.api.as_mut()?;
+                    api.serve(&mut self.vmm).err().map(Err)
                 }
-                Some(Ok(Outcome::Migrated))
-            }
+                After::TakeOverFailed => Some(Err(Error::TakeOver)),
+            },
             Wake::Api => self.serve_requests(),
         }
     }
 
     /// Serves every request the API thread queued.
     fn serve_requests(&mut self) -> Option<Result<Outcome, Error>> {
-        let (requests, _, server) = self.api.as_ref()?;
-        while let Ok(request) = requests.try_recv() {
+        let api = self.api.as_ref()?;
+        while let Ok(request) = api.requests.try_recv() {
             if self.vmm.dispatch(request) == After::Exit {
                 log::info!("vmm.shutdown requested");
-                while let Ok(late) = requests.try_recv() {
-                    let _ = late
-                        .reply
-                        .send(Err(ApiError::message(503, "The VMM is shutting down")));
-                }
-                server.drain(Duration::from_secs(2));
+                api.refuse_the_rest("The VMM is shutting down");
                 return Some(Ok(Outcome::ApiShutdown));
             }
         }

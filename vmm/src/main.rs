@@ -31,7 +31,8 @@ fn command() -> Command {
                 .value_name("OPTIONS")
                 .help(
                     "Serve the REST API: \"path=<socket path>\" (created owner-only) or \
-                     \"fd=<n>\" (an inherited listening socket), and \"max_connections=<n>\" \
+                     \"fd=<n>\" (an inherited listening socket, with \"lock_fd=<n>\" the \
+                     lock on its path a live upgrade passes on), and \"max_connections=<n>\" \
                      (served at once, 1 to 512, default 256; at the limit the connection idle \
                      longest is closed). Without VM options baton waits for vm.create",
                 ),
@@ -104,6 +105,19 @@ fn command() -> Command {
                 .value_name("OPTIONS")
                 .conflicts_with_all(VM_OPTIONS)
                 .help(api::RestoreConfig::SYNTAX),
+        )
+        .arg(
+            Arg::new("upgrade-from")
+                .long("upgrade-from")
+                .value_name("fd=N,step_timeout_s=N")
+                .conflicts_with_all(VM_OPTIONS)
+                .conflicts_with("restore")
+                .requires("api-socket")
+                .help(
+                    "Started by vmm.live-upgrade, not by hand: take the VM over from the old \
+                     baton, which sends it over inherited socket N, and serve the API once \
+                     it runs here",
+                ),
         )
         .arg(
             Arg::new("seccomp")
@@ -209,9 +223,21 @@ fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
         return Ok(None);
     };
     let invalid = vmm::Error::ApiSocketOption;
-    let p = OptionParser::parse(spec, &["path", "fd", "max_connections"], Some("path"))
-        .map_err(invalid)?;
+    let p = OptionParser::parse(
+        spec,
+        &["path", "fd", "lock_fd", "max_connections"],
+        Some("path"),
+    )
+    .map_err(invalid)?;
     let fd = p.convert("fd", parse_int::<i32>).map_err(invalid)?;
+    let lock_fd = p.convert("lock_fd", parse_int::<i32>).map_err(invalid)?;
+    if lock_fd.is_some() && fd.is_none() {
+        return Err(invalid(OptionError::InvalidValue {
+            key: "lock_fd".into(),
+            value: spec.clone(),
+            reason: "lock_fd goes with fd=N".into(),
+        }));
+    }
     // Checked before anything is bound.
     let max_connections = p
         .convert("max_connections", parse_int::<usize>)
@@ -234,11 +260,74 @@ fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
         Some(n) => s.max_connections(n),
         None => Ok(s),
     })
+    .and_then(|s| match lock_fd {
+        Some(fd) => s.with_lock_fd(fd),
+        None => Ok(s),
+    })
     .map(Some)
     .map_err(vmm::Error::Api)
 }
 
+/// What a live upgrade needs: the launcher, forked here while baton has one thread and no
+/// filter, and the options the new baton runs with. Only with an API, which asks for it.
+fn upgrade_support(m: &ArgMatches) -> Option<vmm::control::UpgradeSupport> {
+    m.get_one::<String>("api-socket")?;
+    let launcher = match vmm::launcher::Launcher::start() {
+        Ok(l) => l,
+        Err(e) => {
+            log::warn!("live upgrade unavailable: {e}");
+            return None;
+        }
+    };
+    let mut args = vec![
+        "--seccomp".to_string(),
+        m.get_one::<String>("seccomp")
+            .cloned()
+            .unwrap_or_else(|| "true".into()),
+    ];
+    args.extend((0..m.get_count("verbose")).map(|_| "-v".to_string()));
+    Some(vmm::control::UpgradeSupport {
+        launcher: std::sync::Arc::new(launcher),
+        args,
+        api: None,
+    })
+}
+
+/// The socket `--upgrade-from` names, and its step timeout.
+fn upgrade_from(spec: &str) -> Result<vmm::Initial, vmm::Error> {
+    let invalid = |source| {
+        vmm::Error::Config(api::ConfigError::Option {
+            option: "upgrade-from",
+            source,
+        })
+    };
+    let p = OptionParser::parse(spec, &["fd", "step_timeout_s"], Some("fd")).map_err(invalid)?;
+    let fd = p.required("fd").map_err(invalid).and_then(|v| {
+        parse_int::<i32>(v).map_err(|reason| {
+            invalid(OptionError::InvalidValue {
+                key: "fd".into(),
+                value: v.into(),
+                reason,
+            })
+        })
+    })?;
+    let step_timeout_s = p
+        .convert("step_timeout_s", parse_int::<u64>)
+        .map_err(invalid)?
+        .unwrap_or(api::migration_config::DEFAULT_STEP_TIMEOUT_S);
+    let socket = inherit("upgrade-from", vec![fd])?.remove(0);
+    if !fd_passing::is_unix_socket(std::os::fd::AsFd::as_fd(&socket)) {
+        return Err(invalid(OptionError::InvalidValue {
+            key: "fd".into(),
+            value: fd.to_string(),
+            reason: "not a UNIX socket".into(),
+        }));
+    }
+    Ok(vmm::Initial::TakeOver(socket, step_timeout_s))
+}
+
 fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
+    let upgrades = upgrade_support(m);
     let mode = m
         .get_one::<String>("seccomp")
         .map_or(Ok(vmm::seccomp::Mode::Trap), |s| s.parse())
@@ -252,7 +341,9 @@ fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
     }
     let given = |o: &str| m.value_source(o).is_some();
     let wants_vm = VM_OPTIONS.iter().any(|o| given(o)) || !given("api-socket");
-    let initial = if let Some(spec) = m.get_one::<String>("restore") {
+    let initial = if let Some(spec) = m.get_one::<String>("upgrade-from") {
+        upgrade_from(spec)?
+    } else if let Some(spec) = m.get_one::<String>("restore") {
         let mut restore = api::RestoreConfig::from_option_string(spec).map_err(|source| {
             vmm::Error::Config(api::ConfigError::Option {
                 option: "restore",
@@ -268,7 +359,7 @@ fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
     } else {
         vmm::Initial::Wait
     };
-    vmm::run(initial, api_socket(m)?)
+    vmm::run(initial, api_socket(m)?, upgrades)
 }
 
 /// Takes ownership of descriptors baton inherited, named on its command line.
@@ -286,10 +377,7 @@ fn inherit(option: &'static str, numbers: Vec<i32>) -> Result<api::fds::Fds, vmm
     let mut owned = Vec::with_capacity(numbers.len());
     for (i, &fd) in numbers.iter().enumerate() {
         if fd < 3 {
-            return Err(bad(
-                fd,
-                "standard input, output and error cannot be TAP queues",
-            ));
+            return Err(bad(fd, "standard input, output and error cannot be taken"));
         }
         if numbers[..i].contains(&fd) {
             return Err(bad(fd, "named twice"));

@@ -206,12 +206,13 @@ use libc::{
     SYS_fdatasync, SYS_flock, SYS_fstat, SYS_fsync, SYS_ftruncate, SYS_futex, SYS_getdents64,
     SYS_getpid, SYS_getrandom, SYS_getsockname, SYS_getsockopt, SYS_gettid, SYS_ioctl, SYS_listen,
     SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mkdir, SYS_mkdirat, SYS_mmap, SYS_mprotect,
-    SYS_mremap, SYS_munmap, SYS_nanosleep, SYS_newfstatat, SYS_openat, SYS_poll, SYS_ppoll,
-    SYS_pread64, SYS_preadv, SYS_prlimit64, SYS_pwrite64, SYS_pwritev, SYS_read, SYS_readv,
-    SYS_recvfrom, SYS_recvmsg, SYS_rename, SYS_renameat, SYS_rseq, SYS_rt_sigaction,
-    SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sched_getaffinity, SYS_sched_yield, SYS_seccomp,
-    SYS_sendmsg, SYS_sendto, SYS_set_robust_list, SYS_setsockopt, SYS_shutdown, SYS_sigaltstack,
-    SYS_socket, SYS_statx, SYS_tgkill, SYS_umask, SYS_unlink, SYS_unlinkat, SYS_write, SYS_writev,
+    SYS_mremap, SYS_munmap, SYS_nanosleep, SYS_newfstatat, SYS_openat, SYS_pidfd_send_signal,
+    SYS_poll, SYS_ppoll, SYS_pread64, SYS_preadv, SYS_prlimit64, SYS_pwrite64, SYS_pwritev,
+    SYS_read, SYS_readv, SYS_recvfrom, SYS_recvmsg, SYS_rename, SYS_renameat, SYS_rseq,
+    SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sched_getaffinity, SYS_sched_yield,
+    SYS_seccomp, SYS_sendmsg, SYS_sendto, SYS_set_robust_list, SYS_setsockopt, SYS_shutdown,
+    SYS_sigaltstack, SYS_socket, SYS_socketpair, SYS_statx, SYS_tgkill, SYS_umask, SYS_unlink,
+    SYS_unlinkat, SYS_write, SYS_writev,
 };
 use Allow::Call;
 
@@ -368,10 +369,13 @@ const MIGRATION_SEND: &[Allow] = &[
     Call(SYS_getpid),
     Call(SYS_clone),
     Call(SYS_clone3),
+    // A live upgrade: the socket pair to the new baton, and ending it if it hangs.
+    Call(SYS_socketpair),
+    Call(SYS_pidfd_send_signal),
 ];
 
-/// The serial console: standard input, its socket (bound again once a migration's source
-/// lets go of the path) and a thread per client.
+/// The serial console: standard input, and its socket (bound again once a migration's
+/// source lets go of the path) with its clients, served by one thread.
 const SERIAL: &[Allow] = &[
     Call(SYS_socket),
     Call(SYS_umask),
@@ -385,8 +389,6 @@ const SERIAL: &[Allow] = &[
     Call(SYS_sendto),
     Call(SYS_setsockopt),
     Call(SYS_shutdown),
-    Call(SYS_clone),
-    Call(SYS_clone3),
 ];
 
 /// The compiled filters and the mode, once [`install`] ran.

@@ -212,6 +212,33 @@ fn command() -> Command {
             ),
     )
     .subcommand(
+        Command::new("live-upgrade")
+            .about(
+                "Hand the running VM, its memory, network and disk backends and the API \
+                 socket to a new baton binary, which goes on serving the same socket; shows \
+                 progress on standard error and prints the new pid, the downtime and what \
+                 was handed over (PUT vmm.live-upgrade). If any step fails the VM runs on in \
+                 this baton",
+            )
+            .arg(
+                Arg::new("binary")
+                    .long("binary")
+                    .value_name("PATH")
+                    .required(true)
+                    .help("The new baton binary (a relative path is taken from here)"),
+            )
+            .arg(
+                Arg::new("step-timeout-s")
+                    .long("step-timeout-s")
+                    .value_name("SECONDS")
+                    .value_parser(clap::value_parser!(u64))
+                    .help(
+                        "Give up, keeping the VM here, when the new baton moves no byte for \
+                         this long at any step (default 60)",
+                    ),
+            ),
+    )
+    .subcommand(
         Command::new("create")
             .about("Create a VM from a JSON VmConfig (PUT vm.create)")
             .arg(
@@ -235,6 +262,8 @@ enum Error {
     Options(&'static str, #[source] api::option_parser::OptionError),
     #[error("Descriptor {0} is not open in baton-remote (pass it when starting baton-remote)")]
     BadFd(i32),
+    #[error("Cannot name the binary {0} by an absolute path")]
+    Binary(PathBuf, #[source] std::io::Error),
 }
 
 fn read_config(arg: &str) -> Result<Vec<u8>, Error> {
@@ -273,7 +302,7 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
         check_fds(&fds)?;
         let body = serde_json::to_vec(&body).expect("JSON values serialise");
         if *endpoint == "vm.send-migration" {
-            return send_migration(&socket, body);
+            return long_request(&socket, endpoint, body);
         }
         return Ok(client::request_with_fds(
             &socket,
@@ -282,6 +311,19 @@ fn call(m: &ArgMatches) -> Result<Response, Error> {
             Some(&body),
             &fds,
         )?);
+    }
+    if name == "live-upgrade" {
+        let given = PathBuf::from(sub.get_one::<String>("binary").expect("required"));
+        let binary = std::path::absolute(&given).map_err(|e| Error::Binary(given, e))?;
+        let mut cfg = api::LiveUpgradeConfig {
+            binary,
+            step_timeout_s: api::migration_config::DEFAULT_STEP_TIMEOUT_S,
+        };
+        if let Some(s) = sub.get_one::<u64>("step-timeout-s") {
+            cfg.step_timeout_s = *s;
+        }
+        let body = serde_json::to_vec(&cfg).expect("the request serialises");
+        return long_request(&socket, "vmm.live-upgrade", body);
     }
     if name == "create" {
         let body = read_config(sub.get_one::<String>("config").expect("required"))?;
@@ -305,19 +347,14 @@ fn check_fds(fds: &[i32]) -> Result<(), Error> {
 /// How often `send-migration` asks for progress.
 const PROGRESS_POLL: Duration = Duration::from_millis(200);
 
-/// Sends `body` to vm.send-migration on a thread of its own; until the answer comes, polls
-/// vm.info on other connections and shows the migration's progress on standard error, so
-/// that standard output still carries only the answer.
-fn send_migration(socket: &Path, body: Vec<u8>) -> Result<Response, Error> {
+/// PUTs `body` to `endpoint` (a migration or live upgrade) on a thread of its own; until
+/// the answer comes, polls vm.info on other connections and shows the migration's progress
+/// on standard error, so that standard output still carries only the answer.
+fn long_request(socket: &Path, endpoint: &'static str, body: Vec<u8>) -> Result<Response, Error> {
     let (tx, rx) = mpsc::channel();
     let to = socket.to_owned();
     std::thread::spawn(move || {
-        let _ = tx.send(client::request(
-            &to,
-            "PUT",
-            "vm.send-migration",
-            Some(&body),
-        ));
+        let _ = tx.send(client::request(&to, "PUT", endpoint, Some(&body)));
     });
     let mut shown = ProgressDisplay::new(std::io::stderr().is_terminal());
     loop {
@@ -468,7 +505,7 @@ mod tests {
             );
         }
         for (name, _, _) in api::routes::ROUTES {
-            let covered = ["vm.create", "vm.add-net"].contains(name)
+            let covered = ["vm.create", "vm.add-net", "vmm.live-upgrade"].contains(name)
                 || SIMPLE.iter().any(|(_, _, e, _)| e == name)
                 || WITH_OPTIONS.iter().any(|c| c.1 == *name);
             assert!(covered, "no baton-remote command for {name}");

@@ -1,9 +1,10 @@
 //! Backend transfer: the one place that knows which backends a migration can hand over, and
 //! how.
 //!
-//! Two kinds go: a network card's TAP ([`TAP_KIND`]), as its queues' descriptors and the
-//! TAP's state, and a disk's image ([`DISK_KIND`]), as its open descriptor and what it was
-//! opened as. The source offers every device whose `backend_transfer` flag is on
+//! Three kinds go: a network card's TAP ([`TAP_KIND`]), as its queues' descriptors and the
+//! TAP's state; a disk's image ([`DISK_KIND`]), as its open descriptor and what it was
+//! opened as; and a socket serial console ([`CONSOLE_KIND`], as device [`CONSOLE_ID`]), as
+//! its listening socket and its client with the backlog and pending input. The source offers every device whose `backend_transfer` flag is on
 //! ([`transferable`], [`proposal`]); a destination asked with `backend_transfer` takes the
 //! kinds it knows ([`accept`]) if they fit its configuration ([`check_accepted`]); while the
 //! guest is paused the source sends each accepted device's backend ([`hand_over`]) and the
@@ -22,6 +23,7 @@ use api::VmConfig;
 use net_util::{TapQueues, TapState};
 use serde::{Deserialize, Serialize};
 
+use crate::console::{ConsoleHandOver, ConsoleHandle};
 use crate::device_manager::Backends;
 
 /// The backend kind a network card's TAP hands over as.
@@ -30,8 +32,17 @@ pub const TAP_KIND: &str = "virtio-net-tap";
 /// The backend kind a disk's image hands over as.
 pub const DISK_KIND: &str = "virtio-blk-file";
 
+/// The backend kind a socket serial console hands over as.
+pub const CONSOLE_KIND: &str = "serial-socket";
+
+/// The device id the serial console is offered as.
+pub const CONSOLE_ID: &str = "serial";
+
 /// Every kind this baton hands over and takes over.
-pub const KINDS: [&str; 2] = [TAP_KIND, DISK_KIND];
+pub const KINDS: [&str; 3] = [TAP_KIND, DISK_KIND, CONSOLE_KIND];
+
+/// Most input bytes a console hand-over may carry (the console reads 4 KiB ahead at most).
+const MAX_CONSOLE_INPUT: usize = 64 << 10;
 
 /// Errors handing a backend over or taking it over.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +103,12 @@ pub enum Error {
         /// What does not fit.
         why: String,
     },
+    /// The serial console cannot be held for the hand-over.
+    #[error("Cannot hand the serial console over")]
+    ConsoleHold(#[source] std::io::Error),
+    /// The serial console that came does not fit.
+    #[error("The serial console handed over {0}")]
+    Console(String),
 }
 
 /// What a device hands over.
@@ -101,6 +118,8 @@ pub enum Backend {
     Tap(Arc<TapQueues>),
     /// A disk's open image (a duplicate of the disk's descriptor).
     Disk(Arc<File>, DiskHandOver),
+    /// A socket serial console.
+    Console(ConsoleHandle),
 }
 
 /// A backend this VM can hand over.
@@ -118,16 +137,46 @@ impl Transferable {
         match self.backend {
             Backend::Tap(_) => TAP_KIND,
             Backend::Disk(..) => DISK_KIND,
+            Backend::Console(_) => CONSOLE_KIND,
         }
     }
 
-    /// How many descriptors go.
+    /// How many descriptors go: a console's listening socket and its client (the listening
+    /// socket again when no client is connected, as the count is fixed when offered).
     pub fn fds(&self) -> u32 {
         match &self.backend {
             Backend::Tap(taps) => taps.len() as u32,
             Backend::Disk(..) => 1,
+            Backend::Console(_) => 2,
         }
     }
+
+    /// The migration succeeded: a console stops serving here without touching what it
+    /// handed over.
+    pub fn handed_over(&self) {
+        if let Backend::Console(h) = &self.backend {
+            h.handed_over();
+        }
+    }
+
+    /// The VM resumes here: a console held for the hand-over serves again.
+    pub fn resumed(&self) {
+        if let Backend::Console(h) = &self.backend {
+            h.release();
+        }
+    }
+}
+
+/// What a console's hand-over carries besides its descriptors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleState {
+    /// The second descriptor is a connected client (not the listening socket again).
+    pub client: bool,
+    /// The last output, for the next client.
+    pub backlog: Vec<u8>,
+    /// Input the guest has not taken yet.
+    pub input: Vec<u8>,
 }
 
 /// What a disk's image hands over with: how it was opened, which the destination's
@@ -145,9 +194,21 @@ pub struct DiskHandOver {
     pub size: u64,
 }
 
-/// The backends of `backends` a migration with backend transfer offers: the network cards
-/// and disks whose `backend_transfer` flag is on.
-pub fn transferable(backends: &Backends) -> Vec<Transferable> {
+/// The backends a migration with backend transfer offers: the network cards and disks of
+/// `backends` whose `backend_transfer` flag is on, and `console` if it is a socket console
+/// with the flag on, serving its socket.
+pub fn transferable(
+    backends: &Backends,
+    console: Option<(&api::ConsoleConfig, &crate::console::Console)>,
+) -> Vec<Transferable> {
+    let console = console
+        .filter(|(config, _)| config.hands_over() && !backends.has_device(CONSOLE_ID))
+        .and_then(|(_, console)| console.handle())
+        .filter(ConsoleHandle::is_bound)
+        .map(|h| Transferable {
+            id: CONSOLE_ID.into(),
+            backend: Backend::Console(h),
+        });
     let nets = backends
         .nets()
         .filter(|(config, _)| config.backend_transfer)
@@ -186,14 +247,17 @@ pub fn transferable(backends: &Backends) -> Vec<Transferable> {
                 }
             }
         });
-    nets.chain(disks).collect()
+    nets.chain(disks).chain(console).collect()
 }
 
-/// What `vmm.backend-transfer-support` answers for `backends`.
-pub fn support(backends: &Backends) -> BackendTransferSupport {
+/// What `vmm.backend-transfer-support` answers for `backends` and `console`.
+pub fn support(
+    backends: &Backends,
+    console: Option<(&api::ConsoleConfig, &crate::console::Console)>,
+) -> BackendTransferSupport {
     BackendTransferSupport {
         kinds: KINDS.iter().map(|k| k.to_string()).collect(),
-        devices: transferable(backends)
+        devices: transferable(backends, console)
             .into_iter()
             .map(|t| TransferableDevice {
                 fds: t.fds(),
@@ -234,9 +298,22 @@ pub fn accept(start: &Start, enabled: bool) -> Vec<(String, u32)> {
 }
 
 /// Checks that every accepted device is a network card of `config` with as many queue pairs
-/// as descriptors are offered, or a disk of `config` offered one descriptor.
+/// as descriptors are offered, a disk of `config` offered one descriptor, or the serial
+/// console, a socket console here, offered two.
 pub fn check_accepted(config: &VmConfig, accepted: &[(String, u32)]) -> Result<(), Error> {
     for (id, fds) in accepted {
+        if id == CONSOLE_ID
+            && !config.net.iter().any(|n| n.id.as_deref() == Some(id))
+            && !config.disks.iter().any(|d| d.id.as_deref() == Some(id))
+        {
+            if config.serial.mode != api::ConsoleMode::Socket || *fds != 2 {
+                return Err(Error::Console(format!(
+                    "with {fds} descriptor(s) does not fit the serial port here ({:?})",
+                    config.serial.mode
+                )));
+            }
+            continue;
+        }
         let net = config.net.iter().find(|n| n.id.as_deref() == Some(id));
         let disk = config.disks.iter().find(|d| d.id.as_deref() == Some(id));
         match (net, disk) {
@@ -261,18 +338,51 @@ pub fn check_accepted(config: &VmConfig, accepted: &[(String, u32)]) -> Result<(
     Ok(())
 }
 
+/// The descriptors of an Fds message: the device's own, or duplicates made for it.
+pub enum HandedFds<'a> {
+    /// The device's descriptors, which stay open here.
+    Borrowed(Vec<BorrowedFd<'a>>),
+    /// Duplicates, closed here once sent.
+    Owned(Vec<OwnedFd>),
+}
+
+impl HandedFds<'_> {
+    /// The descriptors to send.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        match self {
+            HandedFds::Borrowed(fds) => fds.clone(),
+            HandedFds::Owned(fds) => fds.iter().map(|f| f.as_fd()).collect(),
+        }
+    }
+}
+
 /// The Fds message handing `t` over, while the guest is paused: its header (the backend's
-/// state) and its descriptors, which stay open here.
-pub fn hand_over(t: &Transferable) -> Result<(FdsHeader, Vec<BorrowedFd<'_>>), Error> {
+/// state) and its descriptors. A console is held from here on: [`Transferable::resumed`]
+/// or [`Transferable::handed_over`] ends that.
+pub fn hand_over(t: &Transferable) -> Result<(FdsHeader, HandedFds<'_>), Error> {
     let (state, fds) = match &t.backend {
         Backend::Tap(taps) => {
             let tap = taps.state().map_err(|e| Error::TapState(t.id.clone(), e))?;
             let state = serde_json::to_value(&tap).expect("TAP state serialises");
-            (state, taps.fds())
+            (state, HandedFds::Borrowed(taps.fds()))
         }
         Backend::Disk(file, disk) => {
             let state = serde_json::to_value(disk).expect("disk state serialises");
-            (state, vec![file.as_fd()])
+            (state, HandedFds::Borrowed(vec![file.as_fd()]))
+        }
+        Backend::Console(handle) => {
+            let held = handle.hold().map_err(Error::ConsoleHold)?;
+            let state = ConsoleState {
+                client: held.client.is_some(),
+                backlog: held.backlog,
+                input: held.input,
+            };
+            let second = match held.client {
+                Some(client) => client,
+                None => held.listener.try_clone().map_err(Error::ConsoleHold)?,
+            };
+            let state = serde_json::to_value(&state).expect("console state serialises");
+            (state, HandedFds::Owned(vec![held.listener, second]))
         }
     };
     let header = FdsHeader {
@@ -281,6 +391,33 @@ pub fn hand_over(t: &Transferable) -> Result<(FdsHeader, Vec<BorrowedFd<'_>>), E
         state,
     };
     Ok((header, fds))
+}
+
+/// The console `header` and `fds` hand over, checked: a listening UNIX socket, a client
+/// (if the state says one is connected) and a bounded backlog and input.
+pub fn console_hand_over(header: FdsHeader, fds: Vec<OwnedFd>) -> Result<ConsoleHandOver, Error> {
+    let state: ConsoleState =
+        serde_json::from_value(header.state).map_err(|e| Error::BadState(header.id.clone(), e))?;
+    let count = fds.len();
+    let [listener, second] = <[OwnedFd; 2]>::try_from(fds)
+        .map_err(|_| Error::Console(format!("comes with {count} descriptor(s), not 2")))?;
+    if !fd_passing::is_unix_socket(listener.as_fd()) || !fd_passing::is_unix_socket(second.as_fd())
+    {
+        return Err(Error::Console("is not a UNIX socket".into()));
+    }
+    if state.backlog.len() > crate::console::BACKLOG || state.input.len() > MAX_CONSOLE_INPUT {
+        return Err(Error::Console(format!(
+            "carries {} bytes of output and {} of input, more than a console keeps",
+            state.backlog.len(),
+            state.input.len()
+        )));
+    }
+    Ok(ConsoleHandOver {
+        listener,
+        client: state.client.then_some(second),
+        backlog: state.backlog,
+        input: state.input,
+    })
 }
 
 /// A backend installed by [`take_over`], for the log.
@@ -596,9 +733,52 @@ mod tests {
         assert!(backends.waiting_disk("disk0").is_none(), "installed");
         let e = take_over(&mut backends, disk_header(4096, false), open(true)).unwrap_err();
         assert!(matches!(e, Error::NotWaiting(..)), "{e}");
-        let offered = transferable(&backends);
+        let offered = transferable(&backends, None);
         assert_eq!(offered.len(), 1);
         assert_eq!((offered[0].kind(), offered[0].fds()), (DISK_KIND, 1));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_console_comes_as_a_listening_socket_and_a_client_within_bounds() {
+        let header = |client: bool, backlog: usize| FdsHeader {
+            id: CONSOLE_ID.into(),
+            count: 2,
+            state: serde_json::to_value(ConsoleState {
+                client,
+                backlog: vec![b'x'; backlog],
+                input: b"ls\n".to_vec(),
+            })
+            .unwrap(),
+        };
+        let pair = || {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            vec![OwnedFd::from(a), OwnedFd::from(b)]
+        };
+        let taken = console_hand_over(header(true, 10), pair()).expect("fits");
+        assert!(taken.client.is_some());
+        assert_eq!(
+            (taken.backlog.len(), taken.input.as_slice()),
+            (10, &b"ls\n"[..])
+        );
+        let without = console_hand_over(header(false, 0), pair()).expect("fits");
+        assert!(without.client.is_none(), "the second is the listener again");
+        let file = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        for (fds, backlog, why) in [
+            (vec![file(), file()], 0, "is not a UNIX socket"),
+            (
+                pair().into_iter().take(1).collect(),
+                0,
+                "comes with 1 descriptor(s)",
+            ),
+            (
+                pair(),
+                crate::console::BACKLOG + 1,
+                "more than a console keeps",
+            ),
+        ] {
+            let e = console_hand_over(header(true, backlog), fds).unwrap_err();
+            assert!(e.to_string().contains(why), "{why}: {e}");
+        }
     }
 }

@@ -21,6 +21,7 @@
 pub mod backend;
 pub mod receive;
 pub mod send;
+pub mod upgrade;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
@@ -96,6 +97,12 @@ pub enum Error {
         /// The destination's.
         destination_software: Software,
     },
+    /// The new binary of a live upgrade could not be started.
+    #[error("Cannot start the new baton")]
+    Launch(#[source] crate::launcher::Error),
+    /// The new baton of a live upgrade got Complete and ended without answering.
+    #[error("The new baton (pid {0}) ended without taking the VM; the VM runs on here")]
+    NewBatonEnded(u32, #[source] Box<Error>),
     /// Pre-copy did not converge in time.
     #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
     Timeout(u64),
@@ -225,6 +232,20 @@ pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<Migrat
     Ok(url)
 }
 
+/// Makes a baton taking a VM over end on the spot at the named step (`config`, `state` or
+/// `complete`, before the VM starts there): for the live-upgrade tests, which need a new
+/// binary that crashes.
+pub const TEST_CRASH: &str = "BATON_TEST_CRASH";
+
+/// Ends this baton at once if [`TEST_CRASH`] names `step`.
+pub(crate) fn test_crash(step: &str) {
+    if std::env::var(TEST_CRASH).is_ok_and(|v| v == step) {
+        log::error!("{TEST_CRASH}={step}: ending now");
+        // SAFETY: _exit ends the process at once, as a crash would.
+        unsafe { libc::_exit(101) };
+    }
+}
+
 /// Makes this baton announce, and accept, another state layout version: for the tests of
 /// version skew only, which have no second build at hand.
 pub const TEST_STATE_FORMAT: &str = "BATON_TEST_STATE_FORMAT";
@@ -266,6 +287,9 @@ pub enum Done {
     Sent(Result<Stats, Error>),
     /// A VM arrived (None: the source abandoned), or receiving failed.
     Received(Result<Option<Box<Arrived>>, Error>),
+    /// A live upgrade handed the VM over (it runs in the new baton now) or not (it runs
+    /// here as before, unless the error is [`Error::Unanswered`]).
+    Upgraded(Result<upgrade::Upgraded, Error>),
 }
 
 /// Where a migration thread reports its end: the control loop's channel, and the eventfd

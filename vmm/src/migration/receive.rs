@@ -30,26 +30,63 @@ pub fn spawn(
     let listener = ::migration::Listener::bind(&url)
         .map_err(|e| Error::Listen(cfg.receiver_url.clone(), e))?;
     let receiver_url = cfg.receiver_url.clone();
-    let mut incoming = Incoming::new(kvm, events, cfg, fds);
+    let incoming = Incoming::new(kvm, events, cfg, fds);
+    on_thread(incoming, notify, move |incoming| {
+        let result = listener
+            .accept()
+            .map_err(Error::Accept)
+            .and_then(|channel| incoming.serve(channel));
+        // The socket goes before the answer: a client told the migration failed may ask
+        // to receive on the same path at once, and a source must not reach this
+        // listener's backlog only to be reset.
+        drop(listener);
+        result
+    })?;
+    log::info!("waiting for a migration on {receiver_url}");
+    Ok(())
+}
+
+/// Receives, on a `migration-receive` thread, the VM a baton sends over `channel`, already
+/// connected (a live upgrade: the old baton started this one with it), taking over every
+/// backend it offers; `notify` gets the outcome.
+pub fn spawn_on(
+    kvm: Arc<kvm_ioctls::Kvm>,
+    events: VmEvents,
+    channel: ::migration::Channel,
+    step_timeout_s: u64,
+    notify: Notify,
+) -> Result<(), Error> {
+    let cfg = api::ReceiveMigrationConfig {
+        receiver_url: "unix:".into(),
+        backend_transfer: true,
+        step_timeout_s,
+        ..Default::default()
+    };
+    let incoming = Incoming::new(kvm, events, cfg, Vec::new());
+    on_thread(incoming, notify, move |incoming| incoming.serve(channel))
+}
+
+/// Runs `serve` on `incoming` on a `migration-receive` thread and reports the VM that
+/// arrived, if any.
+fn on_thread(
+    mut incoming: Incoming,
+    notify: Notify,
+    serve: impl FnOnce(&mut Incoming) -> Result<bool, Error> + Send + 'static,
+) -> Result<(), Error> {
     std::thread::Builder::new()
         .name("migration-receive".into())
         .spawn(move || {
             // It builds a VM, as the main thread does: the VMM's role.
             crate::seccomp::enter(crate::seccomp::Role::Vmm);
-            let result = incoming.serve(&listener).map(|completed| {
+            let result = serve(&mut incoming).map(|completed| {
                 completed
                     .then(|| incoming.arrived.take().map(Box::new))
                     .flatten()
             });
-            // The socket goes before the answer: a client told the migration failed may
-            // ask to receive on the same path at once, and a source must not reach this
-            // listener's backlog only to be reset.
-            drop(listener);
             notify.report(Done::Received(result));
         })
-        .map_err(Error::Thread)?;
-    log::info!("waiting for a migration on {receiver_url}");
-    Ok(())
+        .map(|_| ())
+        .map_err(Error::Thread)
 }
 
 /// A VM that arrived: what the control loop installs.
@@ -82,6 +119,8 @@ pub struct Incoming {
     backends: Option<Backends>,
     shell: Option<vm::Shell>,
     state: Option<VmState>,
+    /// The serial console the source handed over.
+    console: Option<crate::console::ConsoleHandOver>,
     /// The VM once Complete built it.
     pub arrived: Option<Arrived>,
 }
@@ -109,16 +148,15 @@ impl Incoming {
             backends: None,
             shell: None,
             state: None,
+            console: None,
             arrived: None,
         }
     }
 
-    /// Accepts one source on `listener` and serves its session; true if the VM arrived
-    /// (it is then in [`Incoming::arrived`]), false if the source abandoned. Waiting for
-    /// the source to connect has no limit; once it has, a step in which it sends nothing,
-    /// or takes no byte of an answer, for `step_timeout_s` ends the session.
-    pub fn serve(&mut self, listener: &::migration::Listener) -> Result<bool, Error> {
-        let mut channel = listener.accept().map_err(Error::Accept)?;
+    /// Serves the session of the source on `channel`; true if the VM arrived (it is then
+    /// in [`Incoming::arrived`]), false if the source abandoned. A step in which the source
+    /// sends nothing, or takes no byte of an answer, for `step_timeout_s` ends the session.
+    pub fn serve(&mut self, mut channel: ::migration::Channel) -> Result<bool, Error> {
         let timeouts = channel
             .set_read_timeout(Some(self.step_timeout))
             .and_then(|_| channel.set_write_timeout(Some(self.step_timeout)));
@@ -157,6 +195,7 @@ impl ::migration::Destination for Incoming {
     }
 
     fn config(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
+        super::test_crash("config");
         let mut config: VmConfig = serde_json::from_slice(&bytes)?;
         crate::config::check_and_name(&mut config)?;
         let fds = crate::config::net_fds_in_order(
@@ -200,6 +239,7 @@ impl ::migration::Destination for Incoming {
     }
 
     fn state(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
+        super::test_crash("state");
         self.state = Some(::migration::snapshot::decode(&bytes)?);
         Ok(())
     }
@@ -211,12 +251,18 @@ impl ::migration::Destination for Incoming {
             .as_mut()
             .ok_or_else(|| Self::missing("configuration"))?;
         let id = header.id.clone();
+        if id == backend::CONSOLE_ID && !backends.has_device(&id) {
+            self.console = Some(backend::console_hand_over(header, fds)?);
+            log::info!("took over the serial console");
+            return Ok(());
+        }
         let taken = backend::take_over(backends, header, fds)?;
         log::info!("{id}: took over {taken}");
         Ok(())
     }
 
     fn complete(&mut self) -> Result<(), BoxError> {
+        super::test_crash("complete");
         let mut config = self
             .config
             .take()
@@ -232,7 +278,10 @@ impl ::migration::Destination for Incoming {
         let state = self.state.take().ok_or_else(|| Self::missing("state"))?;
         // What vm.info shows: the TAPs the cards run on, taken over or opened.
         config.net = backends.net_configs().cloned().collect();
-        let console = crate::console::Console::taking_over(&config.serial)?;
+        let console = match self.console.take() {
+            Some(handed) => crate::console::Console::from_hand_over(&config.serial, handed)?,
+            None => crate::console::Console::taking_over(&config.serial)?,
+        };
         let vm = Vm::start(
             &self.kvm,
             &config,

@@ -25,14 +25,24 @@ pub fn spawn(
     transferable: Vec<Transferable>,
     notify: Notify,
 ) -> Result<Arc<Progress>, Error> {
+    on_thread(notify, move |p| {
+        Done::Sent(send(&vm, &config, &cfg, transferable, p))
+    })
+}
+
+/// Runs `body` on a `migration-send` thread and reports what it returns to `notify`;
+/// returns the progress `body` updates.
+pub(super) fn on_thread(
+    notify: Notify,
+    body: impl FnOnce(&Progress) -> Done + Send + 'static,
+) -> Result<Arc<Progress>, Error> {
     let progress = Arc::new(Progress::default());
     let p = progress.clone();
     std::thread::Builder::new()
         .name("migration-send".into())
         .spawn(move || {
             crate::seccomp::enter(crate::seccomp::Role::MigrationSend);
-            let result = send(&vm, &config, &cfg, transferable, &p);
-            notify.report(Done::Sent(result));
+            notify.report(body(&p));
         })
         .map_err(Error::Thread)?;
     Ok(progress)
@@ -202,14 +212,39 @@ pub fn send(
     let started = Instant::now();
     let url = check_send(config, cfg)?;
     progress.phase("connecting");
-    let mut channel =
+    let channel =
         Channel::connect(&url).map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
+    send_over(
+        channel,
+        vm,
+        config,
+        cfg,
+        transferable,
+        progress,
+        &|_| {},
+        started,
+    )
+}
+
+/// [`send`] over a connected `channel`; `paused` is told when the VM pauses for the last
+/// step (true) and when it resumes here after a failure (false).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn send_over(
+    mut channel: Channel,
+    vm: &Vm,
+    config: &VmConfig,
+    cfg: &SendMigrationConfig,
+    transferable: Vec<Transferable>,
+    progress: &Progress,
+    paused: &dyn Fn(bool),
+    started: Instant,
+) -> Result<Stats, Error> {
     // The longest the destination may leave a step without a byte moving.
     let step = Duration::from_secs(cfg.step_timeout_s);
     let timeouts = channel
         .set_read_timeout(Some(step))
         .and_then(|_| channel.set_write_timeout(Some(step)));
-    timeouts.map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
+    timeouts.map_err(Error::Socket)?;
     let mut stats = Stats::default();
     let offered = if cfg.backend_transfer {
         transferable
@@ -224,6 +259,7 @@ pub fn send(
         &mut channel,
         started,
         progress,
+        paused,
         &mut stats,
     );
     let logging_off = vm.dirty_logging(false);
@@ -258,6 +294,7 @@ fn send_on(
     channel: &mut Channel,
     started: Instant,
     progress: &Progress,
+    paused: &dyn Fn(bool),
     stats: &mut Stats,
 ) -> Result<(), Error> {
     let start = Start {
@@ -306,6 +343,7 @@ fn send_on(
 
     progress.phase("downtime");
     let paused_at = Instant::now();
+    paused(true);
     vm.pause();
     let result = (|| {
         if !cfg.local {
@@ -317,7 +355,7 @@ fn send_on(
         channel.request(Command::State, &state)?;
         for t in &handed {
             let (header, fds) = backend::hand_over(t)?;
-            channel.request_with_fds(Command::Fds, &protocol::to_json(&header), &fds)?;
+            channel.request_with_fds(Command::Fds, &protocol::to_json(&header), &fds.fds())?;
         }
         progress.phase("completing");
         // A Complete the destination did not get whole cannot have started the VM there.
@@ -338,6 +376,7 @@ fn send_on(
     match result {
         Ok(()) => {
             stats.downtime_ms = paused_at.elapsed().as_millis() as u64;
+            handed.iter().for_each(|t| t.handed_over());
             stats.transferred_backends = handed.iter().map(|t| t.id.clone()).collect();
             log::info!(
                 "migration done: {} ms, {} ms down, {} bytes in {} passes",
@@ -358,6 +397,8 @@ fn send_on(
         Err(e) => {
             log::warn!("migration failed while paused; resuming here");
             vm.resume();
+            handed.iter().for_each(|t| t.resumed());
+            paused(false);
             Err(e)
         }
     }
