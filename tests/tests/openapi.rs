@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_tests::{guest_config_json, ApiVmm, NetNs, READY};
+use baton_tests::{baton_bin, guest_config_json, ApiVmm, NetNs, READY};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -417,6 +417,15 @@ fn document_matches_the_routes_and_the_server() {
     let receive = url_body("receiver_url", &migration_url);
     c.call(&vmm, "PUT", "vm.snapshot", Some(&snapshot), 404);
     c.call(&vmm, "PUT", "vm.send-migration", Some(&nobody), 404);
+    let upgrade = serde_json::json!({ "binary": baton_bin() }).to_string();
+    c.call(&vmm, "PUT", "vmm.live-upgrade", Some(&upgrade), 404);
+    c.call(
+        &vmm,
+        "PUT",
+        "vmm.live-upgrade",
+        Some(r#"{"binary":"baton"}"#),
+        400,
+    );
     // Nothing was written there yet.
     c.call(&vmm, "PUT", "vm.restore", Some(&restore), 400);
     for (name, field) in [
@@ -672,6 +681,21 @@ fn document_matches_the_routes_and_the_server() {
     c.check("PUT", "vm.receive-migration", &r, 204);
     let (status, stderr) = vmm.wait_exit(EXIT);
     assert_eq!(status.code(), Some(0), "{stderr}");
+    c.expect_state(&dst, "Running");
+
+    // A live upgrade: a binary that is no baton fails and the VM runs on; baton itself
+    // takes it over (the VM paused cannot be handed over).
+    let mut dst = dst;
+    c.call(&dst, "PUT", "vm.pause", None, 204);
+    c.call(&dst, "PUT", "vmm.live-upgrade", Some(&upgrade), 409);
+    c.call(&dst, "PUT", "vm.resume", None, 204);
+    let not_baton = serde_json::json!({ "binary": "/bin/sleep" }).to_string();
+    c.call(&dst, "PUT", "vmm.live-upgrade", Some(&not_baton), 500);
+    c.expect_state(&dst, "Running");
+    let upgraded = c
+        .call(&dst, "PUT", "vmm.live-upgrade", Some(&upgrade), 200)
+        .expect("200 has a body");
+    dst.follow(upgraded["pid"].as_u64().expect("the new pid") as u32);
     c.expect_state(&dst, "Running");
 
     c.call(&dst, "PUT", "vmm.shutdown", None, 204);
