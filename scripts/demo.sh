@@ -8,23 +8,30 @@
 # on the destination: on a terminal the demo waits for Enter before it stops it and removes
 # the namespace; otherwise it cleans up at once.
 #
-# Usage: scripts/demo.sh [--linux]
+# Usage: scripts/demo.sh [--linux] [--upgrade]
 #   --linux   the same with the small Linux of scripts/linux-kernel.sh (built from Debian's
 #             kernel source and cached on first use, a few minutes) instead of the test
 #             guest: two vCPUs, 512 MiB, four queues, its address from the kernel command
 #             line, a ping every 10 ms (kernel code is interpreted on nested PVM hosts: it
 #             boots in a minute or two and answers more slowly).
+#   --upgrade a live upgrade instead of a migration: baton-remote live-upgrade hands the VM,
+#             its TAP queues and the API socket to a new process of the baton binary, while
+#             a client pings the API; prints the old and new pids, the downtime, the pings
+#             lost and the API requests that failed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/common.sh
 
 help_if_asked "$@"
 LINUX=0
-case "${1:-}" in
-    --linux) LINUX=1 ;;
-    "") ;;
-    *) die "unknown argument '$1' (see --help)" ;;
-esac
+UPGRADE=0
+for arg in "$@"; do
+    case "$arg" in
+        --linux) LINUX=1 ;;
+        --upgrade) UPGRADE=1 ;;
+        *) die "unknown argument '$arg' (see --help)" ;;
+    esac
+done
 
 ensure_build_deps
 ensure_packages iproute2 iputils-ping python3
@@ -128,12 +135,14 @@ log "the guest answers at 10.0.0.2; the host's side of its TAP:"
 show_tap >"$WORK/tap.before"
 cat "$WORK/tap.before" >&2
 
-start_baton destination
-remote "$WORK/destination.sock" backend-transfer-support >"$WORK/support.json"
-log "destination baton (pid ${PIDS[1]}) takes over: $(json "$WORK/support.json" "j['kinds']")"
-remote "$WORK/destination.sock" receive-migration \
-    "receiver_url=unix:$WORK/migration.sock,backend_transfer=on" >"$WORK/received" &
-receiver=$!
+if ((!UPGRADE)); then
+    start_baton destination
+    remote "$WORK/destination.sock" backend-transfer-support >"$WORK/support.json"
+    log "destination baton (pid ${PIDS[1]}) takes over: $(json "$WORK/support.json" "j['kinds']")"
+    remote "$WORK/destination.sock" receive-migration \
+        "receiver_url=unix:$WORK/migration.sock,backend_transfer=on" >"$WORK/received" &
+    receiver=$!
+fi
 
 log "ping flood: one echo request every $INTERVAL_MS ms, 1500 in all"
 in_ns ping -n -i "$(printf '0.%03d' "$INTERVAL_MS")" -c 1500 -W 2 10.0.0.2 >"$WORK/ping.out" 2>&1 &
@@ -145,16 +154,63 @@ until (($(replies) + 0 >= 100)); do
     sleep 0.01
 done
 
+# check_flood: the flood's summary, once it ended; dies if the guest stopped answering.
+check_flood() {
+    wait "$flood" || true
+    summary=$(grep 'packets transmitted' "$WORK/ping.out") || die "ping printed no summary"
+    sent=$(awk '{print $1}' <<<"$summary")
+    got=$(awk '{print $4}' <<<"$summary")
+}
+
+if ((UPGRADE)); then
+    # A client pinging the API over a new connection each time, until the upgrade is done.
+    (
+        n=0 failed=0
+        until [[ -e $WORK/upgraded ]]; do
+            n=$((n + 1))
+            remote "$WORK/source.sock" ping >/dev/null 2>&1 || failed=$((failed + 1))
+        done
+        echo "$n $failed" >"$WORK/api.out"
+    ) &
+    pinger=$!
+    log "upgrading: live-upgrade --binary $BATON (a new process of the same binary)"
+    remote "$WORK/source.sock" live-upgrade --binary "$BATON" >"$WORK/stats.json" 2>/dev/null ||
+        die "the live upgrade failed: $(cat "$WORK/stats.json")"
+    new=$(json "$WORK/stats.json" "j['pid']")
+    PIDS+=("$new")
+    wait "${PIDS[0]}" || die "the old baton did not exit cleanly: $(tail -5 "$WORK/source.log")"
+    touch "$WORK/upgraded"
+    wait "$pinger"
+    read -r api_calls api_failed <"$WORK/api.out"
+    check_flood
+    log "upgraded: pid ${PIDS[0]} -> $new, downtime $(json "$WORK/stats.json" "j['downtime_ms']") ms," \
+        "total $(json "$WORK/stats.json" "j['total_ms']") ms," \
+        "handed over $(json "$WORK/stats.json" "j['handed_over']")"
+    log "ping flood: $sent sent, $((sent - got)) lost"
+    log "API: $api_calls vmm.ping requests from a client during the upgrade, $api_failed failed"
+    show_tap >"$WORK/tap.after"
+    cat "$WORK/tap.after" >&2
+    cmp -s "$WORK/tap.before" "$WORK/tap.after" || die "the TAP changed on the host"
+    pid_now=$(remote "$WORK/source.sock" ping | python3 -c "import json,sys; print(json.load(sys.stdin)['pid'])")
+    ((pid_now == new)) || die "the API socket is served by pid $pid_now, not $new"
+    in_ns ping -c 3 -i 0.2 -W 1 10.0.0.2 >/dev/null || die "the guest does not answer after the upgrade"
+    log "the guest runs in the new baton (pid $new), which serves the same API socket"
+    if [[ -t 0 ]]; then
+        log "try: $REMOTE --api-socket $WORK/source.sock ping"
+        read -r -p "Press Enter to stop the guest and remove the namespace. " _
+    fi
+    ((sent == got)) || die "$((sent - got)) pings were lost"
+    ((api_failed == 0)) || die "$api_failed API requests failed"
+    exit 0
+fi
+
 log "migrating: send-migration destination_url=unix:...,local=on,backend_transfer=on"
 remote "$WORK/source.sock" send-migration \
     "destination_url=unix:$WORK/migration.sock,local=on,backend_transfer=on" \
     >"$WORK/stats.json" 2>/dev/null || die "the migration failed: $(cat "$WORK/stats.json")"
 wait "$receiver" || die "receive-migration failed: $(cat "$WORK/received")"
 wait "${PIDS[0]}" || die "the source did not exit cleanly: $(tail -5 "$WORK/source.log")"
-wait "$flood" || true
-summary=$(grep 'packets transmitted' "$WORK/ping.out") || die "ping printed no summary"
-sent=$(awk '{print $1}' <<<"$summary")
-got=$(awk '{print $4}' <<<"$summary")
+check_flood
 
 log "migrated: downtime $(json "$WORK/stats.json" "j['downtime_ms']") ms," \
     "total $(json "$WORK/stats.json" "j['total_ms']") ms," \

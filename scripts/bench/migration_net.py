@@ -11,17 +11,21 @@ over a UNIX socket to a second baton:
 - transfer: both sides ask for backend_transfer; the destination takes over tap0's queues.
 - new-tap:  no backend transfer; management opens tap1's queues and passes them with
             vm.receive-migration (net_fds), the work backend transfer removes.
+- upgrade:  no second baton: vmm.live-upgrade hands the VM to a new process of the same
+            binary (memory, TAP queues and the API socket as descriptors), while a client
+            pings the API over a new connection every millisecond; connections refused or
+            failed are counted.
 Prints one line: medians over the runs of downtime_ms and total_ms as vm.send-migration
 reports them, pings lost, the longest gap between two ping replies and the longest gap in
 the guest's stream (both the downtime as seen from outside, in ms).
 Each run's own figures go to stderr.
 
-Usage: migration_net.py WORKDIR transfer|new-tap on|off PAIRS RUNS"""
-import fcntl, http.client, json, os, socket, statistics, struct, subprocess, sys, tempfile
-import threading, time
+Usage: migration_net.py WORKDIR transfer|new-tap|upgrade on|off PAIRS RUNS"""
+import fcntl, http.client, json, os, signal, socket, statistics, struct, subprocess, sys
+import tempfile, threading, time
 
 from guest_console import Console
-from migration import Baton, READY, GUEST
+from migration import BATON, Baton, READY, GUEST
 
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
@@ -117,6 +121,31 @@ def config(serial, pairs):
     }
 
 
+class ApiPinger:
+    """GET vmm.ping over a new connection every millisecond; counts the failures."""
+
+    def __init__(self, baton):
+        self.baton, self.stop, self.answered, self.failed = baton, False, 0, 0
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while not self.stop:
+            try:
+                status, _ = self.baton.request("GET", "vmm.ping", timeout=10)
+                if status == 200:
+                    self.answered += 1
+                else:
+                    self.failed += 1
+            except OSError:
+                self.failed += 1
+            time.sleep(0.001)
+
+    def close(self):
+        self.stop = True
+        self.t.join(timeout=15)
+
+
 def ping_summary(text):
     for line in text.splitlines():
         if "packets transmitted" in line:
@@ -129,9 +158,12 @@ def one_run(workdir, mode, local, pairs):
     network(pairs)
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         serial = os.path.join(d, "serial.sock")
-        src = dst = console = stream = ping = None
+        src = dst = console = stream = ping = api = None
+        successor = None
         try:
-            src, dst = Baton(d, "source"), Baton(d, "destination")
+            src = Baton(d, "source")
+            if mode != "upgrade":
+                dst = Baton(d, "destination")
             src.expect("PUT", "vm.create", config(serial, pairs), 204)
             src.expect("PUT", "vm.boot", None, 204)
             console = Console(serial, lambda: src.proc.poll() is None)
@@ -145,6 +177,34 @@ def one_run(workdir, mode, local, pairs):
             while len(stream.times) < 100 and time.time() < deadline:
                 time.sleep(0.01)
             time.sleep(0.3)
+            if mode == "upgrade":
+                api = ApiPinger(src)
+                started = time.monotonic()
+                status, text = src.request("PUT", "vmm.live-upgrade",
+                                           {"binary": os.path.abspath(BATON)}, timeout=3600)
+                ended = time.monotonic()
+                if status != 200:
+                    src.fail(f"vmm.live-upgrade: {status} {text}")
+                stats = json.loads(text)
+                successor = stats["pid"]
+                src.proc.wait(timeout=30)
+                time.sleep(0.2)
+                api.close()
+                if ping.poll() is not None:
+                    sys.exit("the ping flood ended before the upgrade did")
+                out, _ = ping.communicate(timeout=60)
+                sent, got = ping_summary(out)
+                deadline = time.time() + 30
+                while (not stream.times or stream.times[-1] < ended + 0.2) and time.time() < deadline:
+                    time.sleep(0.01)
+                return {
+                    "downtime_ms": stats["downtime_ms"],
+                    "total_ms": stats["total_ms"],
+                    "lost": sent - got,
+                    "stream_gap_ms": stream.longest_gap_ms(started - 0.05, ended + 0.2),
+                    "api_failed": api.failed,
+                    "api_answered": api.answered,
+                }
             url = f"unix:{os.path.join(d, 'migration.sock')}"
             transfer = mode == "transfer"
             received = {}
@@ -206,9 +266,16 @@ def one_run(workdir, mode, local, pairs):
             for x in (stream, console):
                 if x is not None:
                     x.close()
+            if api is not None:
+                api.close()
             for b in (src, dst):
                 if b is not None:
                     b.stop()
+            if successor is not None:
+                try:
+                    os.kill(successor, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def main():
@@ -222,8 +289,11 @@ def main():
     def med(key):
         return statistics.median(r[key] for r in runs)
 
-    print(f"{med('downtime_ms'):>11.0f} {med('total_ms'):>8.0f} {med('lost'):>10.0f} "
-          f"{max(r['lost'] for r in runs):>8.0f} {med('stream_gap_ms'):>13.1f}")
+    line = (f"{med('downtime_ms'):>11.0f} {med('total_ms'):>8.0f} {med('lost'):>10.0f} "
+            f"{max(r['lost'] for r in runs):>8.0f} {med('stream_gap_ms'):>13.1f}")
+    if mode == "upgrade":
+        line += f" {sum(r['api_failed'] for r in runs):>10} of {sum(r['api_answered'] + r['api_failed'] for r in runs)}"
+    print(line)
 
 
 if __name__ == "__main__":
