@@ -493,6 +493,10 @@ impl EventLoop {
     /// Takes one connection: the listener is level-triggered, so epoll reports the next one
     /// at once, without a last accept that finds none.
     fn accept(&mut self) {
+        if !self.listening {
+            // The gate closed after epoll reported the listener in this batch.
+            return;
+        }
         let stream = match accept_nonblocking(&self.listener) {
             Ok(s) => s,
             Err(e)

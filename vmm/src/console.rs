@@ -172,13 +172,15 @@ impl Serving {
     }
 
     /// Ends the serving thread; `handed_over` says another baton serves the socket now.
+    /// Returns whether the socket and its client must be left alone: handed over, or held
+    /// for a hand-over whose outcome is unknown (another baton may serve them).
     fn close(&self, handed_over: bool) -> bool {
         let mut st = self.lock();
         st.closed = true;
         st.handed_over |= handed_over;
         let _ = self.wake.write(1);
         self.changed.notify_all();
-        st.handed_over
+        st.handed_over || st.held
     }
 }
 
@@ -261,8 +263,9 @@ impl ConsoleHandle {
         }
     }
 
-    /// Another baton serves the console now: this one ends without accepting, reading,
-    /// disconnecting the client or removing the socket file.
+    /// Another baton serves the console now (or still does: a new baton whose VM did not
+    /// start): this one ends without accepting, reading, disconnecting the client or
+    /// removing the socket file.
     pub fn handed_over(&self) {
         self.serving.close(true);
     }
@@ -291,6 +294,8 @@ impl Console {
 
     /// Sets up the socket console `config` describes on what another baton's console handed
     /// over: its socket, its client, which stays connected, its backlog and pending input.
+    /// It starts held, touching none of them, until [`ConsoleHandle::release`] once the VM
+    /// runs here; dropped before that, it leaves them to the other baton.
     pub fn from_hand_over(config: &ConsoleConfig, h: ConsoleHandOver) -> Result<Self, Error> {
         let path = match (config.mode, &config.socket) {
             (ConsoleMode::Socket, Some(path)) => path.clone(),
@@ -314,7 +319,12 @@ impl Console {
         })));
         let serving = Arc::new(Serving::new().map_err(Error::Thread)?);
         serving.bound(&listener);
-        serving.lock().pending = h.input;
+        {
+            let mut st = serving.lock();
+            st.pending = h.input;
+            st.held = true;
+            let _ = serving.wake.write(1);
+        }
         let target = InputTarget::default();
         *target.socket_file.lock().expect("console lock poisoned") = file_identity(&path);
         let (out, s) = (output.clone(), serving.clone());
@@ -568,9 +578,9 @@ fn poll_fd(fd: Option<std::os::fd::RawFd>) -> libc::pollfd {
 
 /// The `serial-socket` thread: accepts clients one after another (each gets the backlog,
 /// then live output, and replaces the one before) and reads the current one's input into
-/// the serial device. Everything it reads or accepts happens under the serving lock and
-/// only while not held, so that once [`ConsoleHandle::hold`] returns nothing more is taken
-/// from the socket here.
+/// the serial device. Everything it reads, accepts and installs happens under the serving
+/// lock and only while not held, so that once [`ConsoleHandle::hold`] returns nothing more
+/// is taken from the socket here.
 fn serve(
     listener: UnixListener,
     mut reader: Option<UnixStream>,
@@ -621,7 +631,7 @@ fn serve(
             // Timed out, interrupted, or held or closed: the top of the loop says which.
             continue;
         }
-        let accepted = {
+        {
             let mut st = serving.lock();
             if st.held || st.closed {
                 continue;
@@ -647,19 +657,21 @@ fn serve(
                 continue;
             }
             match listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // Installed under the lock too: a hold then hands over this client, or the
+                // one before, never one that is replaced behind its back.
+                Ok((stream, _)) => {
+                    if let Some(r) = install(stream, &output) {
+                        reader = Some(r);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     // Out of descriptors, say: wait rather than spin.
                     drop(st);
                     log::warn!("serial socket accept: {e}");
                     std::thread::sleep(Duration::from_millis(100));
-                    continue;
                 }
             }
-        };
-        if let Some(r) = install(accepted, &output) {
-            reader = Some(r);
         }
     }
 }

@@ -354,7 +354,10 @@ impl Vmm {
                 (Ok(ApiReply::Json(body)), After::Exit)
             }
             Done::Upgraded(Err(e)) => {
-                if matches!(e, migration::Error::Unanswered(_)) {
+                if matches!(
+                    e,
+                    migration::Error::Unanswered(_) | migration::Error::NewBatonSilent(..)
+                ) {
                     self.state = VmState::Paused;
                 }
                 let mut chain = vec!["Live upgrade failed; the VM runs on in this baton".into()];
@@ -628,6 +631,10 @@ impl Vmm {
                 // A console held by a migration that never heard back serves again.
                 if let Some(handle) = self.console.as_ref().and_then(|(_, c)| c.handle()) {
                     handle.release();
+                }
+                // So does an API a live upgrade stopped accepting on.
+                if let Some((_, gate)) = self.upgrade.as_ref().and_then(|u| u.api.as_ref()) {
+                    gate.set(true);
                 }
                 self.state = VmState::Running;
                 Ok(ApiReply::Empty)

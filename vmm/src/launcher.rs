@@ -6,10 +6,11 @@
 //! predecessor's filter too, and one more with each upgrade. The launcher has no filter, so
 //! what it starts has none but its own. It does one thing: on a request over its socket (a
 //! binary, its arguments and the descriptors to give it as 3, 4, 5 ...) it forks, execs and
-//! answers the new process's pid with a pidfd for it, or why it could not run. Its children
-//! are reaped by the kernel (SIGCHLD ignored); baton watches and ends them through the pidfd,
-//! which cannot outlive into another process's pid. It ends with baton (end of file on its
-//! socket, or PR_SET_PDEATHSIG), leaving a new baton it started running.
+//! answers the new process's pid with a pidfd for it, or why it could not run. The pidfd is
+//! opened before the child can be reaped, so it never names a recycled pid; baton watches
+//! and ends the child through it. The launcher reaps children that ended before each request.
+//! It ends with baton (end of file on its socket, or PR_SET_PDEATHSIG), leaving a new baton
+//! it started running.
 
 use std::ffi::CString;
 use std::io;
@@ -67,9 +68,17 @@ pub struct Child {
     pidfd: OwnedFd,
 }
 
+/// How long baton waits for the launcher's answer (an exec takes milliseconds).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Launcher {
-    /// Forks the launcher. Call it while baton runs one thread and loads no filter yet.
-    pub fn start() -> Result<Launcher, Error> {
+    /// Forks the launcher.
+    ///
+    /// # Safety
+    ///
+    /// The process must run one thread: the launcher goes on running ordinary code (it
+    /// allocates) in the forked child, where a lock another thread held would stay locked.
+    pub unsafe fn start() -> Result<Launcher, Error> {
         let mut pair = [-1 as RawFd; 2];
         // SAFETY: socketpair writes two descriptors into `pair`, which has room for them.
         let r = unsafe {
@@ -88,7 +97,7 @@ impl Launcher {
             unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
         // SAFETY: getpid has no arguments.
         let baton = unsafe { libc::getpid() };
-        // SAFETY: baton has one thread here (the caller's promise), so the child may run
+        // SAFETY: the process has one thread (the caller's promise), so the child may run
         // ordinary code.
         match unsafe { libc::fork() } {
             -1 => Err(Error::Start(io::Error::last_os_error())),
@@ -98,8 +107,12 @@ impl Launcher {
             }
             _ => {
                 drop(theirs);
+                let socket = UnixStream::from(ours);
+                socket
+                    .set_read_timeout(Some(ANSWER_TIMEOUT))
+                    .map_err(Error::Start)?;
                 Ok(Launcher {
-                    socket: Mutex::new(UnixStream::from(ours)),
+                    socket: Mutex::new(socket),
                 })
             }
         }
@@ -122,7 +135,7 @@ impl Launcher {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let socket = self.socket.lock().expect("launcher lock poisoned");
         fd_passing::send(&socket, &request, &raw).map_err(Error::Gone)?;
-        let mut buf = vec![0u8; 4096];
+        let mut buf = vec![0u8; 64 << 10];
         let (n, mut got) = fd_passing::recv(&socket, &mut buf, 1).map_err(Error::Gone)?;
         if n == 0 {
             return Err(Error::Gone(io::ErrorKind::UnexpectedEof.into()));
@@ -192,8 +205,6 @@ fn launcher_main(socket: OwnedFd, baton: libc::pid_t) -> ! {
             libc::_exit(0);
         }
         libc::prctl(libc::PR_SET_NAME, c"baton-launcher".as_ptr());
-        // Children are reaped by the kernel: nobody waits for them here.
-        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
         // Ctrl-C on baton's terminal is baton's to handle: the launcher ends with it.
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
@@ -202,6 +213,10 @@ fn launcher_main(socket: OwnedFd, baton: libc::pid_t) -> ! {
     let socket = keep_only_stdio_and(socket);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        // Children that ended (a new baton that failed): reaped now that their pidfds are
+        // with baton, which may still poll them (a pidfd reports a reaped child as ended).
+        // SAFETY: waitpid with a null status pointer only reaps.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
         let (n, fds) = match fd_passing::recv(&socket, &mut buf, MAX_FDS) {
             Ok((n, fds)) if n > 0 => (n, fds),
             // End of file: baton is gone.
@@ -227,17 +242,25 @@ fn launcher_main(socket: OwnedFd, baton: libc::pid_t) -> ! {
     }
 }
 
+/// The highest descriptor number closed one by one where close_range is missing.
+const FALLBACK_FD_LIMIT: RawFd = 4096;
+
 /// Moves `socket` to descriptor 3 and closes every other descriptor above 2.
 fn keep_only_stdio_and(socket: OwnedFd) -> UnixStream {
     let fd = socket.as_raw_fd();
     std::mem::forget(socket);
-    // SAFETY: dup3 and close_range on descriptor numbers only; from here descriptor 3 is the
-    // one owned by the returned stream, and nothing else in this process uses the others.
+    // SAFETY: dup3 and close on descriptor numbers only; from here descriptor 3 is the one
+    // owned by the returned stream, and nothing else in this process uses the others.
     unsafe {
-        if fd != FIRST_FD {
-            libc::dup3(fd, FIRST_FD, libc::O_CLOEXEC);
+        if fd != FIRST_FD && libc::dup3(fd, FIRST_FD, libc::O_CLOEXEC) < 0 {
+            libc::_exit(1);
         }
-        libc::syscall(libc::SYS_close_range, FIRST_FD + 1, u32::MAX, 0);
+        if libc::syscall(libc::SYS_close_range, FIRST_FD + 1, u32::MAX, 0) != 0 {
+            // Before Linux 5.9.
+            for other in FIRST_FD + 1..FALLBACK_FD_LIMIT {
+                libc::close(other);
+            }
+        }
         UnixStream::from_raw_fd(FIRST_FD)
     }
 }
@@ -277,7 +300,6 @@ fn launch(request: &Request, fds: &[OwnedFd]) -> Result<(u32, OwnedFd), String> 
         0 => {
             // SAFETY: descriptor moves on numbers this process owns, then exec or _exit.
             unsafe {
-                libc::signal(libc::SIGCHLD, libc::SIG_DFL);
                 libc::signal(libc::SIGINT, libc::SIG_DFL);
                 // Above every target first, so that no move overwrites a descriptor that
                 // is still to move.
@@ -294,12 +316,18 @@ fn launch(request: &Request, fds: &[OwnedFd]) -> Result<(u32, OwnedFd), String> 
                 }
                 let first_other = FIRST_FD + raw.len() as libc::c_int;
                 // Everything else closes on exec (the report pipe included).
-                libc::syscall(
+                let flagged = libc::syscall(
                     libc::SYS_close_range,
                     first_other,
                     u32::MAX,
                     libc::CLOSE_RANGE_CLOEXEC,
-                );
+                ) == 0;
+                if !flagged {
+                    // Before Linux 5.11.
+                    for other in first_other..FALLBACK_FD_LIMIT {
+                        libc::fcntl(other, libc::F_SETFD, libc::FD_CLOEXEC);
+                    }
+                }
                 if ok {
                     libc::execv(path.as_ptr(), argv.as_ptr());
                 }
@@ -310,75 +338,28 @@ fn launch(request: &Request, fds: &[OwnedFd]) -> Result<(u32, OwnedFd), String> 
         }
         pid => {
             drop(write_end);
+            // Before anything can reap the child, so that the pidfd names it and no other.
+            // SAFETY: pidfd_open with a pid and no flags returns a new descriptor or -1.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
             let mut errno = [0u8; 4];
             let mut file = std::fs::File::from(read_end);
             let got = io::Read::read(&mut file, &mut errno).unwrap_or(0);
-            if got == 4 {
-                let e = io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
-                return Err(format!("Cannot run {name}: {e}"));
-            }
-            // SAFETY: pidfd_open with a pid and no flags returns a new descriptor or -1.
-            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-            if pidfd < 0 {
-                return Err(format!("{name} ended as soon as it started"));
+            if got == 4 || pidfd < 0 {
+                // SAFETY: waitpid on our own child, with a null status pointer.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                if pidfd >= 0 {
+                    // SAFETY: the descriptor pidfd_open made, closed once.
+                    unsafe { libc::close(pidfd as RawFd) };
+                }
+                return Err(if got == 4 {
+                    let e = io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+                    format!("Cannot run {name}: {e}")
+                } else {
+                    format!("Cannot watch {name}: {}", io::Error::last_os_error())
+                });
             }
             // SAFETY: pidfd_open just made this descriptor for us.
             Ok((pid as u32, unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn a_process_gets_its_descriptors_in_order_and_can_be_watched_and_killed() {
-        // The test runner has threads, but the launcher's child only execs or exits.
-        let launcher = Launcher::start().unwrap();
-        let dir = std::env::temp_dir().join(format!("baton-launcher-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (a, b, out) = (dir.join("a"), dir.join("b"), dir.join("out"));
-        std::fs::write(&a, "first").unwrap();
-        std::fs::write(&b, "second").unwrap();
-        let (fa, fb) = (
-            std::fs::File::open(&a).unwrap(),
-            std::fs::File::open(&b).unwrap(),
-        );
-        let script = format!(
-            "cat <&3 <&4 >/dev/null; cat <&3 >{0}; cat <&4 >>{0}",
-            out.display()
-        );
-        let child = launcher
-            .spawn(
-                Path::new("/bin/sh"),
-                &["-c".into(), script],
-                &[fb.as_fd(), fa.as_fd()],
-            )
-            .unwrap();
-        assert!(child.wait_exit(Duration::from_secs(10)), "sh did not end");
-        // 3 is the second file given and 4 the first; the first cat read 4 to its end.
-        assert_eq!(std::fs::read_to_string(&out).unwrap(), "second");
-
-        let sleeper = launcher
-            .spawn(Path::new("/bin/sleep"), &["60".into()], &[])
-            .unwrap();
-        assert!(!sleeper.wait_exit(Duration::from_millis(50)));
-        assert!(
-            sleeper.kill(Duration::from_secs(10)),
-            "sleep was not killed"
-        );
-
-        let missing = launcher
-            .spawn(Path::new("/nonexistent/baton"), &[], &[])
-            .unwrap_err();
-        assert!(missing.to_string().contains("No such file"), "{missing}");
-        let not_executable = launcher.spawn(&a, &[], &[]).unwrap_err();
-        assert!(
-            not_executable.to_string().contains("denied"),
-            "{not_executable}"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

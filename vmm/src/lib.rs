@@ -331,8 +331,15 @@ impl ControlLoop {
                     Some(Ok(Outcome::Migrated))
                 }
                 After::TookOver => {
-                    let api = self.api.as_mut()?;
-                    api.serve(&mut self.vmm).err().map(Err)
+                    // The VM runs here now, whatever becomes of the API.
+                    if let Err(e) = self.api.as_mut()?.serve(&mut self.vmm) {
+                        let chain = api::request::error_chain(&e);
+                        log::error!(
+                            "the VM runs, but the API is not served: {}",
+                            chain.join(": ")
+                        );
+                    }
+                    None
                 }
                 After::TakeOverFailed => Some(Err(Error::TakeOver)),
             },

@@ -269,10 +269,12 @@ fn api_socket(m: &ArgMatches) -> Result<Option<ApiSocket>, vmm::Error> {
 }
 
 /// What a live upgrade needs: the launcher, forked here while baton has one thread and no
-/// filter, and the options the new baton runs with. Only with an API, which asks for it.
+/// filter (after every inherited descriptor is taken, so that none can be mistaken for its
+/// socket), and the options the new baton runs with. Only with an API, which asks for it.
 fn upgrade_support(m: &ArgMatches) -> Option<vmm::control::UpgradeSupport> {
     m.get_one::<String>("api-socket")?;
-    let launcher = match vmm::launcher::Launcher::start() {
+    // SAFETY: baton has started no thread yet (main calls this before vmm::run).
+    let launcher = match unsafe { vmm::launcher::Launcher::start() } {
         Ok(l) => l,
         Err(e) => {
             log::warn!("live upgrade unavailable: {e}");
@@ -327,18 +329,6 @@ fn upgrade_from(spec: &str) -> Result<vmm::Initial, vmm::Error> {
 }
 
 fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
-    let upgrades = upgrade_support(m);
-    let mode = m
-        .get_one::<String>("seccomp")
-        .map_or(Ok(vmm::seccomp::Mode::Trap), |s| s.parse())
-        .expect("clap checked the value");
-    vmm::seccomp::install(mode).map_err(vmm::Error::Seccomp)?;
-    if std::env::var_os(vmm::seccomp::SELFTEST).is_some_and(|v| v == "1") {
-        // For tests/seccomp.rs: getppid(2) is in no role's list.
-        // SAFETY: getppid takes no arguments and changes nothing.
-        let parent = unsafe { libc::syscall(libc::SYS_getppid) };
-        log::warn!("seccomp self-test: getppid() returned {parent}");
-    }
     let given = |o: &str| m.value_source(o).is_some();
     let wants_vm = VM_OPTIONS.iter().any(|o| given(o)) || !given("api-socket");
     let initial = if let Some(spec) = m.get_one::<String>("upgrade-from") {
@@ -359,7 +349,20 @@ fn run(m: &ArgMatches) -> Result<vmm::Outcome, vmm::Error> {
     } else {
         vmm::Initial::Wait
     };
-    vmm::run(initial, api_socket(m)?, upgrades)
+    let api = api_socket(m)?;
+    let upgrades = upgrade_support(m);
+    let mode = m
+        .get_one::<String>("seccomp")
+        .map_or(Ok(vmm::seccomp::Mode::Trap), |s| s.parse())
+        .expect("clap checked the value");
+    vmm::seccomp::install(mode).map_err(vmm::Error::Seccomp)?;
+    if std::env::var_os(vmm::seccomp::SELFTEST).is_some_and(|v| v == "1") {
+        // For tests/seccomp.rs: getppid(2) is in no role's list.
+        // SAFETY: getppid takes no arguments and changes nothing.
+        let parent = unsafe { libc::syscall(libc::SYS_getppid) };
+        log::warn!("seccomp self-test: getppid() returned {parent}");
+    }
+    vmm::run(initial, api, upgrades)
 }
 
 /// Takes ownership of descriptors baton inherited, named on its command line.

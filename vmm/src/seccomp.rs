@@ -378,6 +378,8 @@ const MIGRATION_SEND: &[Allow] = &[
 /// source lets go of the path) with its clients, served by one thread.
 const SERIAL: &[Allow] = &[
     Call(SYS_socket),
+    // Probing a socket file left for seconds: is its owner gone?
+    Call(SYS_connect),
     Call(SYS_umask),
     Call(SYS_bind),
     Call(SYS_listen),

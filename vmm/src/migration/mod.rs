@@ -103,6 +103,9 @@ pub enum Error {
     /// The new baton of a live upgrade got Complete and ended without answering.
     #[error("The new baton (pid {0}) ended without taking the VM; the VM runs on here")]
     NewBatonEnded(u32, #[source] Box<Error>),
+    /// The new baton of a live upgrade got Complete, does not answer and has not ended.
+    #[error("The new baton (pid {0}) took the VM's last step and does not answer: it may run the VM, which stays paused here. Resume it here (vm.resume) only once that process is gone")]
+    NewBatonSilent(u32, #[source] Box<Error>),
     /// Pre-copy did not converge in time.
     #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
     Timeout(u64),
@@ -233,16 +236,23 @@ pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<Migrat
 }
 
 /// Makes a baton taking a VM over end on the spot at the named step (`config`, `state` or
-/// `complete`, before the VM starts there): for the live-upgrade tests, which need a new
-/// binary that crashes.
+/// `complete`, before the VM starts there), or, with `hang-` before the step, stop there
+/// for an hour: for the live-upgrade tests, which need a new binary that crashes or hangs.
 pub const TEST_CRASH: &str = "BATON_TEST_CRASH";
 
-/// Ends this baton at once if [`TEST_CRASH`] names `step`.
+/// Ends this baton at once, or hangs, if [`TEST_CRASH`] names `step`.
 pub(crate) fn test_crash(step: &str) {
-    if std::env::var(TEST_CRASH).is_ok_and(|v| v == step) {
+    let Ok(asked) = std::env::var(TEST_CRASH) else {
+        return;
+    };
+    if asked == step {
         log::error!("{TEST_CRASH}={step}: ending now");
         // SAFETY: _exit ends the process at once, as a crash would.
         unsafe { libc::_exit(101) };
+    }
+    if asked.strip_prefix("hang-") == Some(step) {
+        log::error!("{TEST_CRASH}={asked}: hanging");
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 

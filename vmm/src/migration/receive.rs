@@ -278,19 +278,35 @@ impl ::migration::Destination for Incoming {
         let state = self.state.take().ok_or_else(|| Self::missing("state"))?;
         // What vm.info shows: the TAPs the cards run on, taken over or opened.
         config.net = backends.net_configs().cloned().collect();
+        let from_source = self.console.is_some();
         let console = match self.console.take() {
             Some(handed) => crate::console::Console::from_hand_over(&config.serial, handed)?,
             None => crate::console::Console::taking_over(&config.serial)?,
         };
-        let vm = Vm::start(
+        let started = Vm::start(
             &self.kvm,
             &config,
             &backends,
             &console,
             &self.events,
             vm::Start::Restore(Box::new(state), shell),
-        )?;
+        );
+        // A console handed over starts held: the source's until the VM runs here.
+        let handed = console.handle().filter(|_| from_source);
+        let vm = match started {
+            Ok(vm) => vm,
+            Err(e) => {
+                // The source resumes on that socket and client: leave them alone.
+                if let Some(h) = handed {
+                    h.handed_over();
+                }
+                return Err(e.into());
+            }
+        };
         vm.resume();
+        if let Some(h) = handed {
+            h.release();
+        }
         vm.announce();
         self.arrived = Some(Arrived {
             config,

@@ -7,8 +7,9 @@
 //! The new baton gets its own process id, reported in the answer: exec in place would leave
 //! nothing to fall back on if the new binary failed once the old image was gone, while a new
 //! process lets the old one resume the VM, with every backend and its API socket, whatever
-//! step fails. A new baton that does not answer the last step is killed before the VM
-//! resumes here, so that the VM never runs in both.
+//! step fails. After the last step the VM resumes here only once the new baton is gone (it
+//! took Complete and ended without answering); one that is alive but silent may run the
+//! VM, which then stays paused here, so that it never runs in both.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -148,29 +149,41 @@ fn upgrade(
                 stats,
             })
         }
-        Err(e) => {
-            // A new baton whose migration failed ends by itself; one that does not (stuck,
-            // or silent after Complete) is ended here.
-            let gone = child.wait_exit(CHILD_EXIT) || child.kill(CHILD_EXIT);
-            if matches!(e, Error::Unanswered(_)) {
-                if !gone {
-                    log::error!(
-                        "live upgrade: pid {} survives SIGKILL; the VM stays paused here",
-                        child.pid
-                    );
-                    return Err(e);
-                }
-                // It took Complete and never answered, and it is gone now: the VM runs
-                // nowhere else, so it runs on here.
-                log::warn!(
-                    "live upgrade: pid {} ended without answering Complete; resuming here",
+        Err(Error::Unanswered(e)) => {
+            // It took Complete and said nothing. Gone, it runs the VM nowhere: the VM runs
+            // on here. Alive but silent, it may be starting or running the VM: nothing here
+            // may resume it, so it stays paused and the API is open again to say so.
+            gate.set(true);
+            if !child.wait_exit(CHILD_EXIT) {
+                log::error!(
+                    "live upgrade: pid {} took Complete and does not answer; it may run the \
+                     VM, which stays paused here",
                     child.pid
                 );
-                vm.resume();
-                offered.iter().for_each(|t| t.resumed());
-                gate.set(true);
-                return Err(Error::NewBatonEnded(child.pid, Box::new(e)));
+                return Err(Error::NewBatonSilent(
+                    child.pid,
+                    Box::new(Error::Unanswered(e)),
+                ));
             }
+            log::warn!(
+                "live upgrade: pid {} ended without answering Complete; resuming here",
+                child.pid
+            );
+            vm.resume();
+            offered.iter().for_each(|t| t.resumed());
+            Err(Error::NewBatonEnded(
+                child.pid,
+                Box::new(Error::Unanswered(e)),
+            ))
+        }
+        Err(e) => {
+            // Before Complete the VM ran here all along, or resumed here already. A new
+            // baton whose migration failed ends by itself; one that does not (stuck) is
+            // ended here.
+            if !child.wait_exit(CHILD_EXIT) && !child.kill(CHILD_EXIT) {
+                log::warn!("live upgrade: pid {} survives SIGKILL", child.pid);
+            }
+            gate.set(true);
             Err(e)
         }
     }
