@@ -325,6 +325,38 @@ fn every_failed_step_leaves_the_vm_running_in_the_old_baton_with_all_it_held() {
         assert_eq!(wrote, "disk: wrote sector=0 count=8");
     }
 
+    // A new baton that takes the last step and then neither answers nor ends may be
+    // running the VM: nothing resumes it here, the API answers, and the operator resumes
+    // it once that process is gone.
+    let (status, answer) = vmm.live_upgrade(serde_json::json!({
+        "binary": crash("hang-complete"), "step_timeout_s": 2,
+    }));
+    assert_eq!(status, 500, "{answer}");
+    let text = answer.to_string();
+    assert!(text.contains("does not answer"), "{answer}");
+    let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Paused", "{info}");
+    let silent: u32 = text
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {answer}"));
+    // SAFETY: kill(2) with a valid signal, on the new baton this test had started.
+    let killed = unsafe { libc::kill(silent as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    baton_tests::eventually("the silent baton to go", REPLY, || {
+        !baton_tests::process_alive(silent)
+    });
+    vmm.expect("PUT", "vm.resume", None, 204);
+    let wrote = console.command("disk write 0 8 10", "disk:", REPLY);
+    assert_eq!(wrote, "disk: wrote sector=0 count=8");
+    assert_eq!(
+        settled_fds(old),
+        before,
+        "descriptors after the silent baton"
+    );
+
     // And then a good binary takes the VM over.
     let (status, answer) = vmm.live_upgrade(upgrade_to(&baton));
     assert_eq!(status, 200, "{answer}");
