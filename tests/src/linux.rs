@@ -201,35 +201,44 @@ pub fn assert_vcpus_idle(pid: u32) {
     }
 }
 
-/// Fails the test unless the guest answers `count` pings from the host within a minute.
-/// Pings may go unanswered for seconds while the guest and the host resolve each other's
-/// addresses: after a long flood either side's entry may have gone stale, and the small
-/// Linux has been seen to leave the other side's ARP frames unanswered for several
-/// seconds before it answers (with or without a migration; see the note of issue 17).
+/// Fails the test unless the guest answers `count` pings from the host within 90 s, asking
+/// again every 15 s. Pings may go unanswered for seconds while the guest and the host
+/// resolve each other's addresses: after a long flood either side's entry may have gone
+/// stale, and the small Linux has been seen to leave the host's ARP frames unanswered for
+/// seconds, with or without a migration (see the note of issue 17); ping itself gives up
+/// early once the host reports the guest unreachable.
 pub fn assert_answers(ns: &NetNs, count: u32) {
-    let out = ns.output(&[
-        "ping",
-        "-n",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.2",
-        "-w",
-        "60",
-        GUEST_IP,
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "N packets transmitted, M received, ...": replies in flight when the count was
-    // reached come on top.
-    let received = text
-        .split(',')
-        .find_map(|part| part.trim().strip_suffix(" received")?.parse::<u32>().ok())
-        .unwrap_or(0);
-    assert!(
-        out.status.success() && received >= count,
-        "the guest does not answer:\n{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_answers_from(ns, count, None);
+}
+
+/// [`assert_answers`] with pings sent from host address `from`, when given.
+pub fn assert_answers_from(ns: &NetNs, count: u32, from: Option<&str>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let count_arg = count.to_string();
+    let mut args = vec!["ping", "-n", "-c", &count_arg, "-i", "0.2", "-w", "15"];
+    if let Some(from) = from {
+        args.extend(["-I", from]);
+    }
+    args.push(GUEST_IP);
+    loop {
+        let out = ns.output(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "N packets transmitted, M received, ...": replies in flight when the count was
+        // reached come on top.
+        let received = text
+            .split(',')
+            .find_map(|part| part.trim().strip_suffix(" received")?.parse::<u32>().ok())
+            .unwrap_or(0);
+        if out.status.success() && received >= count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not answer{}:\n{text}{}",
+            from.map(|f| format!(" {f}")).unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// ARP frames seen on an interface, captured with an AF_PACKET socket inside a namespace.
