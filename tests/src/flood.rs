@@ -206,6 +206,21 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// Open descriptors of process `pid` once the count holds for 100 ms (a request's
+/// connection may still be closing), or after 10 s.
+pub fn settled_fds(pid: u32) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = fd_count(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = fd_count(pid);
+        if now == last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// Threads of process `pid`.
 pub fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

@@ -10,7 +10,7 @@ pub mod flood;
 pub mod linux;
 pub mod netns;
 
-pub use flood::{fd_count, thread_count, FloodResult, PingFlood};
+pub use flood::{fd_count, settled_fds, thread_count, FloodResult, PingFlood};
 pub use netns::NetNs;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -6,10 +6,10 @@
 //! own descriptors, with as many descriptors open as before.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_tests::{
-    assert_card_merges, dying_destination, fd_count, host_view, migrate, ApiVmm, Console, NetNs,
+    assert_card_merges, dying_destination, host_view, migrate, settled_fds, ApiVmm, Console, NetNs,
     PingFlood, SeqStream, TempDir, READY,
 };
 
@@ -162,21 +162,6 @@ fn bridged(tag: &str, taps: &[&str]) -> NetNs {
     ns
 }
 
-/// Open descriptors of `vmm` once they stop changing (a request's connection may be
-/// closing), within a deadline.
-fn settled_fds(vmm: &ApiVmm) -> usize {
-    let deadline = Instant::now() + REPLY;
-    let mut last = fd_count(vmm.pid());
-    loop {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = fd_count(vmm.pid());
-        if now == last || Instant::now() >= deadline {
-            return now;
-        }
-        last = now;
-    }
-}
-
 #[test]
 fn twenty_migrations_back_and_forth_lose_nothing_and_leak_no_descriptor() {
     let ns = bridged("bt20", &["tap0"]);
@@ -214,7 +199,7 @@ fn twenty_migrations_back_and_forth_lose_nothing_and_leak_no_descriptor() {
             serde_json::json!(["net0", "serial"])
         );
         assert_eq!(host_view(&ns, "tap0"), view, "hop {i}");
-        fds_after.push(settled_fds(&dst));
+        fds_after.push(settled_fds(dst.pid()));
         src = dst;
     }
     // Every destination holds as many descriptors as the first did.
@@ -350,7 +335,7 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
     // A destination not asked for backend transfer takes the ordinary path: it opens tap0 by
     // name, which the source holds (single queue), so the migration fails before the
     // source pauses, and says why.
-    let before = settled_fds(&src);
+    let before = settled_fds(src.pid());
     let pings = flood(&ns);
     let u = url(&files, "m.sock");
     let receiving = empty.receive_migration(serde_json::json!({"receiver_url": u}), Vec::new());
@@ -366,7 +351,7 @@ fn refusals_leave_the_source_on_its_own_descriptors() {
     assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
     let result = pings.finish(REPLY);
     assert_eq!(result.lost(), 0, "{result:?}");
-    assert_eq!(settled_fds(&src), before);
+    assert_eq!(settled_fds(src.pid()), before);
     let info = src.expect("GET", "vm.info", None, 200).unwrap();
     assert_eq!(info["state"], "Running", "{info}");
 
@@ -389,7 +374,7 @@ fn a_destination_that_dies_after_taking_the_descriptors_leaves_the_source_its_ne
         &config(&serial, 2, "tap0", serde_json::json!({})),
         &serial,
     );
-    let before = settled_fds(&src);
+    let before = settled_fds(src.pid());
     let view = host_view(&ns, "tap0");
     let path = files.path().join("m.sock");
     let peer = dying_destination(&path);
@@ -409,7 +394,7 @@ fn a_destination_that_dies_after_taking_the_descriptors_leaves_the_source_its_ne
     assert_eq!(result.lost(), 0, "{result:?}");
     let info = src.expect("GET", "vm.info", None, 200).unwrap();
     assert_eq!(info["state"], "Running", "{info}");
-    assert_eq!(settled_fds(&src), before);
+    assert_eq!(settled_fds(src.pid()), before);
     assert_eq!(host_view(&ns, "tap0"), view);
     let after = PingFlood::start(&ns, GUEST, FLOOD_INTERVAL, 100).finish(REPLY);
     assert_eq!(after.lost(), 0, "{after:?}");
@@ -441,7 +426,7 @@ fn a_destination_refuses_descriptors_that_do_not_fit_and_closes_them() {
     let state_bytes = std::fs::read(snap.join("state.bin")).unwrap();
 
     let dst = ApiVmm::start_in(Some(&ns), &[]);
-    let baseline = settled_fds(&dst);
+    let baseline = settled_fds(dst.pid());
     let tap = ns.open_tap("tapx", false);
     let null = std::fs::File::open("/dev/null").unwrap();
     let tap_state = |name: &str, queues: usize| {
@@ -497,7 +482,7 @@ fn a_destination_refuses_descriptors_that_do_not_fit_and_closes_them() {
         assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
         // Nothing kept: no VM, and every descriptor it received is closed.
         dst.expect("GET", "vm.info", None, 404);
-        assert_eq!(settled_fds(&dst), baseline, "case {i}");
+        assert_eq!(settled_fds(dst.pid()), baseline, "case {i}");
     }
 }
 

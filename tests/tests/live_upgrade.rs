@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_tests::{
-    baton_bin, fd_count, heartbeat_number, host_view, status_kb, ApiVmm, Console, NetNs, PingFlood,
-    SeqStream, TempDir, READY,
+    baton_bin, heartbeat_number, host_view, settled_fds, status_kb, ApiVmm, Console, NetNs,
+    PingFlood, SeqStream, TempDir, READY,
 };
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -92,20 +92,6 @@ impl ApiPinger {
     fn finish(self) -> (u64, Vec<u32>, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("the API pinger")
-    }
-}
-
-/// Open descriptors of `pid` once they stop changing, within a deadline.
-fn settled_fds(pid: u32) -> usize {
-    let deadline = Instant::now() + REPLY;
-    let mut last = fd_count(pid);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = fd_count(pid);
-        if now == last || Instant::now() >= deadline {
-            return now;
-        }
-        last = now;
     }
 }
 
@@ -275,7 +261,7 @@ fn every_failed_step_leaves_the_vm_running_in_the_old_baton_with_all_it_held() {
         assert_eq!(got, status, "{answer}");
         assert!(answer.to_string().contains(message), "{answer}");
     }
-    let before = fd_count(old);
+    let before = settled_fds(old);
 
     // The new binary fails at each step, or never answers: the old baton keeps the VM.
     let hangs = script(&files, "hangs", "exec sleep 600");
