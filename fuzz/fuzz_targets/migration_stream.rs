@@ -59,6 +59,10 @@ impl Destination for Sink {
     fn complete(&mut self) -> Result<(), BoxError> {
         Ok(())
     }
+
+    fn run(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
 }
 
 /// Descriptors the source sends: /dev/null, opened once.

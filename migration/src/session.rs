@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 
 use crate::protocol::{
     self, check_transport, parse_json, to_json, Command, FdsHeader, Limits, MemoryRegion,
-    ProtocolError, Receiver, Response, Software, Start, StartReply,
+    ProtocolError, Receiver, Response, Software, Start, StartReply, START_NOTICE,
 };
 use crate::transport::Channel;
 use crate::BoxError;
@@ -38,9 +38,12 @@ pub trait Destination {
     /// An accepted device's backend descriptors, in the order the source sent them, with the
     /// header that announced them (the device id and the backend's state).
     fn backend_fds(&mut self, header: FdsHeader, fds: Vec<OwnedFd>) -> Result<(), BoxError>;
-    /// Build the devices from their state, resume, announce. The source learns of success
-    /// only when this returns.
+    /// Build the VM and its devices from their state, ready to run but not running.
     fn complete(&mut self) -> Result<(), BoxError>;
+    /// Run the VM [`Destination::complete`] built: resume, announce. Called only once the
+    /// source was told, when it asked ([`Start::start_notice`]); the source learns of success
+    /// only when this returns.
+    fn run(&mut self) -> Result<(), BoxError>;
 }
 
 /// How a session that did not fail ended.
@@ -129,6 +132,12 @@ fn step(
         }
         Command::Complete => {
             destination.complete().map_err(applying)?;
+            if receiver.start_notice() {
+                // Without the notice sent, the VM must not run here: the source, on seeing
+                // the connection end without it, resumes the VM there.
+                channel.send_response(&Response::Ok(START_NOTICE.to_vec()))?;
+            }
+            destination.run().map_err(applying)?;
             // The VM runs here now, whether or not the source hears so: a source that gets
             // no answer stays paused (it cannot tell), so neither dropping this VM nor
             // resuming that one could be right.
@@ -158,6 +167,62 @@ pub fn start(channel: &mut Channel, start: &Start) -> Result<StartReply, Protoco
     Ok(reply)
 }
 
+/// Why Complete did not end in the destination's Ok, as the source sees it.
+#[derive(Debug)]
+pub enum Unfinished {
+    /// The destination refused Complete, or did not get it whole, or was silenced before it
+    /// said it would run the VM: the VM never ran there, and runs on at the source.
+    NotRun(ProtocolError),
+    /// The destination ended before it said it would run the VM: it never ran there.
+    Ended(ProtocolError),
+    /// The destination may be running the VM: it said it would, or the source cannot tell.
+    MayRun(ProtocolError),
+}
+
+/// The source's last step: sends Complete and reads what the destination makes of it.
+/// `notice` is whether both agreed on [`Start::start_notice`]. If no answer comes in time,
+/// `silence` is asked to end the destination (a local child can be killed); if it could,
+/// what the destination left in the channel decides whether the VM may have run there.
+pub fn complete(
+    channel: &mut Channel,
+    notice: bool,
+    silence: &mut dyn FnMut() -> bool,
+) -> Result<(), Unfinished> {
+    // A Complete the destination did not get whole cannot have started the VM there.
+    channel
+        .send_request(Command::Complete, &[])
+        .map_err(Unfinished::NotRun)?;
+    let limits = Limits::default();
+    let first = match channel.recv_response(&limits) {
+        Ok(r) => r,
+        Err(e) if !notice => return Err(Unfinished::MayRun(e)),
+        // Ended without the notice: it never ran the VM.
+        Err(e) if ended(&e) => return Err(Unfinished::Ended(e)),
+        Err(e) if silence() => match channel.recv_response(&limits) {
+            Ok(Response::Ok(p)) if p == START_NOTICE => return Err(Unfinished::MayRun(e)),
+            Ok(Response::Ok(_)) => return Ok(()),
+            Ok(Response::Error(m)) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
+            Err(_) => return Err(Unfinished::NotRun(e)),
+        },
+        Err(e) => return Err(Unfinished::MayRun(e)),
+    };
+    match first {
+        Response::Error(m) => Err(Unfinished::NotRun(ProtocolError::Remote(m))),
+        Response::Ok(p) if notice && p == START_NOTICE => match channel.recv_response(&limits) {
+            Ok(Response::Ok(_)) => Ok(()),
+            Ok(Response::Error(m)) => Err(Unfinished::MayRun(ProtocolError::Remote(m))),
+            Err(e) => Err(Unfinished::MayRun(e)),
+        },
+        Response::Ok(_) => Ok(()),
+    }
+}
+
+/// Whether `e` is the peer's end of the connection, rather than its silence.
+fn ended(e: &ProtocolError) -> bool {
+    use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    matches!(e, ProtocolError::Io(_, io) if matches!(io.kind(), UnexpectedEof | ConnectionReset | BrokenPipe))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +242,7 @@ mod tests {
         memory_fds: usize,
         backends: Vec<(String, usize)>,
         completed: bool,
+        ran: bool,
         refuse: Option<Command>,
     }
 
@@ -189,6 +255,7 @@ mod tests {
                 memory_fds: 0,
                 backends: vec![],
                 completed: false,
+                ran: false,
                 refuse: None,
             }
         }
@@ -252,6 +319,11 @@ mod tests {
             self.completed = true;
             Ok(())
         }
+
+        fn run(&mut self) -> Result<(), BoxError> {
+            self.ran = true;
+            Ok(())
+        }
     }
 
     /// Runs `source` against `receive` over a UNIX socket pair.
@@ -281,6 +353,7 @@ mod tests {
                 })
                 .collect(),
             software: None,
+            start_notice: false,
         }
     }
 
@@ -349,6 +422,107 @@ mod tests {
         assert_eq!(result.unwrap(), Outcome::Completed);
         assert_eq!(dest.memory_fds, 2);
         assert_eq!(dest.backends, vec![("net0".to_string(), 2)]);
+    }
+
+    /// Runs a session up to Complete with the notice asked for, then `source`'s Complete.
+    fn up_to_complete<T: Send + 'static>(
+        destination: Recorder,
+        source: impl FnOnce(&mut Channel, bool) -> T + Send + 'static,
+    ) -> (Result<Outcome, ProtocolError>, Recorder, T) {
+        run(destination, |ch| {
+            let mut msg = start_msg(false, &[]);
+            msg.start_notice = true;
+            let reply = start(ch, &msg).unwrap();
+            ch.request(Command::Config, b"{}").unwrap();
+            ch.request(Command::State, b"s").unwrap();
+            source(ch, reply.start_notice)
+        })
+    }
+
+    #[test]
+    fn the_destination_says_it_runs_the_vm_before_it_does() {
+        let (result, dest, done) = up_to_complete(Recorder::new(), |ch, notice| {
+            assert!(notice, "a destination agrees to the notice when asked");
+            complete(ch, notice, &mut || panic!("nothing to silence"))
+        });
+        assert!(done.is_ok(), "{done:?}");
+        assert_eq!(result.unwrap(), Outcome::Completed);
+        assert!(dest.ran);
+        // The same by hand: the notice, then the answer.
+        let (result, _, ()) = run(Recorder::new(), |ch| {
+            let mut msg = start_msg(false, &[]);
+            msg.start_notice = true;
+            start(ch, &msg).unwrap();
+            ch.request(Command::Config, b"{}").unwrap();
+            ch.request(Command::State, b"s").unwrap();
+            assert_eq!(ch.request(Command::Complete, b"").unwrap(), START_NOTICE);
+            let last = ch.recv_response(&Limits::default()).unwrap();
+            assert!(matches!(last, Response::Ok(p) if p.is_empty()));
+        });
+        assert_eq!(result.unwrap(), Outcome::Completed);
+    }
+
+    #[test]
+    fn a_refused_complete_never_ran_there() {
+        let mut recorder = Recorder::new();
+        recorder.refuse = Some(Command::Complete);
+        let (_, dest, done) = up_to_complete(recorder, |ch, notice| {
+            complete(ch, notice, &mut || panic!("nothing to silence"))
+        });
+        assert!(matches!(done, Err(Unfinished::NotRun(_))), "{done:?}");
+        assert!(!dest.ran);
+    }
+
+    /// A destination that takes Complete and then ends or keeps silent, from a script: the
+    /// notice or not, then the end of the connection or silence.
+    fn scripted(notice_sent: bool, then_silent: bool) -> (Result<(), Unfinished>, u32) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let destination = thread::spawn(move || {
+            let mut ch = Channel::from(b);
+            let header = ch.recv_request_header().unwrap();
+            assert_eq!(header.command, Command::Complete);
+            if notice_sent {
+                ch.send_response(&Response::Ok(START_NOTICE.to_vec()))
+                    .unwrap();
+            }
+            if then_silent {
+                // Until the source silences it.
+                let mut byte = [0u8; 1];
+                let _ = std::io::Read::read(&mut ch, &mut byte);
+            }
+        });
+        a.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let shut = a.try_clone().unwrap();
+        let mut silenced = 0;
+        let done = complete(&mut Channel::from(a), true, &mut || {
+            // Ends the destination's wait: it closes its end.
+            silenced += 1;
+            shut.shutdown(std::net::Shutdown::Write).unwrap();
+            true
+        });
+        // A destination still waiting (it sent the notice) waits no more.
+        let _ = shut.shutdown(std::net::Shutdown::Both);
+        destination.join().unwrap();
+        (done, silenced)
+    }
+
+    #[test]
+    fn without_the_notice_an_ended_or_silenced_destination_never_ran_the_vm() {
+        let (done, silenced) = scripted(false, false);
+        assert!(matches!(done, Err(Unfinished::Ended(_))), "{done:?}");
+        assert_eq!(silenced, 0, "an end needs no silencing");
+        let (done, silenced) = scripted(false, true);
+        assert!(matches!(done, Err(Unfinished::NotRun(_))), "{done:?}");
+        assert_eq!(silenced, 1);
+    }
+
+    #[test]
+    fn after_the_notice_the_vm_may_run_there() {
+        for silent in [false, true] {
+            let (done, _) = scripted(true, silent);
+            assert!(matches!(done, Err(Unfinished::MayRun(_))), "{done:?}");
+        }
     }
 
     #[test]

@@ -70,6 +70,10 @@ impl Destination for Sink {
     fn complete(&mut self) -> Result<(), BoxError> {
         Ok(())
     }
+
+    fn run(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
 }
 
 /// What the source puts on the wire: bytes, or descriptors (which count as one byte each
@@ -95,6 +99,7 @@ fn copying_session() -> Vec<Op> {
                 backend_transfer: false,
                 devices: vec![],
                 software: None,
+                start_notice: false,
             }),
         ),
         request(Command::Config, br#"{"cpus":2}"#),
@@ -140,6 +145,7 @@ fn local_session() -> Vec<Op> {
                     })
                     .collect(),
                 software: None,
+                start_notice: false,
             }),
         ),
         request(Command::MemoryFds, &to_json(&regions)),

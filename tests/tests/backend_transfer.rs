@@ -465,6 +465,7 @@ fn a_destination_refuses_descriptors_that_do_not_fit_and_closes_them() {
                 fds: 1,
             }],
             software: None,
+            start_notice: false,
         };
         ch.request(Command::Start, &to_json(&start)).unwrap();
         ch.request(Command::Config, &config_bytes).unwrap();

@@ -311,43 +311,70 @@ fn every_failed_step_leaves_the_vm_running_in_the_old_baton_with_all_it_held() {
         assert_eq!(wrote, "disk: wrote sector=0 count=8");
     }
 
-    // A new baton that takes the last step and then neither answers nor ends may be
-    // running the VM: nothing resumes it here, the API answers, and the operator resumes
-    // it once that process is gone.
+    // A new baton that takes the last step and hangs before it says it would run the VM
+    // is ended when the step times out, and the VM runs on here.
     let (status, answer) = vmm.live_upgrade(serde_json::json!({
         "binary": crash("hang-complete"), "step_timeout_s": 2,
     }));
     assert_eq!(status, 500, "{answer}");
     let text = answer.to_string();
-    assert!(text.contains("does not answer"), "{answer}");
+    assert!(
+        text.contains("step_timeout_s") && text.contains("the VM runs on in this baton"),
+        "{answer}"
+    );
     let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
-    assert_eq!(info["state"], "Paused", "{info}");
-    let silent: u32 = text
-        .split("(pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {answer}"));
-    // SAFETY: kill(2) with a valid signal, on the new baton this test had started.
-    let killed = unsafe { libc::kill(silent as libc::pid_t, libc::SIGKILL) };
-    assert_eq!(killed, 0);
-    baton_tests::eventually("the silent baton to go", REPLY, || {
-        !baton_tests::process_alive(silent)
-    });
-    vmm.expect("PUT", "vm.resume", None, 204);
+    assert_eq!(info["state"], "Running", "{info}");
+    let silenced = pid_in(&text);
+    assert!(
+        !baton_tests::process_alive(silenced),
+        "pid {silenced} lives on"
+    );
     let wrote = console.command("disk write 0 8 10", "disk:", REPLY);
     assert_eq!(wrote, "disk: wrote sector=0 count=8");
-    assert_eq!(
-        settled_fds(old),
-        before,
-        "descriptors after the silent baton"
-    );
+    assert_eq!(settled_fds(old), before, "descriptors after the hung baton");
+
+    // One that said it would run the VM may run it, whether it then ends or keeps silent
+    // without answering: nothing resumes the VM here, the API answers, and the operator
+    // resumes it once that process is gone. (These stop before they resume the VM.)
+    for (step, message) in [
+        ("run", "ended without answering"),
+        ("hang-run", "does not answer"),
+    ] {
+        let (status, answer) = vmm.live_upgrade(serde_json::json!({
+            "binary": crash(step), "step_timeout_s": 2,
+        }));
+        assert_eq!(status, 500, "{step}: {answer}");
+        let text = answer.to_string();
+        assert!(text.contains(message), "{step}: {answer}");
+        let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
+        assert_eq!(info["state"], "Paused", "{step}: {info}");
+        let new = pid_in(&text);
+        // SAFETY: kill(2) with a valid signal, on the new baton this test had started.
+        unsafe { libc::kill(new as libc::pid_t, libc::SIGKILL) };
+        baton_tests::eventually("the new baton to go", REPLY, || {
+            !baton_tests::process_alive(new)
+        });
+        vmm.expect("PUT", "vm.resume", None, 204);
+        let wrote = console.command("disk write 0 8 11", "disk:", REPLY);
+        assert_eq!(wrote, "disk: wrote sector=0 count=8", "{step}");
+        assert_eq!(settled_fds(old), before, "{step}: descriptors after");
+    }
 
     // And then a good binary takes the VM over.
     let (status, answer) = vmm.live_upgrade(upgrade_to(&baton));
     assert_eq!(status, 200, "{answer}");
     let info = vmm.expect("GET", "vm.info", None, 200).unwrap();
     assert_eq!(info["state"], "Running", "{info}");
+}
+
+/// The new baton's pid, as a failed upgrade's answer names it: "(pid N)".
+fn pid_in(answer: &str) -> u32 {
+    answer
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {answer}"))
 }
 
 #[test]

@@ -314,6 +314,7 @@ fn partial_source(url: &str, config: &str) -> migration::Channel {
         backend_transfer: false,
         devices: Vec::new(),
         software: None,
+        start_notice: false,
     };
     migration::session::start(&mut channel, &start).unwrap();
     channel
@@ -364,6 +365,7 @@ fn a_source_speaking_another_protocol_version_is_refused() {
         backend_transfer: false,
         devices: Vec::new(),
         software: None,
+        start_notice: false,
     };
     let e = channel
         .request(
@@ -586,21 +588,20 @@ fn a_disk_write_in_flight_during_migration_lands() {
     assert!(data[4096..8192].iter().all(|b| *b == 171));
 }
 
-#[test]
-fn a_destination_that_never_answers_complete_leaves_the_source_paused_not_running_twice() {
-    let files = TempDir::new("mig-no-answer");
-    let (src, mut console, _) = lone_guest(&files, true);
-    still_beating(&mut console);
-    let url = urls(files.path(), "m.sock");
-    // A destination that takes everything, reads Complete (so it may have started the VM)
-    // and goes without answering.
-    let listener = std::os::unix::net::UnixListener::bind(files.path().join("m.sock")).unwrap();
-    let peer = std::thread::spawn(move || {
+/// A destination at `url` that takes everything, reads Complete and goes without a word.
+/// `notice` is whether it agrees to tell before it runs the VM: then its silence says it
+/// never did.
+fn gone_at_complete(url_path: &Path, notice: bool) -> std::thread::JoinHandle<()> {
+    let listener = std::os::unix::net::UnixListener::bind(url_path).unwrap();
+    std::thread::spawn(move || {
         let mut channel = migration::Channel::from(listener.accept().unwrap().0);
         loop {
             let h = channel.recv_request_header().unwrap();
             let payload = channel.read_payload(h.length).unwrap();
             let reply = match h.command {
+                migration::Command::Start if notice => {
+                    br#"{"accepted":[],"start_notice":true}"#.to_vec()
+                }
                 migration::Command::Start => br#"{"accepted":[]}"#.to_vec(),
                 migration::Command::MemoryFds => {
                     let regions: Vec<migration::protocol::MemoryRegion> =
@@ -615,17 +616,30 @@ fn a_destination_that_never_answers_complete_leaves_the_source_paused_not_runnin
                 .send_response(&migration::Response::Ok(reply))
                 .unwrap();
         }
-    });
-    let (status, body) = send(
-        &src,
-        serde_json::json!({"destination_url": url, "local": true}),
-    );
-    peer.join().unwrap();
-    assert_eq!(status, 500, "{body}");
-    assert!(
-        body.to_string().contains("did not answer Complete"),
-        "{body}"
-    );
+    })
+}
+
+#[test]
+fn a_destination_that_never_answers_complete_leaves_the_source_paused_not_running_twice() {
+    let files = TempDir::new("mig-no-answer");
+    let (src, mut console, _) = lone_guest(&files, true);
+    still_beating(&mut console);
+    let url = urls(files.path(), "m.sock");
+    // Sends the VM to a destination that goes at Complete; returns the failure's answer.
+    let send_to_gone = |notice: bool, says: &str| {
+        let socket = files.path().join("m.sock");
+        let _ = std::fs::remove_file(&socket);
+        let peer = gone_at_complete(&socket, notice);
+        let (status, body) = send(
+            &src,
+            serde_json::json!({"destination_url": url, "local": true}),
+        );
+        peer.join().unwrap();
+        assert_eq!(status, 500, "{body}");
+        assert!(body.to_string().contains(says), "{body}");
+    };
+    // Without the start notice, a destination that read Complete may have started the VM.
+    send_to_gone(false, "did not answer Complete");
     // Paused, not resumed: the destination may be running it.
     let info = src.expect("GET", "vm.info", None, 200).unwrap();
     assert_eq!(info["state"], "Paused", "{info}");
@@ -637,6 +651,13 @@ fn a_destination_that_never_answers_complete_leaves_the_source_paused_not_runnin
     );
     // The operator, knowing the destination has no VM, resumes it here.
     src.expect("PUT", "vm.resume", None, 204);
+    still_beating(&mut console);
+
+    // One that agreed to say so before it runs the VM, and ended without saying it, never
+    // ran it: the source resumes it at once.
+    send_to_gone(true, "ended before it ran the VM");
+    let info = src.expect("GET", "vm.info", None, 200).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
     still_beating(&mut console);
 }
 

@@ -356,7 +356,9 @@ impl Vmm {
             Done::Upgraded(Err(e)) => {
                 if matches!(
                     e,
-                    migration::Error::Unanswered(_) | migration::Error::NewBatonSilent(..)
+                    migration::Error::Unanswered(_)
+                        | migration::Error::NewBatonSilent(..)
+                        | migration::Error::NewBatonLost(..)
                 ) {
                     self.state = VmState::Paused;
                 }

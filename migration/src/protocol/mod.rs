@@ -26,8 +26,9 @@
 //! ```text
 //! source                                               destination
 //! Start {version, local, backend_transfer, devices,  -> check version, channel, features,
-//!        software}                                      software
-//!                                                    <- Ok StartReply {accepted, software}
+//!        software, start_notice}                        software
+//!                                                    <- Ok StartReply {accepted, software,
+//!                                                                      start_notice}
 //! [local]     MemoryFds [{gpa, len}, ...]            -> one descriptor per region, in order
 //!                                                    <- Ok
 //! Config (the VM config, opaque to this crate)       -> create the VM
@@ -38,9 +39,15 @@
 //!                                                    <- Ok
 //! Fds {id, count, state}, for every accepted device  -> its backend descriptors
 //!                                                    <- Ok (each)
-//! Complete                                           -> build, resume
+//! Complete                                           -> build
+//!                                   [start_notice]   <- Ok "running"
+//!                                                       resume
 //!                                                    <- Ok
 //! ```
+//!
+//! With `start_notice` agreed, the destination runs the VM only once the notice is sent:
+//! a source that reads the end of the connection, or an Error, before the notice knows the
+//! VM never ran there and may resume it. After the notice, only an answer settles it.
 //!
 //! Abandon (empty) is valid at any point before Complete: the destination answers Ok and
 //! drops everything it received. An Error response ends the session: the destination closes
@@ -330,7 +337,17 @@ pub struct Start {
     /// The source's software (absent from a source that does not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub software: Option<Software>,
+    /// The source asks to be told, before the final answer to Complete, that the
+    /// destination built the VM and is about to run it (a first Ok response carrying
+    /// [`START_NOTICE`]). A destination then never runs the VM without the notice sent, so
+    /// a source that sees the connection end without it knows the VM never ran there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start_notice: bool,
 }
+
+/// The payload of the Ok response that tells the source, when [`Start::start_notice`] was
+/// agreed, that the VM is about to run on the destination.
+pub const START_NOTICE: &[u8] = b"running";
 
 /// Which software a side runs, so that a pair that cannot work together is refused while
 /// Start is answered, before anything is paused.
@@ -350,8 +367,14 @@ impl std::fmt::Display for Software {
 }
 
 impl Start {
-    /// Checks the destination's reply: it may accept only proposed devices, each once.
+    /// Checks the destination's reply: it may accept only proposed devices, each once, and
+    /// agree to the start notice only if asked.
     pub fn check_reply(&self, reply: &StartReply) -> Result<(), ProtocolError> {
+        if reply.start_notice && !self.start_notice {
+            return Err(ProtocolError::InvalidReply(
+                "it agreed to a start notice nobody asked for".into(),
+            ));
+        }
         for (i, id) in reply.accepted.iter().enumerate() {
             if !self.devices.iter().any(|d| &d.id == id) || reply.accepted[..i].contains(id) {
                 return Err(ProtocolError::BadAccept(id.clone()));
@@ -383,6 +406,9 @@ pub struct StartReply {
     /// The destination's software (absent from a destination that does not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub software: Option<Software>,
+    /// The destination agrees to [`Start::start_notice`] (only when asked).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start_notice: bool,
 }
 
 /// A guest memory region shared in a local migration; MemoryFds carries a list of them.
@@ -513,6 +539,9 @@ pub enum ProtocolError {
     /// The destination accepted a device that was not proposed, or one twice.
     #[error("Destination accepted device '{0}', which was not proposed or is listed twice")]
     BadAccept(String),
+    /// The reply to Start agrees to something the source did not ask.
+    #[error("Invalid reply to Start: {0}")]
+    InvalidReply(String),
     /// What Start asks needs a UNIX domain socket.
     #[error("{0} needs a UNIX domain socket, but the migration channel is not one")]
     NeedsUnix(&'static str),
@@ -720,11 +749,21 @@ mod tests {
                 fds: 2,
             }],
             software: None,
+            start_notice: false,
         };
         let reply = |ids: &[&str]| StartReply {
             accepted: ids.iter().map(|s| s.to_string()).collect(),
             software: None,
+            start_notice: false,
         };
+        let unasked = StartReply {
+            start_notice: true,
+            ..reply(&[])
+        };
+        assert!(matches!(
+            start.check_reply(&unasked),
+            Err(ProtocolError::InvalidReply(_))
+        ));
         assert!(start.check_reply(&reply(&[])).is_ok());
         assert!(start.check_reply(&reply(&["net0"])).is_ok());
         assert!(start.check_reply(&reply(&["net1"])).is_err());
@@ -739,6 +778,7 @@ mod tests {
             backend_transfer: false,
             devices: vec![],
             software: None,
+            start_notice: false,
         };
         assert!(check_transport(&start, false).is_ok());
         start.backend_transfer = true;

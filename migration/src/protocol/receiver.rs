@@ -64,6 +64,8 @@ pub struct Receiver {
     pending: Vec<String>,
     /// Accepted devices whose descriptors arrived.
     received: Vec<String>,
+    /// Start asked for the notice before the VM runs.
+    start_notice: bool,
 }
 
 impl Receiver {
@@ -78,6 +80,7 @@ impl Receiver {
             replied: false,
             pending: Vec::new(),
             received: Vec::new(),
+            start_notice: false,
         }
     }
 
@@ -92,6 +95,11 @@ impl Receiver {
             self.state,
             ReceiverState::Completed | ReceiverState::Abandoned | ReceiverState::Failed
         )
+    }
+
+    /// Whether Start asked to be told before the VM runs here ([`Start::start_notice`]).
+    pub fn start_notice(&self) -> bool {
+        self.start_notice
     }
 
     /// Whether Start asked for a local migration (memory shared, not copied).
@@ -251,6 +259,7 @@ impl Receiver {
             }
         }
         self.local = start.local;
+        self.start_notice = start.start_notice;
         self.proposed = start.devices.clone();
         self.state = ReceiverState::Started;
         Ok(())
@@ -277,6 +286,7 @@ impl Receiver {
         Ok(StartReply {
             accepted: ids.to_vec(),
             software: None,
+            start_notice: self.start_notice,
         })
     }
 
@@ -377,6 +387,7 @@ mod tests {
                 })
                 .collect(),
             software: None,
+            start_notice: false,
         }
     }
 

@@ -566,6 +566,7 @@ mod tests {
                 },
             ],
             software: None,
+            start_notice: false,
         }
     }
 

@@ -78,6 +78,10 @@ pub enum Error {
     /// stays paused here.
     #[error("The destination did not answer Complete, so it may be running the VM: the VM stays paused here. Resume it here (vm.resume) only if the destination has no VM")]
     Unanswered(#[source] ProtocolError),
+    /// The destination ended after Complete without saying it would run the VM: it never
+    /// ran there.
+    #[error("The destination ended before it ran the VM; the VM runs on here")]
+    EndedBeforeRun(#[source] ProtocolError),
     /// The peer moved no byte for `step_timeout_s`.
     #[error("The peer sent or took nothing for {seconds} s (step_timeout_s) while {during}")]
     Stalled {
@@ -100,12 +104,19 @@ pub enum Error {
     /// The new binary of a live upgrade could not be started.
     #[error("Cannot start the new baton")]
     Launch(#[source] crate::launcher::Error),
-    /// The new baton of a live upgrade got Complete and ended without answering.
+    /// The new baton of a live upgrade ended before it said it would run the VM.
     #[error("The new baton (pid {0}) ended without taking the VM; the VM runs on here")]
     NewBatonEnded(u32, #[source] Box<Error>),
+    /// The new baton of a live upgrade did not take the VM: it refused, failed, or was ended
+    /// for its silence before it would run the VM.
+    #[error("The new baton (pid {0}) did not take the VM; the VM runs on here")]
+    NewBatonFailed(u32, #[source] Box<Error>),
     /// The new baton of a live upgrade got Complete, does not answer and has not ended.
-    #[error("The new baton (pid {0}) took the VM's last step and does not answer: it may run the VM, which stays paused here. Resume it here (vm.resume) only once that process is gone")]
+    #[error("The new baton (pid {0}) said it would run the VM and does not answer: it may run the VM, which stays paused here. Resume it here (vm.resume) only once that process is gone")]
     NewBatonSilent(u32, #[source] Box<Error>),
+    /// The new baton of a live upgrade said it would run the VM and ended without answering.
+    #[error("The new baton (pid {0}) said it would run the VM and ended without answering: the VM stays paused here, as it was before the upgrade. vm.resume runs it here from that state, on memory the new baton may have changed")]
+    NewBatonLost(u32, #[source] Box<Error>),
     /// Pre-copy did not converge in time.
     #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
     Timeout(u64),

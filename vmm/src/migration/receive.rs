@@ -97,7 +97,7 @@ pub struct Arrived {
     pub backends: Backends,
     /// Its console.
     pub console: crate::console::Console,
-    /// The VM, running.
+    /// The VM (running once it arrived).
     pub vm: Vm,
 }
 
@@ -121,7 +121,10 @@ pub struct Incoming {
     state: Option<VmState>,
     /// The serial console the source handed over.
     console: Option<crate::console::ConsoleHandOver>,
-    /// The VM once Complete built it.
+    /// The VM once Complete built it, not running yet, and the console handed over with it
+    /// (held until the VM runs).
+    built: Option<(Arrived, Option<crate::console::ConsoleHandle>)>,
+    /// The VM once it runs here.
     pub arrived: Option<Arrived>,
 }
 
@@ -149,6 +152,7 @@ impl Incoming {
             shell: None,
             state: None,
             console: None,
+            built: None,
             arrived: None,
         }
     }
@@ -162,8 +166,13 @@ impl Incoming {
             .and_then(|_| channel.set_write_timeout(Some(self.step_timeout)));
         timeouts.map_err(Error::Socket)?;
         let seconds = self.step_timeout.as_secs();
-        let outcome = ::migration::session::receive(&mut channel, Limits::default(), self)
-            .map_err(|e| Error::from(e).stalled(seconds))?;
+        let outcome = ::migration::session::receive(&mut channel, Limits::default(), self);
+        if let Some((_, Some(console))) = self.built.take() {
+            // Built but never run (the source could not be told): the source resumes on
+            // that socket and client, so they are left alone.
+            console.handed_over();
+        }
+        let outcome = outcome.map_err(|e| Error::from(e).stalled(seconds))?;
         Ok(outcome == ::migration::Outcome::Completed)
     }
 
@@ -303,17 +312,25 @@ impl ::migration::Destination for Incoming {
                 return Err(e.into());
             }
         };
-        vm.resume();
-        if let Some(h) = handed {
-            h.release();
-        }
-        vm.announce();
-        self.arrived = Some(Arrived {
+        let arrived = Arrived {
             config,
             backends,
             console,
             vm,
-        });
+        };
+        self.built = Some((arrived, handed));
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), BoxError> {
+        super::test_crash("run");
+        let (arrived, handed) = self.built.take().ok_or_else(|| Self::missing("Complete"))?;
+        arrived.vm.resume();
+        if let Some(h) = handed {
+            h.release();
+        }
+        arrived.vm.announce();
+        self.arrived = Some(arrived);
         Ok(())
     }
 }

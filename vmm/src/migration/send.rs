@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::migration::protocol::{self, Command, MemoryRanges, Start, PROTOCOL_VERSION};
-use ::migration::{Channel, Limits, ProtocolError};
+use ::migration::session::{self, Unfinished};
+use ::migration::{Channel, Limits};
 use api::{SendMigrationConfig, VmConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -221,13 +222,32 @@ pub fn send(
         cfg,
         transferable,
         progress,
-        &|_| {},
+        Hooks::NONE,
         started,
     )
 }
 
-/// [`send`] over a connected `channel`; `paused` is told when the VM pauses for the last
-/// step (true) and when it resumes here after a failure (false).
+/// What the caller of [`send_over`] does around the last step.
+#[derive(Clone, Copy)]
+pub(super) struct Hooks<'a> {
+    /// Told when the VM pauses for the last step (true) and when it resumes here after a
+    /// failure (false).
+    pub paused: &'a dyn Fn(bool),
+    /// Ends a destination that does not answer Complete, if this side can (a process it
+    /// started); true once it is gone, so that what it left on the channel tells whether
+    /// it ran the VM.
+    pub silence: &'a dyn Fn() -> bool,
+}
+
+impl Hooks<'_> {
+    /// Nothing around the pause, and no way to end the destination.
+    pub const NONE: Hooks<'static> = Hooks {
+        paused: &|_| {},
+        silence: &|| false,
+    };
+}
+
+/// [`send`] over a connected `channel`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn send_over(
     mut channel: Channel,
@@ -236,7 +256,7 @@ pub(super) fn send_over(
     cfg: &SendMigrationConfig,
     transferable: Vec<Transferable>,
     progress: &Progress,
-    paused: &dyn Fn(bool),
+    hooks: Hooks,
     started: Instant,
 ) -> Result<Stats, Error> {
     // The longest the destination may leave a step without a byte moving.
@@ -259,7 +279,7 @@ pub(super) fn send_over(
         &mut channel,
         started,
         progress,
-        paused,
+        hooks,
         &mut stats,
     );
     let logging_off = vm.dirty_logging(false);
@@ -294,7 +314,7 @@ fn send_on(
     channel: &mut Channel,
     started: Instant,
     progress: &Progress,
-    paused: &dyn Fn(bool),
+    hooks: Hooks,
     stats: &mut Stats,
 ) -> Result<(), Error> {
     let start = Start {
@@ -303,6 +323,7 @@ fn send_on(
         backend_transfer: cfg.backend_transfer,
         devices: backend::proposal(offered),
         software: Some(super::software()),
+        start_notice: true,
     };
     let reply = ::migration::session::start(channel, &start)?;
     // A destination that took Start may still be one whose state layout this baton cannot
@@ -343,7 +364,7 @@ fn send_on(
 
     progress.phase("downtime");
     let paused_at = Instant::now();
-    paused(true);
+    (hooks.paused)(true);
     vm.pause();
     let result = (|| {
         if !cfg.local {
@@ -358,21 +379,18 @@ fn send_on(
             channel.request_with_fds(Command::Fds, &protocol::to_json(&header), &fds.fds())?;
         }
         progress.phase("completing");
-        // A Complete the destination did not get whole cannot have started the VM there.
-        channel.send_request(Command::Complete, &[])?;
-        Ok(())
+        // The VM resumes here only if it cannot have run there: the destination refused,
+        // or ended or was silenced before it said it would run the VM. Otherwise, with no
+        // answer, it stays paused: never running in both places; the operator resumes it
+        // here if the destination has no VM.
+        session::complete(channel, reply.start_notice, &mut || (hooks.silence)()).map_err(|u| {
+            match u {
+                Unfinished::NotRun(e) => Error::Protocol(e),
+                Unfinished::Ended(e) => Error::EndedBeforeRun(e),
+                Unfinished::MayRun(e) => Error::Unanswered(e),
+            }
+        })
     })();
-    // From here the destination may be running the VM: only its explicit refusal resumes
-    // it here. No answer at all (the peer gone, or silent past the timeout) leaves the VM
-    // paused: never running in both places; the operator resumes it here if the
-    // destination has no VM.
-    let result = result.and_then(|()| match channel.recv_response(&Limits::default()) {
-        Ok(protocol::Response::Ok(_)) => Ok(()),
-        Ok(protocol::Response::Error(message)) => {
-            Err(Error::Protocol(ProtocolError::Remote(message)))
-        }
-        Err(e) => Err(Error::Unanswered(e)),
-    });
     match result {
         Ok(()) => {
             stats.downtime_ms = paused_at.elapsed().as_millis() as u64;
@@ -398,7 +416,7 @@ fn send_on(
             log::warn!("migration failed while paused; resuming here");
             vm.resume();
             handed.iter().for_each(|t| t.resumed());
-            paused(false);
+            (hooks.paused)(false);
             Err(e)
         }
     }

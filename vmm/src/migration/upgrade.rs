@@ -7,9 +7,11 @@
 //! The new baton gets its own process id, reported in the answer: exec in place would leave
 //! nothing to fall back on if the new binary failed once the old image was gone, while a new
 //! process lets the old one resume the VM, with every backend and its API socket, whatever
-//! step fails. After the last step the VM resumes here only once the new baton is gone (it
-//! took Complete and ended without answering); one that is alive but silent may run the
-//! VM, which then stays paused here, so that it never runs in both.
+//! step fails. At the last step the new baton says it will run the VM before it does
+//! (the protocol's start notice): until then the VM resumes here if the new baton ends, or
+//! does not answer in time and is killed; after it, a new baton that ends or keeps silent
+//! without answering may have run the VM, which then stays paused here, so that it never
+//! runs in both.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -123,7 +125,11 @@ fn upgrade(
         ..Default::default()
     };
     let gate = &handover.gate;
-    let offered = transferable.clone();
+    let hooks = send::Hooks {
+        paused: &|paused| gate.set(!paused),
+        // Once it is gone, what it wrote tells whether it was to run the VM.
+        silence: &|| child.kill(CHILD_EXIT),
+    };
     let result = send::send_over(
         ours.into(),
         vm,
@@ -131,7 +137,7 @@ fn upgrade(
         &migration,
         transferable,
         progress,
-        &|paused| gate.set(!paused),
+        hooks,
         started,
     );
     match result {
@@ -150,41 +156,45 @@ fn upgrade(
             })
         }
         Err(Error::Unanswered(e)) => {
-            // It took Complete and said nothing. Gone, it runs the VM nowhere: the VM runs
-            // on here. Alive but silent, it may be starting or running the VM: nothing here
-            // may resume it, so it stays paused and the API is open again to say so.
+            // It said it would run the VM and did not answer: nothing here may resume it,
+            // so it stays paused and the API is open again to say so.
             gate.set(true);
-            if !child.wait_exit(CHILD_EXIT) {
+            if child.wait_exit(CHILD_EXIT) {
                 log::error!(
-                    "live upgrade: pid {} took Complete and does not answer; it may run the \
-                     VM, which stays paused here",
+                    "live upgrade: pid {} ended after it said it would run the VM; the VM \
+                     stays paused here",
                     child.pid
                 );
-                return Err(Error::NewBatonSilent(
+                return Err(Error::NewBatonLost(
                     child.pid,
                     Box::new(Error::Unanswered(e)),
                 ));
             }
-            log::warn!(
-                "live upgrade: pid {} ended without answering Complete; resuming here",
+            log::error!(
+                "live upgrade: pid {} said it would run the VM and does not answer; the VM \
+                 stays paused here",
                 child.pid
             );
-            vm.resume();
-            offered.iter().for_each(|t| t.resumed());
-            Err(Error::NewBatonEnded(
+            Err(Error::NewBatonSilent(
                 child.pid,
                 Box::new(Error::Unanswered(e)),
             ))
         }
+        Err(Error::EndedBeforeRun(e)) => {
+            // It ended before it would run the VM, which runs on here already.
+            Err(Error::NewBatonEnded(
+                child.pid,
+                Box::new(Error::EndedBeforeRun(e)),
+            ))
+        }
         Err(e) => {
-            // Before Complete the VM ran here all along, or resumed here already. A new
-            // baton whose migration failed ends by itself; one that does not (stuck) is
-            // ended here.
+            // The VM ran here all along, or resumed here already. A new baton whose
+            // migration failed ends by itself; one that does not (stuck) is ended here.
             if !child.wait_exit(CHILD_EXIT) && !child.kill(CHILD_EXIT) {
                 log::warn!("live upgrade: pid {} survives SIGKILL", child.pid);
             }
             gate.set(true);
-            Err(e)
+            Err(Error::NewBatonFailed(child.pid, Box::new(e)))
         }
     }
 }
