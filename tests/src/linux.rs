@@ -203,10 +203,10 @@ pub fn assert_vcpus_idle(pid: u32) {
 
 /// Fails the test unless the guest answers `count` pings from the host within 90 s, asking
 /// again every 15 s. Pings may go unanswered for seconds while the guest and the host
-/// resolve each other's addresses: after a long flood either side's entry may have gone
-/// stale, and the small Linux has been seen to leave the host's ARP frames unanswered for
-/// seconds, with or without a migration (see the note of issue 17); ping itself gives up
-/// early once the host reports the guest unreachable.
+/// resolve each other's addresses (after a flood either side's entry may have gone stale),
+/// or while the guest works through frames that queued up: its kernel code is interpreted
+/// and answers one echo in about 23 ms. ping itself gives up early once the host reports
+/// the guest unreachable.
 pub fn assert_answers(ns: &NetNs, count: u32) {
     assert_answers_from(ns, count, None);
 }

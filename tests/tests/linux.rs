@@ -21,14 +21,15 @@ use baton_tests::{
     PingFlood, TempDir,
 };
 
-/// One echo request every 20 ms across a migration: a small Linux whose kernel code is
-/// interpreted (nested PVM) keeps up with that on its first vCPU with room to spare; at
-/// 10 ms it already ran that vCPU at 100% on some hosts, and fell behind after a migration.
-const PING_INTERVAL: Duration = Duration::from_millis(20);
-/// Enough requests to cover a migration with room to spare: 2 s to settle, then 10 s, twice
-/// the window around a migration that counts. Not longer: the small Linux has been seen to
-/// leave the host's ARP frames unanswered under long floods (see [`assert_answers`]).
-const PING_COUNT: u64 = SETTLED + 500;
+/// One echo request every 50 ms across a migration. The small Linux's kernel code is
+/// interpreted (nested PVM): it takes about 23 ms of its first vCPU to answer one echo
+/// (measured with scripts/debug/linux_arp.py). At 20 ms the requests came faster than that
+/// on some hosts: they queued up in the TAP, and the host's ARP frames waited behind them
+/// until the host gave the guest up ("Destination Host Unreachable").
+const PING_INTERVAL: Duration = Duration::from_millis(50);
+/// Enough requests to cover a migration with room to spare: 5 s to settle, then 10 s, over
+/// twice the window around a migration that counts.
+const PING_COUNT: u64 = SETTLED + 200;
 const REPLY: Duration = Duration::from_secs(60);
 /// How long a flood may take to end once the test is done with the VM: ping slows down when
 /// sends fail (the TAP being replaced without backend transfer) or a loaded guest falls
@@ -62,7 +63,7 @@ fn assert_platform(log: &[String], cpus: u8) {
     }
 }
 
-/// Host pings every 10 ms, started once replies flow; the migration starts after
+/// Host pings every [`PING_INTERVAL`], started once replies flow; the migration starts after
 /// [`SETTLED`] of them came back, and only what is sent from then on counts (see
 /// [`lost_after_settling`]).
 fn pings(ns: &NetNs) -> PingFlood {
@@ -73,7 +74,7 @@ fn pings(ns: &NetNs) -> PingFlood {
 }
 
 /// Migrates `src` to a new baton in `ns` over UNIX socket `name` in `files`, local=on, with
-/// or without backend transfer on both sides, while the host pings the guest every 10 ms.
+/// or without backend transfer on both sides, while the host pings the guest.
 /// Returns the new baton, the source's statistics and what the pings saw, and prints them.
 fn migrate_under_pings(
     ns: &NetNs,
@@ -113,9 +114,7 @@ fn one_linux_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// How long before and after a migration a lost echo counts against it. Frames that
 /// waited in the TAP during the pause reach the guest within milliseconds of the resume, so
-/// what a migration loses shows within the first of these seconds. The small Linux also
-/// goes silent on its own under a flood, for seconds or until the host resolves it again
-/// (it leaves the host's ARP frames unanswered; see [`assert_answers`]).
+/// what a migration loses shows within the first of these seconds.
 const AROUND_BEFORE: Duration = Duration::from_secs(1);
 const AROUND_AFTER: Duration = Duration::from_secs(2);
 
@@ -230,8 +229,7 @@ fn linux_vmlinux_with_its_devices_survives_pause_snapshot_and_restore() {
 
     // The host pings the guest across the TAP: 50 echoes once the flow settled, none lost.
     assert_answers(&ns, 1);
-    let flood =
-        PingFlood::start(&ns, GUEST_IP, Duration::from_millis(20), SETTLED + 50).finish(REPLY);
+    let flood = PingFlood::start(&ns, GUEST_IP, PING_INTERVAL, SETTLED + 50).finish(REPLY);
     assert_eq!(lost_after_settling(&flood), 0, "{flood:?}");
 
     // Multi-queue: the driver uses both pairs.
