@@ -3,9 +3,9 @@
 # source, cached) on baton, in a network namespace of its own. Each run boots it (2 vCPUs,
 # 512 MiB shared memory, a 4-queue card on TAP tap0) and measures vm.boot to the kernel's
 # "IP-Config: Complete"; then migrates it twice over UNIX sockets with local=on while the
-# host pings it every 5 ms: with backend transfer, then without (the destination opens
-# tap0 by name). Figures: the median of RUNS runs (default 3); downtime and total as
-# vm.send-migration reports them, the longest gap between ping replies (the downtime seen
+# host pings it every 50 ms: with backend transfer, then without (the destination opens
+# tap0 by name); then live-upgrades the last baton to a new process of the same binary.
+# Figures: the median of RUNS runs (default 3); downtime and total as baton reports them, the longest gap between ping replies (the downtime seen
 # from outside), pings lost (median and worst run); and, for comparison, the longest gap
 # in 5 s of the same pings without a migration.
 # Kernel code is interpreted on nested PVM hosts: there these are correctness figures, not
@@ -49,5 +49,5 @@ HELPER=$!
 wait "$HELPER" || die "the benchmark failed"
 HELPER=""
 cat "$WORK/out"
-echo "Pings: one every 5 ms. The new-TAP row loses what the kernel had queued on the"
+echo "Pings: one every 50 ms. The new-TAP row loses what the kernel had queued on the"
 echo "source's own queues of the multi-queue TAP when it went away."

@@ -2,11 +2,21 @@
 """Watches the small Linux's ARP and ICMP on tap0 under a ping flood: the repro of the guest
 leaving the host's ARP frames unanswered (issue 17's note).
 
+What it showed: the guest's kernel, interpreted on nested PVM, takes about 23 ms to answer
+one echo. At one request every 20 ms it answers about 38 a second, so the requests queue up
+in the TAP. The device hands them over as fast as the guest gives back buffers, and the
+guest's receive queue never runs out of work: its used_event stays where it was seconds
+before. The host's ARP probes wait behind that backlog, seconds deep, until the host gives
+up on the guest ("Destination Host Unreachable"). At 50 ms (INTERVAL=0.05) the guest
+answers every echo and every ARP frame within milliseconds. The Linux tests, benchmark and
+demo flood at 50 ms.
+
 Boots the small Linux (scripts/linux-kernel.sh; 2 vCPUs, 512 MiB shared memory, a 4-queue
 card on tap0 with 10.0.0.1/24 on the host) in a debug baton, floods it with one ping every
 20 ms for SECONDS, and prints the replies per second, every ARP frame on tap0 with its time
 and direction, and the card's counters. With `migrate`, it then migrates the VM with backend
-transfer to a second baton and does the same again.
+transfer to a second baton and does the same again. INTERVAL (seconds, default 0.02) sets
+the flood's rate.
 
 Run it inside a network namespace of its own, after `cargo build`:
 
@@ -47,7 +57,7 @@ class Cap:
                 self.ev.append((t, direction, "ICMP %d" % typ, seq))
 
 def flood(seconds, cap, t0, label):
-    p = subprocess.Popen(["ping", "-n", "-i", "0.02", "-w", str(seconds), "10.0.0.2"], stdout=subprocess.DEVNULL)
+    p = subprocess.Popen(["ping", "-n", "-i", os.environ.get("INTERVAL", "0.02"), "-w", str(seconds), "10.0.0.2"], stdout=subprocess.DEVNULL)
     p.wait()
     # per-second replies
     per = {}
