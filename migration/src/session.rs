@@ -197,7 +197,7 @@ pub fn complete(
         Ok(r) => r,
         Err(e) if !notice => return Err(Unfinished::MayRun(e)),
         // Ended without the notice: it never ran the VM.
-        Err(e) if ended(&e) => return Err(Unfinished::Ended(e)),
+        Err(e) if ended(&e, channel.is_unix()) => return Err(Unfinished::Ended(e)),
         Err(e) if silence() => match channel.recv_response(&limits) {
             Ok(Response::Ok(p)) if p == START_NOTICE => return Err(Unfinished::MayRun(e)),
             Ok(Response::Ok(_)) => return Ok(()),
@@ -217,10 +217,18 @@ pub fn complete(
     }
 }
 
-/// Whether `e` is the peer's end of the connection, rather than its silence.
-fn ended(e: &ProtocolError) -> bool {
-    use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
-    matches!(e, ProtocolError::Io(_, io) if matches!(io.kind(), UnexpectedEof | ConnectionReset | BrokenPipe))
+/// Whether `e`, read on a channel that is a UNIX socket or not, is the peer closing the
+/// connection (after everything it wrote), rather than its silence or a break on the way: a
+/// reset counts only on a UNIX socket, where nothing between the two ends can cause one.
+fn ended(e: &ProtocolError, unix: bool) -> bool {
+    match e {
+        ProtocolError::Io(_, io) => match io.kind() {
+            io::ErrorKind::UnexpectedEof => true,
+            io::ErrorKind::ConnectionReset => unix,
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 #[cfg(test)]
