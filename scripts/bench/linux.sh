@@ -24,30 +24,13 @@ require_kvm
 KERNEL_DIR=$(scripts/linux-kernel.sh)
 cargo build --release --locked --workspace >&2
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/baton-bench-linux.XXXXXX")
-NS=baton-bench-linux-$$
-HELPER=""
-cleanup() {
-    if [[ -n $HELPER ]]; then
-        kill -TERM "$HELPER" 2>/dev/null || true
-        wait "$HELPER" 2>/dev/null || true
-    fi
-    ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-ip netns add "$NS"
-ip netns exec "$NS" ip link set lo up
+bench_work linux
+bench_netns linux
 log "kernel: $(cat "$KERNEL_DIR/version")"
 printf '%-42s %11s %8s %11s %6s %6s\n' "Linux, 2 vCPUs, 4 queues (median of $RUNS)" \
     "downtime ms" "total ms" "ping gap ms" "lost" "worst"
-ip netns exec "$NS" python3 scripts/bench/linux.py "$WORK" "$KERNEL_DIR" "$RUNS" >"$WORK/out" &
-HELPER=$!
-wait "$HELPER" || die "the benchmark failed"
-HELPER=""
+run_helper "$WORK/out" ip netns exec "$NS" \
+    python3 scripts/bench/linux.py "$WORK" "$KERNEL_DIR" "$RUNS" || die "the benchmark failed"
 cat "$WORK/out"
 echo "Pings: one every 50 ms. The new-TAP row loses what the kernel had queued on the"
 echo "source's own queues of the multi-queue TAP when it went away."

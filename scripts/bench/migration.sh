@@ -29,31 +29,18 @@ require_kvm
 cargo build --release --locked --workspace >&2
 guest_cargo build --release --locked >&2
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/baton-bench-migration.XXXXXX")
-HELPER=""
-NS=""
-cleanup() {
-    if [[ -n $HELPER ]]; then
-        kill -TERM "$HELPER" 2>/dev/null || true
-        wait "$HELPER" 2>/dev/null || true
-    fi
-    if [[ -n $NS ]]; then
-        ip netns del "$NS" 2>/dev/null || true
-    fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_work migration
 
 # row LABEL MEM_MIB unix|tcp LOCAL(on|off) [DIRTY_COMMAND]: one line of the table.
 row() {
     local label=$1 out
     shift
-    python3 scripts/bench/migration.py "$WORK" "$1" "$2" "$3" "$RUNS" "${4:-}" >"$WORK/row" &
-    HELPER=$!
-    if wait "$HELPER"; then out=$(<"$WORK/row"); else out="failed"; fi
-    HELPER=""
+    if run_helper "$WORK/row" \
+        python3 scripts/bench/migration.py "$WORK" "$1" "$2" "$3" "$RUNS" "${4:-}"; then
+        out=$(<"$WORK/row")
+    else
+        out="failed"
+    fi
     printf '%-36s %s\n' "$label" "$out"
 }
 
@@ -78,18 +65,17 @@ memory_table() {
 net_row() {
     local label=$1 out
     shift
-    ip netns exec "$NS" python3 scripts/bench/migration_net.py "$WORK" "$1" "$2" "$3" "$RUNS" \
-        >"$WORK/row" &
-    HELPER=$!
-    if wait "$HELPER"; then out=$(<"$WORK/row"); else out="failed"; fi
-    HELPER=""
+    if run_helper "$WORK/row" ip netns exec "$NS" \
+        python3 scripts/bench/migration_net.py "$WORK" "$1" "$2" "$3" "$RUNS"; then
+        out=$(<"$WORK/row")
+    else
+        out="failed"
+    fi
     printf '%-40s %s\n' "$label" "$out"
 }
 
 network_table() {
-    NS=baton-bench-migration-$$
-    ip netns add "$NS"
-    ip netns exec "$NS" ip link set lo up
+    bench_netns migration
     printf '%-40s %11s %8s %10s %8s %13s\n' "local migration, 1 GiB (median of $RUNS)" \
         "downtime ms" "total ms" "lost pings" "worst" "stream gap ms"
     for pairs in 1 4; do

@@ -23,32 +23,18 @@ require_kvm
 cargo build --release --locked --workspace >&2
 guest_cargo build --release --locked >&2
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/baton-bench-upgrade.XXXXXX")
-NS=baton-bench-upgrade-$$
-HELPER=""
-cleanup() {
-    if [[ -n $HELPER ]]; then
-        kill -TERM "$HELPER" 2>/dev/null || true
-        wait "$HELPER" 2>/dev/null || true
-    fi
-    ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-ip netns add "$NS"
-ip netns exec "$NS" ip link set lo up
+bench_work upgrade
+bench_netns upgrade
 
 # row LABEL upgrade|transfer PAIRS: one line of the table.
 row() {
     local label=$1 out
-    ip netns exec "$NS" python3 scripts/bench/migration_net.py "$WORK" "$2" on "$3" "$RUNS" \
-        >"$WORK/row" &
-    HELPER=$!
-    if wait "$HELPER"; then out=$(<"$WORK/row"); else out="failed"; fi
-    HELPER=""
+    if run_helper "$WORK/row" ip netns exec "$NS" \
+        python3 scripts/bench/migration_net.py "$WORK" "$2" on "$3" "$RUNS"; then
+        out=$(<"$WORK/row")
+    else
+        out="failed"
+    fi
     printf '%-44s %s\n' "$label" "$out"
 }
 

@@ -66,3 +66,46 @@ guest_cargo() {
         *) cargo "$cmd" --manifest-path "$root/tests/guest/Cargo.toml" --target-dir "$root/target" "$@" ;;
     esac
 }
+
+# bench_work NAME: for benchmark NAME, a scratch directory $WORK, and traps that on exit
+# stop the background helper $HELPER and delete the network namespace $NS (each if set,
+# see run_helper and bench_netns) and remove $WORK.
+bench_work() {
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/baton-bench-$1.XXXXXX")
+    HELPER=""
+    NS=""
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+bench_cleanup() {
+    if [[ -n $HELPER ]]; then
+        kill -TERM "$HELPER" 2>/dev/null || true
+        wait "$HELPER" 2>/dev/null || true
+    fi
+    if [[ -n $NS ]]; then
+        ip netns del "$NS" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+
+# bench_netns NAME: creates the network namespace $NS for benchmark NAME, loopback up; the
+# traps of bench_work delete it.
+bench_netns() {
+    NS=baton-bench-$1-$$
+    ip netns add "$NS"
+    ip netns exec "$NS" ip link set lo up
+}
+
+# run_helper OUT CMD...: runs CMD in the background as $HELPER (stopped if this script is
+# interrupted), its standard output to OUT; returns its status.
+run_helper() {
+    local out=$1 status=0
+    shift
+    "$@" >"$out" &
+    HELPER=$!
+    wait "$HELPER" || status=$?
+    HELPER=""
+    return "$status"
+}
