@@ -274,6 +274,9 @@ def one_run(workdir, mode, local, pairs):
 
 
 def main():
+    # SIGTERM from the caller's clean-up unwinds like Ctrl-C, so the batons are killed,
+    # including a live upgrade's new one, which is no child of this script.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir, mode, local, pairs, count = sys.argv[1:6]
     runs = []
     for _ in range(int(count)):
