@@ -182,16 +182,7 @@ impl Vmm {
         }
     }
 
-    /// Starts a live upgrade; `reply` gets the answer when it ends.
-    fn live_upgrade(&mut self, cfg: api::LiveUpgradeConfig, reply: Reply) {
-        match self.start_upgrade(cfg) {
-            Ok(job) => self.job = Some((job, reply)),
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
-    }
-
+    /// Starts a live upgrade, or says why not.
     fn start_upgrade(&mut self, cfg: api::LiveUpgradeConfig) -> Result<Job, ApiError> {
         self.not_migrating()?;
         cfg.validate().map_err(|e| ApiError::new(400, &e))?;
@@ -246,16 +237,7 @@ impl Vmm {
         Ok(())
     }
 
-    /// Starts sending the VM; `reply` gets the answer when the migration ends.
-    fn send_migration(&mut self, cfg: api::SendMigrationConfig, reply: Reply) {
-        match self.start_send(cfg) {
-            Ok(job) => self.job = Some((job, reply)),
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
-    }
-
+    /// Starts sending the VM, or says why not.
     fn start_send(&mut self, cfg: api::SendMigrationConfig) -> Result<Job, ApiError> {
         self.not_migrating()?;
         cfg.validate().map_err(|e| ApiError::new(400, &e))?;
@@ -288,21 +270,7 @@ impl Vmm {
         })
     }
 
-    /// Starts receiving a VM; `reply` gets the answer when the migration ends.
-    fn receive_migration(
-        &mut self,
-        cfg: api::ReceiveMigrationConfig,
-        fds: api::fds::Fds,
-        reply: Reply,
-    ) {
-        match self.start_receive(cfg, fds) {
-            Ok(job) => self.job = Some((job, reply)),
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
-    }
-
+    /// Starts receiving a VM, or says why not.
     fn start_receive(
         &mut self,
         cfg: api::ReceiveMigrationConfig,
@@ -553,21 +521,33 @@ impl Vmm {
         self.stop_vm();
     }
 
+    /// Keeps the migration job `started` gave, whose answer goes to `reply` when it ends
+    /// (from [`Vmm::migration_done`]), or answers its refusal now.
+    fn run_job(&mut self, started: Result<Job, ApiError>, reply: Reply) -> After {
+        match started {
+            Ok(job) => self.job = Some((job, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+        After::Continue
+    }
+
     /// Takes one request from the API: answers it, or, for a migration, starts it and
     /// answers when it ends (from [`Vmm::migration_done`]). The one dispatcher of API requests.
     pub fn dispatch(&mut self, request: api::request::ApiRequest) -> After {
         match request.action {
             ApiAction::VmSendMigration(cfg) => {
-                self.send_migration(cfg, request.reply);
-                After::Continue
+                let started = self.start_send(cfg);
+                self.run_job(started, request.reply)
             }
             ApiAction::VmReceiveMigration(cfg, fds) => {
-                self.receive_migration(cfg, fds, request.reply);
-                After::Continue
+                let started = self.start_receive(cfg, fds);
+                self.run_job(started, request.reply)
             }
             ApiAction::VmmLiveUpgrade(cfg) => {
-                self.live_upgrade(cfg, request.reply);
-                After::Continue
+                let started = self.start_upgrade(cfg);
+                self.run_job(started, request.reply)
             }
             action => {
                 let (response, after) = self.handle(action);
