@@ -22,6 +22,7 @@ pub mod layout;
 pub mod logger;
 pub mod memory;
 pub mod migration;
+pub mod process;
 pub mod regs;
 pub mod seccomp;
 pub mod snapshot;

@@ -444,6 +444,7 @@ fn net_fds(config: &mut VmConfig) -> Result<api::fds::Fds, vmm::Error> {
 }
 
 fn main() -> ExitCode {
+    vmm::process::grow_descriptor_table();
     let matches = command().get_matches();
     vmm::logger::init(matches.get_count("verbose"));
     match run(&matches) {
