@@ -23,25 +23,13 @@ RUNS=${1:-5}
 TABLES=${2:-all}
 [[ $RUNS =~ ^[0-9]+$ && $RUNS -gt 0 ]] || die "RUNS must be a positive number"
 [[ $TABLES =~ ^(all|memory|network)$ ]] || die "the table is all, memory or network"
-ensure_build_deps
-ensure_packages iproute2 iputils-ping
-require_kvm
-cargo build --release --locked --workspace >&2
-guest_cargo build --release --locked >&2
+bench_migration_deps
 
 bench_work migration
 
 # row LABEL MEM_MIB unix|tcp LOCAL(on|off) [DIRTY_COMMAND]: one line of the table.
 row() {
-    local label=$1 out
-    shift
-    if run_helper "$WORK/row" \
-        python3 scripts/bench/migration.py "$WORK" "$1" "$2" "$3" "$RUNS" "${4:-}"; then
-        out=$(<"$WORK/row")
-    else
-        out="failed"
-    fi
-    printf '%-36s %s\n' "$label" "$out"
+    bench_row 36 "$1" python3 scripts/bench/migration.py "$WORK" "$2" "$3" "$4" "$RUNS" "${5:-}"
 }
 
 memory_table() {
@@ -63,15 +51,8 @@ memory_table() {
 
 # net_row LABEL transfer|new-tap LOCAL(on|off) PAIRS: one line of the network table.
 net_row() {
-    local label=$1 out
-    shift
-    if run_helper "$WORK/row" ip netns exec "$NS" \
-        python3 scripts/bench/migration_net.py "$WORK" "$1" "$2" "$3" "$RUNS"; then
-        out=$(<"$WORK/row")
-    else
-        out="failed"
-    fi
-    printf '%-40s %s\n' "$label" "$out"
+    bench_row 40 "$1" ip netns exec "$NS" \
+        python3 scripts/bench/migration_net.py "$WORK" "$2" "$3" "$4" "$RUNS"
 }
 
 network_table() {

@@ -17,25 +17,15 @@ help_if_asked "$@"
 
 RUNS=${1:-5}
 [[ $RUNS =~ ^[0-9]+$ && $RUNS -gt 0 ]] || die "RUNS must be a positive number"
-ensure_build_deps
-ensure_packages iproute2 iputils-ping
-require_kvm
-cargo build --release --locked --workspace >&2
-guest_cargo build --release --locked >&2
+bench_migration_deps
 
 bench_work upgrade
 bench_netns upgrade
 
 # row LABEL upgrade|transfer PAIRS: one line of the table.
 row() {
-    local label=$1 out
-    if run_helper "$WORK/row" ip netns exec "$NS" \
-        python3 scripts/bench/migration_net.py "$WORK" "$2" on "$3" "$RUNS"; then
-        out=$(<"$WORK/row")
-    else
-        out="failed"
-    fi
-    printf '%-44s %s\n' "$label" "$out"
+    bench_row 44 "$1" ip netns exec "$NS" \
+        python3 scripts/bench/migration_net.py "$WORK" "$2" on "$3" "$RUNS"
 }
 
 printf '%-44s %11s %8s %10s %8s %13s %15s\n' "1 GiB guest (median of $RUNS)" \

@@ -98,6 +98,29 @@ bench_netns() {
     ip netns exec "$NS" ip link set lo up
 }
 
+# bench_migration_deps: what the benchmarks that move the test guest need: build tools,
+# ip and ping, KVM, and release builds of baton and the guest.
+bench_migration_deps() {
+    ensure_build_deps
+    ensure_packages iproute2 iputils-ping
+    require_kvm
+    cargo build --release --locked --workspace >&2
+    guest_cargo build --release --locked >&2
+}
+
+# bench_row WIDTH LABEL CMD...: one row of a table: LABEL padded to WIDTH, then the line
+# CMD prints (run as run_helper does), or "failed".
+bench_row() {
+    local width=$1 label=$2 out
+    shift 2
+    if run_helper "$WORK/row" "$@"; then
+        out=$(<"$WORK/row")
+    else
+        out="failed"
+    fi
+    printf "%-${width}s %s\n" "$label" "$out"
+}
+
 # run_helper OUT CMD...: runs CMD in the background as $HELPER (stopped if this script is
 # interrupted), its standard output to OUT; returns its status.
 run_helper() {
