@@ -11,11 +11,13 @@
 //! - [`protocol`]: frames, payloads, limits, the [`Receiver`] state machine, memory streaming.
 //! - [`transport`]: [`Channel`] and [`Listener`].
 //! - [`session`]: the destination's request loop over a [`Destination`], the source's Start.
+//! - [`timing`]: a [`Timeline`](timing::Timeline) of steps, for the downtime breakdown.
 #![warn(missing_docs)]
 
 pub mod protocol;
 pub mod session;
 pub mod snapshot;
+pub mod timing;
 pub mod transport;
 pub mod url;
 

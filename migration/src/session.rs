@@ -9,8 +9,8 @@ use std::io;
 use std::os::fd::OwnedFd;
 
 use crate::protocol::{
-    self, check_transport, parse_json, to_json, Command, FdsHeader, Limits, MemoryRegion,
-    ProtocolError, Receiver, Response, Software, Start, StartReply, START_NOTICE,
+    self, check_transport, parse_json, to_json, Command, CompleteReply, FdsHeader, Limits,
+    MemoryRegion, ProtocolError, Receiver, Response, Software, Start, StartReply, START_NOTICE,
 };
 use crate::transport::Channel;
 use crate::BoxError;
@@ -44,6 +44,11 @@ pub trait Destination {
     /// source was told, when it asked ([`Start::start_notice`]); the source learns of success
     /// only when this returns.
     fn run(&mut self) -> Result<(), BoxError>;
+    /// How long this destination's steps took, sent to the source with the last answer to
+    /// Complete.
+    fn timings(&mut self) -> CompleteReply {
+        CompleteReply::default()
+    }
 }
 
 /// How a session that did not fail ended.
@@ -141,7 +146,8 @@ fn step(
             // The VM runs here now, whether or not the source hears so: a source that gets
             // no answer stays paused (it cannot tell), so neither dropping this VM nor
             // resuming that one could be right.
-            if let Err(e) = channel.send_response(&Response::Ok(Vec::new())) {
+            let timings = to_json(&destination.timings());
+            if let Err(e) = channel.send_response(&Response::Ok(timings)) {
                 log::warn!(
                     "migration: the VM runs here, but the source did not get the answer to \
                      Complete ({e}); it stays paused there"
@@ -180,41 +186,73 @@ pub enum Unfinished {
 }
 
 /// The source's last step: sends Complete and reads what the destination makes of it.
-/// `notice` is whether both agreed on [`Start::start_notice`]. If no answer comes in time,
-/// `silence` is asked to end the destination (a local child can be killed); if it could,
-/// what the destination left in the channel decides whether the VM may have run there.
+/// `earlier` requests went before it without their answers read (State and Fds, sent one
+/// after the other so the destination works on each while the source prepares the next):
+/// their answers come first, and a refusal among them means Complete was never carried
+/// out. `notice` is whether both agreed on [`Start::start_notice`]. If no answer comes in
+/// time, `silence` is asked to end the destination (a local child can be killed); if it
+/// could, what the destination left in the channel decides whether the VM may have run
+/// there. Returns the destination's timings (none if it sent none, or none that parse).
 pub fn complete(
     channel: &mut Channel,
+    earlier: usize,
     notice: bool,
     silence: &mut dyn FnMut() -> bool,
-) -> Result<(), Unfinished> {
+) -> Result<CompleteReply, Unfinished> {
     // A Complete the destination did not get whole cannot have started the VM there.
-    channel
-        .send_request(Command::Complete, &[])
-        .map_err(Unfinished::NotRun)?;
-    let limits = Limits::default();
-    let first = match channel.recv_response(&limits) {
-        Ok(r) => r,
-        Err(e) if !notice => return Err(Unfinished::MayRun(e)),
-        // Ended without the notice: it never ran the VM.
-        Err(e) if ended(&e, channel.is_unix()) => return Err(Unfinished::Ended(e)),
-        Err(e) if silence() => match channel.recv_response(&limits) {
-            Ok(Response::Ok(p)) if p == START_NOTICE => return Err(Unfinished::MayRun(e)),
-            Ok(Response::Ok(_)) => return Ok(()),
-            Ok(Response::Error(m)) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
-            Err(_) => return Err(Unfinished::NotRun(e)),
-        },
-        Err(e) => return Err(Unfinished::MayRun(e)),
-    };
-    match first {
-        Response::Error(m) => Err(Unfinished::NotRun(ProtocolError::Remote(m))),
-        Response::Ok(p) if notice && p == START_NOTICE => match channel.recv_response(&limits) {
-            Ok(Response::Ok(_)) => Ok(()),
-            Ok(Response::Error(m)) => Err(Unfinished::MayRun(ProtocolError::Remote(m))),
-            Err(e) => Err(Unfinished::MayRun(e)),
-        },
-        Response::Ok(_) => Ok(()),
+    if let Err(e) = channel.send_request(Command::Complete, &[]) {
+        return Err(Unfinished::NotRun(channel.refusal(e, earlier)));
     }
+    let limits = Limits::default();
+    let mut earlier = earlier;
+    // Once the destination is silenced, the error that made the source silence it.
+    let mut silenced: Option<ProtocolError> = None;
+    // Up to the notice (or, without one, the last answer).
+    loop {
+        let response = match channel.recv_response(&limits) {
+            Ok(r) => r,
+            // Silenced, and nothing more: it never said it would run the VM.
+            Err(_) if silenced.is_some() => {
+                return Err(Unfinished::NotRun(silenced.expect("checked")))
+            }
+            Err(e) if !notice => return Err(Unfinished::MayRun(e)),
+            // Ended without the notice: it never ran the VM.
+            Err(e) if ended(&e, channel.is_unix()) => return Err(Unfinished::Ended(e)),
+            Err(e) if silence() => {
+                silenced = Some(e);
+                continue;
+            }
+            Err(e) => return Err(Unfinished::MayRun(e)),
+        };
+        match response {
+            // A refusal of Complete or of an earlier request: the destination stops at
+            // the first error, so it never ran the VM.
+            Response::Error(m) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
+            Response::Ok(_) if earlier > 0 => earlier -= 1,
+            Response::Ok(p) if notice && p == START_NOTICE => match silenced {
+                Some(e) => return Err(Unfinished::MayRun(e)),
+                None => break,
+            },
+            Response::Ok(p) => return Ok(timings(&p)),
+        }
+    }
+    match channel.recv_response(&limits) {
+        Ok(Response::Ok(p)) => Ok(timings(&p)),
+        Ok(Response::Error(m)) => Err(Unfinished::MayRun(ProtocolError::Remote(m))),
+        Err(e) => Err(Unfinished::MayRun(e)),
+    }
+}
+
+/// The destination's timings in the payload `p` of its last answer: the VM runs there
+/// whatever they say, so timings that do not parse are only logged.
+fn timings(p: &[u8]) -> CompleteReply {
+    if p.is_empty() {
+        return CompleteReply::default();
+    }
+    parse_json(Command::Complete, p).unwrap_or_else(|e| {
+        log::warn!("migration: the destination's timings do not parse: {e}");
+        CompleteReply::default()
+    })
 }
 
 /// Whether `e`, read on a channel that is a UNIX socket or not, is the peer closing the
@@ -332,6 +370,16 @@ mod tests {
             self.ran = true;
             Ok(())
         }
+
+        fn timings(&mut self) -> CompleteReply {
+            CompleteReply {
+                before_pause: vec![],
+                paused: vec![crate::protocol::Phase {
+                    name: "run".into(),
+                    us: 42,
+                }],
+            }
+        }
     }
 
     /// Runs `source` against `receive` over a UNIX socket pair.
@@ -432,28 +480,43 @@ mod tests {
         assert_eq!(dest.backends, vec![("net0".to_string(), 2)]);
     }
 
-    /// Runs a session up to Complete with the notice asked for, then `source`'s Complete.
+    /// Runs a session up to Complete with the notice asked for, then `source`'s Complete,
+    /// given how many answers are still to read (with `ahead`, State goes without waiting
+    /// for its answer, as a paused source sends it) and whether the notice was agreed.
     fn up_to_complete<T: Send + 'static>(
         destination: Recorder,
-        source: impl FnOnce(&mut Channel, bool) -> T + Send + 'static,
+        ahead: bool,
+        source: impl FnOnce(&mut Channel, usize, bool) -> T + Send + 'static,
     ) -> (Result<Outcome, ProtocolError>, Recorder, T) {
-        run(destination, |ch| {
+        run(destination, move |ch| {
             let mut msg = start_msg(false, &[]);
             msg.start_notice = true;
             let reply = start(ch, &msg).unwrap();
             ch.request(Command::Config, b"{}").unwrap();
-            ch.request(Command::State, b"s").unwrap();
-            source(ch, reply.start_notice)
+            let earlier = if ahead {
+                ch.send_request(Command::State, b"s").unwrap();
+                1
+            } else {
+                ch.request(Command::State, b"s").unwrap();
+                0
+            };
+            source(ch, earlier, reply.start_notice)
         })
+    }
+
+    /// [`complete`] for a destination that needs no silencing.
+    fn completed(ch: &mut Channel, earlier: usize, notice: bool) -> Done {
+        complete(ch, earlier, notice, &mut || panic!("nothing to silence"))
     }
 
     #[test]
     fn the_destination_says_it_runs_the_vm_before_it_does() {
-        let (result, dest, done) = up_to_complete(Recorder::new(), |ch, notice| {
+        let (result, dest, done) = up_to_complete(Recorder::new(), false, |ch, earlier, notice| {
             assert!(notice, "a destination agrees to the notice when asked");
-            complete(ch, notice, &mut || panic!("nothing to silence"))
+            completed(ch, earlier, notice)
         });
-        assert!(done.is_ok(), "{done:?}");
+        // The destination's timings come with its last answer.
+        assert_eq!(done.unwrap().paused[0].us, 42);
         assert_eq!(result.unwrap(), Outcome::Completed);
         assert!(dest.ran);
         // The same by hand: the notice, then the answer.
@@ -465,7 +528,7 @@ mod tests {
             ch.request(Command::State, b"s").unwrap();
             assert_eq!(ch.request(Command::Complete, b"").unwrap(), START_NOTICE);
             let last = ch.recv_response(&Limits::default()).unwrap();
-            assert!(matches!(last, Response::Ok(p) if p.is_empty()));
+            assert!(matches!(last, Response::Ok(p) if p.starts_with(b"{")));
         });
         assert_eq!(result.unwrap(), Outcome::Completed);
     }
@@ -474,16 +537,40 @@ mod tests {
     fn a_refused_complete_never_ran_there() {
         let mut recorder = Recorder::new();
         recorder.refuse = Some(Command::Complete);
-        let (_, dest, done) = up_to_complete(recorder, |ch, notice| {
-            complete(ch, notice, &mut || panic!("nothing to silence"))
-        });
+        let (_, dest, done) = up_to_complete(recorder, false, completed);
         assert!(matches!(done, Err(Unfinished::NotRun(_))), "{done:?}");
         assert!(!dest.ran);
     }
 
+    type Done = Result<CompleteReply, Unfinished>;
+
+    #[test]
+    fn answers_to_requests_sent_ahead_come_before_complete_s() {
+        let (result, dest, done) = up_to_complete(Recorder::new(), true, completed);
+        assert_eq!(done.unwrap().paused[0].us, 42);
+        assert_eq!(result.unwrap(), Outcome::Completed);
+        assert_eq!(dest.state, b"s");
+        assert!(dest.ran);
+    }
+
+    #[test]
+    fn a_refused_request_sent_ahead_means_complete_never_ran() {
+        let mut recorder = Recorder::new();
+        recorder.refuse = Some(Command::State);
+        let (result, dest, done) = up_to_complete(recorder, true, completed);
+        match done {
+            Err(Unfinished::NotRun(ProtocolError::Remote(m))) => {
+                assert!(m.contains("no room"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(result.is_err());
+        assert!(!dest.completed && !dest.ran);
+    }
+
     /// A destination that takes Complete and then ends or keeps silent, from a script: the
     /// notice or not, then the end of the connection or silence.
-    fn scripted(notice_sent: bool, then_silent: bool) -> (Result<(), Unfinished>, u32) {
+    fn scripted(notice_sent: bool, then_silent: bool) -> (Result<CompleteReply, Unfinished>, u32) {
         let (a, b) = UnixStream::pair().unwrap();
         let destination = thread::spawn(move || {
             let mut ch = Channel::from(b);
@@ -503,7 +590,7 @@ mod tests {
             .unwrap();
         let shut = a.try_clone().unwrap();
         let mut silenced = 0;
-        let done = complete(&mut Channel::from(a), true, &mut || {
+        let done = complete(&mut Channel::from(a), 0, true, &mut || {
             // Ends the destination's wait: it closes its end.
             silenced += 1;
             shut.shutdown(std::net::Shutdown::Write).unwrap();

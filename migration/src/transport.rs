@@ -240,11 +240,39 @@ impl Channel {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Vec<u8>, ProtocolError> {
-        let sent = self.send_request(command, payload).and_then(|()| {
+        let sent = self.send_request_with_fds(command, payload, fds);
+        self.finish(sent)
+    }
+
+    /// Sends a request frame with descriptors after the payload, not waiting for the answer.
+    pub fn send_request_with_fds(
+        &mut self,
+        command: Command,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ProtocolError> {
+        self.send_request(command, payload).and_then(|()| {
             self.send_fds(fds)
                 .map_err(|e| ProtocolError::Io("sending descriptors", e))
-        });
-        self.finish(sent)
+        })
+    }
+
+    /// The better error for `e`, a failed send after `answers` requests whose answers were
+    /// not read yet: a destination that refuses a request answers it and closes without
+    /// reading the rest, so a later write fails, and its refusal says why.
+    pub fn refusal(&mut self, e: ProtocolError, answers: usize) -> ProtocolError {
+        if !closed(&e) {
+            // The frame is half sent for another reason: no answer is coming.
+            return e;
+        }
+        for _ in 0..answers + 1 {
+            match self.recv_response(&Limits::default()) {
+                Ok(Response::Ok(_)) => continue,
+                Ok(Response::Error(message)) => return ProtocolError::Remote(message),
+                Err(_) => break,
+            }
+        }
+        e
     }
 
     /// Sends a Memory request, reading guest memory through `read(gpa, buf)`, and waits for
@@ -262,23 +290,19 @@ impl Channel {
     /// The response to a request that was sent, or tried to be.
     fn finish(&mut self, sent: Result<(), ProtocolError>) -> Result<Vec<u8>, ProtocolError> {
         if let Err(e) = sent {
-            // A destination that refuses a request answers and closes without reading the
-            // rest, so our write fails; its answer is the better error. After any other
-            // failure the frame is half sent and no answer will come.
-            let closed = matches!(&e, ProtocolError::Io(_, io)
-                if matches!(io.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset));
-            if closed {
-                if let Ok(Response::Error(message)) = self.recv_response(&Limits::default()) {
-                    return Err(ProtocolError::Remote(message));
-                }
-            }
-            return Err(e);
+            return Err(self.refusal(e, 0));
         }
         match self.recv_response(&Limits::default())? {
             Response::Ok(payload) => Ok(payload),
             Response::Error(message) => Err(ProtocolError::Remote(message)),
         }
     }
+}
+
+/// Whether `e` is a write that failed because the peer closed the connection.
+fn closed(e: &ProtocolError) -> bool {
+    matches!(e, ProtocolError::Io(_, io)
+        if matches!(io.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset))
 }
 
 impl Read for Channel {

@@ -16,9 +16,14 @@ over a UNIX socket to a second baton:
             pings the API over a new connection every millisecond; connections refused or
             failed are counted.
 Prints one line: medians over the runs of downtime_ms and total_ms as vm.send-migration
-reports them, pings lost, the longest gap between two ping replies and the longest gap in
-the guest's stream (both the downtime as seen from outside, in ms).
+reports them, pings lost and the longest gap in the guest's stream (the downtime as seen
+from outside, in ms). With BENCH_TABLE=minmax (scripts/bench/downtime.sh) it prints
+min/median/max of downtime_us and total_us, the longest gap between two ping replies and
+in the stream, and the worst loss, then the median of each step of the breakdown.
 Each run's own figures go to stderr.
+
+Environment: BENCH_CPUS (vCPUs, default 1), BENCH_MEMORY_GIB (default 1),
+BENCH_PING_INTERVAL (seconds between pings, default 0.002; 0.001 and below need root).
 
 Usage: migration_net.py WORKDIR transfer|new-tap|upgrade on|off PAIRS RUNS"""
 import fcntl, http.client, json, os, signal, socket, statistics, struct, subprocess, sys
@@ -29,7 +34,11 @@ from migration import BATON, Baton, READY, GUEST
 
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
-FLOOD_COUNT = 2500  # 5 s at one every 2 ms: longer than any migration here.
+CPUS = int(os.environ.get("BENCH_CPUS", "1"))
+MEMORY_GIB = int(os.environ.get("BENCH_MEMORY_GIB", "1"))
+PING_INTERVAL = float(os.environ.get("BENCH_PING_INTERVAL", "0.002"))
+# 5 s of pings: longer than any migration here.
+FLOOD_COUNT = int(5 / PING_INTERVAL)
 
 
 def ip(*args):
@@ -113,8 +122,8 @@ class Stream:
 
 def config(serial, pairs):
     return {
-        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
-        "memory": {"size": 1 << 30, "shared": True},
+        "cpus": {"boot_vcpus": CPUS, "max_vcpus": CPUS},
+        "memory": {"size": MEMORY_GIB << 30, "shared": True},
         "payload": {"kernel": GUEST, "cmdline": "heartbeat_ms=0 net=10.0.0.2/24"},
         "serial": {"mode": "Socket", "socket": serial},
         "net": [{"id": "net0", "tap": "tap0", "num_queues": 2 * pairs}],
@@ -154,17 +163,37 @@ def ping_summary(text):
     sys.exit(f"no ping summary in: {text[-500:]}")
 
 
+def ping_gap_ms(text, start, end):
+    """The longest time between two ping replies (ping -D stamps each with the wall clock)
+    that arrived within [start, end]."""
+    stamps = []
+    for line in text.splitlines():
+        if line.startswith("[") and "bytes from" in line:
+            t = float(line[1:line.index("]")])
+            if start <= t <= end:
+                stamps.append(t)
+    return max((b - a for a, b in zip(stamps, stamps[1:])), default=float("inf")) * 1000
+
+
 def figures(ping, stream, stats, started, ended):
-    """A run's figures once the VM moved: baton's own, the pings lost and the longest gap
-    in the guest's stream, read once the stream flows again."""
-    out, _ = ping.communicate(timeout=60)
+    """A run's figures once the VM moved: baton's own, the pings lost, the longest gap
+    between ping replies and in the guest's stream, read once the stream flows again.
+    `started` and `ended` are (monotonic, wall clock) pairs."""
+    ping.wait(timeout=60)
+    with open(ping.out) as f:
+        out = f.read()
     sent, got = ping_summary(out)
+    (started, wall_started), (ended, wall_ended) = started, ended
     deadline = time.time() + 30
     while (not stream.times or stream.times[-1] < ended + 0.2) and time.time() < deadline:
         time.sleep(0.01)
     return {
+        "ping_gap_ms": ping_gap_ms(out, wall_started - 0.05, wall_ended + 0.2),
         "downtime_ms": stats["downtime_ms"],
         "total_ms": stats["total_ms"],
+        "downtime_us": stats["downtime_us"],
+        "total_us": stats["total_us"],
+        "breakdown": stats["breakdown"],
         "lost": sent - got,
         "stream_gap_ms": stream.longest_gap_ms(started - 0.05, ended + 0.2),
     }
@@ -185,9 +214,13 @@ def one_run(workdir, mode, local, pairs):
             console = Console(serial, lambda: src.proc.poll() is None)
             console.line(lambda l: READY in l)
             stream = Stream()
-            ping = subprocess.Popen(
-                ["ping", "-q", "-n", "-W", "2", "-i", "0.002", "-c", str(FLOOD_COUNT), "10.0.0.2"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # A reply a line, to a file: a pipe read only at the end would fill and stall it.
+            with open(os.path.join(d, "ping.out"), "w") as out:
+                ping = subprocess.Popen(
+                    ["ping", "-D", "-n", "-W", "2", "-i", str(PING_INTERVAL),
+                     "-c", str(FLOOD_COUNT), "10.0.0.2"],
+                    stdout=out, stderr=subprocess.STDOUT, text=True)
+            ping.out = out.name
             # Migrate once both are flowing.
             deadline = time.time() + 30
             while len(stream.times) < 100 and time.time() < deadline:
@@ -195,10 +228,10 @@ def one_run(workdir, mode, local, pairs):
             time.sleep(0.3)
             if mode == "upgrade":
                 api = ApiPinger(src)
-                started = time.monotonic()
+                started = (time.monotonic(), time.time())
                 status, text = src.request("PUT", "vmm.live-upgrade",
                                            {"binary": os.path.abspath(BATON)}, timeout=3600)
-                ended = time.monotonic()
+                ended = (time.monotonic(), time.time())
                 if status != 200:
                     src.fail(f"vmm.live-upgrade: {status} {text}")
                 stats = json.loads(text)
@@ -230,15 +263,15 @@ def one_run(workdir, mode, local, pairs):
 
             receiver = threading.Thread(target=receive, daemon=True)
             receiver.start()
-            started = time.monotonic()
+            started = (time.monotonic(), time.time())
             body = {"destination_url": url, "local": local, "backend_transfer": transfer}
             while True:
                 status, text = src.request("PUT", "vm.send-migration", body, timeout=3600)
-                if status != 200 and "Cannot connect" in text and time.monotonic() < started + 30:
+                if status != 200 and "Cannot connect" in text and time.monotonic() < started[0] + 30:
                     time.sleep(0.02)
                     continue
                 break
-            ended = time.monotonic()
+            ended = (time.monotonic(), time.time())
             if status != 200:
                 src.fail(f"vm.send-migration: {status} {text}")
             stats = json.loads(text)
@@ -273,6 +306,26 @@ def one_run(workdir, mode, local, pairs):
                     pass
 
 
+def minmax(runs):
+    """min/median/max of each figure over `runs`, then the median of each paused step."""
+    def mmm(key, scale=1):
+        values = [r[key] / scale for r in runs]
+        return (f"{min(values):.2f}/{statistics.median(values):.2f}/{max(values):.2f}")
+
+    line = (f"{mmm('downtime_us', 1000):>20} {mmm('total_us', 1000):>20} "
+            f"{mmm('ping_gap_ms'):>20} {mmm('stream_gap_ms'):>20} "
+            f"{max(r['lost'] for r in runs):>5}")
+    for side in ("source_paused", "destination_paused"):
+        names = [p["name"] for p in runs[0]["breakdown"][side]]
+        steps = []
+        for i, name in enumerate(names):
+            us = [r["breakdown"][side][i]["us"] for r in runs
+                  if len(r["breakdown"][side]) > i]
+            steps.append(f"{name} {statistics.median(us):.0f}")
+        line += f"\n    {side.replace('_', ' ')}, median us: " + ", ".join(steps)
+    return line
+
+
 def main():
     # SIGTERM from the caller's clean-up unwinds like Ctrl-C, so the batons are killed,
     # including a live upgrade's new one, which is no child of this script.
@@ -283,6 +336,10 @@ def main():
         runs.append(one_run(workdir, mode, local == "on", int(pairs)))
         print(f"migration_net.py: {mode} local={local} pairs={pairs}: {json.dumps(runs[-1])}",
               file=sys.stderr)
+
+    if os.environ.get("BENCH_TABLE") == "minmax":
+        print(minmax(runs))
+        return
 
     def med(key):
         return statistics.median(r[key] for r in runs)

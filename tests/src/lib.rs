@@ -712,7 +712,66 @@ pub fn migrate(
     assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
     let (exit, stderr) = src.wait_exit(Duration::from_secs(60));
     assert!(exit.success(), "the source did not exit cleanly: {stderr}");
+    let handed: Vec<&str> = stats["transferred_backends"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert_breakdown(&stats, local, &handed);
     stats
+}
+
+/// Checks the downtime breakdown of a migration's (or live upgrade's) answer `stats`: the
+/// source's paused steps, in order, add up to `downtime_us`; memory went paused only
+/// without `local`; each backend in `handed` was handed over and taken over; and the
+/// destination reported its own steps, from the state to the resumed vCPUs.
+pub fn assert_breakdown(stats: &serde_json::Value, local: bool, handed: &[&str]) {
+    let b = &stats["breakdown"];
+    let names = |side: &str| -> Vec<String> {
+        b[side]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {side} in {stats}"))
+            .iter()
+            .map(|p| p["name"].as_str().expect("a step's name").to_string())
+            .collect()
+    };
+    let source = names("source_paused");
+    let mut want = vec!["pause vCPUs", "pause devices"];
+    if !local {
+        want.extend(["read the dirty log", "last memory"]);
+    }
+    want.extend(["save state", "encode state", "send state"]);
+    let hand_overs: Vec<String> = handed.iter().map(|id| format!("hand over {id}")).collect();
+    want.extend(hand_overs.iter().map(String::as_str));
+    want.push("complete");
+    assert_eq!(source, want, "{stats}");
+    let sum: u64 = b["source_paused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["us"].as_u64().expect("microseconds"))
+        .sum();
+    assert_eq!(stats["downtime_us"].as_u64(), Some(sum), "{stats}");
+    assert!(stats["total_us"].as_u64().unwrap() >= sum, "{stats}");
+    assert_eq!(stats["downtime_ms"].as_u64(), Some(sum / 1000), "{stats}");
+    assert!(
+        names("source_before_pause").contains(&"config".into()),
+        "{stats}"
+    );
+    let destination = names("destination_paused");
+    assert_eq!(
+        destination.first().map(String::as_str),
+        Some("decode state")
+    );
+    for id in handed {
+        assert!(destination.contains(&format!("take over {id}")), "{stats}");
+    }
+    for step in ["virtio devices", "vCPU state", "resume vCPUs", "announce"] {
+        assert!(destination.contains(&step.into()), "no {step}: {stats}");
+    }
+    assert!(
+        names("destination_before_pause").contains(&"create vCPUs".into()),
+        "{stats}"
+    );
 }
 
 /// Checks a test guest's `net` line: the card uses mergeable receive buffers and indirect

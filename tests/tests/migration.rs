@@ -64,6 +64,7 @@ fn migrate(src: ApiVmm, dst: &ApiVmm, url: &str, local: bool) -> serde_json::Val
     assert!(exit.success(), "the source did not exit cleanly: {stderr}");
     let info = dst.expect("GET", "vm.info", None, 200).unwrap();
     assert_eq!(info["state"], "Running", "{info}");
+    baton_tests::assert_breakdown(&stats, local, &[]);
     stats
 }
 

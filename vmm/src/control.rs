@@ -11,6 +11,7 @@ use api::request::{
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
+use ::migration::timing::Timeline;
 use api::VmConfig;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
@@ -446,6 +447,7 @@ impl Vmm {
         }
         let (_, console) = self.console.as_ref().expect("console set above");
         let started = std::time::Instant::now();
+        let mut timer = Timeline::new();
         let vm = Vm::start(
             &self.kvm,
             config,
@@ -453,6 +455,7 @@ impl Vmm {
             console,
             &self.events,
             start,
+            &mut timer,
         )
         .map_err(|e| {
             let status = if e.is_bad_state() { 400 } else { 500 };
@@ -464,6 +467,7 @@ impl Vmm {
             config.cpus.boot_vcpus,
             started.elapsed().as_micros()
         );
+        log::debug!("VM build time: {}", timer.report());
         self.vm = Some(Arc::new(vm));
         self.state = if restoring {
             VmState::Paused
@@ -838,6 +842,7 @@ impl Vmm {
             &self.kvm,
             self.config.as_ref().expect("set above"),
             Some(mem),
+            &mut Timeline::new(),
         )
         .map_err(|e| ApiError::new(500, &Error::Vm(e)));
         let built = shell.and_then(|shell| self.build_vm(Start::Restore(Box::new(state), shell)));

@@ -29,6 +29,10 @@ struct Table {
     /// GSIs below `next_gsi` given back by unplugged devices.
     free: BTreeSet<u32>,
     irqfds: BTreeSet<u32>,
+    /// Inside [`Interrupts::batched`]: route changes wait for its end.
+    batching: bool,
+    /// Routes changed while batching, not yet given to KVM.
+    pending: bool,
 }
 
 /// The VM's interrupt routing, shared by every device.
@@ -70,11 +74,32 @@ impl Interrupts {
                 next_gsi: IOAPIC_PINS,
                 free: BTreeSet::new(),
                 irqfds: BTreeSet::new(),
+                batching: false,
+                pending: false,
             }),
         }
     }
 
-    fn commit(&self, table: &Table) -> io::Result<()> {
+    /// Runs `f`, giving KVM the routes it changed in one update at its end rather than one
+    /// update each: KVM waits for a grace period on every update. An irqfd registered
+    /// before its route exists injects through KVM's slow path until the update.
+    pub fn batched<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        self.table.lock().expect("routing lock poisoned").batching = true;
+        let result = f();
+        let mut t = self.table.lock().expect("routing lock poisoned");
+        t.batching = false;
+        if std::mem::take(&mut t.pending) {
+            self.commit(&mut t)?;
+        }
+        Ok(result)
+    }
+
+    /// Gives KVM the routing table, unless a batch is open.
+    fn commit(&self, table: &mut Table) -> io::Result<()> {
+        if table.batching {
+            table.pending = true;
+            return Ok(());
+        }
         let mut routing = KvmIrqRouting::new(table.routes.len()).map_err(io::Error::other)?;
         for (slot, entry) in routing.as_mut_slice().iter_mut().zip(table.routes.values()) {
             *slot = *entry;
@@ -121,7 +146,7 @@ impl VmOps for Interrupts {
         e.u.msi.address_hi = message.addr_hi;
         e.u.msi.data = message.data;
         t.routes.insert((gsi, 0), e);
-        self.commit(&t)?;
+        self.commit(&mut t)?;
         if t.irqfds.insert(gsi) {
             if let Err(e) = self.vm.register_irqfd(fd, gsi) {
                 t.irqfds.remove(&gsi);
@@ -145,7 +170,7 @@ impl VmOps for Interrupts {
                 .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
         }
         if routed {
-            self.commit(&t)?;
+            self.commit(&mut t)?;
         }
         Ok(())
     }

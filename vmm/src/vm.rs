@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use ::migration::timing::Timeline;
 use api::VmConfig;
 use devices::acpi::Ged;
 use devices::legacy::{Cmos, CmosState, Serial, SerialState, I8042};
@@ -132,18 +133,27 @@ pub enum Start {
     Restore(Box<VmState>, Shell),
 }
 
-/// A KVM VM with its in-kernel irqchip and PIT and its memory registered, but no devices or
-/// vCPUs yet. A migration destination builds it before the source pauses, so that KVM's
-/// set-up (which grows with memory size) stays out of the downtime.
+/// A KVM VM with its in-kernel irqchip and PIT, its memory registered and its vCPUs
+/// created, but no devices and no vCPU set up or running yet. A migration destination
+/// builds it before the source pauses, so that KVM's set-up (which grows with memory size)
+/// stays out of the downtime.
 pub struct Shell {
     vm_fd: Arc<VmFd>,
     mem: GuestMemory,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
 }
 
 impl Shell {
-    /// A VM on `mem`, or on new memory as `config` describes.
-    pub fn new(kvm: &Kvm, config: &VmConfig, mem: Option<GuestMemory>) -> Result<Self, Error> {
+    /// A VM on `mem`, or on new memory as `config` describes; each step's end is marked on
+    /// `timer`.
+    pub fn new(
+        kvm: &Kvm,
+        config: &VmConfig,
+        mem: Option<GuestMemory>,
+        timer: &mut Timeline,
+    ) -> Result<Self, Error> {
         let vm_fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?);
+        timer.mark("create the VM");
         vm_fd
             .set_identity_map_address(KVM_IDENTITY_MAP_START)
             .map_err(|e| Error::Kvm("set the identity map address", e))?;
@@ -160,6 +170,7 @@ impl Shell {
         vm_fd
             .create_pit2(pit)
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+        timer.mark("in-kernel devices");
         let mem = match mem {
             Some(mem) => mem,
             None => {
@@ -167,7 +178,13 @@ impl Shell {
             }
         };
         register_memory(&vm_fd, &mem)?;
-        Ok(Shell { vm_fd, mem })
+        timer.mark("memory slots");
+        let vcpus = (0..config.cpus.boot_vcpus)
+            .map(|id| vm_fd.create_vcpu(u64::from(id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Kvm("create a vCPU", e))?;
+        timer.mark("create vCPUs");
+        Ok(Shell { vm_fd, mem, vcpus })
     }
 
     /// Its memory.
@@ -207,37 +224,6 @@ fn setup_vcpu(
     fd.set_cpuid2(&cpuid)
         .map_err(|e| Error::Kvm("set CPUID", e))?;
     regs::setup_common(fd).map_err(|e| Error::Regs(id, e))
-}
-
-/// Wall time of each phase of building a VM, for `-vv` (where start-up time goes).
-struct PhaseTimer {
-    last: std::time::Instant,
-    phases: Vec<(&'static str, std::time::Duration)>,
-}
-
-impl PhaseTimer {
-    fn new() -> Self {
-        PhaseTimer {
-            last: std::time::Instant::now(),
-            phases: Vec::new(),
-        }
-    }
-
-    /// Ends the phase called `name`.
-    fn mark(&mut self, name: &'static str) {
-        let now = std::time::Instant::now();
-        self.phases.push((name, now - self.last));
-        self.last = now;
-    }
-
-    fn report(&self) -> String {
-        let parts: Vec<String> = self
-            .phases
-            .iter()
-            .map(|(name, d)| format!("{name} {} us", d.as_micros()))
-            .collect();
-        parts.join(", ")
-    }
 }
 
 /// The eventfds through which a VM's devices and vCPUs reach the control loop. They are
@@ -432,8 +418,9 @@ impl Vm {
         console: &Console,
         events: &VmEvents,
         start: Start,
+        timer: &mut Timeline,
     ) -> Result<Self, Error> {
-        let mut timer = PhaseTimer::new();
+        timer.restart();
         let (saved, shell) = match start {
             Start::Boot => (None, None),
             Start::Restore(state, shell) => (Some(state), Some(shell)),
@@ -447,27 +434,46 @@ impl Vm {
                 });
             }
         }
-        let Shell { vm_fd, mem } = match shell {
+        let Shell {
+            vm_fd,
+            mem,
+            vcpus: fds,
+        } = match shell {
             Some(shell) => shell,
-            None => Shell::new(kvm, config, None)?,
+            None => Shell::new(kvm, config, None, timer)?,
         };
-        timer.mark("KVM VM and memory");
+        if fds.len() != usize::from(config.cpus.boot_vcpus) {
+            return Err(Error::VcpuCount {
+                saved: fds.len(),
+                configured: config.cpus.boot_vcpus,
+            });
+        }
         let buses = create_devices(&vm_fd, console, events, saved)?;
+        timer.mark("platform devices");
         let interrupts = Arc::new(Interrupts::new(vm_fd.clone()));
-        let devices = device_manager::create(
-            config,
-            backends,
-            &mem,
-            interrupts.clone(),
-            &mut buses.pci.lock().expect("PCI lock poisoned"),
-            saved.map(|s| device_manager::Saved {
-                devices: &s.devices,
-                slots: &s.slots,
-            }),
-        )
-        .map_err(Error::Devices)?;
+        // One routing table update for every restored MSI-X vector, not one each: each
+        // makes KVM wait for a grace period, which takes milliseconds on a busy host.
+        let devices = interrupts
+            .batched(|| {
+                device_manager::create(
+                    config,
+                    backends,
+                    &mem,
+                    interrupts.clone(),
+                    &mut buses.pci.lock().expect("PCI lock poisoned"),
+                    saved.map(|s| device_manager::Saved {
+                        devices: &s.devices,
+                        slots: &s.slots,
+                    }),
+                )
+                .map_err(Error::Devices)
+            })
+            .map_err(|e| {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                Error::Kvm("route MSIs", kvm_ioctls::Error::new(errno))
+            })??;
 
-        timer.mark("devices");
+        timer.mark("virtio devices");
         let cpus = config.cpus.boot_vcpus;
         let entry = match saved {
             Some(_) => None,
@@ -484,7 +490,6 @@ impl Vm {
 
         timer.mark("ACPI and payload");
         let xsave = state::xsave_size(&vm_fd);
-        let mut fds = Vec::with_capacity(usize::from(cpus));
         // What KVM supports: only booting builds CPUID from it.
         let supported = match saved {
             Some(_) => None,
@@ -493,32 +498,33 @@ impl Vm {
                     .map_err(|e| Error::Kvm("get supported CPUID", e))?,
             ),
         };
-        for id in 0..cpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(|e| Error::Kvm("create a vCPU", e))?;
+        for (id, fd) in (0..cpus).zip(&fds) {
             match (saved, entry) {
-                (Some(s), _) => state::restore_vcpu(&fd, &s.vcpus[usize::from(id)], xsave)
+                (Some(s), _) => state::restore_vcpu(fd, &s.vcpus[usize::from(id)], xsave)
                     .map_err(|e| Error::State("restore", e))?,
                 (None, entry) => {
                     let supported = supported.as_ref().expect("asked for when booting");
-                    setup_vcpu(kvm, supported, config, &fd, id)?;
+                    setup_vcpu(kvm, supported, config, fd, id)?;
                     if let (0, Some(entry)) = (id, entry) {
-                        regs::setup_boot_vcpu(&fd, &mem, entry).map_err(|e| Error::Regs(id, e))?;
+                        regs::setup_boot_vcpu(fd, &mem, entry).map_err(|e| Error::Regs(id, e))?;
                     }
                 }
             }
-            fds.push(fd);
         }
+        timer.mark(if saved.is_some() {
+            "vCPU state"
+        } else {
+            "vCPU setup"
+        });
         if let Some(s) = saved {
             state::restore_vm(&vm_fd, &s.kvm).map_err(|e| Error::State("restore", e))?;
+            timer.mark("in-kernel device state");
         }
         let msrs = match fds.first() {
             Some(fd) => state::saveable_msrs(kvm, fd).map_err(|e| Error::State("list", e))?,
             None => Vec::new(),
         };
-
-        timer.mark("vCPU setup");
+        timer.mark("MSR list");
         let setup = VcpuSetup {
             pio: &buses.pio,
             mmio: &buses.mmio,
@@ -529,7 +535,6 @@ impl Vm {
         };
         let vcpus = Vcpus::start(fds, setup, || events.for_vcpu()).map_err(Error::Vcpu)?;
         timer.mark("vCPU threads");
-        log::debug!("VM build time: {}", timer.report());
         Ok(Vm {
             vcpus,
             ged: buses.ged,
@@ -633,10 +638,17 @@ impl Vm {
     /// Stops every vCPU, then every device, until [`Vm::resume`]; returns once no vCPU
     /// runs guest code and no device touches guest memory or its backend.
     pub fn pause(&self) {
+        self.pause_timed(&mut Timeline::new());
+    }
+
+    /// [`Vm::pause`], marking the end of each of its steps on `timer`.
+    pub fn pause_timed(&self, timer: &mut Timeline) {
         self.vcpus.pause();
+        timer.mark("pause vCPUs");
         for d in self.devices().iter() {
             d.device.lock().expect("device lock poisoned").pause();
         }
+        timer.mark("pause devices");
     }
 
     /// Presses the ACPI power button.
@@ -661,10 +673,17 @@ impl Vm {
 
     /// Restarts the devices, then the vCPUs, after [`Vm::pause`] (or a restore).
     pub fn resume(&self) {
+        self.resume_timed(&mut Timeline::new());
+    }
+
+    /// [`Vm::resume`], marking the end of each of its steps on `timer`.
+    pub fn resume_timed(&self, timer: &mut Timeline) {
         for d in self.devices().iter() {
             d.device.lock().expect("device lock poisoned").resume();
         }
+        timer.mark("resume devices");
         self.vcpus.resume();
+        timer.mark("resume vCPUs");
     }
 
     /// Asks network drivers that can to announce the guest where it now runs.

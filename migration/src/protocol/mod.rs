@@ -411,6 +411,29 @@ pub struct StartReply {
     pub start_notice: bool,
 }
 
+/// How long one step of a migration took on one side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    /// What the step did, such as `decode state` or `resume vCPUs`.
+    pub name: String,
+    /// Microseconds.
+    pub us: u64,
+}
+
+/// The payload of the destination's last Ok to Complete: how long its steps took, so that
+/// the source can tell where the downtime went. Empty from a destination that does not say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteReply {
+    /// Steps before the State request: Start, memory descriptors, Config, memory.
+    #[serde(default)]
+    pub before_pause: Vec<Phase>,
+    /// Steps from the State request to the VM running: the source is paused meanwhile.
+    #[serde(default)]
+    pub paused: Vec<Phase>,
+}
+
 /// A guest memory region shared in a local migration; MemoryFds carries a list of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

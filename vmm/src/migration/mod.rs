@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
 
-use ::migration::protocol::Software;
+use ::migration::protocol::{Phase, Software};
 use ::migration::{MigrationUrl, ProtocolError};
 use api::{SendMigrationConfig, VmConfig};
 use serde::Serialize;
@@ -175,6 +175,45 @@ pub struct Stats {
     pub memory_ms: u64,
     /// Devices whose backends the destination took over.
     pub transferred_backends: Vec<String>,
+    /// [`Stats::total_ms`] in microseconds.
+    pub total_us: u64,
+    /// [`Stats::downtime_ms`] in microseconds.
+    pub downtime_us: u64,
+    /// Where the time went, step by step, on both sides.
+    pub breakdown: Breakdown,
+}
+
+/// Where a migration's time went, step by step, on both sides, in microseconds. The
+/// source's paused steps add up to its downtime; the destination's paused steps happen
+/// within the source's `send state`, `hand over` and `complete` steps.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Breakdown {
+    /// The source's steps before it paused the VM: connecting, the handshake, memory.
+    pub source_before_pause: Vec<Phase>,
+    /// The source's steps from pausing the VM to the destination's last answer.
+    pub source_paused: Vec<Phase>,
+    /// The destination's steps before the State request (its gaps, waiting for the
+    /// source, are not counted).
+    pub destination_before_pause: Vec<Phase>,
+    /// The destination's steps from the State request to the VM running there.
+    pub destination_paused: Vec<Phase>,
+}
+
+impl Breakdown {
+    /// The whole breakdown as log lines.
+    pub fn log(&self) {
+        use ::migration::timing::report;
+        log::info!(
+            "source, before the pause: {}",
+            report(&self.source_before_pause)
+        );
+        log::info!("source, paused: {}", report(&self.source_paused));
+        log::info!(
+            "destination, before the pause: {}",
+            report(&self.destination_before_pause)
+        );
+        log::info!("destination, paused: {}", report(&self.destination_paused));
+    }
 }
 
 /// Where a running migration is, for `vm.info` and `baton-remote`'s progress.

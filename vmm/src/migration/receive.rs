@@ -4,9 +4,10 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ::migration::protocol::{self, FdsHeader, Start};
+use ::migration::protocol::{self, CompleteReply, FdsHeader, Start};
+use ::migration::timing::Timeline;
 use ::migration::{BoxError, Limits};
 use api::VmConfig;
 use vm_memory::{Bytes, GuestAddress};
@@ -126,6 +127,12 @@ pub struct Incoming {
     built: Option<(Arrived, Option<crate::console::ConsoleHandle>)>,
     /// The VM once it runs here.
     pub arrived: Option<Arrived>,
+    /// This side's steps before the State request.
+    before_pause: Timeline,
+    /// Time spent writing memory the source sent, not yet in `before_pause`.
+    writing_memory: Duration,
+    /// This side's steps from the State request on.
+    paused: Timeline,
 }
 
 impl Incoming {
@@ -154,6 +161,9 @@ impl Incoming {
             console: None,
             built: None,
             arrived: None,
+            before_pause: Timeline::new(),
+            writing_memory: Duration::ZERO,
+            paused: Timeline::new(),
         }
     }
 
@@ -187,9 +197,11 @@ impl ::migration::Destination for Incoming {
     }
 
     fn start(&mut self, start: &Start) -> Result<Vec<String>, BoxError> {
+        self.before_pause.restart();
         super::check_peer(start.software.as_ref(), false)?;
         self.local = start.local;
         self.accepted = backend::accept(start, self.backend_transfer);
+        self.before_pause.mark("start");
         Ok(self.accepted.iter().map(|(id, _)| id.clone()).collect())
     }
 
@@ -205,6 +217,8 @@ impl ::migration::Destination for Incoming {
 
     fn config(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
         super::test_crash("config");
+        let t = &mut self.before_pause;
+        t.restart();
         let mut config: VmConfig = serde_json::from_slice(&bytes)?;
         crate::config::check_and_name(&mut config)?;
         let fds = crate::config::net_fds_in_order(
@@ -216,6 +230,7 @@ impl ::migration::Destination for Incoming {
         let transferred: Vec<String> = self.accepted.iter().map(|(id, _)| id.clone()).collect();
         // Cards taken over open no TAP: their queues come after State.
         let backends = Backends::open_except(&mut config, fds, &transferred)?;
+        t.mark("open backends");
         let mem = match self.shared_memory.take() {
             Some(fds) => {
                 if !config.memory.shared {
@@ -226,14 +241,16 @@ impl ::migration::Destination for Incoming {
             None if self.local => return Err(Self::missing("memory descriptors")),
             None => memory::create(config.memory.size, config.memory.shared)?,
         };
-        // The VM and its memory are set up now, while the source still runs.
-        self.shell = Some(vm::Shell::new(&self.kvm, &config, Some(mem))?);
+        t.mark("map memory");
+        // The VM, its memory and vCPUs are set up now, while the source still runs.
+        self.shell = Some(vm::Shell::new(&self.kvm, &config, Some(mem), t)?);
         self.config = Some(config);
         self.backends = Some(backends);
         Ok(())
     }
 
     fn write_memory(&mut self, gpa: u64, data: &[u8]) -> std::io::Result<()> {
+        let t = Instant::now();
         let mem = self
             .shell
             .as_ref()
@@ -244,16 +261,25 @@ impl ::migration::Destination for Incoming {
                 std::io::ErrorKind::InvalidInput,
                 format!("{} bytes at {gpa:#x}: {e}", data.len()),
             )
-        })
+        })?;
+        self.writing_memory += t.elapsed();
+        Ok(())
     }
 
     fn state(&mut self, bytes: Vec<u8>) -> Result<(), BoxError> {
         super::test_crash("state");
+        self.paused.restart();
+        if !self.writing_memory.is_zero() {
+            let took = std::mem::take(&mut self.writing_memory);
+            self.before_pause.push("write memory", took);
+        }
         self.state = Some(::migration::snapshot::decode(&bytes)?);
+        self.paused.mark("decode state");
         Ok(())
     }
 
     fn backend_fds(&mut self, header: FdsHeader, fds: Vec<OwnedFd>) -> Result<(), BoxError> {
+        self.paused.restart();
         // Dropped, and so closed, on any error here or later.
         let backends = self
             .backends
@@ -262,16 +288,19 @@ impl ::migration::Destination for Incoming {
         let id = header.id.clone();
         if id == backend::CONSOLE_ID && !backends.has_device(&id) {
             self.console = Some(backend::console_hand_over(header, fds)?);
+            self.paused.mark(format!("take over {id}"));
             log::info!("took over the serial console");
             return Ok(());
         }
         let taken = backend::take_over(backends, header, fds)?;
+        self.paused.mark(format!("take over {id}"));
         log::info!("{id}: took over {taken}");
         Ok(())
     }
 
     fn complete(&mut self) -> Result<(), BoxError> {
         super::test_crash("complete");
+        self.paused.restart();
         let mut config = self
             .config
             .take()
@@ -292,6 +321,7 @@ impl ::migration::Destination for Incoming {
             Some(handed) => crate::console::Console::from_hand_over(&config.serial, handed)?,
             None => crate::console::Console::taking_over(&config.serial)?,
         };
+        self.paused.mark("console");
         let started = Vm::start(
             &self.kvm,
             &config,
@@ -299,6 +329,7 @@ impl ::migration::Destination for Incoming {
             &console,
             &self.events,
             vm::Start::Restore(Box::new(state), shell),
+            &mut self.paused,
         );
         // A console handed over starts held: the source's until the VM runs here.
         let handed = console.handle().filter(|_| from_source);
@@ -325,12 +356,28 @@ impl ::migration::Destination for Incoming {
     fn run(&mut self) -> Result<(), BoxError> {
         super::test_crash("run");
         let (arrived, handed) = self.built.take().ok_or_else(|| Self::missing("Complete"))?;
-        arrived.vm.resume();
+        self.paused.restart();
+        arrived.vm.resume_timed(&mut self.paused);
         if let Some(h) = handed {
             h.release();
+            self.paused.mark("release the console");
         }
         arrived.vm.announce();
+        self.paused.mark("announce");
         self.arrived = Some(arrived);
         Ok(())
+    }
+
+    fn timings(&mut self) -> CompleteReply {
+        let reply = CompleteReply {
+            before_pause: self.before_pause.take(),
+            paused: self.paused.take(),
+        };
+        log::info!(
+            "migration received; before the pause: {}; paused: {}",
+            ::migration::timing::report(&reply.before_pause),
+            ::migration::timing::report(&reply.paused)
+        );
+        reply
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use ::migration::protocol::{self, Command, MemoryRanges, Start, PROTOCOL_VERSION};
 use ::migration::session::{self, Unfinished};
+use ::migration::timing::{micros, Timeline};
 use ::migration::{Channel, Limits};
 use api::{SendMigrationConfig, VmConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -150,14 +151,15 @@ fn precopy(
     vm: &Vm,
     channel: &mut Channel,
     cfg: &SendMigrationConfig,
-    started: Instant,
+    elapsed: Duration,
     progress: &Progress,
     stats: &mut Stats,
 ) -> Result<(), Error> {
     progress.phase("pre-copy");
     vm.dirty_logging(true).map_err(Error::Vm)?;
     let mut pass = nonzero_ranges(vm.memory());
-    let deadline = started + Duration::from_secs(cfg.timeout_s);
+    // timeout_s counts from the request.
+    let deadline = Instant::now() + Duration::from_secs(cfg.timeout_s).saturating_sub(elapsed);
     let downtime = Duration::from_millis(cfg.downtime_ms);
     loop {
         stats.iterations += 1;
@@ -210,11 +212,12 @@ pub fn send(
     transferable: Vec<Transferable>,
     progress: &Progress,
 ) -> Result<Stats, Error> {
-    let started = Instant::now();
+    let mut timer = Timeline::new();
     let url = check_send(config, cfg)?;
     progress.phase("connecting");
     let channel =
         Channel::connect(&url).map_err(|e| Error::Connect(cfg.destination_url.clone(), e))?;
+    timer.mark("connect");
     send_over(
         channel,
         vm,
@@ -223,7 +226,7 @@ pub fn send(
         transferable,
         progress,
         Hooks::NONE,
-        started,
+        timer,
     )
 }
 
@@ -247,7 +250,8 @@ impl Hooks<'_> {
     };
 }
 
-/// [`send`] over a connected `channel`.
+/// [`send`] over a connected `channel`; `timer` began with the migration and holds the
+/// steps before this one.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn send_over(
     mut channel: Channel,
@@ -257,7 +261,7 @@ pub(super) fn send_over(
     transferable: Vec<Transferable>,
     progress: &Progress,
     hooks: Hooks,
-    started: Instant,
+    mut timer: Timeline,
 ) -> Result<Stats, Error> {
     // The longest the destination may leave a step without a byte moving.
     let step = Duration::from_secs(cfg.step_timeout_s);
@@ -277,7 +281,7 @@ pub(super) fn send_over(
         cfg,
         &offered,
         &mut channel,
-        started,
+        &mut timer,
         progress,
         hooks,
         &mut stats,
@@ -285,7 +289,9 @@ pub(super) fn send_over(
     let logging_off = vm.dirty_logging(false);
     match result {
         Ok(()) => {
-            stats.total_ms = started.elapsed().as_millis() as u64;
+            stats.total_us = micros(timer.elapsed());
+            stats.total_ms = stats.total_us / 1000;
+            stats.breakdown.log();
             Ok(stats)
         }
         Err(e) => {
@@ -312,7 +318,7 @@ fn send_on(
     cfg: &SendMigrationConfig,
     offered: &[Transferable],
     channel: &mut Channel,
-    started: Instant,
+    timer: &mut Timeline,
     progress: &Progress,
     hooks: Hooks,
     stats: &mut Stats,
@@ -326,6 +332,7 @@ fn send_on(
         start_notice: true,
     };
     let reply = ::migration::session::start(channel, &start)?;
+    timer.mark("start");
     // A destination that took Start may still be one whose state layout this baton cannot
     // write: refused here, before anything is paused (Abandon tells it).
     super::check_peer(reply.software.as_ref(), true)?;
@@ -353,53 +360,77 @@ fn send_on(
             })
             .collect();
         channel.request_with_fds(Command::MemoryFds, &protocol::to_json(&regions), &fds)?;
+        timer.mark("memory descriptors");
     }
     channel.request(
         Command::Config,
         &serde_json::to_vec(config).expect("configurations serialise"),
     )?;
+    timer.mark("config");
     if !cfg.local {
-        precopy(vm, channel, cfg, started, progress, stats)?;
+        precopy(vm, channel, cfg, timer.elapsed(), progress, stats)?;
+        timer.mark("pre-copy");
     }
+    stats.breakdown.source_before_pause = timer.take();
 
     progress.phase("downtime");
-    let paused_at = Instant::now();
     (hooks.paused)(true);
-    vm.pause();
+    // The downtime is the sum of the steps from here to the destination's answer.
+    timer.restart();
+    vm.pause_timed(timer);
     let result = (|| {
         if !cfg.local {
             let last = vm.take_dirty().map_err(Error::Vm)?;
+            timer.mark("read the dirty log");
             stats.memory_bytes += send_ranges(channel, vm.memory(), last, progress)?;
+            timer.mark("last memory");
         }
         let state = vm.state().map_err(Error::Vm)?;
+        timer.mark("save state");
         let state = ::migration::snapshot::encode(&state).map_err(Error::Encode)?;
-        channel.request(Command::State, &state)?;
-        for t in &handed {
+        timer.mark("encode state");
+        // State, each backend and Complete go one after the other, their answers read at
+        // the end: the destination decodes the state while this side hands the backends
+        // over. A refusal stops the destination there, so Complete is never carried out.
+        channel.send_request(Command::State, &state)?;
+        timer.mark("send state");
+        for (sent, t) in handed.iter().enumerate() {
             let (header, fds) = backend::hand_over(t)?;
-            channel.request_with_fds(Command::Fds, &protocol::to_json(&header), &fds.fds())?;
+            channel
+                .send_request_with_fds(Command::Fds, &protocol::to_json(&header), &fds.fds())
+                .map_err(|e| channel.refusal(e, sent + 1))?;
+            timer.mark(format!("hand over {}", t.id));
         }
         progress.phase("completing");
         // The VM resumes here only if it cannot have run there: the destination refused,
         // or ended or was silenced before it said it would run the VM. Otherwise, with no
         // answer, it stays paused: never running in both places; the operator resumes it
         // here if the destination has no VM.
-        session::complete(channel, reply.start_notice, &mut || (hooks.silence)()).map_err(|u| {
-            match u {
+        let earlier = 1 + handed.len();
+        let silence = &mut || (hooks.silence)();
+        let timings = session::complete(channel, earlier, reply.start_notice, silence).map_err(
+            |u| match u {
                 Unfinished::NotRun(e) => Error::Protocol(e),
                 Unfinished::Ended(e) => Error::EndedBeforeRun(e),
                 Unfinished::MayRun(e) => Error::Unanswered(e),
-            }
-        })
+            },
+        )?;
+        timer.mark("complete");
+        Ok(timings)
     })();
     match result {
-        Ok(()) => {
-            stats.downtime_ms = paused_at.elapsed().as_millis() as u64;
+        Ok(timings) => {
+            stats.breakdown.source_paused = timer.take();
+            stats.downtime_us = stats.breakdown.source_paused.iter().map(|p| p.us).sum();
+            stats.downtime_ms = stats.downtime_us / 1000;
+            stats.breakdown.destination_before_pause = timings.before_pause;
+            stats.breakdown.destination_paused = timings.paused;
             handed.iter().for_each(|t| t.handed_over());
             stats.transferred_backends = handed.iter().map(|t| t.id.clone()).collect();
             log::info!(
-                "migration done: {} ms, {} ms down, {} bytes in {} passes",
-                started.elapsed().as_millis(),
-                stats.downtime_ms,
+                "migration done: {} ms, {} us down, {} bytes in {} passes",
+                timer.elapsed().as_millis(),
+                stats.downtime_us,
                 stats.memory_bytes,
                 stats.iterations
             );

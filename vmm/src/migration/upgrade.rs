@@ -17,8 +17,9 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ::migration::timing::Timeline;
 use api::server::{AcceptGate, ApiHandover};
 use api::{LiveUpgradeConfig, SendMigrationConfig, VmConfig};
 use serde::Serialize;
@@ -101,7 +102,7 @@ fn upgrade(
     handover: &Handover,
     progress: &Progress,
 ) -> Result<Upgraded, Error> {
-    let started = Instant::now();
+    let mut timer = Timeline::new();
     progress.phase("starting");
     let (ours, theirs) = UnixStream::pair().map_err(Error::Socket)?;
     let mut fds = vec![theirs.as_fd(), handover.api.listener.as_fd()];
@@ -112,6 +113,7 @@ fn upgrade(
         .map_err(Error::Launch)?;
     drop(fds);
     drop(theirs);
+    timer.mark("start the new baton");
     log::info!(
         "live upgrade: {} runs as pid {}",
         cfg.binary.display(),
@@ -138,7 +140,7 @@ fn upgrade(
         transferable,
         progress,
         hooks,
-        started,
+        timer,
     );
     match result {
         Ok(stats) => {
