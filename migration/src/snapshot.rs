@@ -20,9 +20,10 @@ use serde::Serialize;
 
 /// First bytes of every snapshot state.
 pub const MAGIC: [u8; 8] = *b"BATONSNP";
-/// The format this baton writes, and the only one it reads. 2: each virtio device's own
-/// state is a typed, versioned value by kind (1 had an untyped value with no version).
-pub const FORMAT_VERSION: u32 = 2;
+/// The format this baton writes, and the only one it reads. 3: KVM's structures are hex
+/// strings (2 had a number per byte); 2: each virtio device's own state is a typed,
+/// versioned value by kind (1 had an untyped value with no version).
+pub const FORMAT_VERSION: u32 = 3;
 /// Largest payload accepted: device and vCPU state is kilobytes; this only stops a hostile
 /// length from allocating the host away.
 pub const MAX_STATE_LEN: u64 = 64 << 20;
@@ -86,17 +87,37 @@ pub enum SnapshotError {
     Io(#[source] std::io::Error),
 }
 
-/// CRC-32 as in Ethernet, zlib and PNG (reflected polynomial 0xEDB88320).
+/// CRC-32 as in Ethernet, zlib and PNG (reflected polynomial 0xEDB88320), eight bytes a
+/// step: a migration checks the state inside its pause, and a byte a step took 60 us of it.
 pub fn crc32(data: &[u8]) -> u32 {
-    !data.iter().fold(!0u32, |crc, &b| {
-        CRC_TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
-    })
+    let t = &CRC_TABLES;
+    let mut crc = !0u32;
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        let lo = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ crc;
+        let hi = u32::from_le_bytes([w[4], w[5], w[6], w[7]]);
+        let byte = |x: u32, shift: u32| ((x >> shift) & 0xff) as usize;
+        crc = t[7][byte(lo, 0)]
+            ^ t[6][byte(lo, 8)]
+            ^ t[5][byte(lo, 16)]
+            ^ t[4][byte(lo, 24)]
+            ^ t[3][byte(hi, 0)]
+            ^ t[2][byte(hi, 8)]
+            ^ t[1][byte(hi, 16)]
+            ^ t[0][byte(hi, 24)];
+    }
+    for &b in words.remainder() {
+        crc = t[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
 }
 
-const CRC_TABLE: [u32; 256] = crc_table();
+/// `CRC_TABLES[0]` is the CRC of each byte; `CRC_TABLES[k]` that of each byte followed by
+/// `k` zero bytes.
+const CRC_TABLES: [[u32; 256]; 8] = crc_tables();
 
-const fn crc_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
+const fn crc_tables() -> [[u32; 256]; 8] {
+    let mut tables = [[0u32; 256]; 8];
     let mut i = 0;
     while i < 256 {
         let mut c = i as u32;
@@ -109,10 +130,20 @@ const fn crc_table() -> [u32; 256] {
             };
             bit += 1;
         }
-        table[i] = c;
+        tables[0][i] = c;
         i += 1;
     }
-    table
+    let mut k = 1;
+    while k < 8 {
+        let mut i = 0;
+        while i < 256 {
+            let prev = tables[k - 1][i];
+            tables[k][i] = (prev >> 8) ^ tables[0][(prev & 0xff) as usize];
+            i += 1;
+        }
+        k += 1;
+    }
+    tables
 }
 
 /// `state` with its header, ready to be written to a file or sent as a State request.
@@ -269,6 +300,18 @@ mod tests {
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
         assert_eq!(crc32(b""), 0);
+        // Eight bytes a step gives what one byte a step gives, at every length and offset.
+        let data: Vec<u8> = (0..100u32).map(|i| (i * 37 + 11) as u8).collect();
+        let bytewise = |d: &[u8]| {
+            !d.iter().fold(!0u32, |crc, &b| {
+                CRC_TABLES[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
+            })
+        };
+        for start in 0..9 {
+            for end in start..data.len() {
+                assert_eq!(crc32(&data[start..end]), bytewise(&data[start..end]));
+            }
+        }
     }
 
     #[test]
@@ -315,7 +358,7 @@ mod tests {
         ));
         assert_eq!(
             e.to_string(),
-            "Snapshot format version 7 is not supported (this baton reads version 2)"
+            "Snapshot format version 7 is not supported (this baton reads version 3)"
         );
     }
 

@@ -197,7 +197,7 @@ fn bad_snapshot_requests_are_refused_and_the_vm_keeps_running() {
     let (status, err) = restore(&dir);
     assert_eq!(status, 400, "{err}");
     assert!(
-        err.contains("Snapshot format version 1 is not supported (this baton reads version 2)"),
+        err.contains("Snapshot format version 1 is not supported (this baton reads version 3)"),
         "{err}"
     );
 
