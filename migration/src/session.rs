@@ -189,7 +189,8 @@ pub enum Unfinished {
 /// `earlier` requests went before it without their answers read (State and Fds, sent one
 /// after the other so the destination works on each while the source prepares the next):
 /// their answers come first, and a refusal among them means Complete was never carried
-/// out. `notice` is whether both agreed on [`Start::start_notice`]. If no answer comes in
+/// out. `notice` is whether both agreed on [`Start::start_notice`]; without it, Complete
+/// goes only once those answers came. If no answer comes in
 /// time, `silence` is asked to end the destination (a local child can be killed); if it
 /// could, what the destination left in the channel decides whether the VM may have run
 /// there. Returns the destination's timings (none if it sent none, or none that parse).
@@ -199,12 +200,24 @@ pub fn complete(
     notice: bool,
     silence: &mut dyn FnMut() -> bool,
 ) -> Result<CompleteReply, Unfinished> {
+    let limits = Limits::default();
+    let mut earlier = earlier;
+    if !notice {
+        // Without the notice, the end of a destination that got Complete cannot be told
+        // from one that ran the VM: the requests before Complete are answered first, and
+        // any failure until then leaves the VM to run on at the source.
+        while earlier > 0 {
+            match channel.recv_response(&limits) {
+                Ok(Response::Ok(_)) => earlier -= 1,
+                Ok(Response::Error(m)) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
+                Err(e) => return Err(Unfinished::NotRun(e)),
+            }
+        }
+    }
     // A Complete the destination did not get whole cannot have started the VM there.
     if let Err(e) = channel.send_request(Command::Complete, &[]) {
         return Err(Unfinished::NotRun(channel.refusal(e, earlier)));
     }
-    let limits = Limits::default();
-    let mut earlier = earlier;
     // Once the destination is silenced, the error that made the source silence it.
     let mut silenced: Option<ProtocolError> = None;
     // Up to the notice (or, without one, the last answer).
@@ -566,6 +579,29 @@ mod tests {
         }
         assert!(result.is_err());
         assert!(!dest.completed && !dest.ran);
+    }
+
+    #[test]
+    fn without_the_notice_complete_waits_for_the_answers_before_it() {
+        // A destination that ends after taking State but before answering it, asked for
+        // no notice: the source must not have sent Complete, so the VM never ran there.
+        let (a, b) = UnixStream::pair().unwrap();
+        let destination = thread::spawn(move || {
+            let mut ch = Channel::from(b);
+            let header = ch.recv_request_header().unwrap();
+            assert_eq!(header.command, Command::State);
+            ch.read_payload(header.length).unwrap();
+            // Nothing else came: Complete waits for this answer, which never comes.
+            ch.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                .unwrap();
+            let mut byte = [0u8; 1];
+            assert!(std::io::Read::read(&mut ch, &mut byte).is_err());
+        });
+        let mut ch = Channel::from(a);
+        ch.send_request(Command::State, b"s").unwrap();
+        let done = complete(&mut ch, 1, false, &mut || panic!("no notice, no silencing"));
+        assert!(matches!(done, Err(Unfinished::NotRun(_))), "{done:?}");
+        destination.join().unwrap();
     }
 
     /// A destination that takes Complete and then ends or keeps silent, from a script: the
