@@ -48,10 +48,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn leaves_no_descriptor_open() {
-        let count = || std::fs::read_dir("/proc/self/fd").unwrap().count();
-        let before = count();
+    fn the_table_holds_what_is_reserved() {
         grow_descriptor_table();
-        assert_eq!(count(), before);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let size: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("FDSize:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("FDSize in /proc/self/status");
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only the struct it is given.
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(got, 0);
+        assert!(
+            size >= limit.rlim_cur.min(DESCRIPTOR_TABLE),
+            "FDSize {size}"
+        );
     }
 }
