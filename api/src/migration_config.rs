@@ -155,8 +155,8 @@ pub struct SendMigrationConfig {
     #[serde(default)]
     pub local: bool,
     /// Longest pause the guest should see, in milliseconds: pre-copy iterates until what is
-    /// left can be sent in that time.
-    #[serde(default = "default_downtime")]
+    /// left can be sent in that time (`downtime_limit_ms` is the same).
+    #[serde(default = "default_downtime", alias = "downtime_limit_ms")]
     pub downtime_ms: u64,
     /// Give up (and keep running here) after this many seconds.
     #[serde(default = "default_timeout")]
@@ -164,6 +164,10 @@ pub struct SendMigrationConfig {
     /// (+) Hand device backends (TAP descriptors) to the destination.
     #[serde(default)]
     pub backend_transfer: bool,
+    /// (+) When pre-copy does not converge, slow the guest's vCPUs down, more with each
+    /// pass, until what is left fits `downtime_ms`.
+    #[serde(default)]
+    pub auto_converge: bool,
     /// (+) Give up (and keep running here) when the destination has sent nothing, or taken
     /// no byte, for this many seconds at any step.
     #[serde(default = "default_step_timeout")]
@@ -191,6 +195,7 @@ impl Default for SendMigrationConfig {
             downtime_ms: default_downtime(),
             timeout_s: default_timeout(),
             backend_transfer: false,
+            auto_converge: false,
             step_timeout_s: default_step_timeout(),
             timeout_strategy: None,
             connections: None,
@@ -439,14 +444,17 @@ impl RestoreConfig {
 
 impl SendMigrationConfig {
     /// Parses `destination_url=...,local=on,downtime_ms=N,timeout_s=N,backend_transfer=on,
-    /// step_timeout_s=N`, and Cloud Hypervisor's `timeout_strategy`, `connections`, `tls_dir` and `memory_mode`.
+    /// auto_converge=on,step_timeout_s=N` (`downtime_limit_ms` for `downtime_ms` too), and
+    /// Cloud Hypervisor's `timeout_strategy`, `connections`, `tls_dir` and `memory_mode`.
     pub fn from_option_string(s: &str) -> Result<Self, OptionError> {
         let keys = [
             "destination_url",
             "local",
             "downtime_ms",
+            "downtime_limit_ms",
             "timeout_s",
             "backend_transfer",
+            "auto_converge",
             "step_timeout_s",
             "timeout_strategy",
             "connections",
@@ -457,15 +465,27 @@ impl SendMigrationConfig {
         Ok(SendMigrationConfig {
             destination_url: p.required("destination_url")?.to_string(),
             local: p.convert("local", parse_toggle)?.unwrap_or(false),
-            downtime_ms: p
-                .convert("downtime_ms", parse_int::<u64>)?
-                .unwrap_or_else(default_downtime),
+            downtime_ms: match (
+                p.convert("downtime_ms", parse_int::<u64>)?,
+                p.convert("downtime_limit_ms", parse_int::<u64>)?,
+            ) {
+                (Some(_), Some(_)) => {
+                    return Err(OptionError::InvalidValue {
+                        key: "downtime_limit_ms".into(),
+                        value: p.get("downtime_limit_ms").unwrap_or_default().into(),
+                        reason: "downtime_ms is given too, and they are one setting".into(),
+                    })
+                }
+                (Some(ms), None) | (None, Some(ms)) => ms,
+                (None, None) => default_downtime(),
+            },
             timeout_s: p
                 .convert("timeout_s", parse_int::<u64>)?
                 .unwrap_or_else(default_timeout),
             backend_transfer: p
                 .convert("backend_transfer", parse_toggle)?
                 .unwrap_or(false),
+            auto_converge: p.convert("auto_converge", parse_toggle)?.unwrap_or(false),
             step_timeout_s: p
                 .convert("step_timeout_s", parse_int::<u64>)?
                 .unwrap_or_else(default_step_timeout),
@@ -595,9 +615,28 @@ mod tests {
             "destination_url=unix:/run/m.sock,local=on,downtime_ms=50",
         )
         .unwrap();
-        assert!(m.local && !m.backend_transfer);
+        assert!(m.local && !m.backend_transfer && !m.auto_converge);
         assert_eq!((m.downtime_ms, m.timeout_s), (50, 3600));
         m.validate().unwrap();
+        // downtime_limit_ms names the same setting, in a body and in an option string.
+        let m = SendMigrationConfig::from_option_string(
+            "tcp:127.0.0.1:6000,downtime_limit_ms=20,auto_converge=on",
+        )
+        .unwrap();
+        assert_eq!(m.downtime_ms, 20);
+        assert!(m.auto_converge);
+        let e = SendMigrationConfig::from_option_string(
+            "tcp:127.0.0.1:6000,downtime_limit_ms=20,downtime_ms=30",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("downtime_ms is given too"), "{e}");
+        let m: SendMigrationConfig = serde_json::from_str(
+            r#"{"destination_url":"tcp:127.0.0.1:6000","downtime_limit_ms":7,"auto_converge":true}"#,
+        )
+        .unwrap();
+        assert_eq!((m.downtime_ms, m.auto_converge), (7, true));
+        let both = r#"{"destination_url":"tcp:h:1","downtime_limit_ms":7,"downtime_ms":7}"#;
+        assert!(serde_json::from_str::<SendMigrationConfig>(both).is_err());
         let r = ReceiveMigrationConfig::from_option_string("tcp:127.0.0.1:6000").unwrap();
         r.validate().unwrap();
         assert_eq!(r.step_timeout_s, DEFAULT_STEP_TIMEOUT_S);

@@ -385,14 +385,11 @@ fn a_source_speaking_another_protocol_version_is_refused() {
     dst.expect("GET", "vm.info", None, 404);
 }
 
-#[test]
-fn pre_copy_that_cannot_converge_times_out_and_the_vm_runs_on() {
-    let files = TempDir::new("mig-timeout");
-    let (src, mut console, _) = lone_guest(&files, false);
-    console.command("dirty 64 4000", "dirty:", REPLY);
-    // Once the buffer has been written whole, the first pass copies it (tens of ms, not the
-    // 1 MiB of a fresh guest): long enough that the writer, however it is scheduled, dirties
-    // pages meanwhile.
+/// Starts the guest writing 64 MiB at `rate` MiB/s and waits until the buffer was written
+/// whole: then the first pass copies it (tens of ms, not the 1 MiB of a fresh guest), long
+/// enough that the writer, however it is scheduled, dirties pages meanwhile.
+fn fast_writer(console: &mut Console, rate: u64) {
+    console.command(&format!("dirty 64 {rate}"), "dirty:", REPLY);
     let deadline = Instant::now() + REPLY;
     while num(&console.command("dirty", "dirty:", REPLY), "passes") < 1 {
         assert!(
@@ -401,6 +398,51 @@ fn pre_copy_that_cannot_converge_times_out_and_the_vm_runs_on() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn auto_converge_slows_a_guest_that_writes_too_fast_until_pre_copy_fits() {
+    let files = TempDir::new("mig-converge");
+    let serial = files.path().join("serial.sock");
+    // Pre-copy sends at most 50 MB/s here: less than the guest writes.
+    let mut src = ApiVmm::start_with(None, "", &[("BATON_TEST_PRECOPY_MBPS", "50")], &[]);
+    let mut console = boot(&mut src, &config(&serial, 1, 128, false, None), &serial);
+    fast_writer(&mut console, 1 << 20);
+    let dst = ApiVmm::start(&[]);
+    let url = urls(files.path(), "m.sock");
+    let receiving = receive(&dst, &url);
+    // 5 ms is far less than what the writer leaves after a pass at full speed.
+    let (status, stats) = send(
+        &src,
+        serde_json::json!({
+            "destination_url": url, "downtime_limit_ms": 5, "timeout_s": 300,
+            "auto_converge": true,
+        }),
+    );
+    assert_eq!(status, 200, "{stats}");
+    eprintln!(
+        "auto-converge: {} passes, throttle {}%, {} B/s dirtied in the last pass",
+        stats["iterations"], stats["throttle_percent"], stats["dirty_bytes_per_s"]
+    );
+    assert!(stats["throttle_percent"].as_u64().unwrap() >= 20, "{stats}");
+    assert!(stats["iterations"].as_u64().unwrap() >= 3, "{stats}");
+    assert!(stats["dirty_bytes_per_s"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(receiving.join().unwrap().status, 204);
+    src.wait_exit(REPLY);
+    let mut dst = dst;
+    let mut console = dst.console(&serial);
+    still_beating(&mut console);
+    // Every page the guest wrote while slowed down arrived.
+    let check = console.command("dirty check", "dirty:", REPLY);
+    assert!(check.starts_with("dirty: ok"), "{check}");
+}
+
+#[test]
+fn pre_copy_that_cannot_converge_times_out_and_the_vm_runs_on() {
+    let files = TempDir::new("mig-timeout");
+    let (src, mut console, _) = lone_guest(&files, false);
+    // Faster than pre-copy sends.
+    fast_writer(&mut console, 4000);
     let dst = ApiVmm::start(&[]);
     let url = urls(files.path(), "m.sock");
     let receiving = receive(&dst, &url);

@@ -651,6 +651,16 @@ impl Vm {
         timer.mark("pause devices");
     }
 
+    /// Stops (true) or restarts (false) the vCPUs alone, the devices running on: how
+    /// pre-copy's auto-converge slows a guest down.
+    pub fn throttle_vcpus(&self, stopped: bool) {
+        if stopped {
+            self.vcpus.pause();
+        } else {
+            self.vcpus.resume();
+        }
+    }
+
     /// Presses the ACPI power button.
     pub fn power_button(&self) -> std::io::Result<()> {
         self.ged

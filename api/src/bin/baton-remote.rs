@@ -119,8 +119,9 @@ const WITH_OPTIONS: &[(&str, &str, &str, &str, Parse)] = &[
         "send-migration",
         "vm.send-migration",
         "destination_url=unix:/path|tcp:host:port[,local=on][,downtime_ms=N][,timeout_s=N]\
-         [,step_timeout_s=N][,backend_transfer=on] (Cloud Hypervisor's timeout_strategy=cancel, connections=1 \
-         and memory_mode=precopy are accepted too)",
+         [,step_timeout_s=N][,backend_transfer=on][,auto_converge=on] (downtime_limit_ms=N for \
+         downtime_ms; Cloud Hypervisor's timeout_strategy=cancel, connections=1 and \
+         memory_mode=precopy are accepted too)",
         "Migrate the VM to a baton waiting in receive-migration; shows progress on standard \
          error while it runs (PUT vm.send-migration)",
         |s| api::SendMigrationConfig::from_option_string(s).map(json),

@@ -118,8 +118,17 @@ pub enum Error {
     #[error("The new baton (pid {0}) said it would run the VM and ended without answering: the VM stays paused here, as it was before the upgrade. vm.resume runs it here from that state, on memory the new baton may have changed")]
     NewBatonLost(u32, #[source] Box<Error>),
     /// Pre-copy did not converge in time.
-    #[error("Memory was still changing too fast after {0} s (timeout_s): migration cancelled; the VM keeps running here")]
-    Timeout(u64),
+    #[error("Memory was still changing too fast after {seconds} s (timeout_s): the guest wrote {dirty_mb_s} MB/s while {sent_mb_s} MB/s went out{throttled}; migration cancelled, and the VM keeps running here. Raise downtime_ms or timeout_s, or set auto_converge")]
+    Timeout {
+        /// `timeout_s`.
+        seconds: u64,
+        /// How fast the guest dirtied memory in the last pass.
+        dirty_mb_s: u64,
+        /// How fast memory went out in the last pass.
+        sent_mb_s: u64,
+        /// With auto-converge, how far the vCPUs were slowed down, as words.
+        throttled: String,
+    },
     /// The VM could not be paused, saved or logged.
     #[error("VM")]
     Vm(#[source] vm::Error),
@@ -173,6 +182,12 @@ pub struct Stats {
     pub iterations: u64,
     /// Time spent sending memory (with the guest running), for throughput.
     pub memory_ms: u64,
+    /// How fast the guest wrote memory during the last pre-copy pass, in bytes per second
+    /// (0 with local=on).
+    pub dirty_bytes_per_s: u64,
+    /// With auto_converge, the share of time the vCPUs were stopped at the end of
+    /// pre-copy, in percent (0: never slowed down).
+    pub throttle_percent: u64,
     /// Devices whose backends the destination took over.
     pub transferred_backends: Vec<String>,
     /// [`Stats::total_ms`] in microseconds.
@@ -284,6 +299,10 @@ pub fn check_send(config: &VmConfig, cfg: &SendMigrationConfig) -> Result<Migrat
     }
     Ok(url)
 }
+
+/// Makes a source's pre-copy passes send no faster than this many MB/s, so that the tests
+/// can make a guest that writes memory faster than it goes out.
+pub const TEST_PRECOPY_MBPS: &str = "BATON_TEST_PRECOPY_MBPS";
 
 /// Makes a baton taking a VM over end on the spot at the named step (`config`, `state` or
 /// `complete`, before the VM starts there), or, with `hang-` before the step, stop there
@@ -452,7 +471,16 @@ mod tests {
             io(std::io::ErrorKind::UnexpectedEof),
         ));
         assert!(matches!(broken.stalled(5), Error::Protocol(_)));
-        assert!(matches!(Error::Timeout(3).stalled(5), Error::Timeout(3)));
+        let timeout = || Error::Timeout {
+            seconds: 3,
+            dirty_mb_s: 0,
+            sent_mb_s: 0,
+            throttled: String::new(),
+        };
+        assert!(matches!(
+            timeout().stalled(5),
+            Error::Timeout { seconds: 3, .. }
+        ));
     }
 
     #[test]

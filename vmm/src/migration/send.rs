@@ -1,8 +1,8 @@
 //! The source's side of a migration: pre-copy or memory descriptors, then, paused, the
 //! state and the handed-over backends, on a `migration-send` thread.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ::migration::protocol::{self, Command, MemoryRanges, Start, PROTOCOL_VERSION};
@@ -146,7 +146,33 @@ fn send_ranges(
     Ok(sent)
 }
 
-/// Pre-copy until the rest fits `downtime_ms`; returns the last dirty set (to send paused).
+/// Runs `f` with a [`Throttle`] that, with `auto_converge`, a `migration-throttle` thread
+/// applies to `vm`'s vCPUs (otherwise nothing applies it); returns where it ended, in
+/// percent. The vCPUs run at full speed again when this returns.
+fn throttled(
+    vm: &Vm,
+    auto_converge: bool,
+    f: impl FnOnce(&Throttle) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let throttle = Throttle::default();
+    std::thread::scope(|scope| {
+        if auto_converge {
+            // It stays in this thread's role (migration-send): it only stops and restarts
+            // the vCPUs, as this thread does when it pauses the VM.
+            std::thread::Builder::new()
+                .name("migration-throttle".into())
+                .spawn_scoped(scope, || throttle.run(vm))
+                .map_err(Error::Thread)?;
+        }
+        let result = f(&throttle);
+        throttle.end();
+        result.map(|()| throttle.percent.load(Ordering::Relaxed))
+    })
+}
+
+/// Pre-copy until what is left fits `downtime_ms`; what the last pass leaves dirty goes
+/// once the VM is paused. With `auto_converge`, each pass from the second on that does not
+/// fit raises `throttle` by 20 points, up to 99%.
 fn precopy(
     vm: &Vm,
     channel: &mut Channel,
@@ -154,6 +180,7 @@ fn precopy(
     elapsed: Duration,
     progress: &Progress,
     stats: &mut Stats,
+    throttle: &Throttle,
 ) -> Result<(), Error> {
     progress.phase("pre-copy");
     vm.dirty_logging(true).map_err(Error::Vm)?;
@@ -161,6 +188,10 @@ fn precopy(
     // timeout_s counts from the request.
     let deadline = Instant::now() + Duration::from_secs(cfg.timeout_s).saturating_sub(elapsed);
     let downtime = Duration::from_millis(cfg.downtime_ms);
+    let test_mbps = std::env::var(super::TEST_PRECOPY_MBPS)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|mbps| *mbps > 0);
     loop {
         stats.iterations += 1;
         progress
@@ -169,17 +200,23 @@ fn precopy(
         progress.remaining.store(bytes_of(&pass), Ordering::Relaxed);
         let t = Instant::now();
         let sent = send_ranges(channel, vm.memory(), pass, progress)?;
+        if let Some(mbps) = test_mbps {
+            let at_that_speed = Duration::from_micros(sent / mbps);
+            std::thread::sleep(at_that_speed.saturating_sub(t.elapsed()));
+        }
+        let took = t.elapsed().as_secs_f64().max(1e-6);
         stats.memory_bytes += sent;
         stats.memory_ms += t.elapsed().as_millis() as u64;
         // Bytes per second of this pass; a tiny pass says little, so assume at least 100 MB/s.
-        let rate = (sent as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(100e6);
+        let rate = (sent as f64 / took).max(100e6);
         pass = vm.take_dirty().map_err(Error::Vm)?;
-        let left = bytes_of(&pass) as f64 / rate;
+        let dirty = bytes_of(&pass);
+        stats.dirty_bytes_per_s = (dirty as f64 / took) as u64;
+        let left = dirty as f64 / rate;
         log::debug!(
-            "pre-copy pass {}: {sent} bytes at {:.0} MB/s; {} bytes dirty",
+            "pre-copy pass {}: {sent} bytes at {:.0} MB/s; {dirty} bytes dirty",
             stats.iterations,
             rate / 1e6,
-            bytes_of(&pass)
         );
         if left <= downtime.as_secs_f64() {
             // This pass still goes while the guest runs; what it leaves dirty goes paused.
@@ -193,8 +230,78 @@ fn precopy(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(Error::Timeout(cfg.timeout_s));
+            let percent = throttle.percent.load(Ordering::Relaxed);
+            return Err(Error::Timeout {
+                seconds: cfg.timeout_s,
+                dirty_mb_s: stats.dirty_bytes_per_s / 1_000_000,
+                sent_mb_s: (sent as f64 / took / 1e6) as u64,
+                throttled: match cfg.auto_converge {
+                    true => format!(", its vCPUs stopped {percent}% of the time"),
+                    false => String::new(),
+                },
+            });
         }
+        // The first pass sent all memory: only later ones tell how fast the guest writes.
+        if cfg.auto_converge && stats.iterations >= 2 {
+            let percent = throttle.raise();
+            log::info!("pre-copy does not converge: the vCPUs now stop {percent}% of the time");
+        }
+    }
+}
+
+/// auto_converge's duty cycle: in every [`THROTTLE_PERIOD`], the vCPUs are stopped for
+/// `percent` of it.
+#[derive(Default)]
+struct Throttle {
+    percent: AtomicU64,
+    ended: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// The throttle's cycle: short enough that a guest sees a slower CPU, not pauses.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+/// The most the throttle stops the vCPUs: they must still run to converge.
+const THROTTLE_MAX: u64 = 99;
+
+impl Throttle {
+    /// Stops and restarts `vm`'s vCPUs as `percent` says, until [`Throttle::end`]; the vCPUs
+    /// run when it returns.
+    fn run(&self, vm: &Vm) {
+        let mut ended = self.ended.lock().expect("throttle lock poisoned");
+        while !*ended {
+            let percent = self.percent.load(Ordering::Relaxed).min(THROTTLE_MAX) as u32;
+            if percent > 0 {
+                vm.throttle_vcpus(true);
+                ended = self
+                    .wake
+                    .wait_timeout(ended, THROTTLE_PERIOD * percent / 100)
+                    .expect("throttle lock poisoned")
+                    .0;
+                vm.throttle_vcpus(false);
+            }
+            if !*ended {
+                let run = THROTTLE_PERIOD * (100 - percent) / 100;
+                ended = self
+                    .wake
+                    .wait_timeout(ended, run)
+                    .expect("throttle lock poisoned")
+                    .0;
+            }
+        }
+    }
+
+    /// Stops the vCPUs for 20 points more of the time (from 20% to at most 99%); returns
+    /// the new share.
+    fn raise(&self) -> u64 {
+        let percent = (self.percent.load(Ordering::Relaxed) + 20).min(THROTTLE_MAX);
+        self.percent.store(percent, Ordering::Relaxed);
+        percent
+    }
+
+    /// Ends [`Throttle::run`].
+    fn end(&self) {
+        *self.ended.lock().expect("throttle lock poisoned") = true;
+        self.wake.notify_all();
     }
 }
 
@@ -368,7 +475,11 @@ fn send_on(
     )?;
     timer.mark("config");
     if !cfg.local {
-        precopy(vm, channel, cfg, timer.elapsed(), progress, stats)?;
+        let elapsed = timer.elapsed();
+        let percent = throttled(vm, cfg.auto_converge, |throttle| {
+            precopy(vm, channel, cfg, elapsed, progress, stats, throttle)
+        })?;
+        stats.throttle_percent = percent;
         timer.mark("pre-copy");
     }
     stats.breakdown.source_before_pause = timer.take();
