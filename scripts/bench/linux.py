@@ -13,13 +13,17 @@ Before migrating it pings the guest for 5 s at the same rate: the longest gap th
 how long the guest goes silent on its own (kernel code is interpreted on nested PVM hosts).
 Prints one line per row (boot, no migration, backend transfer, new TAP queues, live
 upgrade) with the medians over the runs; each run's own figures go to stderr.
+With HOPS, each run also moves the guest HOPS more times with backend transfer, from baton
+to baton, under 3 s of pings each, and a last row gives min/median/max over all hops of
+downtime and total (ms, from downtime_us and total_us) and of the longest ping gap, with
+the median of each step of the pause on both sides under it.
 
-Usage: linux.py WORKDIR KERNEL_DIR RUNS"""
+Usage: linux.py WORKDIR KERNEL_DIR RUNS [HOPS]"""
 import json, os, re, signal, statistics, subprocess, sys, tempfile, threading, time
 
 import migration
 from guest_console import Console
-from migration import Baton, send
+from migration import Baton, min_med_max, send, step_medians
 
 # The guest's kernel answers one echo in about 23 ms (interpreted, nested PVM): a faster
 # flood queues up in the TAP faster than it is answered, and the gaps measure that backlog,
@@ -82,7 +86,8 @@ class Pings:
         return {"lost": int(m.group(1)) - int(m.group(2)), "gap_ms": gap}
 
 
-def migrate(src, dst, d, name, transfer):
+def migrate(src, dst, d, name, transfer, count=COUNT, settle=100):
+    """Moves the VM from `src` to `dst` under `count` pings, once `settle` were answered."""
     url = f"unix:{os.path.join(d, name)}"
     received = {}
 
@@ -93,8 +98,8 @@ def migrate(src, dst, d, name, transfer):
 
     receiver = threading.Thread(target=receive, daemon=True)
     receiver.start()
-    pings = Pings()
-    pings.wait_replies(100)
+    pings = Pings(count)
+    pings.wait_replies(settle)
     stats = send(src, url, True, backend_transfer=transfer)
     src.proc.wait(timeout=60)
     receiver.join(timeout=60)
@@ -103,7 +108,9 @@ def migrate(src, dst, d, name, transfer):
     result = pings.finish()
     if not answers():
         dst.fail("the guest does not answer after the migration")
-    return {"downtime_ms": stats["downtime_ms"], "total_ms": stats["total_ms"], **result}
+    return {"downtime_ms": stats["downtime_ms"], "total_ms": stats["total_ms"],
+            "downtime_us": stats["downtime_us"], "total_us": stats["total_us"],
+            "breakdown": stats["breakdown"], **result}
 
 
 def upgrade(baton):
@@ -124,7 +131,7 @@ def upgrade(baton):
         stats["pid"]
 
 
-def one_run(workdir, kernel_dir):
+def one_run(workdir, kernel_dir, hops):
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         serial = os.path.join(d, "serial.sock")
         batons = []
@@ -156,9 +163,15 @@ def one_run(workdir, kernel_dir):
             third = Baton(d, "third")
             batons.append(third)
             new_tap = migrate(second, third, d, "m2.sock", False)
-            upgraded, successor = upgrade(third)
+            last, hopped = third, []
+            for i in range(hops):
+                nxt = Baton(d, f"hop{i}")
+                batons.append(nxt)
+                hopped.append(migrate(last, nxt, d, f"h{i}.sock", True, count=60, settle=20))
+                last = nxt
+            upgraded, successor = upgrade(last)
             return {"boot_s": boot_s, "steady": steady, "transfer": transfer, "new_tap": new_tap,
-                    "upgrade": upgraded}
+                    "upgrade": upgraded, "hops": hopped}
         finally:
             if console is not None:
                 console.close()
@@ -174,9 +187,10 @@ def one_run(workdir, kernel_dir):
 def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir, kernel_dir, count = sys.argv[1:4]
+    hops = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     runs = []
     for _ in range(int(count)):
-        runs.append(one_run(workdir, kernel_dir))
+        runs.append(one_run(workdir, kernel_dir, hops))
         print(f"linux.py: {json.dumps(runs[-1])}", file=sys.stderr)
 
     def med(f):
@@ -193,6 +207,14 @@ def main():
               f"{med(lambda r: r[key]['gap_ms']):>11.1f} "
               f"{med(lambda r: r[key]['lost']):>6.0f} "
               f"{max(r[key]['lost'] for r in runs):>6}")
+    hopped = [h for r in runs for h in r["hops"]]
+    if hopped:
+        print(f"backend transfer, {len(hopped)} hops: min/median/max downtime "
+              f"{min_med_max(hopped, 'downtime_us', 1000)} ms, "
+              f"total {min_med_max(hopped, 'total_us', 1000)} ms, "
+              f"ping gap {min_med_max(hopped, 'gap_ms')} ms, "
+              f"lost {sum(h['lost'] for h in hopped)}")
+        print("\n".join(step_medians(hopped)))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,26 @@ def send(src, url, local, **extra):
         return json.loads(text)
 
 
+def min_med_max(runs, key, scale=1):
+    """min/median/max of `key` over `runs` (divided by `scale`), as text."""
+    values = [r[key] / scale for r in runs]
+    return f"{min(values):.2f}/{statistics.median(values):.2f}/{max(values):.2f}"
+
+
+def step_medians(runs):
+    """Lines with the median of each step of the pause, on both sides, over `runs` (each
+    with the breakdown of vm.send-migration's answer)."""
+    lines = []
+    for side in ("source_paused", "destination_paused"):
+        steps = []
+        for i, step in enumerate(runs[0]["breakdown"][side]):
+            us = [r["breakdown"][side][i]["us"] for r in runs
+                  if len(r["breakdown"][side]) > i]
+            steps.append(f"{step['name']} {statistics.median(us):.0f}")
+        lines.append(f"    {side.replace('_', ' ')}, median us: " + ", ".join(steps))
+    return lines
+
+
 def one_run(workdir, mem_mib, transport, local, dirty):
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         serial = os.path.join(d, "serial.sock")

@@ -30,7 +30,7 @@ import fcntl, http.client, json, os, signal, socket, statistics, struct, subproc
 import tempfile, threading, time
 
 from guest_console import Console
-from migration import BATON, Baton, READY, GUEST
+from migration import BATON, Baton, READY, GUEST, min_med_max, step_medians
 
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
@@ -308,22 +308,9 @@ def one_run(workdir, mode, local, pairs):
 
 def minmax(runs):
     """min/median/max of each figure over `runs`, then the median of each paused step."""
-    def mmm(key, scale=1):
-        values = [r[key] / scale for r in runs]
-        return (f"{min(values):.2f}/{statistics.median(values):.2f}/{max(values):.2f}")
-
-    line = (f"{mmm('downtime_us', 1000):>20} {mmm('total_us', 1000):>20} "
-            f"{mmm('ping_gap_ms'):>20} {mmm('stream_gap_ms'):>20} "
-            f"{max(r['lost'] for r in runs):>5}")
-    for side in ("source_paused", "destination_paused"):
-        names = [p["name"] for p in runs[0]["breakdown"][side]]
-        steps = []
-        for i, name in enumerate(names):
-            us = [r["breakdown"][side][i]["us"] for r in runs
-                  if len(r["breakdown"][side]) > i]
-            steps.append(f"{name} {statistics.median(us):.0f}")
-        line += f"\n    {side.replace('_', ' ')}, median us: " + ", ".join(steps)
-    return line
+    figures = " ".join(f"{min_med_max(runs, key, scale):>20}" for key, scale in (
+        ("downtime_us", 1000), ("total_us", 1000), ("ping_gap_ms", 1), ("stream_gap_ms", 1)))
+    return "\n".join([f"{figures} {max(r['lost'] for r in runs):>5}", *step_medians(runs)])
 
 
 def main():
