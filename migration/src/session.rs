@@ -187,13 +187,14 @@ pub enum Unfinished {
 
 /// The source's last step: sends Complete and reads what the destination makes of it.
 /// `earlier` requests went before it without their answers read (State and Fds, sent one
-/// after the other so the destination works on each while the source prepares the next):
-/// their answers come first, and a refusal among them means Complete was never carried
-/// out. `notice` is whether both agreed on [`Start::start_notice`]; without it, Complete
-/// goes only once those answers came. If no answer comes in
-/// time, `silence` is asked to end the destination (a local child can be killed); if it
-/// could, what the destination left in the channel decides whether the VM may have run
-/// there. Returns the destination's timings (none if it sent none, or none that parse).
+/// after the other so the destination works on each while the source prepares the next).
+/// Their answers are read first, and Complete goes only once they all came: a destination
+/// that refuses, stalls or ends on one of them then never got Complete, so the VM runs on
+/// at the source. `notice` is whether both agreed on [`Start::start_notice`]. If no answer
+/// to Complete comes in time, `silence` is asked to end the destination (a local child can
+/// be killed); if it could, what the destination left in the channel decides whether the
+/// VM may have run there. Returns the destination's timings (none if it sent none, or none
+/// that parse).
 pub fn complete(
     channel: &mut Channel,
     earlier: usize,
@@ -201,22 +202,16 @@ pub fn complete(
     silence: &mut dyn FnMut() -> bool,
 ) -> Result<CompleteReply, Unfinished> {
     let limits = Limits::default();
-    let mut earlier = earlier;
-    if !notice {
-        // Without the notice, the end of a destination that got Complete cannot be told
-        // from one that ran the VM: the requests before Complete are answered first, and
-        // any failure until then leaves the VM to run on at the source.
-        while earlier > 0 {
-            match channel.recv_response(&limits) {
-                Ok(Response::Ok(_)) => earlier -= 1,
-                Ok(Response::Error(m)) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
-                Err(e) => return Err(Unfinished::NotRun(e)),
-            }
+    for _ in 0..earlier {
+        match channel.recv_response(&limits) {
+            Ok(Response::Ok(_)) => {}
+            Ok(Response::Error(m)) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
+            Err(e) => return Err(Unfinished::NotRun(e)),
         }
     }
     // A Complete the destination did not get whole cannot have started the VM there.
     if let Err(e) = channel.send_request(Command::Complete, &[]) {
-        return Err(Unfinished::NotRun(channel.refusal(e, earlier)));
+        return Err(Unfinished::NotRun(channel.refusal(e, 0)));
     }
     // Once the destination is silenced, the error that made the source silence it.
     let mut silenced: Option<ProtocolError> = None;
@@ -238,10 +233,7 @@ pub fn complete(
             Err(e) => return Err(Unfinished::MayRun(e)),
         };
         match response {
-            // A refusal of Complete or of an earlier request: the destination stops at
-            // the first error, so it never ran the VM.
             Response::Error(m) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
-            Response::Ok(_) if earlier > 0 => earlier -= 1,
             Response::Ok(p) if notice && p == START_NOTICE => match silenced {
                 Some(e) => return Err(Unfinished::MayRun(e)),
                 None => break,
@@ -582,26 +574,28 @@ mod tests {
     }
 
     #[test]
-    fn without_the_notice_complete_waits_for_the_answers_before_it() {
-        // A destination that ends after taking State but before answering it, asked for
-        // no notice: the source must not have sent Complete, so the VM never ran there.
-        let (a, b) = UnixStream::pair().unwrap();
-        let destination = thread::spawn(move || {
-            let mut ch = Channel::from(b);
-            let header = ch.recv_request_header().unwrap();
-            assert_eq!(header.command, Command::State);
-            ch.read_payload(header.length).unwrap();
-            // Nothing else came: Complete waits for this answer, which never comes.
-            ch.set_read_timeout(Some(std::time::Duration::from_millis(200)))
-                .unwrap();
-            let mut byte = [0u8; 1];
-            assert!(std::io::Read::read(&mut ch, &mut byte).is_err());
-        });
-        let mut ch = Channel::from(a);
-        ch.send_request(Command::State, b"s").unwrap();
-        let done = complete(&mut ch, 1, false, &mut || panic!("no notice, no silencing"));
-        assert!(matches!(done, Err(Unfinished::NotRun(_))), "{done:?}");
-        destination.join().unwrap();
+    fn complete_waits_for_the_answers_before_it() {
+        // A destination that stalls after taking State: the source must not have sent
+        // Complete, so the VM never ran there, with or without the notice agreed.
+        for notice in [false, true] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let destination = thread::spawn(move || {
+                let mut ch = Channel::from(b);
+                let header = ch.recv_request_header().unwrap();
+                assert_eq!(header.command, Command::State);
+                ch.read_payload(header.length).unwrap();
+                // Nothing else came: Complete waits for this answer, which never comes.
+                ch.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                    .unwrap();
+                let mut byte = [0u8; 1];
+                assert!(std::io::Read::read(&mut ch, &mut byte).is_err());
+            });
+            let mut ch = Channel::from(a);
+            ch.send_request(Command::State, b"s").unwrap();
+            let done = complete(&mut ch, 1, notice, &mut || panic!("nothing to silence"));
+            assert!(matches!(done, Err(Unfinished::NotRun(_))), "{done:?}");
+            destination.join().unwrap();
+        }
     }
 
     /// A destination that takes Complete and then ends or keeps silent, from a script: the

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_tests::{baton_bin, guest_config_json, ApiVmm, NetNs, READY};
+use baton_tests::{baton_bin, guest_config_json, ApiVmm, NetNs, TempDir, READY};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -472,7 +472,10 @@ fn document_matches_the_routes_and_the_server() {
 
     // A VM whose kernel is missing is created but does not boot, and stays Created.
     let missing = vmm.dir().join("no-such-kernel");
-    let serial = vmm.dir().join("serial.sock");
+    // The serial socket outlives this baton: the VM's console moves with it, and its
+    // directory must still be there when the destination binds it.
+    let files = TempDir::new("openapi");
+    let serial = files.path().join("serial.sock");
     c.call(
         &vmm,
         "PUT",

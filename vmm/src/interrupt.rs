@@ -81,8 +81,9 @@ impl Interrupts {
     }
 
     /// Runs `f`, giving KVM the routes it changed in one update at its end rather than one
-    /// update each: KVM waits for a grace period on every update. An irqfd registered
-    /// before its route exists injects through KVM's slow path until the update.
+    /// update each: KVM waits for a grace period on every update. An interrupt signalled
+    /// through an irqfd before its route reaches KVM is lost, so `f` must not let devices
+    /// run (a restore builds them paused).
     pub fn batched<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
         self.table.lock().expect("routing lock poisoned").batching = true;
         let result = f();

@@ -79,6 +79,14 @@ pub enum Error {
         /// vCPUs configured.
         configured: u8,
     },
+    /// The VM shell was built for another number of vCPUs than the configuration has.
+    #[error("The VM was prepared with {created} vCPUs, but {configured} are configured")]
+    ShellVcpus {
+        /// vCPUs the shell created.
+        created: usize,
+        /// vCPUs configured.
+        configured: u8,
+    },
     /// A device was still running when its state was wanted.
     #[error("Cannot save device state")]
     NotPaused(#[source] devices::virtio::transport::NotPaused),
@@ -443,8 +451,8 @@ impl Vm {
             None => Shell::new(kvm, config, None, timer)?,
         };
         if fds.len() != usize::from(config.cpus.boot_vcpus) {
-            return Err(Error::VcpuCount {
-                saved: fds.len(),
+            return Err(Error::ShellVcpus {
+                created: fds.len(),
                 configured: config.cpus.boot_vcpus,
             });
         }
@@ -488,7 +496,9 @@ impl Vm {
             }
         };
 
-        timer.mark("ACPI and payload");
+        if saved.is_none() {
+            timer.mark("ACPI and payload");
+        }
         let xsave = state::xsave_size(&vm_fd);
         // What KVM supports: only booting builds CPUID from it.
         let supported = match saved {

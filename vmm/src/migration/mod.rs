@@ -118,7 +118,7 @@ pub enum Error {
     #[error("The new baton (pid {0}) said it would run the VM and ended without answering: the VM stays paused here, as it was before the upgrade. vm.resume runs it here from that state, on memory the new baton may have changed")]
     NewBatonLost(u32, #[source] Box<Error>),
     /// Pre-copy did not converge in time.
-    #[error("Memory was still changing too fast after {seconds} s (timeout_s): the guest wrote {dirty_mb_s} MB/s while {sent_mb_s} MB/s went out{throttled}; migration cancelled, and the VM keeps running here. Raise downtime_ms or timeout_s, or set auto_converge")]
+    #[error("Memory was still changing too fast after {seconds} s (timeout_s): the guest wrote {dirty_mb_s} MB/s while {sent_mb_s} MB/s went out{throttled}; migration cancelled, and the VM keeps running here. Raise downtime_ms or timeout_s{hint}")]
     Timeout {
         /// `timeout_s`.
         seconds: u64,
@@ -128,6 +128,8 @@ pub enum Error {
         sent_mb_s: u64,
         /// With auto-converge, how far the vCPUs were slowed down, as words.
         throttled: String,
+        /// Without auto-converge, the advice to set it.
+        hint: &'static str,
     },
     /// The VM could not be paused, saved or logged.
     #[error("VM")]
@@ -476,6 +478,7 @@ mod tests {
             dirty_mb_s: 0,
             sent_mb_s: 0,
             throttled: String::new(),
+            hint: "",
         };
         assert!(matches!(
             timeout().stalled(5),

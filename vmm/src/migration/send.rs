@@ -186,7 +186,9 @@ fn precopy(
     vm.dirty_logging(true).map_err(Error::Vm)?;
     let mut pass = nonzero_ranges(vm.memory());
     // timeout_s counts from the request.
-    let deadline = Instant::now() + Duration::from_secs(cfg.timeout_s).saturating_sub(elapsed);
+    // timeout_s is not bounded: one past what a clock can hold is no deadline at all.
+    let deadline =
+        Instant::now().checked_add(Duration::from_secs(cfg.timeout_s).saturating_sub(elapsed));
     let downtime = Duration::from_millis(cfg.downtime_ms);
     let test_mbps = std::env::var(super::TEST_PRECOPY_MBPS)
         .ok()
@@ -229,7 +231,7 @@ fn precopy(
             stats.memory_ms += t.elapsed().as_millis() as u64;
             return Ok(());
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             let percent = throttle.percent.load(Ordering::Relaxed);
             return Err(Error::Timeout {
                 seconds: cfg.timeout_s,
@@ -238,6 +240,10 @@ fn precopy(
                 throttled: match cfg.auto_converge {
                     true => format!(", its vCPUs stopped {percent}% of the time"),
                     false => String::new(),
+                },
+                hint: match cfg.auto_converge {
+                    true => "",
+                    false => ", or set auto_converge",
                 },
             });
         }
@@ -500,9 +506,9 @@ fn send_on(
         timer.mark("save state");
         let state = ::migration::snapshot::encode(&state).map_err(Error::Encode)?;
         timer.mark("encode state");
-        // State, each backend and Complete go one after the other, their answers read at
-        // the end: the destination decodes the state while this side hands the backends
-        // over. A refusal stops the destination there, so Complete is never carried out.
+        // State and each backend go one after the other, their answers read before
+        // Complete goes: the destination decodes the state while this side hands the
+        // backends over, and one that refuses, stalls or ends on them never gets Complete.
         channel.send_request(Command::State, &state)?;
         timer.mark("send state");
         for (sent, t) in handed.iter().enumerate() {
