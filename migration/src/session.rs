@@ -213,38 +213,27 @@ pub fn complete(
     if let Err(e) = channel.send_request(Command::Complete, &[]) {
         return Err(Unfinished::NotRun(channel.refusal(e, 0)));
     }
-    // Once the destination is silenced, the error that made the source silence it.
-    let mut silenced: Option<ProtocolError> = None;
-    // Up to the notice (or, without one, the last answer).
-    loop {
-        let response = match channel.recv_response(&limits) {
-            Ok(r) => r,
-            // Silenced, and nothing more: it never said it would run the VM.
-            Err(_) if silenced.is_some() => {
-                return Err(Unfinished::NotRun(silenced.expect("checked")))
-            }
-            Err(e) if !notice => return Err(Unfinished::MayRun(e)),
-            // Ended without the notice: it never ran the VM.
-            Err(e) if ended(&e, channel.is_unix()) => return Err(Unfinished::Ended(e)),
-            Err(e) if silence() => {
-                silenced = Some(e);
-                continue;
-            }
-            Err(e) => return Err(Unfinished::MayRun(e)),
-        };
-        match response {
-            Response::Error(m) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
-            Response::Ok(p) if notice && p == START_NOTICE => match silenced {
-                Some(e) => return Err(Unfinished::MayRun(e)),
-                None => break,
-            },
-            Response::Ok(p) => return Ok(timings(&p)),
-        }
-    }
-    match channel.recv_response(&limits) {
-        Ok(Response::Ok(p)) => Ok(timings(&p)),
-        Ok(Response::Error(m)) => Err(Unfinished::MayRun(ProtocolError::Remote(m))),
-        Err(e) => Err(Unfinished::MayRun(e)),
+    let first = match channel.recv_response(&limits) {
+        Ok(r) => r,
+        Err(e) if !notice => return Err(Unfinished::MayRun(e)),
+        // Ended without the notice: it never ran the VM.
+        Err(e) if ended(&e, channel.is_unix()) => return Err(Unfinished::Ended(e)),
+        Err(e) if silence() => match channel.recv_response(&limits) {
+            Ok(Response::Ok(p)) if p == START_NOTICE => return Err(Unfinished::MayRun(e)),
+            Ok(Response::Ok(p)) => return Ok(timings(&p)),
+            Ok(Response::Error(m)) => return Err(Unfinished::NotRun(ProtocolError::Remote(m))),
+            Err(_) => return Err(Unfinished::NotRun(e)),
+        },
+        Err(e) => return Err(Unfinished::MayRun(e)),
+    };
+    match first {
+        Response::Error(m) => Err(Unfinished::NotRun(ProtocolError::Remote(m))),
+        Response::Ok(p) if notice && p == START_NOTICE => match channel.recv_response(&limits) {
+            Ok(Response::Ok(p)) => Ok(timings(&p)),
+            Ok(Response::Error(m)) => Err(Unfinished::MayRun(ProtocolError::Remote(m))),
+            Err(e) => Err(Unfinished::MayRun(e)),
+        },
+        Response::Ok(p) => Ok(timings(&p)),
     }
 }
 

@@ -41,14 +41,11 @@ impl Timeline {
         self.last = Instant::now();
     }
 
-    /// Ends the step called `name`, which began at the last mark (or restart); returns how
-    /// long it took.
-    pub fn mark(&mut self, name: impl Into<String>) -> Duration {
+    /// Ends the step called `name`, which began at the last mark (or restart).
+    pub fn mark(&mut self, name: impl Into<String>) {
         let now = Instant::now();
-        let took = now - self.last;
-        self.push(name, took);
+        self.push(name, now - self.last);
         self.last = now;
-        took
     }
 
     /// Records a step timed elsewhere, leaving the current step's start alone.
@@ -57,19 +54,6 @@ impl Timeline {
             name: name.into(),
             us: micros(took),
         });
-    }
-
-    /// Adds the steps `other` recorded, each name prefixed with `prefix`.
-    pub fn extend(&mut self, prefix: &str, other: Vec<Phase>) {
-        self.phases.extend(other.into_iter().map(|p| Phase {
-            name: format!("{prefix}{}", p.name),
-            us: p.us,
-        }));
-    }
-
-    /// The steps recorded so far.
-    pub fn phases(&self) -> &[Phase] {
-        &self.phases
     }
 
     /// The steps recorded so far, leaving none.
@@ -110,28 +94,15 @@ mod tests {
         t.restart();
         t.mark("second");
         t.push("elsewhere", Duration::from_micros(7));
-        let p = t.phases();
+        assert_eq!(t.report().split(", ").count(), 3);
+        let p = t.take();
         assert_eq!(p.len(), 3);
         assert!(p[0].us >= 2000, "{p:?}");
         // The 5 ms before the restart are not in the second step.
         assert!(p[1].us < 5000, "{p:?}");
         assert_eq!(p[2].us, 7);
-        assert_eq!(t.report().split(", ").count(), 3);
-        assert_eq!(t.take().len(), 3);
-        assert!(t.phases().is_empty());
-    }
-
-    #[test]
-    fn extend_prefixes_names() {
-        let mut t = Timeline::new();
-        t.extend(
-            "build: ",
-            vec![Phase {
-                name: "devices".into(),
-                us: 3,
-            }],
-        );
-        assert_eq!(t.phases()[0].name, "build: devices");
-        assert_eq!(report(t.phases()), "build: devices 3 us");
+        assert_eq!(report(&p[2..]), "elsewhere 7 us");
+        assert!(t.take().is_empty());
+        assert!(t.elapsed() >= Duration::from_millis(7));
     }
 }

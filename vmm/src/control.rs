@@ -446,7 +446,6 @@ impl Vmm {
             self.console = Some((config.serial.clone(), console));
         }
         let (_, console) = self.console.as_ref().expect("console set above");
-        let started = std::time::Instant::now();
         let mut timer = Timeline::new();
         let vm = Vm::start(
             &self.kvm,
@@ -465,7 +464,7 @@ impl Vmm {
             "VM {} with {} vCPUs: built in {} us",
             if restoring { "restored" } else { "started" },
             config.cpus.boot_vcpus,
-            started.elapsed().as_micros()
+            timer.elapsed().as_micros()
         );
         log::debug!("VM build time: {}", timer.report());
         self.vm = Some(Arc::new(vm));

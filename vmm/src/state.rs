@@ -131,23 +131,15 @@ mod hex {
             return Err(format!("{} hex digits, not whole bytes", text.len()));
         }
         let mut bytes = Vec::with_capacity(text.len() / 2);
-        // Checked once at the end: any bad digit sets BAD's bit.
-        let mut bad = 0;
         for pair in text.as_bytes().chunks_exact(2) {
             let (high, low) = (NIBBLES[usize::from(pair[0])], NIBBLES[usize::from(pair[1])]);
-            bad |= high | low;
+            if high | low >= BAD {
+                return Err(format!(
+                    "{:?} is not a byte in lower-case hex",
+                    String::from_utf8_lossy(pair)
+                ));
+            }
             bytes.push(high << 4 | low);
-        }
-        if bad & BAD != 0 {
-            let at = text
-                .as_bytes()
-                .chunks_exact(2)
-                .find(|p| NIBBLES[usize::from(p[0])] | NIBBLES[usize::from(p[1])] >= BAD)
-                .expect("a bad pair");
-            return Err(format!(
-                "{:?} is not a byte in lower-case hex",
-                String::from_utf8_lossy(at)
-            ));
         }
         Ok(bytes)
     }

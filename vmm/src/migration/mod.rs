@@ -118,7 +118,7 @@ pub enum Error {
     #[error("The new baton (pid {0}) said it would run the VM and ended without answering: the VM stays paused here, as it was before the upgrade. vm.resume runs it here from that state, on memory the new baton may have changed")]
     NewBatonLost(u32, #[source] Box<Error>),
     /// Pre-copy did not converge in time.
-    #[error("Memory was still changing too fast after {seconds} s (timeout_s): the guest wrote {dirty_mb_s} MB/s while {sent_mb_s} MB/s went out{throttled}; migration cancelled, and the VM keeps running here. Raise downtime_ms or timeout_s{hint}")]
+    #[error("Memory was still changing too fast after {seconds} s (timeout_s): the guest wrote {dirty_mb_s} MB/s while {sent_mb_s} MB/s went out{}; migration cancelled, and the VM keeps running here. Raise downtime_ms or timeout_s{}", throttled(.throttle), match .throttle { Some(_) => "", None => ", or set auto_converge" })]
     Timeout {
         /// `timeout_s`.
         seconds: u64,
@@ -126,10 +126,8 @@ pub enum Error {
         dirty_mb_s: u64,
         /// How fast memory went out in the last pass.
         sent_mb_s: u64,
-        /// With auto-converge, how far the vCPUs were slowed down, as words.
-        throttled: String,
-        /// Without auto-converge, the advice to set it.
-        hint: &'static str,
+        /// With auto_converge, the share of time the vCPUs were stopped, in percent.
+        throttle: Option<u64>,
     },
     /// The VM could not be paused, saved or logged.
     #[error("VM")]
@@ -137,6 +135,13 @@ pub enum Error {
     /// The state would not encode.
     #[error("Cannot encode the VM state")]
     Encode(#[source] ::migration::SnapshotError),
+}
+
+/// How far auto_converge slowed the vCPUs down, for [`Error::Timeout`].
+fn throttled(throttle: &Option<u64>) -> String {
+    throttle.map_or_else(String::new, |percent| {
+        format!(", its vCPUs stopped {percent}% of the time")
+    })
 }
 
 impl From<ProtocolError> for Error {
@@ -202,7 +207,7 @@ pub struct Stats {
 
 /// Where a migration's time went, step by step, on both sides, in microseconds. The
 /// source's paused steps add up to its downtime; the destination's paused steps happen
-/// within the source's `send state`, `hand over` and `complete` steps.
+/// while the source writes the state and the backends and waits in its `complete` step.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Breakdown {
     /// The source's steps before it paused the VM: connecting, the handshake, memory.
@@ -473,17 +478,25 @@ mod tests {
             io(std::io::ErrorKind::UnexpectedEof),
         ));
         assert!(matches!(broken.stalled(5), Error::Protocol(_)));
-        let timeout = || Error::Timeout {
+        let timeout = |throttle| Error::Timeout {
             seconds: 3,
             dirty_mb_s: 0,
             sent_mb_s: 0,
-            throttled: String::new(),
-            hint: "",
+            throttle,
         };
         assert!(matches!(
-            timeout().stalled(5),
+            timeout(None).stalled(5),
             Error::Timeout { seconds: 3, .. }
         ));
+        // The advice to set auto_converge only when it was off; the throttle when on.
+        let off = timeout(None).to_string();
+        assert!(off.ends_with("timeout_s, or set auto_converge"), "{off}");
+        let on = timeout(Some(99)).to_string();
+        assert!(
+            on.contains("went out, its vCPUs stopped 99% of the time;"),
+            "{on}"
+        );
+        assert!(on.ends_with("Raise downtime_ms or timeout_s"), "{on}");
     }
 
     #[test]

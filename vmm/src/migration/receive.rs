@@ -288,13 +288,12 @@ impl ::migration::Destination for Incoming {
         let id = header.id.clone();
         if id == backend::CONSOLE_ID && !backends.has_device(&id) {
             self.console = Some(backend::console_hand_over(header, fds)?);
-            self.paused.mark(format!("take over {id}"));
             log::info!("took over the serial console");
-            return Ok(());
+        } else {
+            let taken = backend::take_over(backends, header, fds)?;
+            log::info!("{id}: took over {taken}");
         }
-        let taken = backend::take_over(backends, header, fds)?;
         self.paused.mark(format!("take over {id}"));
-        log::info!("{id}: took over {taken}");
         Ok(())
     }
 

@@ -185,8 +185,8 @@ fn precopy(
     progress.phase("pre-copy");
     vm.dirty_logging(true).map_err(Error::Vm)?;
     let mut pass = nonzero_ranges(vm.memory());
-    // timeout_s counts from the request.
-    // timeout_s is not bounded: one past what a clock can hold is no deadline at all.
+    // timeout_s counts from the request, and is not bounded: one past what a clock can
+    // hold is no deadline at all.
     let deadline =
         Instant::now().checked_add(Duration::from_secs(cfg.timeout_s).saturating_sub(elapsed));
     let downtime = Duration::from_millis(cfg.downtime_ms);
@@ -232,19 +232,13 @@ fn precopy(
             return Ok(());
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            let percent = throttle.percent.load(Ordering::Relaxed);
             return Err(Error::Timeout {
                 seconds: cfg.timeout_s,
                 dirty_mb_s: stats.dirty_bytes_per_s / 1_000_000,
                 sent_mb_s: (sent as f64 / took / 1e6) as u64,
-                throttled: match cfg.auto_converge {
-                    true => format!(", its vCPUs stopped {percent}% of the time"),
-                    false => String::new(),
-                },
-                hint: match cfg.auto_converge {
-                    true => "",
-                    false => ", or set auto_converge",
-                },
+                throttle: cfg
+                    .auto_converge
+                    .then(|| throttle.percent.load(Ordering::Relaxed)),
             });
         }
         // The first pass sent all memory: only later ones tell how fast the guest writes.
@@ -509,7 +503,9 @@ fn send_on(
         // State and each backend go one after the other, their answers read before
         // Complete goes: the destination decodes the state while this side hands the
         // backends over, and one that refuses, stalls or ends on them never gets Complete.
-        channel.send_request(Command::State, &state)?;
+        channel
+            .send_request(Command::State, &state)
+            .map_err(|e| channel.refusal(e, 0))?;
         timer.mark("send state");
         for (sent, t) in handed.iter().enumerate() {
             let (header, fds) = backend::hand_over(t)?;
