@@ -168,6 +168,17 @@ impl Shell {
         vm_fd
             .set_tss_address(KVM_TSS_START as usize)
             .map_err(|e| Error::Kvm("set the TSS address", e))?;
+        let mem = match mem {
+            Some(mem) => mem,
+            None => {
+                memory::create(config.memory.size, config.memory.shared).map_err(Error::Memory)?
+            }
+        };
+        // Memory goes in before the irqchip: once the irqchip exists, KVM's first slot update
+        // waits for a full SRCU grace period (7 ms on the nested hosts we measure on, whatever
+        // the size) instead of about 0.3 ms per GiB.
+        register_memory(&vm_fd, &mem)?;
+        timer.mark("memory slots");
         vm_fd
             .create_irq_chip()
             .map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
@@ -179,14 +190,6 @@ impl Shell {
             .create_pit2(pit)
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
         timer.mark("in-kernel devices");
-        let mem = match mem {
-            Some(mem) => mem,
-            None => {
-                memory::create(config.memory.size, config.memory.shared).map_err(Error::Memory)?
-            }
-        };
-        register_memory(&vm_fd, &mem)?;
-        timer.mark("memory slots");
         let vcpus = (0..config.cpus.boot_vcpus)
             .map(|id| vm_fd.create_vcpu(u64::from(id)))
             .collect::<Result<Vec<_>, _>>()
