@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use transport::{Interrupt, VirtioPciDevice, VmOps};
 pub use worker::on_thread_start as on_worker_start;
+pub use worker::{reserve as reserve_workers, Reserved as ReservedWorkers};
 
 /// Guest memory as devices see it. Each region carries a bitmap of the pages written through
 /// it (by devices: vCPU writes are KVM's dirty log), which live migration sends again.

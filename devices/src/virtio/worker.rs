@@ -1,10 +1,13 @@
 //! What every device's worker threads share: the thread with its stop signal, an epoll set,
 //! and walking a queue's descriptor chains as host I/O vectors.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering as AtomicOrdering;
-use std::thread::JoinHandle;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap as _;
@@ -126,12 +129,14 @@ pub const STOP_TOKEN: u64 = u64::MAX;
 /// (its queues), so the device can be paused and resumed without losing its place.
 pub struct Worker<T: Send + 'static = ()> {
     stop: EventFd,
-    thread: Option<JoinHandle<T>>,
+    /// What the body hands back, once it has returned.
+    done: Option<Receiver<T>>,
 }
 
 impl<T: Send + 'static> Worker<T> {
-    /// Runs `body` on a thread named `name`; `body` gets an epoll set that already watches
-    /// the stop eventfd under [`STOP_TOKEN`], and must return when that fires.
+    /// Runs `body` on a thread named `name` (a spare one if one waits: see [`reserve`]);
+    /// `body` gets an epoll set that already watches the stop eventfd under
+    /// [`STOP_TOKEN`], and must return when that fires.
     pub fn spawn(
         name: String,
         body: impl FnOnce(Events) -> T + Send + 'static,
@@ -139,15 +144,17 @@ impl<T: Send + 'static> Worker<T> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let events = Events::new()?;
         events.add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
-            if let Some(hook) = ON_THREAD_START.get() {
-                hook();
-            }
-            body(events)
-        })?;
+        let (tx, done) = sync_channel(1);
+        run_on_a_thread(
+            name,
+            Box::new(move || {
+                // Everything the body held is dropped before the stopper hears of it.
+                let _ = tx.send(body(events));
+            }),
+        )?;
         Ok(Worker {
             stop,
-            thread: Some(thread),
+            done: Some(done),
         })
     }
 
@@ -157,16 +164,16 @@ impl<T: Send + 'static> Worker<T> {
         let _ = self.stop.write(1);
     }
 
-    /// Asks the thread to stop, waits until it has, and returns what it handed back
-    /// (nothing if it panicked).
+    /// Asks the thread to stop, waits until its body has returned, and returns what it
+    /// handed back (nothing if it panicked).
     pub fn stop(mut self) -> Option<T> {
-        self.stop_and_join()
+        self.stop_and_wait()
     }
 
-    fn stop_and_join(&mut self) -> Option<T> {
-        let thread = self.thread.take()?;
+    fn stop_and_wait(&mut self) -> Option<T> {
+        let done = self.done.take()?;
         let _ = self.stop.write(1);
-        match thread.join() {
+        match done.recv() {
             Ok(t) => Some(t),
             Err(_) => {
                 log::error!("A device worker panicked");
@@ -178,8 +185,164 @@ impl<T: Send + 'static> Worker<T> {
 
 impl<T: Send + 'static> Drop for Worker<T> {
     fn drop(&mut self) {
-        self.stop_and_join();
+        self.stop_and_wait();
     }
+}
+
+/// A worker's body, with its thread's name.
+type Job = (String, Box<dyn FnOnce() + Send>);
+
+/// Threads whose worker stopped wait here for the next one: pausing a device stops its
+/// workers and resuming starts new ones, inside a migration's downtime, and handing a body
+/// to a waiting thread costs one wake-up where ending a thread and starting another cost
+/// tens of microseconds each on a busy host. A spare beyond those [`reserve`] keeps ends
+/// after [`SPARE_IDLE`] without work.
+struct Spares {
+    state: Mutex<SparesState>,
+    work: Condvar,
+}
+
+struct SparesState {
+    /// Bodies handed over that no spare has taken yet.
+    jobs: VecDeque<Job>,
+    /// Spares waiting.
+    idle: usize,
+    /// Spares started and not yet waiting.
+    starting: usize,
+    /// Spares that wait without a deadline.
+    keep: usize,
+}
+
+static SPARES: Spares = Spares {
+    state: Mutex::new(SparesState {
+        jobs: VecDeque::new(),
+        idle: 0,
+        starting: 0,
+        keep: 0,
+    }),
+    work: Condvar::new(),
+};
+
+/// How long a spare thread waits for a worker to run before it ends.
+pub const SPARE_IDLE: Duration = Duration::from_secs(1);
+
+fn spares() -> MutexGuard<'static, SparesState> {
+    SPARES.state.lock().expect("spare worker lock poisoned")
+}
+
+/// Runs `job` on a spare thread if one waits for it, else on a new one.
+fn run_on_a_thread(name: String, job: Box<dyn FnOnce() + Send>) -> io::Result<()> {
+    let mut st = spares();
+    if st.idle > st.jobs.len() {
+        st.jobs.push_back((name, job));
+        SPARES.work.notify_one();
+        return Ok(());
+    }
+    drop(st);
+    start_thread(name, Some(job))
+}
+
+/// A new thread that runs `first` (if any) and then waits as a spare.
+fn start_thread(name: String, first: Option<Box<dyn FnOnce() + Send>>) -> io::Result<()> {
+    let spare = first.is_none();
+    if spare {
+        spares().starting += 1;
+    }
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        if let Some(hook) = ON_THREAD_START.get() {
+            hook();
+        }
+        if let Some(job) = first {
+            job();
+        } else {
+            spares().starting -= 1;
+        }
+        serve_as_spare();
+    });
+    match spawned {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if spare {
+                spares().starting -= 1;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Waits for bodies to run until none comes for [`SPARE_IDLE`] (or ever, while
+/// [`reserve`] keeps this thread).
+fn serve_as_spare() {
+    loop {
+        let mut st = spares();
+        st.idle += 1;
+        let job = loop {
+            if let Some(job) = st.jobs.pop_front() {
+                break Some(job);
+            }
+            if st.idle <= st.keep {
+                st = SPARES.work.wait(st).expect("spare worker lock poisoned");
+                continue;
+            }
+            let (guard, waited) = SPARES
+                .work
+                .wait_timeout(st, SPARE_IDLE)
+                .expect("spare worker lock poisoned");
+            st = guard;
+            if waited.timed_out() && st.jobs.is_empty() && st.idle > st.keep {
+                break None;
+            }
+        };
+        st.idle -= 1;
+        drop(st);
+        let Some((name, job)) = job else {
+            return;
+        };
+        name_thread(&name);
+        job();
+    }
+}
+
+/// Names the calling thread (what `ps` and `/proc` show), cut to the kernel's 15 bytes.
+fn name_thread(name: &str) {
+    let mut bytes = [0u8; 16];
+    let n = name.len().min(15);
+    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which
+    // `bytes` is (its last byte stays 0).
+    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr()) };
+}
+
+/// Spare threads kept by [`reserve`] until this is dropped.
+#[must_use = "the spares are kept only while this lives"]
+pub struct Reserved(());
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        keep(0);
+    }
+}
+
+/// Keeps `n` spare worker threads waiting without a deadline while the answer lives,
+/// starting those missing: a migration destination reserves its devices' workers before
+/// the source pauses, so that resuming the VM starts no thread. Afterwards, they end after
+/// [`SPARE_IDLE`] without work.
+pub fn reserve(n: usize) -> io::Result<Reserved> {
+    let missing = keep(n);
+    let reserved = Reserved(());
+    for _ in 0..missing {
+        start_thread("worker-spare".into(), None)?;
+    }
+    Ok(reserved)
+}
+
+/// Sets how many spares wait without a deadline; how many more that takes.
+fn keep(n: usize) -> usize {
+    let mut st = spares();
+    st.keep = n;
+    // Spares that wait go back to waiting as the new count says.
+    SPARES.work.notify_all();
+    n.saturating_sub(st.idle + st.starting)
 }
 
 /// An epoll set keyed by tokens (vmm-sys-util's `Epoll`).
@@ -505,6 +668,61 @@ mod tests {
     use super::*;
 
     const BUFFER: u64 = 0x20_0000;
+
+    /// The calling thread's name, as the kernel has it.
+    fn own_name() -> String {
+        let mut bytes = [0u8; 16];
+        // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL-terminated.
+        unsafe { libc::prctl(libc::PR_GET_NAME, bytes.as_mut_ptr()) };
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&bytes[..end]).into_owned()
+    }
+
+    fn idle() -> usize {
+        spares().idle
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn stopped_workers_wait_as_spares_and_run_the_next_under_its_name() {
+        // More than other tests running meanwhile could take.
+        let reserved = reserve(16).unwrap();
+        wait_for("spares reserved", || idle() >= 16);
+        // A worker runs on a spare, named as asked, and hands back what its body returned.
+        let names = |name: &str| {
+            Worker::spawn(name.into(), |events| {
+                let mut tokens = Vec::new();
+                while !tokens.contains(&STOP_TOKEN) {
+                    events.wait(&mut tokens).unwrap();
+                }
+                let spawned_as = std::thread::current().name().map(String::from);
+                (own_name(), spawned_as)
+            })
+            .unwrap()
+        };
+        let first = names("first-worker").stop().unwrap();
+        assert_eq!(first.0, "first-worker");
+        assert_eq!(
+            first.1.as_deref(),
+            Some("worker-spare"),
+            "ran on a reserved thread"
+        );
+        let second = names("a-name-longer-than-fifteen").stop().unwrap();
+        assert_eq!(second.0, "a-name-longer-t", "cut to the kernel's 15 bytes");
+        // Dropping a worker stops it too.
+        drop(names("dropped"));
+        drop(reserved);
+        // Unreserved, spares end once idle: the count falls back (other tests' workers may
+        // come and go meanwhile, but they end the same way).
+        wait_for("spares ending after SPARE_IDLE", || idle() == 0);
+    }
 
     /// Regression: a receive buffer held for a later frame was marked dirty only when taken,
     /// so a pre-copy pass between that and the write left the destination a stale page
