@@ -40,10 +40,14 @@ pub trait Destination {
     fn backend_fds(&mut self, header: FdsHeader, fds: Vec<OwnedFd>) -> Result<(), BoxError>;
     /// Build the VM and its devices from their state, ready to run but not running.
     fn complete(&mut self) -> Result<(), BoxError>;
-    /// Run the VM [`Destination::complete`] built: resume, announce. Called only once the
-    /// source was told, when it asked ([`Start::start_notice`]); the source learns of success
-    /// only when this returns.
+    /// Run the VM [`Destination::complete`] built: everything but letting its vCPUs go
+    /// (resume its devices, announce it). Called only once the source was told, when it
+    /// asked ([`Start::start_notice`]); the source learns of success only when this returns.
     fn run(&mut self) -> Result<(), BoxError>;
+    /// Let the vCPUs of the VM [`Destination::run`] readied go, right after the source was
+    /// answered (or could not be): the answer goes before a running guest competes with it
+    /// for the host's cores.
+    fn release(&mut self) {}
     /// How long this destination's steps took, sent to the source with the last answer to
     /// Complete.
     fn timings(&mut self) -> CompleteReply {
@@ -147,7 +151,9 @@ fn step(
             // no answer stays paused (it cannot tell), so neither dropping this VM nor
             // resuming that one could be right.
             let timings = to_json(&destination.timings());
-            if let Err(e) = channel.send_response(&Response::Ok(timings)) {
+            let answered = channel.send_response(&Response::Ok(timings));
+            destination.release();
+            if let Err(e) = answered {
                 log::warn!(
                     "migration: the VM runs here, but the source did not get the answer to \
                      Complete ({e}); it stays paused there"

@@ -765,7 +765,7 @@ pub fn assert_breakdown(stats: &serde_json::Value, local: bool, handed: &[&str])
     for id in handed {
         assert!(destination.contains(&format!("take over {id}")), "{stats}");
     }
-    for step in ["virtio devices", "vCPU state", "resume vCPUs", "announce"] {
+    for step in ["virtio devices", "vCPU state", "resume devices", "announce"] {
         assert!(destination.contains(&step.into()), "no {step}: {stats}");
     }
     assert!(

@@ -622,6 +622,13 @@ fn placement_order<T>(
     order
 }
 
+/// The most worker threads `config`'s devices run: one per network queue pair, one per
+/// disk and one for the entropy device.
+pub fn most_workers(config: &VmConfig) -> usize {
+    let pairs: usize = config.net.iter().map(NetConfig::queue_pairs).sum();
+    pairs + config.disks.len() + usize::from(config.rng.is_some())
+}
+
 /// Builds the virtio devices of `config` on `backends` and puts them on `pci`: at power-on,
 /// or as `saved` describes them (same devices, same slots).
 pub fn create(

@@ -43,6 +43,17 @@ pub enum Error {
     /// State can only be saved while paused.
     #[error("The vCPUs are running; pause them before saving their state")]
     NotPaused,
+    /// A vCPU's saved state could not be restored.
+    #[error("Cannot restore the state of vCPU {0}")]
+    Restore(usize, #[source] crate::state::Error),
+    /// Saved state for another number of vCPUs.
+    #[error("Saved state for {saved} vCPUs, {started} started")]
+    RestoreCount {
+        /// vCPUs in the saved state.
+        saved: usize,
+        /// vCPU threads started.
+        started: usize,
+    },
 }
 
 /// The real-time signal offset used to kick vCPUs.
@@ -76,6 +87,14 @@ struct ControlState {
     save_wanted: Vec<bool>,
     /// Per vCPU: its saved state, once the thread has read it.
     saved: Vec<Option<Result<VcpuState, crate::state::Error>>>,
+    /// States were asked for with the pause and [`Vcpus::save_state`] has not taken them.
+    saving: bool,
+    /// Per vCPU: state to restore (set by [`Vcpus::restore`], taken by the thread).
+    restore: Vec<Option<Box<VcpuState>>>,
+    /// Per vCPU: state was given to restore and [`Vcpus::restored`] has not yet waited.
+    restoring: Vec<bool>,
+    /// Per vCPU: how restoring went, once the thread has written the state.
+    restored: Vec<Option<Result<(), crate::state::Error>>>,
     /// Per vCPU: its thread has ended.
     gone: Vec<bool>,
 }
@@ -90,22 +109,49 @@ pub struct Control {
 }
 
 impl Control {
+    /// The control of `n` threads, which start parked if `paused`.
+    fn for_threads(n: usize, paused: bool) -> Self {
+        let control = Control::default();
+        {
+            let mut st = control.lock();
+            st.save_wanted = vec![false; n];
+            st.saved = (0..n).map(|_| None).collect();
+            st.restore = (0..n).map(|_| None).collect();
+            st.restoring = vec![false; n];
+            st.restored = (0..n).map(|_| None).collect();
+            st.gone = vec![false; n];
+            st.pause = paused;
+            control.attention.store(paused, Ordering::Release);
+        }
+        control
+    }
+
     fn lock(&self) -> MutexGuard<'_, ControlState> {
         self.state.lock().expect("vCPU control lock poisoned")
     }
 
-    /// Called by vCPU `id`'s thread when attention is set: parks while paused, saving its
-    /// state with `save` when asked. Returns false when the thread must end.
+    /// Called by vCPU `id`'s thread when attention is set: parks while paused, restoring
+    /// its state with `restore` or saving it with `save` when asked. Returns false when the
+    /// thread must end.
     fn check_in(
         &self,
         id: usize,
         save: &mut dyn FnMut() -> Result<VcpuState, crate::state::Error>,
+        restore: &mut dyn FnMut(&VcpuState) -> Result<(), crate::state::Error>,
     ) -> bool {
         let mut st = self.lock();
         if st.pause && !st.stop {
             st.parked += 1;
             self.changed.notify_all();
             while st.pause && !st.stop {
+                if let Some(state) = st.restore[id].take() {
+                    drop(st);
+                    let done = restore(&state);
+                    st = self.lock();
+                    st.restored[id] = Some(done);
+                    self.changed.notify_all();
+                    continue;
+                }
                 if std::mem::take(&mut st.save_wanted[id]) {
                     drop(st);
                     let state = save();
@@ -148,6 +194,8 @@ struct Vcpu {
     events: VcpuEvents,
     control: Arc<Control>,
     mem: GuestMemory,
+    /// KVM_RUN last returned an I/O exit, which only the next KVM_RUN completes.
+    io_pending: bool,
 }
 
 fn signal(evt: &EventFd) {
@@ -230,12 +278,16 @@ impl Vcpu {
 
     /// Parks while paused; false when the thread must end.
     fn check_in(&mut self) -> bool {
-        if self.control.lock().pause {
+        // A kick out of KVM_RUN (or a thread that never ran) leaves nothing to complete.
+        if self.io_pending && self.control.lock().pause {
             self.complete_io();
+            self.io_pending = false;
         }
         let (fd, msrs, xsave) = (&self.fd, &self.msrs, self.xsave);
         let mut save = || crate::state::save_vcpu(fd, msrs, xsave);
-        self.control.check_in(usize::from(self.id), &mut save)
+        let mut restore = |state: &VcpuState| crate::state::restore_vcpu(fd, state, xsave);
+        self.control
+            .check_in(usize::from(self.id), &mut save, &mut restore)
     }
 
     /// Runs until stopped, parking while paused; returns after signalling an event if the
@@ -245,23 +297,28 @@ impl Vcpu {
             if self.control.attention.load(Ordering::Acquire) && !self.check_in() {
                 return;
             }
+            self.io_pending = false;
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
+                    self.io_pending = true;
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
+                    self.io_pending = true;
                     if !self.pio.write(u64::from(port), data) {
                         log::trace!("vCPU {}: write to unhandled port {port:#x}", self.id);
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.io_pending = true;
                     if !self.mmio.read(addr, data) {
                         data.fill(0xff);
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.io_pending = true;
                     if !self.mmio.write(addr, data) {
                         log::trace!("vCPU {}: write to unhandled MMIO {addr:#x}", self.id);
                     }
@@ -353,15 +410,7 @@ impl Vcpus {
         mut events: impl FnMut() -> std::io::Result<VcpuEvents>,
     ) -> Result<Self, Error> {
         let n = fds.len();
-        let control = Control::default();
-        {
-            let mut st = control.lock();
-            st.save_wanted = vec![false; n];
-            st.saved = (0..n).map(|_| None).collect();
-            st.gone = vec![false; n];
-            st.pause = setup.paused;
-            control.attention.store(setup.paused, Ordering::Release);
-        }
+        let control = Control::for_threads(n, setup.paused);
         let mut vcpus = Vcpus {
             threads: Mutex::new(Vec::with_capacity(n)),
             count: 0,
@@ -380,6 +429,7 @@ impl Vcpus {
                 events: events().map_err(Error::Spawn)?,
                 control: vcpus.control.clone(),
                 mem: mem.clone(),
+                io_pending: false,
             };
             let control = vcpus.control.clone();
             let handle = std::thread::Builder::new()
@@ -394,6 +444,11 @@ impl Vcpus {
             vcpus.count += 1;
         }
         Ok(vcpus)
+    }
+
+    /// How many vCPU threads were started.
+    pub fn count(&self) -> usize {
+        self.count
     }
 
     fn lock_threads(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
@@ -428,41 +483,53 @@ impl Vcpus {
 
     /// Stops every vCPU outside KVM_RUN; returns once all of them are parked (or ended).
     pub fn pause(&self) {
+        self.pause_asking(false);
+    }
+
+    /// [`Vcpus::pause`], each thread then reading its vCPU's state at once, while the
+    /// caller goes on (pausing the devices): [`Vcpus::save_state`] takes the states.
+    pub fn pause_and_save(&self) {
+        self.pause_asking(true);
+    }
+
+    fn pause_asking(&self, save: bool) {
+        let n = self.count;
         {
             let mut st = self.control.lock();
             st.pause = true;
+            if save {
+                // Asked now, each thread reads its state as soon as it parks.
+                Self::ask_for_states(&mut st, n);
+            }
             self.control.attention.store(true, Ordering::Release);
         }
-        let n = self.count;
         self.kick_until(|st| st.parked + st.ended == n);
     }
 
-    /// Each vCPU's state; they must be paused. Each parked thread reads its own.
+    fn ask_for_states(st: &mut ControlState, n: usize) {
+        st.save_wanted = vec![true; n];
+        st.saved = (0..n).map(|_| None).collect();
+        st.saving = true;
+    }
+
+    /// Each vCPU's state; they must be paused. Each parked thread reads its own (already
+    /// asked for by [`Vcpus::pause_and_save`], or now).
     pub fn save_state(&self) -> Result<Vec<VcpuState>, Error> {
         let n = self.count;
         let mut st = self.control.lock();
         if !st.pause {
             return Err(Error::NotPaused);
         }
-        if let Some(id) = st.gone.iter().position(|g| *g) {
-            return Err(Error::Ended(id));
-        }
-        st.save_wanted = vec![true; n];
-        st.saved = (0..n).map(|_| None).collect();
-        self.control.changed.notify_all();
-        loop {
-            if let Some(id) = (0..n).find(|&i| st.saved[i].is_none() && st.gone[i]) {
+        if !st.saving {
+            if let Some(id) = st.gone.iter().position(|g| *g) {
                 return Err(Error::Ended(id));
             }
-            if st.saved.iter().all(Option::is_some) {
-                break;
-            }
-            st = self
-                .control
-                .changed
-                .wait(st)
-                .expect("vCPU control lock poisoned");
+            Self::ask_for_states(&mut st, n);
+            self.control.changed.notify_all();
         }
+        // Taken by this call, whatever comes.
+        st.saving = false;
+        let mut st = self.wait_while(st, |st, i| st.saved[i].is_none())?;
         st.saved
             .iter_mut()
             .enumerate()
@@ -474,10 +541,74 @@ impl Vcpus {
             .collect()
     }
 
+    /// Has each parked thread write `states` (one per vCPU, in order) into its vCPU, and
+    /// returns without waiting: [`Vcpus::restored`] waits. The vCPUs must be paused and not
+    /// have run since they started, as after [`Vcpus::start`] with `paused`.
+    pub fn restore(&self, states: Vec<VcpuState>) -> Result<(), Error> {
+        let mut st = self.control.lock();
+        if !st.pause {
+            return Err(Error::NotPaused);
+        }
+        if states.len() != self.count {
+            return Err(Error::RestoreCount {
+                saved: states.len(),
+                started: self.count,
+            });
+        }
+        for (id, state) in states.into_iter().enumerate() {
+            st.restore[id] = Some(Box::new(state));
+            st.restoring[id] = true;
+            st.restored[id] = None;
+        }
+        self.control.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits until every vCPU given state by [`Vcpus::restore`] has it; the first error.
+    pub fn restored(&self) -> Result<(), Error> {
+        let n = self.count;
+        let st = self.control.lock();
+        let mut st = self.wait_while(st, |st, i| st.restoring[i] && st.restored[i].is_none())?;
+        let mut first = Ok(());
+        for id in 0..n {
+            if std::mem::take(&mut st.restoring[id]) {
+                if let (Some(Err(e)), Ok(())) = (st.restored[id].take(), &first) {
+                    first = Err(Error::Restore(id, e));
+                }
+            }
+        }
+        first
+    }
+
+    /// Waits while `waiting` holds for some vCPU; an error if one of those has ended.
+    fn wait_while<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, ControlState>,
+        waiting: impl Fn(&ControlState, usize) -> bool,
+    ) -> Result<MutexGuard<'a, ControlState>, Error> {
+        let n = self.count;
+        loop {
+            if let Some(id) = (0..n).find(|&i| waiting(&st, i) && st.gone[i]) {
+                return Err(Error::Ended(id));
+            }
+            if !(0..n).any(|i| waiting(&st, i)) {
+                return Ok(st);
+            }
+            st = self
+                .control
+                .changed
+                .wait(st)
+                .expect("vCPU control lock poisoned");
+        }
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         let mut st = self.control.lock();
         st.pause = false;
+        // States read for this pause are stale once the vCPUs run.
+        st.saving = false;
+        st.save_wanted.iter_mut().for_each(|w| *w = false);
         self.control.attention.store(st.stop, Ordering::Release);
         self.control.changed.notify_all();
     }
@@ -507,5 +638,104 @@ impl Vcpus {
 impl Drop for Vcpus {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::vcpu_state;
+
+    /// `n` threads that park as vCPU threads do, writing a state's RIP into their own
+    /// "vCPU" when asked to restore (refusing RIP 0) and reading it back when asked to save.
+    fn parked(n: usize) -> (Vcpus, Vec<Arc<Mutex<u64>>>) {
+        // Pausing kicks the threads with this signal.
+        install_kick_handler().unwrap();
+        let control = Control::for_threads(n, true);
+        let control = Arc::new(control);
+        let mut threads = Vec::new();
+        let mut rips = Vec::new();
+        for id in 0..n {
+            let (control, rip) = (control.clone(), Arc::new(Mutex::new(0u64)));
+            rips.push(rip.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut save = || {
+                    let mut s = vcpu_state();
+                    s.regs.rip = *rip.lock().unwrap();
+                    Ok(s)
+                };
+                let written = rip.clone();
+                let mut restore = |s: &VcpuState| match s.regs.rip {
+                    0 => Err(crate::state::Error::Msr(0)),
+                    r => {
+                        *written.lock().unwrap() = r;
+                        Ok(())
+                    }
+                };
+                while control.check_in(id, &mut save, &mut restore) {}
+                control.ended(id);
+            }));
+        }
+        let vcpus = Vcpus {
+            threads: Mutex::new(threads),
+            count: n,
+            control,
+        };
+        (vcpus, rips)
+    }
+
+    fn with_rip(rip: u64) -> VcpuState {
+        let mut s = vcpu_state();
+        s.regs.rip = rip;
+        s
+    }
+
+    #[test]
+    fn parked_threads_write_their_own_state_and_the_first_failure_is_reported() {
+        let (vcpus, rips) = parked(2);
+        vcpus
+            .restore(vec![with_rip(0x1000), with_rip(0x2000)])
+            .unwrap();
+        vcpus.restored().unwrap();
+        assert_eq!(*rips[0].lock().unwrap(), 0x1000);
+        assert_eq!(*rips[1].lock().unwrap(), 0x2000);
+        // Waiting again, with nothing asked, returns at once.
+        vcpus.restored().unwrap();
+
+        vcpus.restore(vec![with_rip(0x3000), with_rip(0)]).unwrap();
+        let e = vcpus.restored().unwrap_err();
+        assert!(matches!(e, Error::Restore(1, _)), "{e}");
+        assert!(matches!(
+            vcpus.restore(vec![with_rip(1)]),
+            Err(Error::RestoreCount {
+                saved: 1,
+                started: 2
+            })
+        ));
+        // What was written is what a save reads back.
+        let saved = vcpus.save_state().unwrap();
+        assert_eq!(saved[0].regs.rip, 0x3000);
+        vcpus.stop();
+    }
+
+    #[test]
+    fn states_asked_for_with_the_pause_are_taken_once_and_forgotten_on_resume() {
+        let (vcpus, rips) = parked(2);
+        vcpus.resume();
+        *rips[0].lock().unwrap() = 7;
+        // These threads never run KVM_RUN: they park as soon as the pause is asked.
+        vcpus.pause_and_save();
+        *rips[0].lock().unwrap() = 8;
+        let saved = vcpus.save_state().unwrap();
+        assert!([7, 8].contains(&saved[0].regs.rip));
+        // A second save asks anew and sees the later value.
+        assert_eq!(vcpus.save_state().unwrap()[0].regs.rip, 8);
+        // Asked for, then resumed: a later save does not take the stale states.
+        vcpus.pause_and_save();
+        vcpus.resume();
+        *rips[0].lock().unwrap() = 9;
+        vcpus.pause();
+        assert_eq!(vcpus.save_state().unwrap()[0].regs.rip, 9);
+        vcpus.stop();
     }
 }

@@ -79,6 +79,9 @@ pub enum Error {
         /// vCPUs configured.
         configured: u8,
     },
+    /// A shell with parked vCPU threads was given to a boot, which sets the vCPUs up first.
+    #[error("The VM was prepared for a restore, not for booting")]
+    ParkedForBoot,
     /// The VM shell was built for another number of vCPUs than the configuration has.
     #[error("The VM was prepared with {created} vCPUs, but {configured} are configured")]
     ShellVcpus {
@@ -144,11 +147,23 @@ pub enum Start {
 /// A KVM VM with its in-kernel irqchip and PIT, its memory registered and its vCPUs
 /// created, but no devices and no vCPU set up or running yet. A migration destination
 /// builds it before the source pauses, so that KVM's set-up (which grows with memory size)
-/// stays out of the downtime.
+/// stays out of the downtime, and starts its vCPU threads there too
+/// ([`Shell::park_vcpus`]).
 pub struct Shell {
     vm_fd: Arc<VmFd>,
     mem: GuestMemory,
-    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// The buses the devices go on, empty until [`Vm::start`] fills them: threads parked
+    /// ahead already hold them.
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    vcpus: ShellVcpus,
+}
+
+enum ShellVcpus {
+    /// Created, with no thread yet.
+    Created(Vec<kvm_ioctls::VcpuFd>),
+    /// Threads started and parked; `restoring` once they were given their saved state.
+    Parked { vcpus: Vcpus, restoring: bool },
 }
 
 impl Shell {
@@ -195,13 +210,78 @@ impl Shell {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Kvm("create a vCPU", e))?;
         timer.mark("create vCPUs");
-        Ok(Shell { vm_fd, mem, vcpus })
+        Ok(Shell {
+            vm_fd,
+            mem,
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            vcpus: ShellVcpus::Created(vcpus),
+        })
     }
 
     /// Its memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
     }
+
+    /// Starts the vCPU threads now, parked until the restored VM is resumed, so that a
+    /// restore neither starts them nor waits for its vCPUs' state to be written inside
+    /// the downtime ([`Shell::restore_vcpus`]).
+    pub fn park_vcpus(&mut self, kvm: &Kvm, events: &VmEvents) -> Result<(), Error> {
+        let ShellVcpus::Created(fds) = &mut self.vcpus else {
+            return Ok(());
+        };
+        let fds = std::mem::take(fds);
+        let setup = (&*self.vm_fd, &self.pio, &self.mmio, &self.mem);
+        let vcpus = start_vcpus(kvm, setup, fds, events, true)?;
+        self.vcpus = ShellVcpus::Parked {
+            vcpus,
+            restoring: false,
+        };
+        Ok(())
+    }
+
+    /// Has parked vCPU threads write `states` into their vCPUs while the caller goes on;
+    /// [`Vm::start`] waits for them. Without parked threads, [`Vm::start`] does it all.
+    pub fn restore_vcpus(&mut self, states: &[VcpuState]) -> Result<(), Error> {
+        let ShellVcpus::Parked { vcpus, restoring } = &mut self.vcpus else {
+            return Ok(());
+        };
+        if states.len() != vcpus.count() {
+            return Err(Error::VcpuCount {
+                saved: states.len(),
+                configured: vcpus.count() as u8,
+            });
+        }
+        vcpus.restore(states.to_vec()).map_err(Error::Vcpu)?;
+        *restoring = true;
+        Ok(())
+    }
+}
+
+/// The vCPU threads of `fds` on the VM, buses and memory of `on`, with what they save (the
+/// XSAVE size and the MSRs KVM can save), started running or `paused`.
+fn start_vcpus(
+    kvm: &Kvm,
+    on: (&VmFd, &Arc<Bus>, &Arc<Bus>, &GuestMemory),
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    events: &VmEvents,
+    paused: bool,
+) -> Result<Vcpus, Error> {
+    let (vm_fd, pio, mmio, mem) = on;
+    let msrs = match fds.first() {
+        Some(fd) => state::saveable_msrs(kvm, fd).map_err(|e| Error::State("list", e))?,
+        None => Vec::new(),
+    };
+    let setup = VcpuSetup {
+        pio,
+        mmio,
+        mem,
+        msrs,
+        xsave: state::xsave_size(vm_fd),
+        paused,
+    };
+    Vcpus::start(fds, setup, || events.for_vcpu()).map_err(Error::Vcpu)
 }
 
 /// Sets up a new vCPU for power-on: CPUID from what KVM supports (`supported`), adjusted by
@@ -335,13 +415,12 @@ struct Buses {
 /// Builds the platform devices, at power-on or as `saved` left them.
 fn create_devices(
     vm_fd: &VmFd,
+    (pio, mmio): (Arc<Bus>, Arc<Bus>),
     console: &Console,
     events: &VmEvents,
     saved: Option<&VmState>,
 ) -> Result<Buses, Error> {
     let clone = |e: &EventFd| e.try_clone().map_err(Error::EventFd);
-    let pio = Bus::new();
-    let mmio = Arc::new(Bus::new());
 
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm_fd
@@ -409,7 +488,7 @@ fn create_devices(
         .map_err(|e| Error::Bus("PCI hot-plug registers", e))?;
 
     Ok(Buses {
-        pio: Arc::new(pio),
+        pio,
         mmio,
         ged,
         serial,
@@ -448,18 +527,24 @@ impl Vm {
         let Shell {
             vm_fd,
             mem,
-            vcpus: fds,
+            pio,
+            mmio,
+            vcpus,
         } = match shell {
             Some(shell) => shell,
             None => Shell::new(kvm, config, None, timer)?,
         };
-        if fds.len() != usize::from(config.cpus.boot_vcpus) {
+        let created = match &vcpus {
+            ShellVcpus::Created(fds) => fds.len(),
+            ShellVcpus::Parked { vcpus, .. } => vcpus.count(),
+        };
+        if created != usize::from(config.cpus.boot_vcpus) {
             return Err(Error::ShellVcpus {
-                created: fds.len(),
+                created,
                 configured: config.cpus.boot_vcpus,
             });
         }
-        let buses = create_devices(&vm_fd, console, events, saved)?;
+        let buses = create_devices(&vm_fd, (pio, mmio), console, events, saved)?;
         timer.mark("platform devices");
         let interrupts = Arc::new(Interrupts::new(vm_fd.clone()));
         // One routing table update for every restored MSI-X vector, not one each: each
@@ -502,52 +587,47 @@ impl Vm {
         if saved.is_none() {
             timer.mark("ACPI and payload");
         }
-        let xsave = state::xsave_size(&vm_fd);
-        // What KVM supports: only booting builds CPUID from it.
-        let supported = match saved {
-            Some(_) => None,
-            None => Some(
-                kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                    .map_err(|e| Error::Kvm("get supported CPUID", e))?,
-            ),
-        };
-        for (id, fd) in (0..cpus).zip(&fds) {
-            match (saved, entry) {
-                (Some(s), _) => state::restore_vcpu(fd, &s.vcpus[usize::from(id)], xsave)
-                    .map_err(|e| Error::State("restore", e))?,
-                (None, entry) => {
-                    let supported = supported.as_ref().expect("asked for when booting");
-                    setup_vcpu(kvm, supported, config, fd, id)?;
+        let on = (&*vm_fd, &buses.pio, &buses.mmio, &mem);
+        let vcpus = match (saved, vcpus) {
+            (Some(s), vcpus) => {
+                let vcpus = match vcpus {
+                    ShellVcpus::Parked { vcpus, restoring } => {
+                        if !restoring {
+                            vcpus.restore(s.vcpus.clone()).map_err(Error::Vcpu)?;
+                        }
+                        vcpus
+                    }
+                    ShellVcpus::Created(fds) => {
+                        let vcpus = start_vcpus(kvm, on, fds, events, true)?;
+                        timer.mark("vCPU threads");
+                        vcpus.restore(s.vcpus.clone()).map_err(Error::Vcpu)?;
+                        vcpus
+                    }
+                };
+                // Each parked thread writes its own vCPU's state, in parallel.
+                vcpus.restored().map_err(Error::Vcpu)?;
+                timer.mark("vCPU state");
+                state::restore_vm(&vm_fd, &s.kvm).map_err(|e| Error::State("restore", e))?;
+                timer.mark("in-kernel device state");
+                vcpus
+            }
+            (None, ShellVcpus::Created(fds)) => {
+                let supported = kvm
+                    .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| Error::Kvm("get supported CPUID", e))?;
+                for (id, fd) in (0..cpus).zip(&fds) {
+                    setup_vcpu(kvm, &supported, config, fd, id)?;
                     if let (0, Some(entry)) = (id, entry) {
                         regs::setup_boot_vcpu(fd, &mem, entry).map_err(|e| Error::Regs(id, e))?;
                     }
                 }
+                timer.mark("vCPU setup");
+                let vcpus = start_vcpus(kvm, on, fds, events, false)?;
+                timer.mark("vCPU threads");
+                vcpus
             }
-        }
-        timer.mark(if saved.is_some() {
-            "vCPU state"
-        } else {
-            "vCPU setup"
-        });
-        if let Some(s) = saved {
-            state::restore_vm(&vm_fd, &s.kvm).map_err(|e| Error::State("restore", e))?;
-            timer.mark("in-kernel device state");
-        }
-        let msrs = match fds.first() {
-            Some(fd) => state::saveable_msrs(kvm, fd).map_err(|e| Error::State("list", e))?,
-            None => Vec::new(),
+            (None, ShellVcpus::Parked { .. }) => return Err(Error::ParkedForBoot),
         };
-        timer.mark("MSR list");
-        let setup = VcpuSetup {
-            pio: &buses.pio,
-            mmio: &buses.mmio,
-            mem: &mem,
-            msrs,
-            xsave,
-            paused: saved.is_some(),
-        };
-        let vcpus = Vcpus::start(fds, setup, || events.for_vcpu()).map_err(Error::Vcpu)?;
-        timer.mark("vCPU threads");
         Ok(Vm {
             vcpus,
             ged: buses.ged,
@@ -651,17 +731,25 @@ impl Vm {
     /// Stops every vCPU, then every device, until [`Vm::resume`]; returns once no vCPU
     /// runs guest code and no device touches guest memory or its backend.
     pub fn pause(&self) {
-        self.pause_timed(&mut Timeline::new());
+        self.vcpus.pause();
+        self.pause_devices();
     }
 
-    /// [`Vm::pause`], marking the end of each of its steps on `timer`.
-    pub fn pause_timed(&self, timer: &mut Timeline) {
-        self.vcpus.pause();
+    /// [`Vm::pause`] before [`Vm::state`], marking the end of each of its steps on `timer`:
+    /// each vCPU thread reads its vCPU's state while the devices are paused. A device
+    /// interrupt in between is then in no vCPU's saved state, but every queue gets one
+    /// interrupt when its device resumes ([`devices::virtio::transport`]).
+    pub fn pause_for_state(&self, timer: &mut Timeline) {
+        self.vcpus.pause_and_save();
         timer.mark("pause vCPUs");
+        self.pause_devices();
+        timer.mark("pause devices");
+    }
+
+    fn pause_devices(&self) {
         for d in self.devices().iter() {
             d.device.lock().expect("device lock poisoned").pause();
         }
-        timer.mark("pause devices");
     }
 
     /// Stops (true) or restarts (false) the vCPUs alone, the devices running on: how
@@ -696,17 +784,21 @@ impl Vm {
 
     /// Restarts the devices, then the vCPUs, after [`Vm::pause`] (or a restore).
     pub fn resume(&self) {
-        self.resume_timed(&mut Timeline::new());
+        self.resume_devices();
+        self.resume_vcpus();
     }
 
-    /// [`Vm::resume`], marking the end of each of its steps on `timer`.
-    pub fn resume_timed(&self, timer: &mut Timeline) {
+    /// The first half of [`Vm::resume`]: restarts the devices, the vCPUs staying paused
+    /// until [`Vm::resume_vcpus`].
+    pub fn resume_devices(&self) {
         for d in self.devices().iter() {
             d.device.lock().expect("device lock poisoned").resume();
         }
-        timer.mark("resume devices");
+    }
+
+    /// The second half of [`Vm::resume`]: lets the vCPUs run.
+    pub fn resume_vcpus(&self) {
         self.vcpus.resume();
-        timer.mark("resume vCPUs");
     }
 
     /// Asks network drivers that can to announce the guest where it now runs.

@@ -119,6 +119,8 @@ pub struct Incoming {
     config: Option<VmConfig>,
     backends: Option<Backends>,
     shell: Option<vm::Shell>,
+    /// Spare threads for the devices' workers, kept until the VM runs (or this ends).
+    spares: Option<devices::virtio::ReservedWorkers>,
     state: Option<VmState>,
     /// The serial console the source handed over.
     console: Option<crate::console::ConsoleHandOver>,
@@ -133,6 +135,8 @@ pub struct Incoming {
     writing_memory: Duration,
     /// This side's steps from the State request on.
     paused: Timeline,
+    /// The steps sent with the answer to Complete, to log once the VM runs.
+    sent_timings: Option<CompleteReply>,
 }
 
 impl Incoming {
@@ -157,6 +161,7 @@ impl Incoming {
             config: None,
             backends: None,
             shell: None,
+            spares: None,
             state: None,
             console: None,
             built: None,
@@ -164,6 +169,7 @@ impl Incoming {
             before_pause: Timeline::new(),
             writing_memory: Duration::ZERO,
             paused: Timeline::new(),
+            sent_timings: None,
         }
     }
 
@@ -242,8 +248,15 @@ impl ::migration::Destination for Incoming {
             None => memory::create(config.memory.size, config.memory.shared)?,
         };
         t.mark("map memory");
-        // The VM, its memory and vCPUs are set up now, while the source still runs.
-        self.shell = Some(vm::Shell::new(&self.kvm, &config, Some(mem), t)?);
+        // The VM, its memory and vCPU threads are set up now, while the source still runs.
+        let mut shell = vm::Shell::new(&self.kvm, &config, Some(mem), t)?;
+        shell.park_vcpus(&self.kvm, &self.events)?;
+        t.mark("vCPU threads");
+        // The devices' workers start on these when the VM resumes.
+        let most = crate::device_manager::most_workers(&config);
+        self.spares = Some(devices::virtio::reserve_workers(most)?);
+        t.mark("worker threads");
+        self.shell = Some(shell);
         self.config = Some(config);
         self.backends = Some(backends);
         Ok(())
@@ -273,8 +286,14 @@ impl ::migration::Destination for Incoming {
             let took = std::mem::take(&mut self.writing_memory);
             self.before_pause.push("write memory", took);
         }
-        self.state = Some(::migration::snapshot::decode(&bytes)?);
+        let state: VmState = ::migration::snapshot::decode(&bytes)?;
         self.paused.mark("decode state");
+        // The vCPU threads write it while the backends come and Complete is awaited.
+        if let Some(shell) = self.shell.as_mut() {
+            shell.restore_vcpus(&state.vcpus)?;
+            self.paused.mark("vCPU state to threads");
+        }
+        self.state = Some(state);
         Ok(())
     }
 
@@ -356,7 +375,10 @@ impl ::migration::Destination for Incoming {
         super::test_crash("run");
         let (arrived, handed) = self.built.take().ok_or_else(|| Self::missing("Complete"))?;
         self.paused.restart();
-        arrived.vm.resume_timed(&mut self.paused);
+        arrived.vm.resume_devices();
+        // The workers run on the spares now; any left end when idle.
+        self.spares = None;
+        self.paused.mark("resume devices");
         if let Some(h) = handed {
             h.release();
             self.paused.mark("release the console");
@@ -372,11 +394,21 @@ impl ::migration::Destination for Incoming {
             before_pause: self.before_pause.take(),
             paused: self.paused.take(),
         };
-        log::info!(
-            "migration received; before the pause: {}; paused: {}",
-            ::migration::timing::report(&reply.before_pause),
-            ::migration::timing::report(&reply.paused)
-        );
+        // Logged once the VM runs: the source waits for these.
+        self.sent_timings = Some(reply.clone());
         reply
+    }
+
+    fn release(&mut self) {
+        if let Some(arrived) = &self.arrived {
+            arrived.vm.resume_vcpus();
+        }
+        if let Some(t) = self.sent_timings.take() {
+            log::info!(
+                "migration received; before the pause: {}; paused: {}",
+                ::migration::timing::report(&t.before_pause),
+                ::migration::timing::report(&t.paused)
+            );
+        }
     }
 }

@@ -488,7 +488,7 @@ fn send_on(
     (hooks.paused)(true);
     // The downtime is the sum of the steps from here to the destination's answer.
     timer.restart();
-    vm.pause_timed(timer);
+    vm.pause_for_state(timer);
     let result = (|| {
         if !cfg.local {
             let last = vm.take_dirty().map_err(Error::Vm)?;
