@@ -83,7 +83,8 @@ struct ControlState {
     parked: usize,
     /// Threads whose run has ended (stopped, or the guest ended it).
     ended: usize,
-    /// Per vCPU: its state is wanted (set by [`Vcpus::save_state`], taken by the thread).
+    /// Per vCPU: its state is wanted (set by [`Vcpus::save_state`] or
+    /// [`Vcpus::pause_and_save`], taken by the thread once every thread has parked).
     save_wanted: Vec<bool>,
     /// Per vCPU: its saved state, once the thread has read it.
     saved: Vec<Option<Result<VcpuState, crate::state::Error>>>,
@@ -152,7 +153,10 @@ impl Control {
                     self.changed.notify_all();
                     continue;
                 }
-                if std::mem::take(&mut st.save_wanted[id]) {
+                // Read only once no vCPU runs: one still running could send this one an
+                // IPI that the state read before it would not hold.
+                let all_parked = st.parked + st.ended == st.gone.len();
+                if all_parked && std::mem::take(&mut st.save_wanted[id]) {
                     drop(st);
                     let state = save();
                     st = self.lock();
@@ -186,8 +190,9 @@ pub struct Vcpus {
 struct Vcpu {
     id: u8,
     fd: VcpuFd,
-    /// What to save: the MSR indices and the XSAVE size.
-    msrs: Arc<Vec<u32>>,
+    /// What to save: the MSR indices (those of the state restored, if one was) and the XSAVE
+    /// size.
+    msrs: Vec<u32>,
     xsave: usize,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -283,11 +288,22 @@ impl Vcpu {
             self.complete_io();
             self.io_pending = false;
         }
-        let (fd, msrs, xsave) = (&self.fd, &self.msrs, self.xsave);
-        let mut save = || crate::state::save_vcpu(fd, msrs, xsave);
-        let mut restore = |state: &VcpuState| crate::state::restore_vcpu(fd, state, xsave);
-        self.control
-            .check_in(usize::from(self.id), &mut save, &mut restore)
+        let (fd, xsave) = (&self.fd, self.xsave);
+        let msrs = std::cell::RefCell::new(std::mem::take(&mut self.msrs));
+        let go_on = {
+            let mut save = || crate::state::save_vcpu(fd, &msrs.borrow(), xsave);
+            // The MSRs a restored state holds are the ones to save later: a list probed
+            // before the state's CPUID was set may lack some on kernels that check it.
+            let mut restore = |state: &VcpuState| {
+                crate::state::restore_vcpu(fd, state, xsave)?;
+                *msrs.borrow_mut() = state.msrs.iter().map(|m| m.index).collect();
+                Ok(())
+            };
+            self.control
+                .check_in(usize::from(self.id), &mut save, &mut restore)
+        };
+        self.msrs = msrs.into_inner();
+        go_on
     }
 
     /// Runs until stopped, parking while paused; returns after signalling an event if the
@@ -393,7 +409,7 @@ pub struct VcpuSetup<'a> {
     pub mmio: &'a Arc<Bus>,
     /// Guest memory.
     pub mem: &'a GuestMemory,
-    /// The MSRs a saved state holds.
+    /// The MSRs a saved state holds (until a restore gives those of the state restored).
     pub msrs: Vec<u32>,
     /// Bytes of the XSAVE area.
     pub xsave: usize,
@@ -416,7 +432,7 @@ impl Vcpus {
             count: 0,
             control: Arc::new(control),
         };
-        let msrs = Arc::new(setup.msrs);
+        let msrs = setup.msrs;
         let (pio, mmio, mem) = (setup.pio, setup.mmio, setup.mem);
         for (id, fd) in fds.into_iter().enumerate() {
             let mut vcpu = Vcpu {
@@ -647,19 +663,32 @@ mod tests {
     use crate::state::tests::vcpu_state;
 
     /// `n` threads that park as vCPU threads do, writing a state's RIP into their own
-    /// "vCPU" when asked to restore (refusing RIP 0) and reading it back when asked to save.
-    fn parked(n: usize) -> (Vcpus, Vec<Arc<Mutex<u64>>>) {
+    /// "vCPU" when asked to restore (refusing RIP 0) and reading it back when asked to save;
+    /// the last one is slow to answer a pause. `fewest` is the fewest threads parked that
+    /// any save saw.
+    struct Fake {
+        vcpus: Vcpus,
+        rips: Vec<Arc<Mutex<u64>>>,
+        fewest: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    fn parked(n: usize) -> Fake {
         // Pausing kicks the threads with this signal.
         install_kick_handler().unwrap();
         let control = Control::for_threads(n, true);
         let control = Arc::new(control);
         let mut threads = Vec::new();
         let mut rips = Vec::new();
+        let fewest = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
         for id in 0..n {
             let (control, rip) = (control.clone(), Arc::new(Mutex::new(0u64)));
+            let fewest = fewest.clone();
             rips.push(rip.clone());
             threads.push(std::thread::spawn(move || {
+                let seen = control.clone();
                 let mut save = || {
+                    let parked = seen.lock().parked;
+                    fewest.fetch_min(parked, Ordering::SeqCst);
                     let mut s = vcpu_state();
                     s.regs.rip = *rip.lock().unwrap();
                     Ok(s)
@@ -672,7 +701,15 @@ mod tests {
                         Ok(())
                     }
                 };
-                while control.check_in(id, &mut save, &mut restore) {}
+                loop {
+                    if id == n - 1 {
+                        // A vCPU deep in guest code: the pause reaches it late.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    if !control.check_in(id, &mut save, &mut restore) {
+                        break;
+                    }
+                }
                 control.ended(id);
             }));
         }
@@ -681,7 +718,11 @@ mod tests {
             count: n,
             control,
         };
-        (vcpus, rips)
+        Fake {
+            vcpus,
+            rips,
+            fewest,
+        }
     }
 
     fn with_rip(rip: u64) -> VcpuState {
@@ -692,7 +733,7 @@ mod tests {
 
     #[test]
     fn parked_threads_write_their_own_state_and_the_first_failure_is_reported() {
-        let (vcpus, rips) = parked(2);
+        let Fake { vcpus, rips, .. } = parked(2);
         vcpus
             .restore(vec![with_rip(0x1000), with_rip(0x2000)])
             .unwrap();
@@ -719,16 +760,21 @@ mod tests {
     }
 
     #[test]
-    fn states_asked_for_with_the_pause_are_taken_once_and_forgotten_on_resume() {
-        let (vcpus, rips) = parked(2);
+    fn states_asked_for_with_the_pause_are_read_once_all_park_taken_once_and_forgotten() {
+        let Fake {
+            vcpus,
+            rips,
+            fewest,
+        } = parked(3);
         vcpus.resume();
         *rips[0].lock().unwrap() = 7;
-        // These threads never run KVM_RUN: they park as soon as the pause is asked.
         vcpus.pause_and_save();
-        *rips[0].lock().unwrap() = 8;
         let saved = vcpus.save_state().unwrap();
-        assert!([7, 8].contains(&saved[0].regs.rip));
+        assert_eq!(saved[0].regs.rip, 7);
+        // The slow thread parked last; no state was read before it had.
+        assert_eq!(fewest.load(Ordering::SeqCst), 3);
         // A second save asks anew and sees the later value.
+        *rips[0].lock().unwrap() = 8;
         assert_eq!(vcpus.save_state().unwrap()[0].regs.rip, 8);
         // Asked for, then resumed: a later save does not take the stale states.
         vcpus.pause_and_save();

@@ -242,22 +242,18 @@ fn run_on_a_thread(name: String, job: Box<dyn FnOnce() + Send>) -> io::Result<()
     start_thread(name, Some(job))
 }
 
-/// A new thread that runs `first` (if any) and then waits as a spare.
+/// A new thread that runs `first` (if any) and then waits as a spare; one without `first`
+/// the caller has counted as `starting`.
 fn start_thread(name: String, first: Option<Box<dyn FnOnce() + Send>>) -> io::Result<()> {
     let spare = first.is_none();
-    if spare {
-        spares().starting += 1;
-    }
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
         if let Some(hook) = ON_THREAD_START.get() {
             hook();
         }
         if let Some(job) = first {
             job();
-        } else {
-            spares().starting -= 1;
         }
-        serve_as_spare();
+        serve_as_spare(spare);
     });
     match spawned {
         Ok(_) => Ok(()),
@@ -271,10 +267,13 @@ fn start_thread(name: String, first: Option<Box<dyn FnOnce() + Send>>) -> io::Re
 }
 
 /// Waits for bodies to run until none comes for [`SPARE_IDLE`] (or ever, while
-/// [`reserve`] keeps this thread).
-fn serve_as_spare() {
+/// [`reserve`] keeps this thread); `starting` if counted as such until now.
+fn serve_as_spare(mut starting: bool) {
     loop {
         let mut st = spares();
+        if std::mem::take(&mut starting) {
+            st.starting -= 1;
+        }
         st.idle += 1;
         let job = loop {
             if let Some(job) = st.jobs.pop_front() {
@@ -315,34 +314,38 @@ fn name_thread(name: &str) {
 
 /// Spare threads kept by [`reserve`] until this is dropped.
 #[must_use = "the spares are kept only while this lives"]
-pub struct Reserved(());
+pub struct Reserved(usize);
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        keep(0);
+        let mut st = spares();
+        st.keep -= self.0;
+        // Spares beyond what is kept now wait with a deadline.
+        SPARES.work.notify_all();
     }
 }
 
-/// Keeps `n` spare worker threads waiting without a deadline while the answer lives,
+/// Keeps `n` more spare worker threads waiting without a deadline while the answer lives,
 /// starting those missing: a migration destination reserves its devices' workers before
 /// the source pauses, so that resuming the VM starts no thread. Afterwards, they end after
 /// [`SPARE_IDLE`] without work.
 pub fn reserve(n: usize) -> io::Result<Reserved> {
-    let missing = keep(n);
-    let reserved = Reserved(());
-    for _ in 0..missing {
-        start_thread("worker-spare".into(), None)?;
+    let missing = {
+        let mut st = spares();
+        st.keep += n;
+        let missing = st.keep.saturating_sub(st.idle + st.starting);
+        st.starting += missing;
+        missing
+    };
+    let reserved = Reserved(n);
+    for started in 0..missing {
+        if let Err(e) = start_thread("worker-spare".into(), None) {
+            // That one is uncounted already; the ones after it never start.
+            spares().starting -= missing - started - 1;
+            return Err(e);
+        }
     }
     Ok(reserved)
-}
-
-/// Sets how many spares wait without a deadline; how many more that takes.
-fn keep(n: usize) -> usize {
-    let mut st = spares();
-    st.keep = n;
-    // Spares that wait go back to waiting as the new count says.
-    SPARES.work.notify_all();
-    n.saturating_sub(st.idle + st.starting)
 }
 
 /// An epoll set keyed by tokens (vmm-sys-util's `Epoll`).
@@ -716,8 +719,20 @@ mod tests {
         );
         let second = names("a-name-longer-than-fifteen").stop().unwrap();
         assert_eq!(second.0, "a-name-longer-t", "cut to the kernel's 15 bytes");
-        // Dropping a worker stops it too.
-        drop(names("dropped"));
+        // Dropping a worker stops it, and waits for its body to end.
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let set = ended.clone();
+        let dropped = Worker::spawn("dropped".into(), move |events| {
+            let mut tokens = Vec::new();
+            while !tokens.contains(&STOP_TOKEN) {
+                events.wait(&mut tokens).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            set.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .unwrap();
+        drop(dropped);
+        assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
         drop(reserved);
         // Unreserved, spares end once idle: the count falls back (other tests' workers may
         // come and go meanwhile, but they end the same way).

@@ -415,7 +415,7 @@ pub struct StartReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Phase {
-    /// What the step did, such as `decode state` or `resume vCPUs`.
+    /// What the step did, such as `decode state` or `resume devices`.
     pub name: String,
     /// Microseconds.
     pub us: u64,

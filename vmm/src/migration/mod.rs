@@ -15,9 +15,9 @@
 //! 5. Pause (vCPUs, then devices: network cards stop reading their TAPs, whose frames wait in
 //!    the kernel), the last dirty pages, State, then for each network card taken over its
 //!    TAP state and queue descriptors (Fds), and Complete. The destination builds the VM
-//!    from that state on those descriptors, resumes it, and only then answers Complete:
-//!    until that answer any failure resumes the VM here as it was, on its own descriptors
-//!    (the destination got duplicates, and set nothing on them).
+//!    from that state on those descriptors, resumes its devices, answers Complete and lets
+//!    its vCPUs go: until that answer any failure resumes the VM here as it was, on its
+//!    own descriptors (the destination got duplicates, and set nothing on them).
 pub mod backend;
 pub mod receive;
 pub mod send;

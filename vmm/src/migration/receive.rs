@@ -376,8 +376,6 @@ impl ::migration::Destination for Incoming {
         let (arrived, handed) = self.built.take().ok_or_else(|| Self::missing("Complete"))?;
         self.paused.restart();
         arrived.vm.resume_devices();
-        // The workers run on the spares now; any left end when idle.
-        self.spares = None;
         self.paused.mark("resume devices");
         if let Some(h) = handed {
             h.release();
@@ -403,6 +401,8 @@ impl ::migration::Destination for Incoming {
         if let Some(arrived) = &self.arrived {
             arrived.vm.resume_vcpus();
         }
+        // The workers run on the spares now; any left end when idle.
+        self.spares = None;
         if let Some(t) = self.sent_timings.take() {
             log::info!(
                 "migration received; before the pause: {}; paused: {}",
