@@ -6,7 +6,7 @@
 #   that is already running;
 # - live upgrade: vmm.live-upgrade to a new process of the same binary.
 # Rows: 1 vCPU and 1 GiB with one queue pair; 2 vCPUs and 1 GiB with four; 1 vCPU and
-# 8 GiB with one (the total should not grow with memory).
+# 8 GiB with one (the total grows with memory only by KVM's cost of registering it).
 # Columns (scripts/bench/migration_net.py, BENCH_TABLE=minmax): min/median/max over the runs
 # of the downtime and total time baton reports (ms, from downtime_us and total_us), of the
 # longest gap between two ping replies and in the guest's stream (the downtime seen from

@@ -514,8 +514,10 @@ impl Vcpus {
             let mut st = self.control.lock();
             st.pause = true;
             if save {
-                // Asked now, each thread reads its state as soon as it parks.
+                // Asked now, each thread reads its state as soon as all have parked (and
+                // wakes for it if it already had).
                 Self::ask_for_states(&mut st, n);
+                self.control.changed.notify_all();
             }
             self.control.attention.store(true, Ordering::Release);
         }
@@ -766,6 +768,31 @@ mod tests {
             rips,
             fewest,
         } = parked(3);
+        // Threads parked already (a VM paused before) are woken to read their states.
+        *rips[0].lock().unwrap() = 6;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while vcpus.control.lock().parked < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the threads never parked"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let vcpus = std::thread::spawn(move || {
+            vcpus.pause_and_save();
+            let rip = vcpus.save_state().unwrap()[0].regs.rip;
+            (vcpus, rip)
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !vcpus.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "parked threads never saved"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (vcpus, rip) = vcpus.join().unwrap();
+        assert_eq!(rip, 6);
         vcpus.resume();
         *rips[0].lock().unwrap() = 7;
         vcpus.pause_and_save();
