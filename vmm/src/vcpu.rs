@@ -90,14 +90,24 @@ struct ControlState {
     saved: Vec<Option<Result<VcpuState, crate::state::Error>>>,
     /// States were asked for with the pause and [`Vcpus::save_state`] has not taken them.
     saving: bool,
-    /// Per vCPU: state to restore (set by [`Vcpus::restore`], taken by the thread).
-    restore: Vec<Option<Box<VcpuState>>>,
-    /// Per vCPU: state was given to restore and [`Vcpus::restored`] has not yet waited.
-    restoring: Vec<bool>,
-    /// Per vCPU: how restoring went, once the thread has written the state.
-    restored: Vec<Option<Result<(), crate::state::Error>>>,
+    /// Per vCPU: where writing a saved state into it stands.
+    restore: Vec<Restore>,
     /// Per vCPU: its thread has ended.
     gone: Vec<bool>,
+}
+
+/// Where writing a saved state into one vCPU stands.
+#[derive(Default)]
+enum Restore {
+    /// Nothing asked, or [`Vcpus::restored`] took the outcome.
+    #[default]
+    Idle,
+    /// Given by [`Vcpus::restore`], for the thread to take.
+    Asked(Box<VcpuState>),
+    /// The thread is writing it.
+    Writing,
+    /// Written, or refused.
+    Done(Result<(), crate::state::Error>),
 }
 
 /// Pause and stop requests shared by a VM's vCPU threads.
@@ -117,9 +127,7 @@ impl Control {
             let mut st = control.lock();
             st.save_wanted = vec![false; n];
             st.saved = (0..n).map(|_| None).collect();
-            st.restore = (0..n).map(|_| None).collect();
-            st.restoring = vec![false; n];
-            st.restored = (0..n).map(|_| None).collect();
+            st.restore = (0..n).map(|_| Restore::Idle).collect();
             st.gone = vec![false; n];
             st.pause = paused;
             control.attention.store(paused, Ordering::Release);
@@ -145,13 +153,17 @@ impl Control {
             st.parked += 1;
             self.changed.notify_all();
             while st.pause && !st.stop {
-                if let Some(state) = st.restore[id].take() {
-                    drop(st);
-                    let done = restore(&state);
-                    st = self.lock();
-                    st.restored[id] = Some(done);
-                    self.changed.notify_all();
-                    continue;
+                match std::mem::take(&mut st.restore[id]) {
+                    Restore::Asked(state) => {
+                        st.restore[id] = Restore::Writing;
+                        drop(st);
+                        let done = restore(&state);
+                        st = self.lock();
+                        st.restore[id] = Restore::Done(done);
+                        self.changed.notify_all();
+                        continue;
+                    }
+                    other => st.restore[id] = other,
                 }
                 // Read only once no vCPU runs: one still running could send this one an
                 // IPI that the state read before it would not hold.
@@ -516,18 +528,19 @@ impl Vcpus {
             if save {
                 // Asked now, each thread reads its state as soon as all have parked (and
                 // wakes for it if it already had).
-                Self::ask_for_states(&mut st, n);
-                self.control.changed.notify_all();
+                self.ask_for_states(&mut st, n);
             }
             self.control.attention.store(true, Ordering::Release);
         }
         self.kick_until(|st| st.parked + st.ended == n);
     }
 
-    fn ask_for_states(st: &mut ControlState, n: usize) {
+    /// Asks every thread for its state, waking those parked already.
+    fn ask_for_states(&self, st: &mut ControlState, n: usize) {
         st.save_wanted = vec![true; n];
         st.saved = (0..n).map(|_| None).collect();
         st.saving = true;
+        self.control.changed.notify_all();
     }
 
     /// Each vCPU's state; they must be paused. Each parked thread reads its own (already
@@ -542,8 +555,7 @@ impl Vcpus {
             if let Some(id) = st.gone.iter().position(|g| *g) {
                 return Err(Error::Ended(id));
             }
-            Self::ask_for_states(&mut st, n);
-            self.control.changed.notify_all();
+            self.ask_for_states(&mut st, n);
         }
         // Taken by this call, whatever comes.
         st.saving = false;
@@ -574,9 +586,7 @@ impl Vcpus {
             });
         }
         for (id, state) in states.into_iter().enumerate() {
-            st.restore[id] = Some(Box::new(state));
-            st.restoring[id] = true;
-            st.restored[id] = None;
+            st.restore[id] = Restore::Asked(Box::new(state));
         }
         self.control.changed.notify_all();
         Ok(())
@@ -586,13 +596,13 @@ impl Vcpus {
     pub fn restored(&self) -> Result<(), Error> {
         let n = self.count;
         let st = self.control.lock();
-        let mut st = self.wait_while(st, |st, i| st.restoring[i] && st.restored[i].is_none())?;
+        let mut st = self.wait_while(st, |st, i| {
+            matches!(st.restore[i], Restore::Asked(_) | Restore::Writing)
+        })?;
         let mut first = Ok(());
         for id in 0..n {
-            if std::mem::take(&mut st.restoring[id]) {
-                if let (Some(Err(e)), Ok(())) = (st.restored[id].take(), &first) {
-                    first = Err(Error::Restore(id, e));
-                }
+            if let (Restore::Done(Err(e)), Ok(())) = (std::mem::take(&mut st.restore[id]), &first) {
+                first = Err(Error::Restore(id, e));
             }
         }
         first

@@ -227,9 +227,10 @@ impl Shell {
     /// Starts the vCPU threads now, parked until the restored VM is resumed, so that a
     /// restore neither starts them nor waits for its vCPUs' state to be written inside
     /// the downtime ([`Shell::restore_vcpus`]).
-    pub fn park_vcpus(&mut self, kvm: &Kvm, events: &VmEvents) -> Result<(), Error> {
+    /// False if they were started already.
+    pub fn park_vcpus(&mut self, kvm: &Kvm, events: &VmEvents) -> Result<bool, Error> {
         let ShellVcpus::Created(fds) = &mut self.vcpus else {
-            return Ok(());
+            return Ok(false);
         };
         let fds = std::mem::take(fds);
         let setup = (&*self.vm_fd, &self.pio, &self.mmio, &self.mem);
@@ -238,23 +239,21 @@ impl Shell {
             vcpus,
             restoring: false,
         };
-        Ok(())
+        Ok(true)
     }
 
     /// Has parked vCPU threads write `states` into their vCPUs while the caller goes on;
-    /// [`Vm::start`] waits for them. Without parked threads, [`Vm::start`] does it all.
+    /// [`Vm::start`] waits for them. Does nothing without parked threads ([`Vm::start`]
+    /// parks them first), or if they were given their states already.
     pub fn restore_vcpus(&mut self, states: &[VcpuState]) -> Result<(), Error> {
-        let ShellVcpus::Parked { vcpus, restoring } = &mut self.vcpus else {
-            return Ok(());
-        };
-        if states.len() != vcpus.count() {
-            return Err(Error::VcpuCount {
-                saved: states.len(),
-                configured: vcpus.count() as u8,
-            });
+        if let ShellVcpus::Parked {
+            vcpus,
+            restoring: restoring @ false,
+        } = &mut self.vcpus
+        {
+            vcpus.restore(states.to_vec()).map_err(Error::Vcpu)?;
+            *restoring = true;
         }
-        vcpus.restore(states.to_vec()).map_err(Error::Vcpu)?;
-        *restoring = true;
         Ok(())
     }
 }
@@ -524,17 +523,11 @@ impl Vm {
                 });
             }
         }
-        let Shell {
-            vm_fd,
-            mem,
-            pio,
-            mmio,
-            vcpus,
-        } = match shell {
+        let mut shell = match shell {
             Some(shell) => shell,
             None => Shell::new(kvm, config, None, timer)?,
         };
-        let created = match &vcpus {
+        let created = match &shell.vcpus {
             ShellVcpus::Created(fds) => fds.len(),
             ShellVcpus::Parked { vcpus, .. } => vcpus.count(),
         };
@@ -544,6 +537,20 @@ impl Vm {
                 configured: config.cpus.boot_vcpus,
             });
         }
+        if let Some(s) = saved {
+            // As a migration destination does ahead (where these do nothing).
+            if shell.park_vcpus(kvm, events)? {
+                timer.mark("vCPU threads");
+            }
+            shell.restore_vcpus(&s.vcpus)?;
+        }
+        let Shell {
+            vm_fd,
+            mem,
+            pio,
+            mmio,
+            vcpus,
+        } = shell;
         let buses = create_devices(&vm_fd, (pio, mmio), console, events, saved)?;
         timer.mark("platform devices");
         let interrupts = Arc::new(Interrupts::new(vm_fd.clone()));
@@ -587,23 +594,8 @@ impl Vm {
         if saved.is_none() {
             timer.mark("ACPI and payload");
         }
-        let on = (&*vm_fd, &buses.pio, &buses.mmio, &mem);
         let vcpus = match (saved, vcpus) {
-            (Some(s), vcpus) => {
-                let vcpus = match vcpus {
-                    ShellVcpus::Parked { vcpus, restoring } => {
-                        if !restoring {
-                            vcpus.restore(s.vcpus.clone()).map_err(Error::Vcpu)?;
-                        }
-                        vcpus
-                    }
-                    ShellVcpus::Created(fds) => {
-                        let vcpus = start_vcpus(kvm, on, fds, events, true)?;
-                        timer.mark("vCPU threads");
-                        vcpus.restore(s.vcpus.clone()).map_err(Error::Vcpu)?;
-                        vcpus
-                    }
-                };
+            (Some(s), ShellVcpus::Parked { vcpus, .. }) => {
                 // Each parked thread writes its own vCPU's state, in parallel.
                 vcpus.restored().map_err(Error::Vcpu)?;
                 timer.mark("vCPU state");
@@ -622,11 +614,15 @@ impl Vm {
                     }
                 }
                 timer.mark("vCPU setup");
+                let on = (&*vm_fd, &buses.pio, &buses.mmio, &mem);
                 let vcpus = start_vcpus(kvm, on, fds, events, false)?;
                 timer.mark("vCPU threads");
                 vcpus
             }
-            (None, ShellVcpus::Parked { .. }) => return Err(Error::ParkedForBoot),
+            // A restore parked its threads above.
+            (Some(_), ShellVcpus::Created(_)) | (None, ShellVcpus::Parked { .. }) => {
+                return Err(Error::ParkedForBoot)
+            }
         };
         Ok(Vm {
             vcpus,
